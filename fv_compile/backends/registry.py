@@ -1,0 +1,74 @@
+"""Backend names (FastVideo's), lookup, user registration, and the per-site support check."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from fv_compile.backends.abstract import AttentionBackend
+from fv_compile.errors import FvCompileError
+
+if TYPE_CHECKING:
+    from fv_compile.passes.site import AttentionSite
+
+# built-in backends load on first use, so importing fv_compile never imports triton or flash-attn
+_BUILTIN: dict[str, str] = {
+    "TORCH_SDPA": "fv_compile.backends.sdpa:SDPABackend",
+}
+_USER: dict[str, type[AttentionBackend]] = {}
+_LOADED: dict[str, type[AttentionBackend]] = {}
+
+
+def register_backend(name: str, backend_cls: type[AttentionBackend]) -> None:
+    """Make `backend_cls` available under `name` (case-insensitive) to every fv_compile policy."""
+    if not isinstance(name, str) or not name:
+        raise FvCompileError("register_backend: name must be a non-empty string")
+    for attr in ("get_impl_cls", "get_builder_cls"):
+        if not callable(getattr(backend_cls, attr, None)):
+            raise FvCompileError(
+                f"register_backend({name!r}): {backend_cls!r} has no static {attr}(); "
+                "subclass fv_compile.AttentionBackend"
+            )
+    _USER[name.upper()] = backend_cls
+
+
+def available_backends() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_USER))
+
+
+def get_backend(name: str) -> type[AttentionBackend]:
+    """The backend class registered as `name` (case-insensitive)."""
+    key = name.upper() if isinstance(name, str) else name
+    if key in _USER:
+        return _USER[key]
+    if key in _LOADED:
+        return _LOADED[key]
+    if key not in _BUILTIN:
+        raise FvCompileError(
+            f"unknown attention backend {name!r}; valid names: {', '.join(available_backends())} "
+            "(or register your own with fv_compile.register_backend)"
+        )
+    module, attr = _BUILTIN[key].split(":")
+    cls = getattr(importlib.import_module(module), attr)
+    _LOADED[key] = cls
+    return cls
+
+
+def needs_metadata(backend_cls: type[AttentionBackend]) -> bool:
+    """Backends without a builder (`get_builder_cls` returning None or raising
+    NotImplementedError, as several of FastVideo's do) run with no per-step metadata."""
+    try:
+        return backend_cls.get_builder_cls() is not None
+    except NotImplementedError:
+        return False
+
+
+def unsupported_reason(backend_cls: type[AttentionBackend], site: AttentionSite) -> str | None:
+    """None if the backend can run the site, else why not."""
+    sizes = getattr(backend_cls, "get_supported_head_sizes", None)
+    if callable(sizes):
+        ok = sizes()
+        if ok is not None and site.head_dim not in ok:
+            return f"head dim {site.head_dim} not in supported {list(ok)}"
+    check = getattr(backend_cls, "supports", None)
+    return check(site) if callable(check) else None

@@ -1,0 +1,93 @@
+"""TORCH_SDPA: PyTorch's scaled_dot_product_attention, the reference backend.
+
+Runs everywhere SDPA runs (CPU and every CUDA GPU; on the H200 it dispatches to cuDNN), and serves
+every site form: masks, causal, GQA, cross-attention, any head size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
+
+
+@dataclass
+class SDPAMetadata(AttentionMetadata):
+    attn_mask: torch.Tensor | None = None
+
+
+class SDPAImpl(AttentionImpl[SDPAMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        softmax_scale: float,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        prefix: str = "",
+        **extra_impl_args: Any,
+    ) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.scale = softmax_scale
+        self.causal = causal
+        self.prefix = prefix
+
+    def forward(self, query, key, value, attn_metadata):
+        return sdpa_bshd(
+            query,
+            key,
+            value,
+            attn_mask=getattr(attn_metadata, "attn_mask", None),
+            scale=self.scale,
+            causal=self.causal,
+        )
+
+
+def sdpa_bshd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Attention on `[B, S, H, D]` tensors through SDPA (which wants `[B, H, S, D]` views).
+
+    `attn_mask`: boolean (True = attend) or additive, broadcastable to `[B, H, Sq, Sk]`.
+    """
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn_mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=k.shape[2] != q.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+class SDPABackend(AttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "TORCH_SDPA"
+
+    @staticmethod
+    def get_impl_cls() -> type[SDPAImpl]:
+        return SDPAImpl
+
+    @staticmethod
+    def get_metadata_cls() -> type[SDPAMetadata]:
+        return SDPAMetadata
+
+    @staticmethod
+    def get_builder_cls() -> None:  # type: ignore[override]
+        return None

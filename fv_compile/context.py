@@ -1,0 +1,141 @@
+"""Per-step state of a denoising loop, and the context that carries it into compiled graphs.
+
+Backends read `ForwardBatch` and `FastVideoArgs` by attribute, so FastVideo's own objects (which
+have many more fields) work wherever these do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class DiTConfig:
+    """The transformer facts a metadata builder needs.
+
+    patch_size: `(pt, ph, pw)`, how many latent cells one token covers in time, height and width
+        (Wan, HunyuanVideo and CogVideoX use `(1, 2, 2)`); the token grid is the latent grid divided
+        by it.
+    """
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+
+
+@dataclass
+class PipelineConfig:
+    """Mirrors FastVideo's `fastvideo_args.pipeline_config`; only the DiT part is read here."""
+
+    dit_config: DiTConfig = field(default_factory=DiTConfig)
+
+
+@dataclass
+class FastVideoArgs:
+    """Run-wide settings (FastVideo's `FastVideoArgs`, reduced to what attention backends read).
+
+    pipeline_config: `pipeline_config.dit_config.patch_size` is the patch size, where FastVideo keeps it.
+    patch_size: a flat alternative to the path above; used when set.
+    sta_tile_size: sliding tile attention's tile, in tokens `(t, h, w)`; FastVideo uses `(6, 8, 8)`.
+    sta_window: STA window in tiles `(wt, wh, ww)`, used for every layer and head when neither
+        `ForwardBatch.STA_param` nor `mask_strategy_file_path` gives per-layer windows.
+    sta_dense_steps: how many first denoising steps run full attention before STA starts.
+    sta_text_attends_all: whether text tokens of joint attention attend (and are attended by) all
+        tokens; FastVideo's behaviour, the default.
+    mask_strategy_file_path: a JSON file of per-step, per-layer, per-head windows in FastVideo's
+        format (`{"step": {"layer": {"head": [wt, wh, ww]}}}`).
+    VSA_sparsity: fraction of key tiles video sparse attention skips.
+    """
+
+    pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
+    patch_size: tuple[int, int, int] | None = None
+    sta_tile_size: tuple[int, int, int] = (6, 8, 8)
+    sta_window: tuple[int, int, int] | None = None
+    sta_dense_steps: int = 0
+    sta_text_attends_all: bool = True
+    mask_strategy_file_path: str | None = None
+    VSA_sparsity: float = 0.0
+
+
+@dataclass
+class ForwardBatch:
+    """Per-request state of a denoising loop (FastVideo's `ForwardBatch`, reduced).
+
+    raw_latent_shape: shape of the latent fed to the transformer, `(B, C, T, H, W)`.
+    STA_param: per-step windows for sliding tile attention, indexed `[step][layer][head]` ->
+        `(wt, wh, ww)` in tiles, as FastVideo's `DenoisingStage` prepares them.
+    VSA_sparsity: overrides `FastVideoArgs.VSA_sparsity` for this request when set.
+    is_cfg_negative: whether the current transformer call is the unconditional CFG pass.
+    timesteps: the scheduler's timesteps for the request (informational).
+    """
+
+    raw_latent_shape: tuple[int, ...] | None = None
+    STA_param: Any = None
+    VSA_sparsity: float | None = None
+    is_cfg_negative: bool = False
+    timesteps: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardContext:
+    """One denoising step's inputs, plus the metadata already built for it (one per backend)."""
+
+    current_timestep: int
+    forward_batch: Any
+    fastvideo_args: Any
+    built: dict[str, Any] = field(default_factory=dict)
+
+
+_CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
+    "fv_compile_forward_context", default=None
+)
+
+
+@contextlib.contextmanager
+def forward_context(
+    current_timestep: int = 0,
+    forward_batch: Any = None,
+    fastvideo_args: Any = None,
+) -> Iterator[ForwardContext]:
+    """Make one denoising step's state visible to compiled models called inside the block.
+
+    Each backend's metadata builder runs at most once per context, on first use, and every
+    attention site (and every CFG pass) inside the block shares the result. Contexts nest; the
+    innermost wins.
+    """
+    if fastvideo_args is None:
+        fastvideo_args = FastVideoArgs()
+    if forward_batch is None:
+        forward_batch = ForwardBatch()
+    ctx = ForwardContext(int(current_timestep), forward_batch, fastvideo_args)
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_forward_context() -> ForwardContext | None:
+    return _CURRENT.get()
+
+
+def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:
+    """The DiT patch size from `fastvideo_args.patch_size` or FastVideo's
+    `fastvideo_args.pipeline_config.dit_config.patch_size`."""
+    flat = getattr(fastvideo_args, "patch_size", None)
+    if flat is not None:
+        return tuple(int(p) for p in flat)  # type: ignore[return-value]
+    try:
+        nested = fastvideo_args.pipeline_config.dit_config.patch_size
+    except AttributeError:
+        nested = None
+    if nested is None:
+        raise ValueError(
+            "the DiT patch size is unknown: set FastVideoArgs(patch_size=(1, 2, 2)) or "
+            "fastvideo_args.pipeline_config.dit_config.patch_size"
+        )
+    return tuple(int(p) for p in nested)  # type: ignore[return-value]

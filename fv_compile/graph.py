@@ -1,0 +1,41 @@
+"""The pass on graphs the user traced themselves (`torch.fx.symbolic_trace`, or any GraphModule)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx import GraphModule
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fv_compile.explain import ExplainReport
+from fv_compile.passes.attention_pass import attention_pass
+from fv_compile.policy import AUTO, PolicySpec, SitePolicy
+
+
+def _with_values(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    """Give every node the example value the matcher reads (Dynamo graphs already have them)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    FakeTensorProp(gm, mode).propagate(*fakes)
+
+
+def rewrite_attention(
+    gm: GraphModule,
+    *example_inputs: Any,
+    attention_backend: PolicySpec = AUTO,
+    strict: bool = False,
+) -> tuple[GraphModule, ExplainReport]:
+    """Rewrite the attention sites of a traced GraphModule; returns a new module and the report.
+
+    `example_inputs` are real or fake tensors shaped like the module's inputs. `gm` is not modified.
+    """
+    _with_values(gm, example_inputs)
+    result = attention_pass(gm, SitePolicy(attention_backend, strict=strict))
+    return result.gm, ExplainReport(result.sites, result.non_attention, 1)
+
+
+def find_attention_sites(gm: GraphModule, *example_inputs: Any) -> ExplainReport:
+    """What `rewrite_attention` would find and do, without keeping the rewritten module."""
+    return rewrite_attention(gm, *example_inputs)[1]

@@ -1,0 +1,83 @@
+"""The whole pass: find → classify → choose a backend → rewrite → simplify, on a copy of the graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fv_compile import ops
+from fv_compile.backends import registry
+from fv_compile.errors import FvCompileError
+from fv_compile.passes.classify import classify_role
+from fv_compile.passes.find_sites import find_attention_sites
+from fv_compile.passes.rewrite import rewrite_site
+from fv_compile.passes.simplify_views import simplify_views
+from fv_compile.passes.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
+from fv_compile.policy import SitePolicy
+
+# Backends whose output is dense attention: their backward by recomputation is exact.
+_DENSE = {"TORCH_SDPA", "TRITON_ATTN", "FLASH_ATTN"}
+
+
+@dataclass
+class PassResult:
+    gm: GraphModule
+    sites: list[AttentionSite]
+    non_attention: list[NonAttentionSoftmax]
+    metadata_backends: list[str] = field(default_factory=list)  # backends whose builder runs
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    """A GraphModule over a copy of `gm.graph` (Dynamo still owns and reads the original)."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return GraphModule(gm, graph)
+
+
+def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) -> PassResult:
+    """Rewrite every provable attention site of a copy of `gm`; `gm` itself is left untouched."""
+    new = copy_graph_module(gm)
+    matches, skipped, others = find_attention_sites(new, graph_index)
+    sites: list[AttentionSite] = list(skipped)
+    replaced: dict[Node, Node] = {}
+    md_backends: list[str] = []
+    for match in matches:
+        site = match.site
+        classify_role(match)
+        name, cls = policy.choose(site)
+        site.backend = name
+        try:
+            impl = cls.get_impl_cls()(
+                num_heads=site.heads,
+                head_size=site.head_dim,
+                softmax_scale=site.scale,
+                causal=site.causal,
+                num_kv_heads=site.kv_heads,
+                prefix=f"{site.module_path}.impl" if site.module_path else "impl",
+            )
+        except Exception as e:  # a backend refusing a site at construction is a skip, not a crash
+            if policy.strict:
+                raise FvCompileError(f"backend {name} refused site {site.module_path}: {e}") from e
+            site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
+            sites.append(site)
+            continue
+        sid = ops.register_site(impl, name, site.scale, site.causal, exact=name in _DENSE)
+        rewrite_site(new, match, sid, replaced)
+        site.status = REWRITTEN
+        if registry.needs_metadata(cls) and name not in md_backends:
+            md_backends.append(name)
+        sites.append(site)
+    if matches:
+        simplify_views(new)
+    sites.sort(key=lambda s: _node_order(new, gm, s))
+    return PassResult(new, sites, others, md_backends)
+
+
+def _node_order(new: GraphModule, old: GraphModule, site: AttentionSite) -> int:
+    for i, n in enumerate(old.graph.nodes):
+        if n.name == site.node:
+            return i
+    return 1 << 30

@@ -1,0 +1,780 @@
+"""Find attention in a traced graph, by its semantics rather than its spelling.
+
+Anchors are SDPA calls and softmaxes. From a softmax the matcher walks back through scale, mask,
+cast and shift ops to the score contraction (matmul, bmm, baddbmm or einsum) and forward through
+casts and no-op dropout to the value contraction. Every dimension of every tensor involved gets a
+label (batch dims `b*`, query seq `i`, key seq `j`, qk feature `d`, value feature `e`), so the
+proof that the pattern computes `softmax(scale * q k^T + mask) v` is a check of labels and sizes,
+independent of layout, broadcasting or how the contraction was written.
+
+What cannot be proven is not matched: the site is reported as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fv_compile.passes import spellings as sp
+from fv_compile.passes.constants import constant_value
+from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
+
+_VERY_NEGATIVE = -1.0e4  # a fill at or below this is a mask: exp() of it underflows to zero
+
+
+class NotAttention(Exception):
+    """The anchor is a softmax that does not compute attention."""
+
+
+class Unsupported(Exception):
+    """The anchor computes attention, but not in a form the pass can prove and rewrite."""
+
+
+@dataclass
+class Operand:
+    node: Node
+    labels: list[str]
+
+
+@dataclass
+class MaskTerm:
+    node: Node
+    kind: str  # "attend" (bool, True = attend) | "masked" (bool, True = masked) | "additive"
+    coef: float = 1.0
+
+
+@dataclass
+class AttentionMatch:
+    """A proven attention site: everything the rewrite needs, and the row `explain` shows."""
+
+    site: AttentionSite
+    anchor: Node
+    output: Node
+    q: Operand
+    k: Operand
+    v: Operand
+    out_labels: list[str]
+    score_labels: list[str]
+    batch_labels: list[str]  # outer batch labels, merged into the canonical batch dim
+    head_label: str | None
+    sizes: dict[str, int]
+    kv_head_size: int
+    masks: list[MaskTerm] = field(default_factory=list)
+    merged: tuple[str, list[str]] | None = None  # a [B*H] label and the labels it splits into
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+
+def find_attention_sites(
+    gm: GraphModule, graph_index: int = 0
+) -> tuple[list[AttentionMatch], list[AttentionSite], list[NonAttentionSoftmax]]:
+    """All attention sites of `gm`: `(matches, skipped sites, softmaxes that are not attention)`.
+
+    `gm`'s nodes must carry example values (Dynamo graphs do; see `propagate_fake_values`).
+    Nothing is modified.
+    """
+    matches: list[AttentionMatch] = []
+    skipped: list[AttentionSite] = []
+    others: list[NonAttentionSoftmax] = []
+    for node in list(gm.graph.nodes):
+        if sp.is_sdpa(node):
+            matcher = _match_sdpa
+        elif sp.softmax_dim(node) is not None:
+            matcher = _match_softmax
+        else:
+            continue
+        path = module_path(node)
+        try:
+            m = matcher(gm, node)
+        except NotAttention as e:
+            others.append(NonAttentionSoftmax(path, node.name, str(e), graph_index))
+            continue
+        except Unsupported as e:
+            form = "sdpa" if sp.is_sdpa(node) else "matmul"
+            skipped.append(
+                AttentionSite(path, form, "?", reason=str(e), node=node.name, graph=graph_index)
+            )
+            continue
+        m.site.graph = graph_index
+        matches.append(m)
+    return matches, skipped, others
+
+
+_STACK_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
+
+
+def module_path(node: Node) -> str:
+    """Dotted path of the innermost module that ran `node` (e.g. `blocks.3.attn1`)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _STACK_PREFIX.sub("", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+# --- SDPA --------------------------------------------------------------------------------------
+
+
+def _match_sdpa(gm: GraphModule, node: Node) -> AttentionMatch:
+    a = sp.sdpa_args(node)
+    q, k, v = a["query"], a["key"], a["value"]
+    if not all(isinstance(x, Node) for x in (q, k, v)):
+        raise Unsupported("q, k or v is not a tensor in the graph")
+    if a["dropout_p"] not in (0, 0.0):
+        raise Unsupported(f"dropout_p={a['dropout_p']} is active (SDPA applies it even in eval)")
+    if not isinstance(a["is_causal"], bool):
+        raise Unsupported("is_causal is not a compile-time constant")
+    if not isinstance(a["enable_gqa"], bool):
+        raise Unsupported("enable_gqa is not a compile-time constant")
+    sq, sk, sv = (_static_shape(x) for x in (q, k, v))
+    if sq is None or sk is None or sv is None:
+        raise Unsupported("q, k or v has a dynamic shape")
+    n = len(sq)
+    if n < 2 or len(sk) != n or len(sv) != n:
+        raise Unsupported("q, k and v must have the same number of dims (>= 2)")
+    batch = [f"b{p}" for p in range(n - 2)]
+    sizes = {lab: s for lab, s in zip(batch, sq[:-2])}
+    sizes.update(i=sq[-2], j=sk[-2], d=sq[-1], e=sv[-1])
+    kv_heads = None
+    if a["enable_gqa"] and n >= 3 and sk[-3] != sq[-3]:
+        if n != 4 or sq[-3] % sk[-3] or sk[-3] != sv[-3]:
+            raise Unsupported("enable_gqa needs [B, H, S, D] inputs with H divisible by kv heads")
+        kv_heads = sk[-3]
+    for name, shape in (("key", sk), ("value", sv)):
+        for p, lab in enumerate(batch):
+            if shape[p] not in (1, sizes[lab]) and not (kv_heads and p == n - 3):
+                raise Unsupported(f"{name} batch dims {shape[:-2]} do not match query {sq[:-2]}")
+    if sk[-1] != sq[-1] or sv[-2] != sk[-2]:
+        raise Unsupported("k/v sizes do not match q")
+
+    scale = a["scale"]
+    if scale is None:
+        scale = 1.0 / math.sqrt(sq[-1])
+    elif sp.as_number(scale) is None:
+        raise Unsupported("scale is not a compile-time number")
+    masks: list[MaskTerm] = []
+    mask = a["attn_mask"]
+    if isinstance(mask, Node):
+        masks.append(MaskTerm(mask, "attend" if sp.dtype_of(mask) == torch.bool else "additive"))
+    elif mask is not None:
+        raise Unsupported("attn_mask is not a tensor")
+    score_labels = batch + ["i", "j"]
+    return _finish(
+        gm,
+        node,
+        node,
+        Operand(q, batch + ["i", "d"]),
+        Operand(k, batch + ["j", "d"]),
+        Operand(v, batch + ["j", "e"]),
+        out_labels=batch + ["i", "e"],
+        score_labels=score_labels,
+        sizes=sizes,
+        scale=float(scale),
+        masks=masks,
+        causal=a["is_causal"],
+        form="sdpa",
+        kv_head_label=batch[-1] if kv_heads is not None else None,
+    )
+
+
+# --- hand-written attention --------------------------------------------------------------------
+
+
+def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
+    x, dim, sm_dtype = sp.softmax_dim(sm)  # type: ignore[misc]
+    found = _walk_scores(x, [], 0)
+    if found is None:
+        raise NotAttention("its input is not a product of two tensors (matmul/bmm/einsum)")
+    s_raw, ops = found
+    probs_end, out, value_operand, post = _walk_probs(sm)
+    ss = _static_shape(s_raw)
+    if ss is None or len(ss) < 2:
+        raise Unsupported("the scores have dynamic or too few dims")
+    nd = len(ss)
+    sdim = dim % nd
+
+    contraction = _score_contraction(s_raw, sdim)
+    a_op, b_op, score_labels, sizes, form, scale, masks = contraction
+    if score_labels[sdim] != "j":
+        raise NotAttention(f"softmax over dim {dim}, not the key axis of q @ k^T")
+
+    for path_node in [s_raw] + [o[1] for o in ops]:
+        _require_single_user(path_node, "scores")
+    _require_single_user(x, "scores")
+    for n in [sm] + post:
+        _require_single_user(n, "attention weights")
+
+    for op in ops:
+        scale = _apply_score_op(op, masks, scale)
+
+    out_labels, v_labels = _value_contraction(out, probs_end, value_operand, score_labels, sizes)
+    return _finish(
+        gm,
+        sm,
+        out,
+        Operand(a_op[0], a_op[1]),
+        Operand(b_op[0], b_op[1]),
+        Operand(value_operand, v_labels),
+        out_labels=out_labels,
+        score_labels=score_labels,
+        sizes=sizes,
+        scale=scale,
+        masks=masks,
+        causal=False,
+        form=form,
+    )
+
+
+def _walk_scores(node: Any, ops: list[tuple], depth: int) -> tuple[Node, list[tuple]] | None:
+    """Walk back from the softmax input to the score contraction; `ops` in forward order."""
+    if not isinstance(node, Node) or depth > 24:
+        return None
+    if (
+        sp.matmul_operands(node) is not None
+        or sp.einsum_operands(node) is not None
+        or sp.baddbmm_operands(node) is not None
+    ):
+        return node, ops
+    r = sp.scalar_factor(node)
+    if r is not None:
+        return _walk_scores(r[0], [("scale", node, r[1])] + ops, depth + 1)
+    c = sp.cast_input(node) or sp.identity_input(node)
+    if c is not None:
+        return _walk_scores(c, [("noop", node)] + ops, depth + 1)
+    t = sp.additive_terms(node)
+    if t is not None:
+        a, b, sign = t
+        if isinstance(b, Node) and sp.is_tensor_node(b):
+            got = _walk_scores(a, [("add", node, b, sign)] + ops, depth + 1)
+        else:
+            got = _walk_scores(a, [("noop", node)] + ops, depth + 1)  # + constant: softmax-invariant
+        if got is None and sign == 1.0 and isinstance(b, Node):
+            got = _walk_scores(b, [("add", node, a, 1.0)] + ops, depth + 1)
+        return got
+    mf = sp.masked_fill_args(node)
+    if mf is not None:
+        return _walk_scores(mf[0], [("fill", node, mf[1], mf[2])] + ops, depth + 1)
+    w = sp.where_args(node)
+    if w is not None:
+        cond, a, b = w
+        got = None
+        if isinstance(a, Node) and sp.is_tensor_node(a):
+            got = _walk_scores(a, [("where_keep", node, cond, b)] + ops, depth + 1)
+        if got is None and isinstance(b, Node) and sp.is_tensor_node(b):
+            got = _walk_scores(b, [("where_fill", node, cond, a)] + ops, depth + 1)
+        return got
+    return None
+
+
+def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node]]:
+    """Follow the softmax forward to the value contraction: `(probs, output, value, chain)`."""
+    node, chain = sm, []
+    for _ in range(8):
+        users = list(node.users)
+        contractions = [u for u in users if _value_operand(u, node) is not None]
+        if len(users) != 1:
+            if contractions:
+                others = [u.name for u in users if u is not contractions[0]]
+                raise Unsupported(f"attention weights `{node.name}` are also used by {others}")
+            break
+        u = users[0]
+        if contractions:
+            return node, u, _value_operand(u, node), chain  # type: ignore[return-value]
+        if sp.cast_input(u) is node or sp.identity_input(u) is node or sp.dropout_input(u) is node:
+            chain.append(u)
+            node = u
+            continue
+        if sp.dropout_input(u) is None and _is_dropout(u):
+            raise Unsupported("dropout on the attention weights is active (training mode)")
+        raise NotAttention(f"its output feeds `{u.name}`, not a product with a value tensor")
+    raise NotAttention("its output does not feed a product with a value tensor")
+
+
+def _is_dropout(node: Node) -> bool:
+    return "dropout" in str(node.target)
+
+
+def _value_operand(node: Node, probs: Node) -> Node | None:
+    mm = sp.matmul_operands(node)
+    if mm is not None and mm[0] is probs and mm[1] is not probs:
+        return mm[1]
+    es = sp.einsum_operands(node)
+    if es is not None and len(es[1]) == 2 and probs in es[1]:
+        other = es[1][1] if es[1][0] is probs else es[1][0]
+        return other if isinstance(other, Node) and other is not probs else None
+    return None
+
+
+def _score_contraction(s_raw: Node, sdim: int):
+    """Labels of a score contraction: `(q operand, k operand, score labels, sizes, form, scale, masks)`."""
+    ss = _static_shape(s_raw)
+    masks: list[MaskTerm] = []
+    scale = 1.0
+    mm = sp.matmul_operands(s_raw)
+    bad = sp.baddbmm_operands(s_raw)
+    if mm is not None or bad is not None:
+        if mm is not None:
+            a, b, form = mm
+        else:
+            inp, a, b, beta, alpha = bad  # type: ignore[misc]
+            form = "baddbmm"
+            if sp.as_number(alpha) is None or sp.as_number(beta) is None:
+                raise Unsupported("baddbmm alpha/beta are not compile-time numbers")
+            scale = float(alpha)
+            if float(beta) != 0.0:
+                if not isinstance(inp, Node):
+                    raise Unsupported("baddbmm input is not a tensor")
+                masks.append(MaskTerm(inp, "additive", float(beta)))
+        sa, sb = _static_shape(a), _static_shape(b)
+        if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
+            raise Unsupported("q or k^T has dynamic shape or fewer than 2 dims")
+        nb = len(ss) - 2
+        batch = [f"b{p}" for p in range(nb)]
+        a_labels = [f"b{nb - (len(sa) - 2) + p}" for p in range(len(sa) - 2)] + ["i", "d"]
+        b_labels = [f"b{nb - (len(sb) - 2) + p}" for p in range(len(sb) - 2)] + ["d", "j"]
+        score_labels = batch + ["i", "j"]
+        sizes = {lab: s for lab, s in zip(batch, ss[:-2])}
+        sizes.update(i=ss[-2], j=ss[-1], d=sa[-1])
+        if sa[-1] != sb[-2]:
+            raise Unsupported("q and k^T feature sizes differ")
+        return (a, a_labels), (b, b_labels), score_labels, sizes, form, scale, masks
+
+    eq, ops = sp.einsum_operands(s_raw)  # type: ignore[misc]
+    if len(ops) != 2 or not all(isinstance(o, Node) for o in ops) or "..." in eq or "->" not in eq:
+        raise Unsupported("einsum must have two tensor operands and an explicit output")
+    lhs, out = eq.split("->")
+    sa_s, sb_s = lhs.split(",")
+    if len(set(sa_s)) != len(sa_s) or len(set(sb_s)) != len(sb_s) or len(set(out)) != len(out):
+        raise Unsupported("einsum with repeated labels in one operand")
+    j = out[sdim]
+    # the operand holding the key axis is k; the other is q
+    if j in sb_s and j not in sa_s:
+        (qa, qs), (kb, ks) = (ops[0], sa_s), (ops[1], sb_s)
+    elif j in sa_s and j not in sb_s:
+        (qa, qs), (kb, ks) = (ops[1], sb_s), (ops[0], sa_s)
+    else:
+        raise NotAttention("softmax axis is not a key axis of the einsum")
+    contracted = (set(qs) & set(ks)) - set(out)
+    if len(contracted) != 1:
+        raise Unsupported(f"einsum {eq} contracts {len(contracted)} labels, not one")
+    (dl,) = contracted
+    if (set(qs) | set(ks)) - set(out) - {dl}:
+        raise Unsupported(f"einsum {eq} sums over a label that is not the feature")
+    q_free = [c for c in out if c in qs and c not in ks]
+    if not q_free:
+        raise Unsupported(f"einsum {eq} has no query axis")
+    before_d = qs[qs.index(dl) - 1] if qs.index(dl) > 0 else None
+    il = before_d if before_d in q_free else q_free[-1]
+    if any(c not in qs for c in out if c not in (j,)):
+        raise Unsupported(f"einsum {eq}: q lacks an output batch label")
+    name = {c: f"b_{c}" for c in out}
+    name.update({il: "i", j: "j", dl: "d"})
+    sa, sb = _static_shape(qa), _static_shape(kb)
+    if sa is None or sb is None:
+        raise Unsupported("dynamic shapes")
+    sizes = {name[c]: s for c, s in zip(out, ss)}
+    sizes["d"] = sa[qs.index(dl)]
+    score_labels = [name[c] for c in out]
+    return (
+        (qa, [name[c] for c in qs]),
+        (kb, [name[c] for c in ks]),
+        score_labels,
+        sizes,
+        "einsum",
+        scale,
+        masks,
+    )
+
+
+def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
+    """Fold one op between the score contraction and the softmax into (scale, masks)."""
+    kind = op[0]
+    if kind == "noop":
+        return scale
+    if kind == "scale":
+        c = op[2]
+        if c <= 0:
+            raise Unsupported("scores are scaled by a non-positive factor")
+        for mt in masks:
+            if mt.kind == "additive":
+                mt.coef *= c
+        return scale * c
+    if kind == "add":
+        term, sign = op[2], op[3]
+        if math.isnan(sign):
+            raise Unsupported("add with a non-constant alpha")
+        if not isinstance(term, Node):
+            return scale
+        shape = _static_shape(term)
+        if shape is not None and math.prod(shape) == 1:
+            return scale  # a shift of every logit: softmax-invariant
+        masks.append(MaskTerm(term, "additive", sign))
+        return scale
+    if kind == "fill":
+        mask, value = op[2], op[3]
+        _require_very_negative(value)
+        if not isinstance(mask, Node):
+            raise Unsupported("masked_fill mask is not a tensor")
+        masks.append(MaskTerm(mask, "masked"))
+        return scale
+    if kind in ("where_keep", "where_fill"):
+        cond, value = op[2], op[3]
+        _require_very_negative(value)
+        if not isinstance(cond, Node):
+            raise Unsupported("torch.where condition is not a tensor")
+        masks.append(MaskTerm(cond, "attend" if kind == "where_keep" else "masked"))
+        return scale
+    raise Unsupported(f"unexpected op {kind} on the scores")
+
+
+def _require_very_negative(value: Any) -> None:
+    if isinstance(value, Node):
+        value = constant_value(value)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+    v = sp.as_number(value)
+    if v is None or v > _VERY_NEGATIVE:
+        raise Unsupported(f"scores are filled with {value!r}, not -inf or a very negative number")
+
+
+def _value_contraction(out: Node, probs: Node, value: Node, score_labels, sizes):
+    """Labels of `out` and of the value tensor in `out = probs @ value` (any spelling)."""
+    sv, so = _static_shape(value), _static_shape(out)
+    if sv is None or so is None:
+        raise Unsupported("the value product has dynamic shapes")
+    if sp.matmul_operands(out) is not None:
+        if score_labels[-2:] != ["i", "j"]:
+            raise Unsupported("scores are laid out [.., k, q]; the value product needs [.., q, k]")
+        nb = len(so) - 2
+        if nb != len(score_labels) - 2:
+            raise Unsupported("the value product broadcasts to more batch dims than the scores")
+        batch = score_labels[:-2]
+        v_labels = [batch[nb - (len(sv) - 2) + p] for p in range(len(sv) - 2)] + ["j", "e"]
+        out_labels = batch + ["i", "e"]
+        if sv[-2] != sizes["j"]:
+            raise Unsupported("value length differs from key length")
+        sizes["e"] = sv[-1]
+        _check_sizes(v_labels, sv, sizes, "value")
+        return out_labels, v_labels
+    eq, ops = sp.einsum_operands(out)  # type: ignore[misc]
+    if "..." in eq or "->" not in eq:
+        raise Unsupported("value einsum needs an explicit output")
+    lhs, o = eq.split("->")
+    s0, s1 = lhs.split(",")
+    ps, vs = (s0, s1) if ops[0] is probs else (s1, s0)
+    if len(ps) != len(score_labels):
+        raise Unsupported("value einsum indexes the weights with a different rank")
+    pmap = dict(zip(ps, score_labels))
+    contracted = (set(ps) & set(vs)) - set(o)
+    if contracted != {next(c for c in ps if pmap[c] == "j")}:
+        raise Unsupported(f"value einsum {eq} does not contract exactly the key axis")
+    new = [c for c in vs if c not in ps]
+    if len(new) != 1 or new[0] not in o:
+        raise Unsupported(f"value einsum {eq} must add exactly one value-feature label")
+    if set(ps) - contracted - set(o):
+        raise Unsupported(f"value einsum {eq} sums over a weights label")
+    vmap = dict(pmap)
+    vmap[new[0]] = "e"
+    sizes["e"] = sv[vs.index(new[0])]
+    v_labels = [vmap[c] for c in vs]
+    out_labels = [vmap[c] for c in o]
+    _check_sizes(v_labels, sv, sizes, "value")
+    return out_labels, v_labels
+
+
+# --- shared finish: normalise operands, fill the site row --------------------------------------
+
+
+def _finish(
+    gm,
+    anchor,
+    out,
+    q,
+    k,
+    v,
+    *,
+    out_labels,
+    score_labels,
+    sizes,
+    scale,
+    masks,
+    causal,
+    form,
+    kv_head_label=None,
+) -> AttentionMatch:
+    _check_sizes(q.labels, _static_shape(q.node), sizes, "query")
+    _check_sizes(k.labels, _static_shape(k.node), sizes, "key", divisible=kv_head_label)
+    _check_sizes(v.labels, _static_shape(v.node), sizes, "value", divisible=kv_head_label)
+    if "i" not in q.labels or "d" not in q.labels:
+        raise Unsupported("query lacks its sequence or feature axis")
+    batch = [lab for lab in score_labels if lab not in ("i", "j")]
+    if any(lab not in q.labels for lab in batch):
+        raise Unsupported("query is broadcast over a batch dim of the scores")
+
+    q, scale = _strip(q, scale, allow_scale=True)
+    k, scale = _strip(k, scale, allow_scale=True)
+    v, _ = _strip(v, 1.0, allow_scale=False)
+
+    merged = None
+    if len(batch) == 1:
+        merged = _unmerge_all(q, k, v, batch[0], sizes)
+        if merged is not None:
+            (q, k, v), parts = merged
+            merged = (batch[0], parts)
+            batch = parts
+    head = batch[-1] if len(batch) >= 2 else None
+    outer = batch[:-1] if head else batch
+
+    kv_head_size = 1
+    if head is not None:
+        k, v, kv_head_size = _unexpand_gqa(k, v, head, sizes)
+
+    dtypes = {sp.dtype_of(x.node) for x in (q, k, v)}
+    if len(dtypes) != 1:
+        raise Unsupported(f"q, k and v have different dtypes {sorted(map(str, dtypes))}")
+
+    masks, causal = _fold_constant_masks(gm, masks, score_labels, sizes, causal)
+    mask_kinds = {"additive" if m.kind == "additive" else "bool" for m in masks}
+    site = AttentionSite(
+        module_path=module_path(anchor),
+        form=form,
+        layout=_layout_name(q.labels, outer, head, merged),
+        batch=math.prod(sizes[b] for b in outer),
+        heads=sizes[head] if head else 1,
+        kv_heads=kv_head_size if head else 1,
+        head_dim=sizes["d"],
+        value_head_dim=sizes["e"],
+        q_len=sizes["i"],
+        kv_len=sizes["j"],
+        scale=scale,
+        causal=causal,
+        mask=("additive" if "additive" in mask_kinds else "bool") if masks else None,
+        dtype=str(next(iter(dtypes))).replace("torch.", ""),
+        device=str(sp.device_of(q.node)),
+        node=anchor.name,
+    )
+    return AttentionMatch(
+        site=site,
+        anchor=anchor,
+        output=out,
+        q=q,
+        k=k,
+        v=v,
+        out_labels=out_labels,
+        score_labels=score_labels,
+        batch_labels=outer,
+        head_label=head,
+        sizes=sizes,
+        kv_head_size=kv_head_size,
+        masks=masks,
+        merged=merged,
+    )
+
+
+def _strip(op: Operand, scale: float, *, allow_scale: bool) -> tuple[Operand, float]:
+    """Look through value-preserving views, exact upcasts and (for q, k) scalar scaling."""
+    node, labels = op.node, list(op.labels)
+    while True:
+        p = sp.permutation_of(node)
+        if p is not None and isinstance(p[0], Node):
+            x, perm = p
+            new = [""] * len(labels)
+            for out_dim, in_dim in enumerate(perm):
+                new[in_dim] = labels[out_dim]
+            node, labels = x, new
+            continue
+        ident = sp.identity_input(node)
+        if ident is not None:
+            node = ident
+            continue
+        c = sp.cast_input(node)
+        if c is not None and _is_exact_upcast(sp.dtype_of(c), sp.dtype_of(node)):
+            node = c
+            continue
+        if allow_scale:
+            f = sp.scalar_factor(node)
+            if f is not None and f[1] > 0:
+                node, scale = f[0], scale * f[1]
+                continue
+        return Operand(node, labels), scale
+
+
+def _is_exact_upcast(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
+    return src in (torch.bfloat16, torch.float16) and dst in (torch.float32, torch.float64)
+
+
+def _unmerge_all(q, k, v, label, sizes):
+    """Recover `[B, H]` from a `[B*H, S, D]` layout when q, k and v all came from the same split."""
+    splits = [_unmerge(x, label, sizes[label]) for x in (q, k, v)]
+    if any(s is None for s in splits) or len({s[1] for s in splits}) != 1:  # type: ignore[index]
+        return None
+    n1, n2 = splits[0][1]  # type: ignore[index]
+    outer, inner = f"{label}_0", f"{label}_1"
+    sizes[outer], sizes[inner] = n1, n2
+    ops = []
+    for node, _split, labels in splits:  # type: ignore[misc]
+        ops.append(_strip(Operand(node, labels), 1.0, allow_scale=False)[0])
+    return tuple(ops), [outer, inner]
+
+
+def _unmerge(op: Operand, label: str, n: int):
+    if op.labels.count(label) != 1 or op.labels.index(label) != 0:
+        return None
+    src = sp.is_reshape(op.node)
+    if src is None:
+        return None
+    s_in, s_out = _static_shape(src), _static_shape(op.node)
+    if s_in is None or len(s_in) != len(s_out) + 1 or s_in[2:] != s_out[1:]:
+        return None
+    n1, n2 = s_in[0], s_in[1]
+    if n1 * n2 != n:
+        return None
+    return src, (n1, n2), [f"{label}_0", f"{label}_1"] + op.labels[1:]
+
+
+def _unexpand_gqa(k: Operand, v: Operand, head: str, sizes: dict[str, int]):
+    """Use k/v before a repeat_interleave/expand over heads, so the backend sees real GQA."""
+    if head not in k.labels or head not in v.labels:
+        return k, v, 1 if head not in k.labels else _label_size(k, head, sizes)
+    hk = _label_size(k, head, sizes)
+    if hk != _label_size(v, head, sizes):
+        raise Unsupported("k and v have different numbers of heads")
+    if hk != sizes[head]:
+        return k, v, hk
+    ks, vs = _gqa_source(k, head), _gqa_source(v, head)
+    if ks is None or vs is None or ks[1] != vs[1]:
+        return k, v, hk
+    k2, _ = _strip(ks[0], 1.0, allow_scale=False)
+    v2, _ = _strip(vs[0], 1.0, allow_scale=False)
+    return k2, v2, sizes[head] // ks[1]
+
+
+def _label_size(op: Operand, label: str, sizes: dict[str, int]) -> int:
+    shape = _static_shape(op.node)
+    return shape[op.labels.index(label)] if label in op.labels else 1
+
+
+def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
+    hd = op.labels.index(head)
+    r = sp.repeat_interleave_args(op.node)
+    if r is not None and r[2] == hd:
+        return Operand(r[0], op.labels), r[1]
+    src = sp.is_reshape(op.node)
+    exp = sp.is_expand(src) if src is not None else None
+    unsq = sp.is_unsqueeze_like(exp) if exp is not None else None
+    if unsq is None or not isinstance(unsq, Node):
+        return None
+    s_x, s_u, s_e, s_o = (_static_shape(n) for n in (unsq, exp.args[0], exp, op.node))
+    if None in (s_x, s_u, s_e, s_o) or len(s_u) != len(s_x) + 1:
+        return None
+    want_u = s_x[: hd + 1] + (1,) + s_x[hd + 1 :]
+    g = s_e[hd + 1]
+    want_e = s_x[: hd + 1] + (g,) + s_x[hd + 1 :]
+    if s_u != want_u or s_e != want_e or s_o != s_x[:hd] + (s_x[hd] * g,) + s_x[hd + 1 :]:
+        return None
+    return Operand(unsq, op.labels), g
+
+
+def _fold_constant_masks(gm, masks, score_labels, sizes, causal):
+    """Evaluate masks built from constants: a causal mask becomes `causal`, an all-pass one goes."""
+    kept = []
+    for mt in masks:
+        _check_mask_shape(mt.node, score_labels, sizes)
+        val = constant_value(mt.node, max_numel=1 << 24)
+        if val is None:
+            kept.append(mt)
+            continue
+        attend = _attend_pattern(val, mt.kind, mt.coef)
+        if attend is None:
+            kept.append(mt)
+            continue
+        sq, sk = sizes["i"], sizes["j"]
+        full = attend.expand(*attend.shape[:-2], sq, sk) if attend.dim() >= 2 else attend
+        if bool(full.all()):
+            continue
+        if attend.dim() >= 2 and bool((full == torch.ones(sq, sk, dtype=torch.bool).tril()).all()):
+            if score_labels[-2:] != ["i", "j"] or _static_shape(mt.node)[-2:] != (sq, sk):
+                kept.append(mt)
+                continue
+            causal = True
+            continue
+        kept.append(mt)
+    if causal and kept:
+        raise Unsupported("a causal mask combined with another mask")
+    return kept, causal
+
+
+def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor | None:
+    """The boolean attend pattern of a constant mask, or None if it also biases the scores."""
+    val = val.cpu()
+    if kind == "attend":
+        return val.bool()
+    if kind == "masked":
+        return ~val.bool()
+    v = val.float() * coef
+    blocked = v <= _VERY_NEGATIVE
+    if bool((v[~blocked] == 0).all()):
+        return ~blocked
+    return None
+
+
+def _check_mask_shape(mask: Node, score_labels, sizes) -> None:
+    shape = _static_shape(mask)
+    if shape is None or len(shape) > len(score_labels):
+        raise Unsupported("mask has dynamic shape or more dims than the scores")
+    for s, lab in zip(reversed(shape), reversed(score_labels)):
+        if s not in (1, sizes[lab]):
+            raise Unsupported(f"mask shape {tuple(shape)} does not broadcast to the scores")
+
+
+def _layout_name(labels, outer, head, merged) -> str:
+    letters = []
+    for lab in labels:
+        if lab == "i":
+            letters.append("S")
+        elif lab in ("d", "e"):
+            letters.append("D")
+        elif lab == head:
+            letters.append("H")
+        elif lab in outer:
+            letters.append("B")
+        else:
+            letters.append("?")
+    name = "".join(letters)
+    if head is None and len(outer) == 1:
+        name = name.replace("B", "(B*H)", 1)
+    return name
+
+
+def _check_sizes(labels, shape, sizes: dict[str, int], what: str, divisible=None) -> None:
+    if shape is None:
+        raise Unsupported(f"{what} has a dynamic shape")
+    if len(labels) != len(shape):
+        raise Unsupported(f"{what} rank does not match its labels")
+    for lab, s in zip(labels, shape):
+        if lab == divisible and sizes[lab] % s == 0:
+            continue
+        if lab in sizes and s not in (1, sizes[lab]):
+            raise Unsupported(f"{what} dim `{lab}` has size {s}, expected {sizes[lab]}")
+        if lab in ("i", "j", "d", "e") and s != sizes.get(lab, s):
+            raise Unsupported(f"{what} dim `{lab}` is broadcast")
+
+
+def _require_single_user(node: Node, what: str) -> None:
+    users = list(node.users)
+    if len(users) != 1:
+        raise Unsupported(f"{what} `{node.name}` are also used by {[u.name for u in users[1:]]}")
+
+
+def _static_shape(node: Any):
+    return sp.shape_of(node)

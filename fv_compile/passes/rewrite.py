@@ -1,0 +1,194 @@
+"""Replace each proven attention site by one `fv_compile::attention` node.
+
+The operands are brought to the canonical `[B, S, H, D]` from the tensors the matcher stripped down
+to (so a BSHD tensor that the model transposed to BHSD for the attention goes in as it was), the
+site's masks are folded into one `[B|1, H|1, Sq|1, Sk]` mask, and the op's output is brought back
+to the layout the model's code after the site expects. `simplify_views` then cancels the view
+chains this leaves around the op.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from fv_compile.passes import spellings as sp
+from fv_compile.passes.find_sites import AttentionMatch, Operand
+
+EMITTED = "fv_compile_emitted"
+
+
+class _Emitter:
+    """Inserts nodes before an anchor and gives each the example value its op computes."""
+
+    def __init__(self, graph: torch.fx.Graph, before: Node) -> None:
+        self.graph = graph
+        self.before = before
+
+    def method(self, name: str, *args: Any) -> Node:
+        return self._emit("call_method", name, args)
+
+    def function(self, fn: Any, *args: Any) -> Node:
+        return self._emit("call_function", fn, args)
+
+    def _emit(self, op: str, target: Any, args: tuple) -> Node:
+        with self.graph.inserting_before(self.before):
+            node = self.graph.create_node(op, target, args, {})
+        node.meta[EMITTED] = True
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if key in self.before.meta:
+                node.meta[key] = self.before.meta[key]
+        vals = map_arg(args, sp.value_of)
+        value = getattr(vals[0], target)(*vals[1:]) if op == "call_method" else target(*vals)
+        node.meta["example_value"] = value
+        node.meta["val"] = value
+        return node
+
+
+def rewrite_site(
+    gm: GraphModule,
+    match: AttentionMatch,
+    site_id: int,
+    replaced: dict[Node, Node],
+) -> Node:
+    """Rewrite one site to `fv_compile::attention(q, k, v, mask, site_id, 0, [])`; returns the op node.
+
+    `replaced` maps nodes replaced by earlier rewrites to their replacements (a site's operand
+    can be another site's output) and is updated with this site's output.
+    """
+    em = _Emitter(gm.graph, match.output)
+    outer, head, sizes = match.batch_labels, match.head_label, match.sizes
+
+    def resolve(op: Operand) -> Operand:
+        return Operand(replaced.get(op.node, op.node), op.labels)
+
+    q = _to_bshd(em, resolve(match.q), "i", "d", outer, head, sizes, full_head=True)
+    k = _to_bshd(em, resolve(match.k), "j", "d", outer, head, sizes, full_head=False)
+    v = _to_bshd(em, resolve(match.v), "j", "e", outer, head, sizes, full_head=False)
+    mask = _combined_mask(em, match, replaced)
+    op = em.function(torch.ops.fv_compile.attention.default, q, k, v, mask, site_id, 0, [])
+    out = _from_bshd(em, op, match)
+    replaced[match.output] = out
+    match.output.replace_all_uses_with(out)
+    return op
+
+
+def _to_bshd(em, op: Operand, seq, feat, outer, head, sizes, *, full_head: bool) -> Node:
+    node, labels = op.node, list(op.labels)
+    shape = list(sp.shape_of(node))
+    target = outer + [seq] + ([head] if head else []) + [feat]
+    present = [lab for lab in target if lab in labels]
+    perm = [labels.index(lab) for lab in present]
+    if perm != list(range(len(labels))):
+        node = em.method("permute", node, *perm)
+        shape = [shape[p] for p in perm]
+    for idx, lab in enumerate(target):
+        if lab not in present:
+            node = em.method("unsqueeze", node, idx)
+            shape.insert(idx, 1)
+    want = list(shape)
+    for idx, lab in enumerate(target):
+        if lab in outer or lab in (seq, feat) or (lab == head and full_head):
+            want[idx] = sizes[lab]
+    if want != shape:
+        node = em.method("expand", node, *want)
+    if not outer:
+        node = em.method("unsqueeze", node, 0)
+    elif len(outer) > 1:
+        node = em.method("reshape", node, math.prod(want[: len(outer)]), *want[len(outer) :])
+    if head is None:
+        node = em.method("unsqueeze", node, 2)
+    return node
+
+
+def _from_bshd(em, op: Node, match: AttentionMatch) -> Node:
+    """The op's `[B, Sq, H, Dv]` output in the layout and dtype of the replaced node."""
+    outer, head, sizes = match.batch_labels, match.head_label, match.sizes
+    node = op
+    if head is None:
+        node = em.method("squeeze", node, 2)
+    if not outer:
+        node = em.method("squeeze", node, 0)
+    elif len(outer) > 1:
+        node = em.method("reshape", node, *[sizes[b] for b in outer], *sp.shape_of(node)[1:])
+    current = outer + ["i"] + ([head] if head else []) + ["e"]
+    want = list(match.out_labels)
+    if match.merged is not None:
+        merged, parts = match.merged
+        idx = want.index(merged)
+        want[idx : idx + 1] = parts
+    perm = [current.index(lab) for lab in want]
+    if perm != list(range(len(perm))):
+        node = em.method("permute", node, *perm)
+    if match.merged is not None:
+        node = em.method("reshape", node, *sp.shape_of(match.output))
+    dtype = sp.dtype_of(match.output)
+    if dtype is not None and dtype != sp.dtype_of(node):
+        node = em.method("to", node, dtype)
+    return node
+
+
+def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Node | None:
+    """All of a site's mask terms as one mask broadcastable to `[B, H, Sq, Sk]`."""
+    if not match.masks:
+        return None
+    parts = []
+    for term in match.masks:
+        node = replaced.get(term.node, term.node)
+        if term.kind == "masked":
+            node = em.function(torch.logical_not, node)
+        elif term.kind == "attend" and sp.dtype_of(node) != torch.bool:
+            node = em.method("bool", node)
+        elif term.kind == "additive" and term.coef != 1.0:
+            node = em.function(torch.mul, node, term.coef)
+        parts.append((_mask_to_bhss(em, node, match), term.kind != "additive"))
+    if all(is_bool for _, is_bool in parts):
+        return functools.reduce(lambda a, b: em.function(torch.logical_and, a, b), [p for p, _ in parts])
+    total = None
+    for node, is_bool in parts:
+        if is_bool:
+            node = em.function(torch.where, node, 0.0, float("-inf"))
+        total = node if total is None else em.function(torch.add, total, node)
+    return total
+
+
+def _mask_to_bhss(em, node: Node, match: AttentionMatch) -> Node:
+    shape = list(sp.shape_of(node))
+    labels = list(match.score_labels[len(match.score_labels) - len(shape) :])
+    if match.merged is not None and match.merged[0] in labels:
+        merged, parts = match.merged
+        idx = labels.index(merged)
+        split = [1, 1] if shape[idx] == 1 else [match.sizes[p] for p in parts]
+        shape[idx : idx + 1] = split
+        labels[idx : idx + 1] = parts
+        node = em.method("reshape", node, *shape)
+    outer, head = match.batch_labels, match.head_label
+    target = outer + ([head] if head else []) + ["i", "j"]
+    present = [lab for lab in target if lab in labels]
+    perm = [labels.index(lab) for lab in present]
+    if perm != list(range(len(labels))):
+        node = em.method("permute", node, *perm)
+        shape = [shape[p] for p in perm]
+    for idx, lab in enumerate(target):
+        if lab not in present:
+            node = em.method("unsqueeze", node, idx)
+            shape.insert(idx, 1)
+    if not outer:
+        node = em.method("unsqueeze", node, 0)
+    elif len(outer) > 1:
+        outer_sizes = shape[: len(outer)]
+        if any(s != 1 for s in outer_sizes):
+            full = [match.sizes[b] for b in outer] + shape[len(outer) :]
+            if full != shape:
+                node = em.method("expand", node, *full)
+            node = em.method("reshape", node, math.prod(full[: len(outer)]), *full[len(outer) :])
+        else:
+            node = em.method("reshape", node, 1, *shape[len(outer) :])
+    if head is None:
+        node = em.method("unsqueeze", node, 1)
+    return node

@@ -1,0 +1,62 @@
+"""What the pass reports about each attention site and each softmax it judged not to be attention.
+
+These rows are public: `explain` prints them, site policies and backends' `supports` checks read
+them. Internal match details live in `find_sites.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+REWRITTEN = "rewritten"
+SKIPPED = "skipped"
+
+
+@dataclass
+class AttentionSite:
+    """One attention computation found in a traced graph.
+
+    Sizes are those of the canonical `[batch, seq, heads, head_dim]` view the backend receives.
+    `heads` is 1 when the model merged batch and heads and the split could not be recovered.
+    """
+
+    module_path: str
+    form: str  # sdpa | matmul | bmm | baddbmm | einsum
+    layout: str  # the model's layout of q, e.g. BHSD, BSHD, (B*H)SD
+    batch: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    value_head_dim: int | None = None
+    q_len: int | None = None
+    kv_len: int | None = None
+    scale: float | None = None
+    causal: bool = False
+    mask: str | None = None  # None | "bool" | "additive"
+    role: str = "self"  # self | cross | joint
+    dtype: str = ""
+    device: str = ""
+    backend: str | None = None
+    status: str = SKIPPED
+    reason: str = ""
+    node: str = ""  # name of the anchor node (softmax or SDPA call) in the traced graph
+    graph: int = 0  # index of the Dynamo graph the site was found in
+    joint_text_len: int | None = None  # joint attention: how many tokens are text
+    joint_text_first: bool | None = None  # joint attention: text tokens precede the video ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class NonAttentionSoftmax:
+    """A softmax the matcher examined and left alone, with the reason."""
+
+    module_path: str
+    node: str
+    reason: str
+    graph: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,326 @@
+"""One question per function: "is this node X, however the model spelled it?"
+
+Dynamo graphs and `torch.fx.symbolic_trace` graphs hold torch-level calls: a method call
+(`x.softmax(-1)`), a function (`torch.softmax`, `F.softmax`), an operator (`x @ y`, `x / c`).
+Everything above this module sees one normalised answer per concept instead of the spellings.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+def value_of(node: Any) -> Any:
+    """The example value (FakeTensor, SymInt or constant) a traced node carries, or None."""
+    if not isinstance(node, Node):
+        return node
+    meta = node.meta
+    for key in ("example_value", "val"):
+        if key in meta:
+            return meta[key]
+    return None
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """Static shape of a tensor node; None for non-tensors and symbolic (dynamic) shapes."""
+    shape = getattr(value_of(node), "shape", None)
+    if shape is None or not all(type(s) is int for s in shape):
+        return None
+    return tuple(shape)
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    return getattr(value_of(node), "dtype", None)
+
+
+def device_of(node: Any) -> torch.device | None:
+    return getattr(value_of(node), "device", None)
+
+
+def is_tensor_node(node: Any) -> bool:
+    return isinstance(node, Node) and isinstance(value_of(node), torch.Tensor)
+
+
+def _method(node: Node, *names: str) -> bool:
+    return node.op == "call_method" and node.target in names
+
+
+def _func(node: Node, *targets: Any) -> bool:
+    return node.op == "call_function" and any(node.target is t for t in targets)
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument `index` (counting self for methods) or keyword `name` of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def as_number(x: Any) -> float | None:
+    """A Python number, a constant scalar, or None when `x` is not a compile-time number."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int | float):
+        return float(x)
+    return None
+
+
+# --- the anchors -------------------------------------------------------------------------------
+
+
+def softmax_dim(node: Node) -> tuple[Node, int, torch.dtype | None] | None:
+    """`(input, dim, dtype)` for x.softmax(d), torch.softmax, F.softmax, torch.nn.functional.softmax."""
+    if _method(node, "softmax"):
+        x, dim, dtype = node.args[0], arg(node, 1, "dim"), arg(node, 2, "dtype")
+    elif _func(node, torch.softmax, F.softmax, torch.nn.functional.softmax, torch.special.softmax):
+        x, dim = node.args[0], arg(node, 1, "dim")
+        dtype = arg(node, 3 if node.target is F.softmax else 2, "dtype")
+    else:
+        return None
+    if not isinstance(x, Node) or not isinstance(dim, int):
+        return None
+    return x, dim, dtype
+
+
+def is_sdpa(node: Node) -> bool:
+    return node.op == "call_function" and node.target in _SDPA
+
+
+def sdpa_args(node: Node) -> dict[str, Any]:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    defaults: dict[str, Any] = {
+        "attn_mask": None,
+        "dropout_p": 0.0,
+        "is_causal": False,
+        "scale": None,
+        "enable_gqa": False,
+    }
+    out = dict(defaults)
+    for n, a in zip(names, node.args):
+        out[n] = a
+    out.update(node.kwargs)
+    return out
+
+
+# --- contractions ------------------------------------------------------------------------------
+
+
+def matmul_operands(node: Node) -> tuple[Node, Node, str] | None:
+    """`(a, b, form)` for a @ b, torch.matmul, torch.bmm and their method spellings."""
+    if _func(node, operator.matmul, torch.matmul):
+        form = "matmul"
+    elif _func(node, torch.bmm):
+        form = "bmm"
+    elif _method(node, "matmul", "__matmul__"):
+        form = "matmul"
+    elif _method(node, "bmm"):
+        form = "bmm"
+    else:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, Node) and isinstance(b, Node)):
+        return None
+    return a, b, form
+
+
+def einsum_operands(node: Node) -> tuple[str, list[Any]] | None:
+    if not _func(node, torch.einsum, torch.functional.einsum):
+        return None
+    eq = node.args[0]
+    ops = list(node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], list | tuple):
+        ops = list(ops[0])
+    if not isinstance(eq, str):
+        return None
+    return eq.replace(" ", ""), ops
+
+
+def baddbmm_operands(node: Node) -> tuple[Any, Node, Node, Any, Any] | None:
+    """`(input, batch1, batch2, beta, alpha)`."""
+    if _func(node, torch.baddbmm):
+        base = 0
+    elif _method(node, "baddbmm"):
+        base = 0
+    else:
+        return None
+    inp, b1, b2 = node.args[base], arg(node, base + 1, "batch1"), arg(node, base + 2, "batch2")
+    beta = node.kwargs.get("beta", 1)
+    alpha = node.kwargs.get("alpha", 1)
+    return inp, b1, b2, beta, alpha
+
+
+# --- value-preserving and scalar ops ----------------------------------------------------------
+
+
+def permutation_of(node: Node) -> tuple[Node, list[int]] | None:
+    """`(x, perm)` when node == x.permute(perm) in effect: transpose, swapaxes, permute, mT, .T."""
+    val = value_of(node)
+    nd = getattr(val, "ndim", None)
+    if nd is None:
+        return None
+    if _method(node, "transpose", "swapaxes", "swapdims") or _func(
+        node, torch.transpose, torch.swapaxes, torch.swapdims
+    ):
+        x, d0, d1 = node.args[0], arg(node, 1, "dim0"), arg(node, 2, "dim1")
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        perm = list(range(nd))
+        d0, d1 = d0 % nd, d1 % nd
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return x, perm
+    if _method(node, "permute") or _func(node, torch.permute):
+        x = node.args[0]
+        dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], list | tuple):
+            dims = dims[0]
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        return x, [d % nd for d in dims]
+    if _func(node, getattr) and node.args[1] in ("mT", "T") or _method(node, "t"):
+        x = node.args[0]
+        perm = list(range(nd))
+        if nd >= 2:
+            perm[-1], perm[-2] = perm[-2], perm[-1]
+        if node.op == "call_function" and node.args[1] == "T":
+            perm = list(reversed(range(nd)))
+        return x, perm
+    return None
+
+
+def identity_input(node: Node) -> Node | None:
+    """x for value-preserving ops that keep shape and dtype: contiguous, clone, detach."""
+    if _method(node, "contiguous", "clone", "detach") or _func(node, torch.clone):
+        x = node.args[0]
+        return x if isinstance(x, Node) else None
+    return None
+
+
+def dropout_input(node: Node) -> Node | None:
+    """x when node is a dropout that does nothing: eval mode or p == 0."""
+    if _func(node, F.dropout, torch.nn.functional.dropout):
+        p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+    elif _func(node, torch.dropout):
+        p, training = arg(node, 1, "p"), arg(node, 2, "train")
+    else:
+        return None
+    if training is False or p == 0 or p == 0.0:
+        return node.args[0]
+    return None
+
+
+def cast_input(node: Node) -> Node | None:
+    """x when node only changes the floating dtype of x: float(), half(), to(dtype), type_as."""
+    if _method(node, "float", "half", "bfloat16", "double", "type_as"):
+        x = node.args[0]
+    elif _method(node, "to", "type"):
+        x = node.args[0]
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if not all(isinstance(r, torch.dtype | bool) or r is None for r in rest):
+            return None
+    else:
+        return None
+    if not isinstance(x, Node):
+        return None
+    vin, vout = dtype_of(x), dtype_of(node)
+    if vin is None or vout is None or not (vin.is_floating_point and vout.is_floating_point):
+        return None
+    if shape_of(x) != shape_of(node):
+        return None
+    return x
+
+
+def scalar_factor(node: Node) -> tuple[Node, float] | None:
+    """`(x, c)` when node == c * x for a compile-time number c (x * c, c * x, x / c, mul, div)."""
+    if _func(node, operator.mul, torch.mul) or _method(node, "mul", "__mul__", "__rmul__"):
+        a, b = node.args[0], node.args[1]
+        if isinstance(a, Node) and as_number(b) is not None:
+            return a, as_number(b)  # type: ignore[return-value]
+        if isinstance(b, Node) and as_number(a) is not None:
+            return b, as_number(a)  # type: ignore[return-value]
+        return None
+    if _func(node, operator.truediv, torch.div, torch.true_divide) or _method(
+        node, "div", "__truediv__", "true_divide"
+    ):
+        a, b = node.args[0], node.args[1]
+        if node.kwargs.get("rounding_mode") is not None:
+            return None
+        c = as_number(b)
+        if isinstance(a, Node) and c is not None and c != 0:
+            return a, 1.0 / c
+    return None
+
+
+def additive_terms(node: Node) -> tuple[Any, Any, float] | None:
+    """`(a, b, sign)` for a + b and a - b (sign applies to b)."""
+    if _func(node, operator.add, torch.add) or _method(node, "add", "__add__", "__radd__"):
+        alpha = node.kwargs.get("alpha", 1)
+        return node.args[0], node.args[1], float(alpha) if as_number(alpha) is not None else math.nan
+    if _func(node, operator.sub, torch.sub) or _method(node, "sub", "__sub__"):
+        alpha = node.kwargs.get("alpha", 1)
+        return node.args[0], node.args[1], -float(alpha) if as_number(alpha) is not None else math.nan
+    return None
+
+
+def masked_fill_args(node: Node) -> tuple[Node, Any, Any] | None:
+    """`(x, mask, value)` for x.masked_fill(mask, value) and torch.masked_fill."""
+    if _method(node, "masked_fill") or _func(node, torch.masked_fill):
+        return node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
+    return None
+
+
+def where_args(node: Node) -> tuple[Any, Any, Any] | None:
+    """`(cond, a, b)` for torch.where(cond, a, b)."""
+    if _func(node, torch.where) and len(node.args) == 3:
+        return node.args[0], node.args[1], node.args[2]
+    return None
+
+
+def repeat_interleave_args(node: Node) -> tuple[Node, int, int] | None:
+    """`(x, repeats, dim)` for x.repeat_interleave(r, dim) with an int r."""
+    if _method(node, "repeat_interleave") or _func(node, torch.repeat_interleave):
+        x, r, d = node.args[0], arg(node, 1, "repeats"), arg(node, 2, "dim")
+        if isinstance(x, Node) and isinstance(r, int) and isinstance(d, int):
+            nd = len(shape_of(x) or ())
+            return x, r, d % nd if nd else d
+    return None
+
+
+def is_reshape(node: Node) -> Node | None:
+    """x for x.view(...), x.reshape(...), torch.reshape(x, ...)."""
+    if _method(node, "view", "reshape") or _func(node, torch.reshape):
+        x = node.args[0]
+        if node.op == "call_method" and node.target == "view" and len(node.args) == 2:
+            if isinstance(node.args[1], torch.dtype):
+                return None
+        return x if isinstance(x, Node) else None
+    return None
+
+
+def is_expand(node: Node) -> Node | None:
+    if _method(node, "expand", "expand_as"):
+        x = node.args[0]
+        return x if isinstance(x, Node) else None
+    return None
+
+
+def is_unsqueeze_like(node: Node) -> Node | None:
+    """x when node only inserts size-1 dims into x (unsqueeze, x[:, None], ...)."""
+    if _method(node, "unsqueeze") or _func(node, torch.unsqueeze):
+        return node.args[0]
+    if _func(node, operator.getitem) and isinstance(node.args[1], tuple):
+        if all(i is None or i == slice(None) or i is Ellipsis for i in node.args[1]):
+            return node.args[0]
+    return None
+
+
+def is_inplace(node: Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")

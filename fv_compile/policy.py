@@ -1,0 +1,88 @@
+"""Which backend runs each site: the user's policy, each backend's support check, and fallback."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from fv_compile.backends import registry
+from fv_compile.backends.abstract import AttentionBackend
+from fv_compile.errors import FvCompileError
+from fv_compile.passes.site import AttentionSite
+
+AUTO = "auto"
+ROLES = ("self", "cross", "joint", "default")
+
+
+def dense_default(device: str) -> str:
+    """The dense backend `auto` picks on a device. On CPU that is SDPA; on CUDA the choice follows
+    the dense-kernel benchmark (docs/benchmarks.md)."""
+    return "TORCH_SDPA"
+
+
+class SitePolicy:
+    """Resolves `attention_backend` (a name, a role dict, or a callable `site -> name`)."""
+
+    def __init__(self, spec: Any = AUTO, *, strict: bool = False) -> None:
+        self.strict = strict
+        self.spec = spec
+        if isinstance(spec, str):
+            self._check_name(spec)
+        elif isinstance(spec, dict):
+            unknown = set(spec) - set(ROLES)
+            if unknown:
+                raise FvCompileError(
+                    f"attention_backend policy has unknown keys {sorted(unknown)}; "
+                    f"valid keys: {', '.join(ROLES)}"
+                )
+            for name in spec.values():
+                self._check_name(name)
+        elif not callable(spec):
+            raise FvCompileError(
+                "attention_backend must be a backend name, a dict "
+                '{"self": ..., "cross": ..., "joint": ..., "default": ...}, or a callable '
+                f"site -> name; got {type(spec).__name__}"
+            )
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if not isinstance(name, str):
+            raise FvCompileError(f"attention backend names are strings, got {name!r}")
+        if name.lower() != AUTO:
+            registry.get_backend(name)
+
+    def requested(self, site: AttentionSite) -> str:
+        spec = self.spec
+        if isinstance(spec, dict):
+            name = spec.get(site.role, spec.get("default", AUTO))
+        elif callable(spec) and not isinstance(spec, str):
+            name = spec(site)
+            self._check_name(name)
+        else:
+            name = spec
+        return dense_default(site.device) if name.lower() == AUTO else name.upper()
+
+    def choose(self, site: AttentionSite) -> tuple[str, type[AttentionBackend]]:
+        """The backend that will run `site`; records a fallback in `site.reason`."""
+        name = self.requested(site)
+        cls = registry.get_backend(name)
+        why = registry.unsupported_reason(cls, site)
+        if why is None:
+            return name, cls
+        where = site.module_path or site.node
+        if self.strict:
+            raise FvCompileError(
+                f"attention site {where}: backend {name} cannot run it ({why}); choose another "
+                "backend for this site or pass strict=False to fall back to a dense backend"
+            )
+        fallback = dense_default(site.device)
+        warnings.warn(
+            f"fv_compile: {name} cannot run attention site {where} ({why}); using {fallback}",
+            stacklevel=2,
+        )
+        site.reason = f"{name} unsupported: {why}; fell back to {fallback}"
+        return fallback, registry.get_backend(fallback)
+
+
+PolicySpec = str | dict | Callable[[AttentionSite], str]

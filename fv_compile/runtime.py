@@ -1,0 +1,116 @@
+"""Running a rewritten graph whose sites need per-step metadata.
+
+Dynamo sees none of this: it compiled the model's frame once and calls `MetadataDispatch` with the
+graph's inputs. The dispatch fetches the metadata of the active forward context (built at most
+once per context and backend), appends its tensors to the inputs, and calls the graph variant
+compiled for the metadata's static fields, compiling it on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from fv_compile import ops
+from fv_compile.backends import registry
+from fv_compile.context import ForwardContext, current_forward_context
+from fv_compile.errors import FvCompileError
+from fv_compile.metadata import MetadataLayout, flatten_metadata
+from fv_compile.passes.attention_pass import copy_graph_module
+
+GraphCompiler = Callable[[GraphModule, list[Any]], Callable[..., Any]]
+
+_MISSING_CONTEXT = """\
+attention backend {name} needs per-step metadata, but the compiled model was called outside a
+forward context. Call it inside one:
+
+    with fv_compile.forward_context(current_timestep=i, forward_batch=batch, fastvideo_args=args):
+        out = compiled_model(...)
+"""
+
+
+def context_metadata(
+    ctx: ForwardContext, name: str, device: torch.device
+) -> tuple[MetadataLayout, list[torch.Tensor]]:
+    """The backend's metadata for this context: built once, shared by every site and CFG pass."""
+    key = (name, str(device))
+    if key not in ctx.built:
+        builder = registry.get_backend(name).get_builder_cls()()
+        md = builder.build(
+            current_timestep=ctx.current_timestep,
+            forward_batch=ctx.forward_batch,
+            fastvideo_args=ctx.fastvideo_args,
+        )
+        layout, tensors = flatten_metadata(md, device)
+        tensors = [t.to(device, non_blocking=True) for t in tensors]
+        ctx.built[key] = (layout, tensors)
+    return ctx.built[key]
+
+
+class MetadataDispatch:
+    """The callable Dynamo runs for a graph whose sites read backend metadata."""
+
+    def __init__(self, gm: GraphModule, backends: list[str], compile_graph: GraphCompiler) -> None:
+        self.gm = gm
+        self.backends = backends
+        self.compile_graph = compile_graph
+        self.variants: dict[tuple[MetadataLayout, ...], Callable[..., Any]] = {}
+        self.device = _graph_device(gm)
+
+    def __call__(self, *args: Any) -> Any:
+        ctx = current_forward_context()
+        if ctx is None:
+            raise FvCompileError(_MISSING_CONTEXT.format(name=self.backends[0]))
+        layouts, tensors = [], []
+        for name in self.backends:
+            layout, ts = context_metadata(ctx, name, self.device)
+            layouts.append(layout)
+            tensors.append(ts)
+        key = tuple(layouts)
+        fn = self.variants.get(key)
+        if fn is None:
+            fn = self._compile_variant(key, tensors, args)
+            self.variants[key] = fn
+        return fn(*args, *(t for ts in tensors for t in ts))
+
+    def _compile_variant(self, key, tensors, args) -> Callable[..., Any]:
+        vid = ops.register_variant(dict(zip(self.backends, key)))
+        gm = copy_graph_module(self.gm)
+        graph = gm.graph
+        inputs = {
+            name: [graph.placeholder(f"fv_md_{_ident(name)}_{i}") for i in range(len(ts))]
+            for name, ts in zip(self.backends, tensors)
+        }
+        for node in graph.nodes:
+            if node.target is torch.ops.fv_compile.attention.default:
+                name = ops.site_runtime(node.args[4]).backend
+                if name in inputs:
+                    node.args = (*node.args[:5], vid, inputs[name])
+        _order_placeholders(graph, [p for name in self.backends for p in inputs[name]])
+        gm.recompile()
+        example = list(args) + [t for ts in tensors for t in ts]
+        return self.compile_graph(gm, example)
+
+
+def _order_placeholders(graph: torch.fx.Graph, extra: list[torch.fx.Node]) -> None:
+    """Metadata placeholders go after the model's inputs, in backend order."""
+    last = [n for n in graph.nodes if n.op == "placeholder" and n not in extra][-1]
+    for p in reversed(extra):
+        last.append(p)
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name.lower())
+
+
+def _graph_device(gm: GraphModule) -> torch.device:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("example_value", node.meta.get("val"))
+            if isinstance(val, torch.Tensor):
+                return val.device
+    return torch.device("cpu")
