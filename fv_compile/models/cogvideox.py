@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._layers import FeedForward, PatchEmbed3d, TimestepEmbedder, apply_rope, modulate, rope_3d, unpatchify
-from .config import DiTConfig
+from .config import VideoDiTConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class CogVideoXConfig(DiTConfig):
+class CogVideoXConfig(VideoDiTConfig):
     num_layers: int
     ffn_dim: int
     time_embed_dim: int = 512

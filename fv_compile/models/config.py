@@ -9,7 +9,7 @@ Grid = tuple[int, int, int]
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiTConfig:
+class VideoDiTConfig:
     """Fields every family needs to build inputs, count tokens and place RoPE.
 
     ``default_grid`` is the latent grid ``(T, H, W)`` of the resolution the

@@ -40,11 +40,11 @@ from ._layers import (
     rope_3d,
     unpatchify,
 )
-from .config import DiTConfig
+from .config import VideoDiTConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class HunyuanConfig(DiTConfig):
+class HunyuanConfig(VideoDiTConfig):
     num_double_layers: int
     num_single_layers: int
     num_refiner_layers: int = 2

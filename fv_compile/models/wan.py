@@ -30,11 +30,11 @@ from ._layers import (
     rope_3d,
     unpatchify,
 )
-from .config import DiTConfig
+from .config import VideoDiTConfig
 
 
 @dataclass(frozen=True, kw_only=True)
-class WanConfig(DiTConfig):
+class WanConfig(VideoDiTConfig):
     num_layers: int
     ffn_dim: int
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ._layers import init_weights
 from .cogvideox import CogVideoXConfig, CogVideoXModel
-from .config import DiTConfig, Grid
+from .config import VideoDiTConfig, Grid
 from .hunyuan import HunyuanConfig, HunyuanVideoModel
 from .wan import WanConfig, WanModel
 
@@ -27,7 +27,7 @@ def latent_grid(frames: int, height: int, width: int, *, temporal: int = 4, spat
     return ((frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
-PRESETS: dict[str, DiTConfig] = {
+PRESETS: dict[str, VideoDiTConfig] = {
     "wan-tiny": WanConfig(
         num_layers=2, num_heads=2, head_dim=32, ffn_dim=128, text_dim=32, text_len=16, in_channels=4,
         rope_axes=(12, 10, 10), default_grid=_TINY_GRID,
@@ -59,15 +59,15 @@ PRESETS: dict[str, DiTConfig] = {
     ),
 }
 
-_MODELS: dict[type[DiTConfig], type[nn.Module]] = {
+_MODELS: dict[type[VideoDiTConfig], type[nn.Module]] = {
     WanConfig: WanModel,
     HunyuanConfig: HunyuanVideoModel,
     CogVideoXConfig: CogVideoXModel,
 }
 
 
-def _config(preset: str | DiTConfig) -> DiTConfig:
-    if isinstance(preset, DiTConfig):
+def _config(preset: str | VideoDiTConfig) -> VideoDiTConfig:
+    if isinstance(preset, VideoDiTConfig):
         return preset
     try:
         return PRESETS[preset]
@@ -76,7 +76,7 @@ def _config(preset: str | DiTConfig) -> DiTConfig:
 
 
 def build_model(
-    preset: str | DiTConfig,
+    preset: str | VideoDiTConfig,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -101,7 +101,7 @@ def build_model(
 
 
 def _resolve_grid(
-    cfg: DiTConfig, frames: int | None, height: int | None, width: int | None, grid: Grid | None
+    cfg: VideoDiTConfig, frames: int | None, height: int | None, width: int | None, grid: Grid | None
 ) -> Grid:
     video = (frames, height, width)
     if grid is not None:
@@ -115,7 +115,7 @@ def _resolve_grid(
     return latent_grid(*(d if n is None else n for n, d in zip(video, defaults)))
 
 
-def token_count(preset: str | DiTConfig, grid: Grid | None = None) -> int:
+def token_count(preset: str | VideoDiTConfig, grid: Grid | None = None) -> int:
     """Video tokens (text excluded) the preset sees for a latent ``grid`` (default: its usual one)."""
     cfg = _config(preset)
     t, h, w = cfg.token_grid(cfg.default_grid if grid is None else grid)
@@ -123,7 +123,7 @@ def token_count(preset: str | DiTConfig, grid: Grid | None = None) -> int:
 
 
 def example_inputs(
-    model_or_preset: nn.Module | str | DiTConfig,
+    model_or_preset: nn.Module | str | VideoDiTConfig,
     *,
     batch: int = 1,
     frames: int | None = None,
@@ -151,7 +151,7 @@ def example_inputs(
     """
     if isinstance(model_or_preset, nn.Module):
         cfg = model_or_preset.config
-        if not isinstance(cfg, DiTConfig):
+        if not isinstance(cfg, VideoDiTConfig):
             raise TypeError(f"{type(model_or_preset).__name__} is not a model from build_model")
         param = next(model_or_preset.parameters())
         dtype = param.dtype if dtype is None else dtype

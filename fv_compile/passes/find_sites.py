@@ -669,12 +669,12 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
     r = sp.repeat_interleave_args(op.node)
     if r is not None and r[2] == hd:
         return Operand(r[0], op.labels), r[1]
-    src = sp.is_reshape(op.node)
-    exp = sp.is_expand(src) if src is not None else None
-    unsq = sp.is_unsqueeze_like(exp) if exp is not None else None
-    if unsq is None or not isinstance(unsq, Node):
+    expand = sp.is_reshape(op.node)
+    unsq = sp.is_expand(expand) if expand is not None else None
+    x = sp.is_unsqueeze_like(unsq) if unsq is not None else None
+    if not isinstance(x, Node):
         return None
-    s_x, s_u, s_e, s_o = (_static_shape(n) for n in (unsq, exp.args[0], exp, op.node))
+    s_x, s_u, s_e, s_o = (_static_shape(n) for n in (x, unsq, expand, op.node))
     if None in (s_x, s_u, s_e, s_o) or len(s_u) != len(s_x) + 1:
         return None
     want_u = s_x[: hd + 1] + (1,) + s_x[hd + 1 :]
@@ -682,7 +682,7 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
     want_e = s_x[: hd + 1] + (g,) + s_x[hd + 1 :]
     if s_u != want_u or s_e != want_e or s_o != s_x[:hd] + (s_x[hd] * g,) + s_x[hd + 1 :]:
         return None
-    return Operand(unsq, op.labels), g
+    return Operand(x, op.labels), g
 
 
 def _fold_constant_masks(gm, masks, score_labels, sizes, causal):

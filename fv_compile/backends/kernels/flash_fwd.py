@@ -275,6 +275,9 @@ def _lookup(head_dim: int, causal: bool, dtype: torch.dtype, sk: int) -> FlashCo
 # --------------------------------------------------------------------------------------------
 
 
+_last_compiled = None  # the last launched compiled kernel (benchmarks read its n_regs/n_spills)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -421,7 +424,8 @@ def attention_fwd(
         else:
             config = _HEURISTIC_PTR[D]
     grid = (triton.cdiv(Sq, config.block_m), B * H)
-    _attn_fwd_kernel[grid](
+    global _last_compiled
+    _last_compiled = _attn_fwd_kernel[grid](
         *args, **common,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma),
