@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from fv_compile.backends.abstract import AttentionImpl, AttentionMetadata
-from fv_compile.backends.sdpa import sdpa_bshd
 from fv_compile.errors import FvCompileError
 from fv_compile.metadata import MetadataLayout
 
@@ -134,18 +133,38 @@ def attention_backward(
     mask: torch.Tensor | None,
     site: int,
 ) -> list[torch.Tensor]:
-    """Gradients of dense attention by recomputation: exact for dense backends."""
+    """Gradients of dense attention by recomputation in float32: exact for dense backends.
+
+    Materialises the `[B, H, Sq, Sk]` weights, so it suits fine-tuning at moderate lengths."""
     rt = _SITES[site]
     if not rt.differentiable:
         raise NotImplementedError(
             f"backend {rt.backend} is forward-only: run the compiled model under torch.no_grad() "
             "or choose a dense backend (TORCH_SDPA, TRITON_ATTN, FLASH_ATTN) to train"
         )
-    with torch.enable_grad():
-        leaves = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
-        out = sdpa_bshd(*leaves, attn_mask=mask, scale=rt.scale, causal=rt.causal)
-        grads = torch.autograd.grad(out, leaves, grad.float())
-    return [g.to(x.dtype) for g, x in zip(grads, (q, k, v))]
+    h, hk = q.shape[2], k.shape[2]
+    qf, kf, vf, go = (x.transpose(1, 2).float() for x in (q, k, v, grad))
+    kf, vf = kf.repeat_interleave(h // hk, 1), vf.repeat_interleave(h // hk, 1)
+    scores = rt.scale * qf @ kf.transpose(-2, -1)
+    if rt.causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    p = scores.softmax(-1)
+    dv = p.transpose(-2, -1) @ go
+    dp = go @ vf.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = rt.scale * ds @ kf
+    dk = rt.scale * ds.transpose(-2, -1) @ qf
+
+    def to_bshd(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        heads = like.shape[2]
+        if g.shape[1] != heads:  # GQA: each kv head's gradient sums over its query heads
+            g = g.unflatten(1, (heads, g.shape[1] // heads)).sum(2)
+        return g.transpose(1, 2).to(like.dtype).contiguous()
+
+    return [to_bshd(dq, q), to_bshd(dk, k), to_bshd(dv, v)]
 
 
 @attention_backward.register_fake
@@ -157,12 +176,13 @@ def _setup_context(ctx, inputs, output):
     q, k, v, mask, site, _variant, _metadata = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.site = site
+    ctx.n_metadata = len(_metadata)
 
 
 def _backward(ctx, grad):
     q, k, v, mask = ctx.saved_tensors
     dq, dk, dv = torch.ops.fv_compile.attention_backward(grad, q, k, v, mask, ctx.site)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, [None] * ctx.n_metadata
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

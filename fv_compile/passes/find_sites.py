@@ -251,6 +251,9 @@ def _walk_scores(node: Any, ops: list[tuple], depth: int) -> tuple[Node, list[tu
     c = sp.cast_input(node) or sp.identity_input(node)
     if c is not None:
         return _walk_scores(c, [("noop", node)] + ops, depth + 1)
+    ts = sp.tensor_factor(node)
+    if ts is not None:
+        return _walk_scores(ts, [("tensor_scale", node)] + ops, depth + 1)
     t = sp.additive_terms(node)
     if t is not None:
         a, b, sign = t
@@ -434,6 +437,8 @@ def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
             raise Unsupported("torch.where condition is not a tensor")
         masks.append(MaskTerm(cond, "attend" if kind == "where_keep" else "masked"))
         return scale
+    if kind == "tensor_scale":
+        raise Unsupported(f"scores are scaled by a tensor (`{op[1].name}`), not a number")
     raise Unsupported(f"unexpected op {kind} on the scores")
 
 

@@ -65,10 +65,11 @@ def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
 
 
 def as_number(x: Any) -> float | None:
-    """A Python number, a constant scalar, or None when `x` is not a compile-time number."""
-    if isinstance(x, bool):
-        return None
-    if isinstance(x, int | float):
+    """The value of a compile-time number (a literal, or a traced node holding a plain int/float);
+    None for anything else, symbolic sizes included."""
+    if isinstance(x, Node):  # a traced Python number (symbolic_trace computes d ** -0.5 in-graph)
+        x = value_of(x)
+    if type(x) in (int, float):
         return float(x)
     return None
 
@@ -255,6 +256,21 @@ def scalar_factor(node: Node) -> tuple[Node, float] | None:
         c = as_number(b)
         if isinstance(a, Node) and c is not None and c != 0:
             return a, 1.0 / c
+    return None
+
+
+def tensor_factor(node: Node) -> Node | None:
+    """x when node == x * t or x / t for a one-element tensor t (a learned temperature, say)."""
+    is_mul = _func(node, operator.mul, torch.mul) or _method(node, "mul")
+    is_div = _func(node, operator.truediv, torch.div) or _method(node, "div")
+    if not (is_mul or is_div):
+        return None
+    a, b = node.args[0], node.args[1]
+    candidates = [(a, b), (b, a)] if is_mul else [(a, b)]
+    for x, t in candidates:
+        shape = shape_of(t)
+        if isinstance(x, Node) and shape is not None and math.prod(shape) == 1:
+            return x
     return None
 
 
