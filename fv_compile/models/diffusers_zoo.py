@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from .config import Grid
-from .zoo import PRESETS
+from .zoo import _TINY_GRID, PRESETS
 
-_TINY_GRID: Grid = (2, 16, 16)
 _TINY_TEXT_LEN = 16
 
 
@@ -98,8 +97,10 @@ _SPECS: dict[str, dict[str, _Spec]] = {
         "tiny": _Spec(
             {
                 "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
-                "out_channels": 4, "time_embed_dim": 32, "text_embed_dim": 32, "sample_frames": 5,
-                "sample_height": _TINY_GRID[1], "sample_width": _TINY_GRID[2], "max_text_seq_length": _TINY_TEXT_LEN,
+                "out_channels": 4, "time_embed_dim": 32, "text_embed_dim": 32,
+                # sample_* only size CogVideoX's learned/sincos position tables; pixel frames here.
+                "sample_frames": (_TINY_GRID[0] - 1) * 4 + 1, "sample_height": _TINY_GRID[1],
+                "sample_width": _TINY_GRID[2], "max_text_seq_length": _TINY_TEXT_LEN,
                 "use_rotary_positional_embeddings": True,
             },
             _TINY_GRID, _TINY_TEXT_LEN,

@@ -116,10 +116,10 @@ def module_path(node: Node) -> str:
         return ""
     path = list(stack.values())[-1][0]
     path = _STACK_PREFIX.sub("", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
-    return path.lstrip(".")
+    parts = [p for p in path.split(".") if p and p not in ("__dict__", "_modules")]
+    return ".".join(parts)
 
 
 # --- SDPA --------------------------------------------------------------------------------------
