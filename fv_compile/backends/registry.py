@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 # built-in backends load on first use, so importing fv_compile never imports triton or flash-attn
 _BUILTIN: dict[str, str] = {
     "TORCH_SDPA": "fv_compile.backends.sdpa:SDPABackend",
+    "TRITON_ATTN": "fv_compile.backends.triton_attn:TritonAttentionBackend",
+    "FLASH_ATTN": "fv_compile.backends.flash_attn:FlashAttentionBackend",
 }
 _USER: dict[str, type[AttentionBackend]] = {}
 _LOADED: dict[str, type[AttentionBackend]] = {}

@@ -1,0 +1,104 @@
+"""FLASH_ATTN: flash-attn's kernels — FA4 (`flash_attn.cute`), FA3 (`flash_attn_interface`) or
+FA2 (`flash_attn`), the fastest one installed.
+
+On the H200 FA4 is the fastest dense kernel measured (docs/benchmarks.md). The kernel runs inside
+`fv_compile::attention`, itself a custom op with a fake, so no flash-attn function is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fv_compile.backends._checks import common_limits
+from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
+from fv_compile.passes.site import AttentionSite
+
+# (label, module, function), fastest first
+_CANDIDATES = (
+    ("FA4", "flash_attn.cute", "flash_attn_func"),
+    ("FA3", "flash_attn_interface", "flash_attn_func"),
+    ("FA2", "flash_attn", "flash_attn_func"),
+)
+_INSTALL = (
+    "FLASH_ATTN needs flash-attn: `pip install flash-attn-4` (FA4, Hopper/Blackwell), or FA3 "
+    "(`flash_attn_interface`) or FA2 (`pip install flash-attn`)"
+)
+
+
+@functools.cache
+def flash_kernel() -> tuple[str, Callable[..., Any]] | None:
+    """`(label, flash_attn_func)` of the fastest flash-attn installed, or None."""
+    for label, module, name in _CANDIDATES:
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except Exception:
+            continue
+        return label, fn
+    return None
+
+
+class FlashAttentionImpl(AttentionImpl[AttentionMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        softmax_scale: float,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        prefix: str = "",
+        **extra_impl_args: Any,
+    ) -> None:
+        found = flash_kernel()
+        if found is None:
+            raise ImportError(_INSTALL)
+        self.kernel_name, self.kernel = found
+        self.scale = softmax_scale
+        self.causal = causal
+
+    def forward(self, query, key, value, attn_metadata):
+        if getattr(attn_metadata, "attn_mask", None) is not None:
+            raise ValueError("FLASH_ATTN does not take an attention mask")
+        out = self.kernel(query, key, value, softmax_scale=self.scale, causal=self.causal)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class FlashAttentionBackend(AttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "FLASH_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[FlashAttentionImpl]:
+        return FlashAttentionImpl
+
+    @staticmethod
+    def get_metadata_cls() -> type[AttentionMetadata]:
+        return AttentionMetadata
+
+    @staticmethod
+    def get_builder_cls() -> None:  # type: ignore[override]
+        return None
+
+    @staticmethod
+    def supports(site: AttentionSite) -> str | None:
+        if flash_kernel() is None:
+            return "flash-attn is not installed"
+        if site.head_dim is None or site.head_dim % 8 or site.head_dim > 256:
+            return f"head dim {site.head_dim} (supported: multiples of 8 up to 256)"
+        return common_limits(
+            site,
+            head_dims=None,
+            dtypes=("bfloat16", "float16"),
+            cpu_ok=False,
+            masks=False,
+            causal_cross=False,  # flash-attn aligns causal bottom-right, SDPA top-left
+        )
+
+
+def flash_available() -> bool:
+    return flash_kernel() is not None and torch.cuda.is_available()
