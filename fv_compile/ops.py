@@ -102,13 +102,13 @@ def attention(
     rt = _SITES[site]
     md = _metadata_for(rt, mask, variant, metadata)
     impl = rt.impl
+    expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     stacked = q.shape == k.shape == v.shape
     if stacked and rt.preprocess:
         q, k, v = impl.preprocess_qkv(torch.cat([q, k, v], dim=0), md).chunk(3, dim=0)
     out = impl.forward(q, k, v, md)
     if stacked and rt.postprocess:
         out = impl.postprocess_output(out, md)
-    expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     if tuple(out.shape) != expected:
         raise RuntimeError(
             f"attention backend {rt.backend} returned shape {tuple(out.shape)}, expected "

@@ -67,6 +67,12 @@ class SitePolicy:
         """The backend that will run `site`; records a fallback in `site.reason`."""
         name = self.requested(site)
         cls = registry.get_backend(name)
+        roles = getattr(cls, "serves_roles", None)
+        if isinstance(self.spec, str) and roles is not None and site.role not in roles:
+            # one sparse backend for "the model": it applies where it is meant to, dense elsewhere
+            fallback = dense_default(site.device)
+            site.reason = f"{name} serves {'/'.join(roles)} attention; {site.role} uses {fallback}"
+            return fallback, registry.get_backend(fallback)
         why = registry.unsupported_reason(cls, site)
         if why is None:
             return name, cls

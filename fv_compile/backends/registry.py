@@ -16,6 +16,7 @@ _BUILTIN: dict[str, str] = {
     "TORCH_SDPA": "fv_compile.backends.sdpa:SDPABackend",
     "TRITON_ATTN": "fv_compile.backends.triton_attn:TritonAttentionBackend",
     "FLASH_ATTN": "fv_compile.backends.flash_attn:FlashAttentionBackend",
+    "SLIDING_TILE_ATTN": "fv_compile.backends.sliding_tile:SlidingTileAttentionBackend",
 }
 _USER: dict[str, type[AttentionBackend]] = {}
 _LOADED: dict[str, type[AttentionBackend]] = {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
@@ -50,14 +52,7 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
         name, cls = policy.choose(site)
         site.backend = name
         try:
-            impl = cls.get_impl_cls()(
-                num_heads=site.heads,
-                head_size=site.head_dim,
-                softmax_scale=site.scale,
-                causal=site.causal,
-                num_kv_heads=site.kv_heads,
-                prefix=f"{site.module_path}.impl" if site.module_path else "impl",
-            )
+            impl = construct_impl(cls.get_impl_cls(), site)
         except Exception as e:  # a backend refusing a site at construction is a skip, not a crash
             if policy.strict:
                 raise FvCompileError(f"backend {name} refused site {site.module_path}: {e}") from e
@@ -74,6 +69,23 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
         simplify_views(new)
     sites.sort(key=lambda s: _node_order(new, gm, s))
     return PassResult(new, sites, others, md_backends)
+
+
+def construct_impl(impl_cls: type, site: AttentionSite) -> Any:
+    """Build a site's impl as FastVideo's layers do; impls that accept a `site` keyword (or any
+    keyword) also get the whole site row."""
+    kwargs: dict[str, Any] = dict(
+        num_heads=site.heads,
+        head_size=site.head_dim,
+        softmax_scale=site.scale,
+        causal=site.causal,
+        num_kv_heads=site.kv_heads,
+        prefix=f"{site.module_path}.impl" if site.module_path else "impl",
+    )
+    params = inspect.signature(impl_cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD or p.name == "site" for p in params):
+        kwargs["site"] = site
+    return impl_cls(**kwargs)
 
 
 def _node_order(new: GraphModule, old: GraphModule, site: AttentionSite) -> int:

@@ -41,9 +41,16 @@ def _main_input(node: Node) -> Node | None:
     for a in node.args:
         if isinstance(a, list | tuple):
             a = next((x for x in a if isinstance(x, Node)), None)
-        if isinstance(a, Node) and isinstance(sp.value_of(a), torch.Tensor):
+        if isinstance(a, Node) and _is_activation(sp.value_of(a)):
             return a
     return None
+
+
+def _is_activation(value) -> bool:
+    """A tensor, or the tuple of tensors an unbind/split/chunk produced."""
+    if isinstance(value, list | tuple):
+        return bool(value) and isinstance(value[0], torch.Tensor)
+    return isinstance(value, torch.Tensor)
 
 
 def _is_linear(node: Node) -> bool:

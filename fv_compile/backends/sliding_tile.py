@@ -1,0 +1,329 @@
+"""SLIDING_TILE_ATTN: sliding tile attention (STA, arXiv 2502.04507) for video self-attention.
+
+Video tokens are regrouped into 3D tiles (FastVideo's `(6, 8, 8)` by default); each query tile
+attends to the key tiles of a window centred on it (shifted at the borders so every query tile
+sees as many), plus every text token of joint attention, which in turn attends to everything.
+Windows may differ per layer, head and denoising step; the first `sta_dense_steps` steps run full
+attention. The builder turns all of that into index tensors once per step; the kernel then only
+visits listed tiles.
+
+Metadata tensors (graph inputs): tile gather/scatter indices, valid tokens per tile, and per
+(layer, head) key-tile lists for the current step. Static fields (a graph variant each): the token
+grid, the tile, whether this step is dense.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fv_compile.backends._checks import interpreting
+from fv_compile.backends.abstract import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadata,
+    AttentionMetadataBuilder,
+)
+from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
+from fv_compile.context import patch_size_of
+from fv_compile.errors import FvCompileError
+from fv_compile.passes.site import AttentionSite
+
+_KERNEL_HEAD_DIMS = (64, 128)
+
+
+@dataclass
+class SlidingTileMetadata(AttentionMetadata):
+    grid: Grid = (0, 0, 0)  # token grid (T, H, W)
+    tile: Grid = (6, 8, 8)
+    dense: bool = False  # this step runs full attention
+    text_attends_all: bool = True
+    tile_index: torch.Tensor | None = None  # long [n_tiles * volume]
+    untile_index: torch.Tensor | None = None  # long [T*H*W]
+    block_valid: torch.Tensor | None = None  # int32 [n_tiles]
+    kv_indices: torch.Tensor | None = None  # int32 [L, Hm, n_tiles, K]
+    kv_counts: torch.Tensor | None = None  # int32 [L, Hm, n_tiles]
+
+
+def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
+    """Token grid from the latent `(B, C, T, H, W)` and the DiT patch size."""
+    if raw_latent_shape is None or len(raw_latent_shape) != 5:
+        raise FvCompileError(
+            "SLIDING_TILE_ATTN needs the latent shape: pass "
+            "forward_batch=ForwardBatch(raw_latent_shape=latent.shape) ([B, C, T, H, W])"
+        )
+    t, h, w = (int(s) for s in raw_latent_shape[2:])
+    if t % patch[0] or h % patch[1] or w % patch[2]:
+        raise FvCompileError(f"latent grid {(t, h, w)} is not divisible by patch size {patch}")
+    return (t // patch[0], h // patch[1], w // patch[2])
+
+
+def _load_strategy(path: str) -> dict[tuple[int, int, int], Grid]:
+    """FastVideo's mask-strategy JSON: `{"<step>_<layer>_<head>": [wt, wh, ww], ...}`."""
+    with open(path) as f:
+        raw = json.load(f)
+    out = {}
+    for key, window in raw.items():
+        step, layer, head = (int(x) for x in key.split("_"))
+        out[(step, layer, head)] = tuple(int(x) for x in window)
+    return out
+
+
+_STRATEGIES: dict[str, dict[tuple[int, int, int], Grid]] = {}
+
+
+def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> list[list[Grid]] | None:
+    """Windows `[layer][head]` (in tiles) for this step, or None for a full-attention step."""
+    if step < int(getattr(args, "sta_dense_steps", 0) or 0):
+        return None
+    windows: list[list[Grid]] | None = None
+    param = getattr(forward_batch, "STA_param", None)
+    path = getattr(args, "mask_strategy_file_path", None)
+    if param is not None:
+        per_step = param[min(step, len(param) - 1)]
+        windows = [[tuple(int(x) for x in w) for w in layer] for layer in per_step]
+    elif path:
+        if path not in _STRATEGIES:
+            _STRATEGIES[path] = _load_strategy(path)
+        table = _STRATEGIES[path]
+        layers = 1 + max(k[1] for k in table)
+        heads = 1 + max(k[2] for k in table)
+        steps = sorted({k[0] for k in table})
+        use = max((s for s in steps if s <= step), default=steps[0])
+        windows = [
+            [table.get((use, li, hi), n_tiles) for hi in range(heads)] for li in range(layers)
+        ]
+    elif getattr(args, "sta_window", None) is not None:
+        windows = [[tuple(int(x) for x in args.sta_window)]]
+    else:
+        raise FvCompileError(
+            "SLIDING_TILE_ATTN needs windows: set FastVideoArgs(sta_window=(wt, wh, ww)) (in tiles), "
+            "FastVideoArgs(mask_strategy_file_path=...), or ForwardBatch(STA_param=...)"
+        )
+    if all(all(w[i] >= n_tiles[i] for i in range(3)) for layer in windows for w in layer):
+        return None
+    return windows
+
+
+class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
+    def build(self, current_timestep, forward_batch, fastvideo_args) -> SlidingTileMetadata:
+        grid = token_grid(getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args))
+        tile = tuple(int(x) for x in getattr(fastvideo_args, "sta_tile_size", (6, 8, 8)))
+        n_tiles = tiles_per_axis(grid, tile)
+        text_all = bool(getattr(fastvideo_args, "sta_text_attends_all", True))
+        windows = step_windows(int(current_timestep), forward_batch, fastvideo_args, n_tiles)
+        if windows is None:
+            return SlidingTileMetadata(current_timestep, grid, tile, True, text_all)
+        tile_index, untile_index, block_valid = tile_geometry(grid, tile)
+        kv_indices, kv_counts = window_lists(n_tiles, windows)
+        return SlidingTileMetadata(
+            current_timestep,
+            grid,
+            tile,
+            False,
+            text_all,
+            tile_index,
+            untile_index,
+            block_valid,
+            kv_indices,
+            kv_counts,
+        )
+
+
+def layer_index(prefix: str) -> int:
+    """The block number in a module path (`blocks.7.attn1.impl` -> 7); 0 when there is none."""
+    found = re.findall(r"blocks\.(\d+)", prefix)
+    return int(found[-1]) if found else 0
+
+
+class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        softmax_scale: float,
+        causal: bool = False,
+        num_kv_heads: int | None = None,
+        prefix: str = "",
+        site: AttentionSite | None = None,
+        **extra_impl_args: Any,
+    ) -> None:
+        if causal:
+            raise ValueError("SLIDING_TILE_ATTN is non-causal")
+        self.scale = softmax_scale
+        self.layer = layer_index(prefix)
+        self.q_len = site.q_len if site is not None else None
+        self.text_first = bool(site is not None and site.joint_text_first)
+        self._cache: tuple[Any, ...] | None = None
+
+    def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
+        """Text tokens of joint attention: the site's length minus the video grid."""
+        n = math.prod(md.grid)
+        total = self.q_len if self.q_len is not None else length
+        if total is None or total < n:
+            raise ValueError(f"{total} tokens but the grid {md.grid} holds {n}: is raw_latent_shape right?")
+        return total - n
+
+    # -- token order: raster -> tile-major (+ text padded to whole blocks) and back -------------
+
+    def preprocess_qkv(self, qkv: torch.Tensor, attn_metadata: SlidingTileMetadata) -> torch.Tensor:
+        md = attn_metadata
+        if md.dense:
+            return qkv
+        n, text = math.prod(md.grid), self._text_len(md, qkv.shape[1])
+        video = qkv[:, text:] if self.text_first else qkv[:, :n]
+        words = qkv[:, :text] if self.text_first else qkv[:, n:]
+        pad = (-text) % math.prod(md.tile)
+        zero = qkv.new_zeros(qkv.shape[0], 1 + pad, *qkv.shape[2:])
+        tiled = torch.cat([video, zero[:, :1]], 1).index_select(1, md.tile_index)
+        return torch.cat([tiled, words, zero[:, 1:]], 1)
+
+    def postprocess_output(self, output: torch.Tensor, attn_metadata: SlidingTileMetadata) -> torch.Tensor:
+        md = attn_metadata
+        if md.dense:
+            return output
+        slots, text = md.tile_index.shape[0], self._text_len(md)
+        video = output.index_select(1, md.untile_index)
+        words = output[:, slots : slots + text]
+        return torch.cat([words, video] if self.text_first else [video, words], 1)
+
+    # -- attention ---------------------------------------------------------------------------
+
+    def forward(self, query, key, value, attn_metadata):
+        md = attn_metadata
+        if md.dense:
+            return dense_attention(query, key, value, self.scale)
+        volume = math.prod(md.tile)
+        kv_indices, kv_counts, block_valid = self._block_lists(md, volume)
+        return block_sparse_attention(
+            query, key, value, kv_indices, kv_counts, block_valid, volume, self.scale
+        )
+
+    def _block_lists(self, md: SlidingTileMetadata, volume: int):
+        """This layer's key-block lists with the text blocks added; reused while the step's
+        metadata tensors are the same objects."""
+        text = self._text_len(md)
+        if self._cache is not None and self._cache[0] is md.kv_indices and self._cache[1] == text:
+            return self._cache[2]
+        layer = min(self.layer, md.kv_indices.shape[0] - 1)
+        lists = (md.kv_indices[layer], md.kv_counts[layer], md.block_valid)
+        if text:
+            lists = with_text_blocks(*lists, text, volume, md.text_attends_all)
+        lists = tuple(t.contiguous() for t in lists)
+        self._cache = (md.kv_indices, text, lists)
+        return lists
+
+
+def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: bool):
+    """Add `ceil(text / volume)` text blocks after the video tiles to block lists `[Hm, Q, K]`."""
+    hm, n_video, k = idx.shape
+    n_text = -(-text // volume)
+    total = n_video + n_text
+    dev = idx.device
+    text_ids = torch.arange(n_video, total, dtype=torch.int32, device=dev)
+    text_valid = (text - torch.arange(n_text, device=dev) * volume).clamp(0, volume).to(torch.int32)
+    width = total if text_attends_all else max(k, n_text)
+    video_rows = F.pad(idx, (0, width - k))
+    if text_attends_all:
+        at = cnt[..., None].long() + torch.arange(n_text, device=dev)
+        video_rows = video_rows.scatter(-1, at, text_ids.expand(hm, n_video, n_text))
+        text_rows = torch.arange(total, dtype=torch.int32, device=dev).expand(hm, n_text, width)
+        counts = torch.cat([cnt + n_text, cnt.new_full((hm, n_text), total)], 1)
+    else:
+        text_rows = F.pad(text_ids.expand(hm, n_text, n_text), (0, width - n_text))
+        counts = torch.cat([cnt, cnt.new_full((hm, n_text), n_text)], 1)
+    return torch.cat([video_rows, text_rows], 1), counts, torch.cat([valid, text_valid])
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Full attention for dense steps: our Triton kernel where it runs, else SDPA."""
+    if (q.is_cuda or interpreting()) and q.shape[-1] in _KERNEL_HEAD_DIMS and q.dtype != torch.float32:
+        from fv_compile.backends.kernels.flash_fwd import attention_fwd
+
+        return attention_fwd(q, k, v, softmax_scale=scale)
+    from fv_compile.backends.sdpa import sdpa_bshd
+
+    return sdpa_bshd(q, k, v, attn_mask=None, scale=scale, causal=False)
+
+
+def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale):
+    """Attention over tile-major tensors visiting only the listed key blocks."""
+    kernel_ok = (
+        (q.is_cuda or interpreting())
+        and q.shape[-1] in _KERNEL_HEAD_DIMS
+        and block_size % 16 == 0
+    )
+    if kernel_ok:
+        from fv_compile.backends.kernels.block_sparse_fwd import block_sparse_attention_fwd
+
+        return block_sparse_attention_fwd(
+            q, k, v, kv_indices, kv_counts, block_valid, block_size=block_size, softmax_scale=scale
+        )
+    return block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale)
+
+
+def block_mask(kv_indices, kv_counts, block_valid, block_size: int) -> torch.Tensor:
+    """The boolean `[Hm, L, L]` token mask that block lists describe (True = attend)."""
+    hm, nq, _ = kv_indices.shape
+    nb = block_valid.shape[0]
+    listed = torch.zeros(hm, nq, nb + 1, dtype=torch.bool, device=kv_indices.device)
+    k_pos = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
+    live = k_pos < kv_counts[..., None]
+    # entries past a row's count point at a spare column, so they can never clear a listed block
+    listed.scatter_(-1, torch.where(live, kv_indices.long(), nb), True)
+    listed = listed[..., :nb]
+    local = torch.arange(block_size, device=kv_indices.device)
+    key_ok = (local[None, :] < block_valid[:, None].to(local.device)).reshape(-1)
+    mask = listed.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    return mask & key_ok
+
+
+def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale):
+    """Dense SDPA with the block lists' mask; rows without a key (padding) give 0."""
+    mask = block_mask(kv_indices, kv_counts, block_valid, block_size)[None]
+    h, hk = q.shape[2], k.shape[2]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    if hk != h:
+        kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
+    scores = (qt.float() @ kt.float().transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.nan_to_num(scores.softmax(-1))
+    return (probs @ vt.float()).to(q.dtype).transpose(1, 2)
+
+
+class SlidingTileAttentionBackend(AttentionBackend):
+    serves_roles = ("self", "joint")
+
+    @staticmethod
+    def get_name() -> str:
+        return "SLIDING_TILE_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[SlidingTileAttentionImpl]:
+        return SlidingTileAttentionImpl
+
+    @staticmethod
+    def get_metadata_cls() -> type[SlidingTileMetadata]:
+        return SlidingTileMetadata
+
+    @staticmethod
+    def get_builder_cls() -> type[SlidingTileMetadataBuilder]:
+        return SlidingTileMetadataBuilder
+
+    @staticmethod
+    def supports(site: AttentionSite) -> str | None:
+        if site.role not in ("self", "joint"):
+            return f"{site.role}-attention (STA serves video self-attention)"
+        if site.causal:
+            return "causal attention"
+        if site.mask is not None:
+            return f"{site.mask} attention mask"
+        if site.device.startswith("cuda") and site.head_dim not in _KERNEL_HEAD_DIMS:
+            return f"head dim {site.head_dim} (the kernel supports 64 and 128)"
+        return None

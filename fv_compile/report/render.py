@@ -1,0 +1,213 @@
+"""Writing a report: `report.md` for people, `report.json` for tools, `speedup.png` for slides.
+
+The markdown tables and the printed table come from the same rows, so what the terminal shows is
+what the file says. Accuracy columns sit beside the speed columns in every view, the chart included.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fv_compile.report.run import Report
+from fv_compile.report.variants import FV_COMPILE, VariantResult
+
+VARIANT_COLUMNS = [
+    "variant", "status", "ms/step (median)", "min-max ms", "vs eager", "vs torch.compile",
+    "max abs err", "rel err", "cos sim", "compile s", "graphs", "recompiles", "metadata variants", "peak mem",
+    "attention share", "sites rewritten",
+]  # fmt: skip
+
+
+# The terminal gets the columns that decide adoption; report.md has them all.
+TERMINAL_COLUMNS = [
+    "variant", "status", "ms/step (median)", "vs eager", "vs torch.compile", "rel err", "cos sim",
+    "compile s", "graphs", "recompiles", "peak mem", "attention share",
+]  # fmt: skip
+
+
+def variant_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for r in report.variants:
+        share = report.eager_attention.share if r.kind == "eager" else r.attention
+        if not r.ok:
+            rows.append([r.name, f"FAILED ({r.failed_during})"] + ["-"] * (len(VARIANT_COLUMNS) - 2))
+            continue
+        lat, err = r.latency, r.error_vs_eager
+        rows.append([
+            r.name,
+            "ok",
+            f"{lat.median_ms:.2f}",
+            f"{lat.min_ms:.2f}-{lat.max_ms:.2f}",
+            _ratio(r.speedup_vs_eager),
+            _ratio(r.speedup_vs_torch_compile),
+            "ref" if r.kind == "eager" else _sci(err.max_abs if err else None),
+            "ref" if r.kind == "eager" else _sci(err.rel_fro if err else None),
+            "ref" if r.kind == "eager" else (f"{err.cosine:.6f}" if err else "-"),
+            "-" if r.compile_s is None else f"{r.compile_s:.1f}" + (" (cache)" if r.fx_graph_cache_hits else ""),
+            _int(r.graphs),
+            _int(r.recompiles),
+            _int(r.metadata_variants),
+            _bytes(r.peak_memory_bytes),
+            "-" if share is None else f"{100 * share.share:.1f}%",
+            _sites(r.explain),
+        ])  # fmt: skip
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Aligned columns for a terminal."""
+    table = [header] + rows
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def terminal_table(report: Report) -> str:
+    """The variants table for stdout; peak memory is left out where it is not measured (CPU)."""
+    columns = [c for c in TERMINAL_COLUMNS if c != "peak mem" or report.environment["gpu"]]
+    keep = [VARIANT_COLUMNS.index(c) for c in columns]
+    return text_table(columns, [[row[i] for i in keep] for row in variant_rows(report)])
+
+
+def render_markdown(report: Report) -> str:
+    w, env = report.workload, report.environment
+    parts = [
+        f"# fv_compile report: {w['model']}",
+        "",
+        f"{w['class']}, {w['parameters'] / 1e6:.2f} M parameters, batch {w['batch']}, latent grid "
+        f"{tuple(w['latent_grid'])}, {w['video_tokens']} video tokens, {w['dtype']} on "
+        f"{env['gpu'] or env['cpu']}. Measured in one process in {report.wall_s:.0f} s.",
+        "",
+        "## Variants",
+        "",
+        markdown_table(VARIANT_COLUMNS, variant_rows(report)),
+        "",
+    ]
+    failed = [r for r in report.variants if not r.ok]
+    if failed:
+        parts += ["## Failed variants", ""]
+        parts += [f"- **{r.name}** failed during {r.failed_during}: `{_one_line(r.error)}`" for r in failed]
+        parts += ["", "Full tracebacks are in report.json.", ""]
+    parts += ["## Attention share of one step", "", _attention_table(report), ""]
+    if report.eager_attention.error:
+        parts += [f"Eager attention could not be isolated: `{_one_line(report.eager_attention.error)}`", ""]
+    parts += ["## Attention sites", ""]
+    for r in report.variants:
+        if r.kind == FV_COMPILE and r.explain_text:
+            parts += [f"### {r.name}", "", "```", r.explain_text, "```", ""]
+    parts += ["## Environment", "", markdown_table(["", ""], [[k, _cell(v)] for k, v in env.items()]), ""]
+    parts += ["## Configuration", "", markdown_table(["", ""], [[k, _cell(v)] for k, v in report.config.items()]), ""]
+    parts += ["## Method", ""] + [f"- **{k}**: {v}" for k, v in report.methods.items()] + [""]
+    return "\n".join(parts)
+
+
+def write_report(report: Report, out_dir: str | Path, *, plot: bool = True) -> dict[str, Path]:
+    """Write report.md, report.json and (unless `plot` is False) speedup.png into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out / "report.md", "json": out / "report.json"}
+    paths["markdown"].write_text(render_markdown(report))
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if plot:
+        paths["plot"] = out / "speedup.png"
+        plot_speedup(report, paths["plot"])
+    return paths
+
+
+def plot_speedup(report: Report, path: Path) -> None:
+    """Bar per variant: median latency, min-max whiskers, speedup over eager and error above it.
+    Uses matplotlib's Agg canvas directly, so no GUI backend or pyplot state is touched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    variants = report.variants
+    fig = Figure(figsize=(max(6.0, 1.6 * len(variants) + 2), 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = range(len(variants))
+    medians = [r.latency.median_ms if r.latency else 0.0 for r in variants]
+    lows = [r.latency.median_ms - r.latency.min_ms if r.latency else 0.0 for r in variants]
+    highs = [r.latency.max_ms - r.latency.median_ms if r.latency else 0.0 for r in variants]
+    colors = ["#9e9e9e" if r.kind == "eager" else "#5c7cfa" if r.kind != FV_COMPILE else "#f08c00" for r in variants]
+    ax.bar(xs, medians, color=colors, yerr=[lows, highs], capsize=4)
+    top = max(medians + [1e-9])
+    for x, r in zip(xs, variants):
+        ax.text(x, (r.latency.max_ms if r.latency else 0.0) + 0.02 * top, _bar_label(r),
+                ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_xticks(list(xs), [r.name for r in variants], rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("ms per step (median; whiskers min-max)")
+    ax.set_ylim(0, top * 1.35)
+    w, env = report.workload, report.environment
+    ax.set_title(
+        f"{w['model']}: {w['video_tokens']} tokens, {w['dtype']}, {env['gpu'] or env['cpu']}", fontsize=10
+    )
+    fig.savefig(path, dpi=120)
+
+
+def _bar_label(r: VariantResult) -> str:
+    if not r.ok:
+        return "failed"
+    if r.kind == "eager":
+        return "1.00x (ref)"
+    label = _ratio(r.speedup_vs_eager) + " vs eager"
+    if r.error_vs_eager is not None:
+        label += f"\nrel err {r.error_vs_eager.rel_fro:.1e}"
+    return label
+
+
+def _attention_table(report: Report) -> str:
+    rows = []
+    eager = report.eager_attention.share
+    if eager is not None:
+        rows.append(["eager (TORCH_SDPA sites, eager ops)", f"{eager.attention_ms:.2f}", f"{eager.step_ms:.2f}",
+                     f"{100 * eager.share:.1f}%", str(eager.calls)])  # fmt: skip
+    for r in report.variants:
+        if r.attention is not None:
+            a = r.attention
+            rows.append([r.name, f"{a.attention_ms:.2f}", f"{a.step_ms:.2f}", f"{100 * a.share:.1f}%", str(a.calls)])
+    header = ["profiled step", "attention ms", "step ms", "share", "attention ops"]
+    return markdown_table(header, rows) if rows else "No step could be profiled."
+
+
+def _sites(explain: dict[str, Any] | None) -> str:
+    if not explain:
+        return "-"
+    summary = explain["summary"]
+    backends = Counter(s["backend"] for s in explain["sites"] if s["status"] == "rewritten")
+    used = ", ".join(f"{name} x{n}" for name, n in backends.items())
+    return f"{summary['rewritten']}/{summary['found']}" + (f" ({used})" if used else "")
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def _int(x: int | None) -> str:
+    return "-" if x is None else str(x)
+
+
+def _bytes(x: int | None) -> str:
+    return "n/a" if x is None else f"{x / 2**30:.2f} GiB"
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None or v == "" else str(v)
+
+
+def _one_line(text: str | None) -> str:
+    lines = (text or "").strip().splitlines()
+    return lines[0][:300] if lines else ""

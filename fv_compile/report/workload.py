@@ -1,0 +1,167 @@
+"""The model and inputs a report measures: a zoo preset or a diffusers transformer, random weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fv_compile.context import FastVideoArgs, ForwardBatch
+from fv_compile.models import PRESETS, build_model, example_inputs, latent_grid
+
+DIFFUSERS_PREFIX = "diffusers:"
+DEFAULT_MODEL = "wan-tiny"
+# The tiny presets' own grid (128 tokens) is too small for attention to matter; this pixel video
+# maps to latent (3, 32, 32), 768 tokens: big enough to show attention, small enough for a CPU.
+TINY_DEFAULT_VIDEO = (9, 256, 256)
+
+Grid = tuple[int, int, int]
+
+
+class WorkloadError(ValueError):
+    """A model or size the report cannot build; the message says which values are valid."""
+
+
+@dataclass
+class Workload:
+    """One transformer call: the model, its inputs, and the facts the report prints about it."""
+
+    name: str
+    model: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    dtype: torch.dtype
+    device: torch.device
+    batch: int
+    grid: Grid
+    patch_size: Grid
+    raw_latent_shape: tuple[int, ...]
+    parameters: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def tokens(self) -> int:
+        """Video tokens per sample (text excluded), after patching."""
+        return math.prod(n // p for n, p in zip(self.grid, self.patch_size))
+
+    def forward_batch(self) -> ForwardBatch:
+        return ForwardBatch(raw_latent_shape=self.raw_latent_shape)
+
+    def fastvideo_args(self) -> FastVideoArgs:
+        return FastVideoArgs(patch_size=self.patch_size)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "class": type(self.model).__name__,
+            "parameters": self.parameters,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "batch": self.batch,
+            "latent_grid": list(self.grid),
+            "patch_size": list(self.patch_size),
+            "video_tokens": self.tokens,
+            "input_shapes": {
+                f"arg{i}": list(a.shape) for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)
+            }
+            | {k: list(v.shape) for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)},
+        }
+
+
+def load_workload(
+    model: str,
+    *,
+    preset: str | None = None,
+    video: tuple[int | None, int | None, int | None] = (None, None, None),
+    grid: Grid | None = None,
+    batch: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> Workload:
+    """Build `model` (a zoo preset or `diffusers:<Class>`) with seeded random weights, and its inputs.
+
+    video: pixel `(frames, height, width)`, any of them None for the preset's default; mapped to
+        the latent grid as the model's VAE would (`fv_compile.models.latent_grid`).
+    grid: the latent `(T, H, W)` directly; excludes `video`.
+    preset: only for diffusers models, the size preset of `from_diffusers` (default "tiny").
+    """
+    device = torch.device(device)
+    sized = grid is not None or any(n is not None for n in video)
+    if grid is not None and any(n is not None for n in video):
+        raise WorkloadError("give either --grid or --frames/--height/--width, not both")
+    if model.startswith(DIFFUSERS_PREFIX):
+        if sized:
+            raise WorkloadError(
+                "diffusers models run at the size their --preset fixes; drop --grid/--frames/--height/--width"
+            )
+        return _diffusers_workload(model.removeprefix(DIFFUSERS_PREFIX), preset or "tiny", batch, dtype, device, seed)
+    if preset is not None:
+        raise WorkloadError("--preset selects a diffusers model's size; zoo models are named by --model alone")
+    if model not in PRESETS:
+        raise WorkloadError(
+            f"unknown model {model!r}; valid presets: {', '.join(PRESETS)}, "
+            f"or {DIFFUSERS_PREFIX}<Class> for a diffusers transformer"
+        )
+    config = PRESETS[model]
+    if not sized and model.endswith("-tiny"):
+        grid = latent_grid(*TINY_DEFAULT_VIDEO)
+    frames, height, width = video
+    try:
+        net = build_model(model, dtype=dtype, device=device, seed=seed)
+        args, kwargs = example_inputs(
+            net, batch=batch, frames=frames, height=height, width=width, grid=grid, seed=seed
+        )
+    except ValueError as err:
+        raise WorkloadError(str(err)) from None
+    latent = args[0]
+    return Workload(
+        name=model,
+        model=net,
+        args=args,
+        kwargs=kwargs,
+        dtype=dtype,
+        device=device,
+        batch=batch,
+        grid=tuple(latent.shape[2:]),
+        patch_size=tuple(config.patch_size),
+        raw_latent_shape=tuple(latent.shape),
+    )
+
+
+def _diffusers_workload(
+    class_name: str, preset: str, batch: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> Workload:
+    from fv_compile.models import from_diffusers
+
+    try:
+        net, args, kwargs = from_diffusers(class_name, preset, batch=batch, dtype=dtype, device=device, seed=seed)
+    except (ValueError, ImportError) as err:
+        raise WorkloadError(str(err)) from None
+    cfg = net.config
+    latent = args[0]
+    if "CogVideoX" in class_name:  # CogVideoX takes [B, T, C, H, W]; backends expect [B, C, T, H, W]
+        b, t, c, h, w = latent.shape
+        raw = (b, c, t, h, w)
+    else:
+        raw = tuple(latent.shape)
+    patch = cfg.patch_size
+    if isinstance(patch, int):
+        patch = (getattr(cfg, "patch_size_t", None) or 1, patch, patch)
+    return Workload(
+        name=f"{DIFFUSERS_PREFIX}{class_name}({preset})",
+        model=net,
+        args=args,
+        kwargs=kwargs,
+        dtype=dtype,
+        device=device,
+        batch=batch,
+        grid=tuple(raw[2:]),
+        patch_size=tuple(patch),
+        raw_latent_shape=raw,
+    )

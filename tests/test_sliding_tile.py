@@ -1,0 +1,225 @@
+"""SLIDING_TILE_ATTN: geometry, windows and the whole backend through the pass, against masks built
+straight from the definition."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import fv_compile
+from fv_compile import FastVideoArgs, ForwardBatch
+from fv_compile.backends.sliding_tile import (
+    SlidingTileMetadataBuilder,
+    block_mask,
+    block_sparse_reference,
+    layer_index,
+)
+from fv_compile.backends.tiles import tile_geometry, tiles_per_axis, window_lists
+
+GRID, TILE = (5, 7, 9), (2, 4, 4)
+
+
+def definition_mask(grid, tile, window) -> torch.Tensor:
+    """Token i attends token j iff j's tile lies in the window of i's tile (raster order)."""
+    n_tiles = tiles_per_axis(grid, tile)
+    coords = list(itertools.product(*(range(g) for g in grid)))
+    tiles = torch.tensor([[c[a] // tile[a] for a in range(3)] for c in coords])
+    start = torch.stack(
+        [
+            (tiles[:, a] - window[a] // 2).clamp(0, max(n_tiles[a] - window[a], 0))
+            if window[a] < n_tiles[a]
+            else torch.zeros_like(tiles[:, a])
+            for a in range(3)
+        ],
+        -1,
+    )
+    span = torch.tensor([min(w, n) for w, n in zip(window, n_tiles)])
+    inside = (tiles[None, :, :] >= start[:, None, :]) & (tiles[None, :, :] < (start + span)[:, None, :])
+    return inside.all(-1)
+
+
+def raster_mask_from_lists(grid, tile, windows_layer):
+    """The token mask our geometry + block lists describe, mapped back to raster order."""
+    tile_index, untile_index, valid = tile_geometry(grid, tile)
+    idx, cnt = window_lists(tiles_per_axis(grid, tile), [windows_layer])
+    mask = block_mask(idx[0], cnt[0], valid, math.prod(tile))
+    return mask[:, untile_index][:, :, untile_index]
+
+
+@pytest.mark.parametrize("window", [(1, 1, 1), (2, 1, 2), (3, 2, 3), (1, 9, 9)])
+def test_block_lists_match_the_definition_on_an_odd_grid(window):
+    got = raster_mask_from_lists(GRID, TILE, [window])[0]
+    assert torch.equal(got, definition_mask(GRID, TILE, window))
+
+
+def test_every_query_tile_sees_the_same_number_of_tiles():
+    idx, cnt = window_lists(tiles_per_axis(GRID, TILE), [[(2, 1, 2)]])
+    assert (cnt == 2 * 1 * 2).all()
+
+
+def test_tile_untile_round_trip_with_partial_tiles():
+    tile_index, untile_index, valid = tile_geometry(GRID, TILE)
+    n = math.prod(GRID)
+    x = torch.randn(2, n, 3)
+    tiled = torch.cat([x, torch.zeros(2, 1, 3)], 1)[:, tile_index]
+    assert torch.equal(tiled[:, untile_index], x)
+    assert valid.sum() == n and tiled.shape[1] == math.prod(tiles_per_axis(GRID, TILE)) * 32
+    # padding slots sit at the end of each tile and hold zeros
+    per_tile = tiled.view(2, -1, 32, 3)
+    for t, v in enumerate(valid.tolist()):
+        assert (per_tile[:, t, v:] == 0).all()
+
+
+def test_full_window_block_lists_equal_dense_attention():
+    q, k, v = (torch.randn(1, 4 * 32, 2, 16) for _ in range(3))
+    n_tiles = (1, 2, 2)
+    idx, cnt = window_lists(n_tiles, [[(1, 2, 2)]])
+    valid = torch.full((4,), 32, dtype=torch.int32)
+    out = block_sparse_reference(q, k, v, idx[0], cnt[0], valid, 32, 0.25)
+    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), scale=0.25)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_index_comes_from_the_module_path():
+    assert layer_index("blocks.7.attn1.impl") == 7
+    assert layer_index("transformer_blocks.12.attn.impl") == 12
+    assert layer_index("attn.impl") == 0
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def forward(self, h, mask):
+        b, s, c = h.shape
+        q, k, v = self.qkv(h).view(b, s, 3, self.heads, c // self.heads).unbind(2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return o.transpose(1, 2).reshape(b, s, c)
+
+
+class VideoDiT(torch.nn.Module):
+    """Blocks of self-attention over video tokens (optionally joint with text), SDPA;
+    `masks[layer]` turns each block into the masked reference."""
+
+    def __init__(self, layers=2, dim=32, heads=2, text_first=False):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.text_first = text_first
+
+    def forward(self, x, text=None, masks=None):
+        n = x.shape[1]
+        for i, blk in enumerate(self.blocks):
+            h = x if text is None else torch.cat([text, x] if self.text_first else [x, text], 1)
+            o = blk(h, None if masks is None else masks[i])
+            x = x + (o[:, -n:] if (text is not None and self.text_first) else o[:, :n])
+        return x
+
+
+def sta_args(**kw):
+    return FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=TILE, **kw)
+
+
+def batch():
+    return ForwardBatch(raw_latent_shape=(1, 4, *GRID))
+
+
+def test_uniform_window_matches_masked_reference():
+    model = VideoDiT().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    mask = definition_mask(GRID, TILE, (2, 1, 2))
+    with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
+        out = cm(x)
+    torch.testing.assert_close(out, model(x, masks=[mask, mask]), atol=1e-5, rtol=1e-5)
+    assert {s.backend for s in cm.explain().sites} == {"SLIDING_TILE_ATTN"}
+
+
+def test_per_layer_per_head_per_step_windows():
+    model = VideoDiT().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    windows = {
+        0: [[(1, 1, 1), (3, 2, 3)], [(2, 2, 2), (1, 1, 3)]],
+        1: [[(3, 1, 1), (1, 2, 1)], [(1, 1, 1), (2, 1, 3)]],
+    }
+    param = [windows[0], windows[1]]
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    for step in (0, 1):
+        fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=param)
+        masks = [
+            torch.stack([definition_mask(GRID, TILE, w) for w in windows[step][layer]])[None]
+            for layer in range(2)
+        ]
+        with torch.no_grad(), fv_compile.forward_context(step, fb, sta_args()):
+            out = cm(x)
+        torch.testing.assert_close(out, model(x, masks=masks), atol=1e-5, rtol=1e-5)
+
+
+def test_mask_strategy_file_in_fastvideo_format(tmp_path):
+    strategy = {f"0_{layer}_{head}": [1, 2, 1] for layer in range(2) for head in range(2)}
+    path = tmp_path / "mask_strategy.json"
+    path.write_text(json.dumps(strategy))
+    md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(mask_strategy_file_path=str(path)))
+    assert not md.dense and tuple(md.kv_indices.shape[:2]) == (2, 2)
+    assert (md.kv_counts == 2).all()
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_joint_text_attends_everything_and_is_attended(text_first):
+    model = VideoDiT(text_first=text_first).eval()
+    n, t = math.prod(GRID), 5
+    x, text = torch.randn(1, n, 32), torch.randn(1, t, 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    video = definition_mask(GRID, TILE, (1, 1, 2))
+    full = torch.ones(n + t, n + t, dtype=torch.bool)
+    sl = slice(t, None) if text_first else slice(0, n)
+    full[sl, sl] = video
+    with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(1, 1, 2))):
+        out = cm(x, text)
+    sites = cm.explain().sites
+    assert {s.role for s in sites} == {"joint"} and {s.backend for s in sites} == {"SLIDING_TILE_ATTN"}
+    torch.testing.assert_close(out, model(x, text, masks=[full, full]), atol=1e-5, rtol=1e-5)
+
+
+def test_dense_then_sparse_schedule_compiles_the_frame_once():
+    model = VideoDiT().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    args = sta_args(sta_window=(2, 1, 2), sta_dense_steps=10)
+    mask = definition_mask(GRID, TILE, (2, 1, 2))
+    counters.clear()
+    with torch.no_grad():
+        dense_ref, sparse_ref = model(x), model(x, masks=[mask, mask])
+        for step in range(50):
+            with fv_compile.forward_context(step, batch(), args):
+                out = cm(x)
+            torch.testing.assert_close(out, dense_ref if step < 10 else sparse_ref, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert cm.variants_compiled == 2
+
+
+def test_cross_attention_goes_to_the_dense_default():
+    class Cross(torch.nn.Module):
+        def forward(self, x, text):
+            q = x.view(1, -1, 2, 16).transpose(1, 2)
+            k = text.view(1, -1, 2, 16).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, k)
+
+    cm = fv_compile.compile(Cross(), "SLIDING_TILE_ATTN", compiler="eager")
+    with torch.no_grad():
+        cm(torch.randn(1, 10, 32), torch.randn(1, 3, 32))
+    (site,) = cm.explain().sites
+    assert site.backend == "TORCH_SDPA" and "cross uses TORCH_SDPA" in site.reason
+
+
+def test_missing_windows_and_latent_shape_are_clear_errors():
+    builder = SlidingTileMetadataBuilder()
+    with pytest.raises(fv_compile.FvCompileError, match="sta_window"):
+        builder.build(0, batch(), sta_args())
+    with pytest.raises(fv_compile.FvCompileError, match="raw_latent_shape"):
+        builder.build(0, ForwardBatch(), sta_args(sta_window=(1, 1, 1)))
