@@ -45,7 +45,19 @@ class FvCompileBackend:
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any):
+    def __call__(
+        self,
+        gm: torch.fx.GraphModule,
+        example_inputs: list[Any],
+        *,
+        mode: str | None = None,
+        options: dict[str, Any] | None = None,
+    ):
+        """Dynamo's entry point; `mode`/`options` arrive when torch.compile got them."""
+        if mode is not None:
+            self.mode = mode
+        if options:
+            self.options.update(options)
         index = self.graphs
         self.graphs += 1
         result = attention_pass(gm, self.policy, index)

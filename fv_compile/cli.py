@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from fv_compile.api import COMPILERS
 from fv_compile.models import PRESETS
 from fv_compile.report import ReportConfig, parse_backends, run_report, write_report
-from fv_compile.report.render import terminal_table
+from fv_compile.report.render import can_plot, terminal_table
 from fv_compile.report.run import Report
 from fv_compile.report.workload import DIFFUSERS_PREFIX, TINY_DEFAULT_VIDEO
 
@@ -97,6 +97,12 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
     parser: argparse.ArgumentParser = args.parser
     if args.grid is not None and any(v is not None for v in (args.frames, args.height, args.width)):
         parser.error("give either --grid or --frames/--height/--width, not both")
+    if not args.no_plot and not can_plot():
+        print(
+            "fv-compile report: matplotlib is not installed, so speedup.png will not be written "
+            "(pip install 'fv-compile[report]', or pass --no-plot)",
+            file=sys.stderr,
+        )
     config = ReportConfig(
         model=args.model,
         preset=args.preset,

@@ -260,3 +260,8 @@ def test_gqa_causal_gradients_match_eager():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert cm.explain().sites[0].status == "rewritten"
+
+
+def test_fastvideo_backend_without_implementation_says_how_to_register(net):
+    with pytest.raises(FvCompileError, match="register_backend\\('VIDEO_SPARSE_ATTN'"):
+        fv_compile.compile(net, "video_sparse_attn")

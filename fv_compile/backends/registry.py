@@ -18,6 +18,18 @@ _BUILTIN: dict[str, str] = {
     "FLASH_ATTN": "fv_compile.backends.flash_attn:FlashAttentionBackend",
     "SLIDING_TILE_ATTN": "fv_compile.backends.sliding_tile:SlidingTileAttentionBackend",
 }
+# FastVideo backend names fv_compile has no implementation of (yet): a clearer error than "unknown"
+_FASTVIDEO_ONLY = {
+    "SAGE_ATTN",
+    "SAGE_ATTN_THREE",
+    "VIDEO_SPARSE_ATTN",
+    "VIDEO_SPARSE_ATTN_H3",
+    "VMOBA_ATTN",
+    "SLA_ATTN",
+    "SAGE_SLA_ATTN",
+    "BSA_ATTN",
+    "NABLA_ATTN",
+}
 _USER: dict[str, type[AttentionBackend]] = {}
 _LOADED: dict[str, type[AttentionBackend]] = {}
 
@@ -46,6 +58,12 @@ def get_backend(name: str) -> type[AttentionBackend]:
         return _USER[key]
     if key in _LOADED:
         return _LOADED[key]
+    if key in _FASTVIDEO_ONLY:
+        raise FvCompileError(
+            f"{key} is a FastVideo backend fv_compile does not ship; register an implementation "
+            f"with fv_compile.register_backend({key!r}, YourBackend), or use one of: "
+            f"{', '.join(available_backends())}"
+        )
     if key not in _BUILTIN:
         raise FvCompileError(
             f"unknown attention backend {name!r}; valid names: {', '.join(available_backends())} "

@@ -209,7 +209,13 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         """This layer's key-block lists with the text blocks added; reused while the step's
         metadata tensors are the same objects."""
         text = self._text_len(md)
-        if self._cache is not None and self._cache[0] is md.kv_indices and self._cache[1] == text:
+        capturing = md.kv_indices.is_cuda and torch.cuda.is_current_stream_capturing()
+        if (
+            not capturing  # a CUDA graph must record the list building, not a cached result
+            and self._cache is not None
+            and self._cache[0] is md.kv_indices
+            and self._cache[1] == text
+        ):
             return self._cache[2]
         layer = min(self.layer, md.kv_indices.shape[0] - 1)
         lists = (md.kv_indices[layer], md.kv_counts[layer], md.block_valid)

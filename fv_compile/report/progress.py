@@ -51,7 +51,7 @@ class RichProgress:
         self.console = Console(file=stream)
         self.bar = LiveBar(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -73,7 +73,7 @@ class RichProgress:
 
     def finish(self, summary: str) -> None:
         self.bar.advance(self.task)
-        self.console.print(f"{self.name}: {summary}")
+        self.console.print(f"{self.name}: {summary}", markup=False)
 
     def close(self) -> None:
         self.bar.stop()

@@ -6,6 +6,7 @@ what the file says. Accuracy columns sit beside the speed columns in every view,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
@@ -111,14 +112,20 @@ def render_markdown(report: Report) -> str:
     return "\n".join(parts)
 
 
+def can_plot() -> bool:
+    """Whether matplotlib (the optional `report` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_report(report: Report, out_dir: str | Path, *, plot: bool = True) -> dict[str, Path]:
-    """Write report.md, report.json and (unless `plot` is False) speedup.png into `out_dir`."""
+    """Write report.md, report.json and speedup.png into `out_dir`. The chart is skipped when
+    `plot` is False or matplotlib is missing: minutes of measurement are never lost to it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "report.md", "json": out / "report.json"}
     paths["markdown"].write_text(render_markdown(report))
     paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    if plot:
+    if plot and can_plot():
         paths["plot"] = out / "speedup.png"
         plot_speedup(report, paths["plot"])
     return paths

@@ -224,7 +224,7 @@ def _block_sparse_fwd_kernel(
         HEAD_DIM, BLOCK_N, True, USE_TMA, DOT_PRECISION, UPCAST)
 
     # padded query rows and rows that saw no key (l == 0) are written as 0
-    row_ok = (l_i > 0.0)
+    row_ok = ((offs_m - qb * BLOCK_SIZE) < q_valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0).to(O.dtype.element_ty)
     if USE_TMA:

@@ -133,6 +133,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    TMA_QO: tl.constexpr = True,  # with USE_TMA: q load / o store through descriptors too
     UPCAST: tl.constexpr = False,  # interpreter only: its bf16 dot is wrong, dot in fp32 instead
 ):
     pid_m = tl.program_id(0)
@@ -166,18 +167,20 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
 
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
         # the kv views end at kv_end: padded keys are never read, they come back as zeros
         kv_rows = tl.maximum(kv_end, 1)
         k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_rows, HEAD_DIM], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
         v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_rows, HEAD_DIM], strides=[stride_vs, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        q = q_desc.load([m0, 0])
     else:
         k_desc = None
         v_desc = None
+    if USE_TMA and TMA_QO:
+        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q = q_desc.load([m0, 0])
+    else:
         q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
         q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
     if UPCAST:
@@ -199,7 +202,7 @@ def _attn_fwd_kernel(
     # rows that saw no key have l == 0 and acc == 0: write 0, not 0/0
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
-    if USE_TMA:
+    if USE_TMA and TMA_QO:
         o_desc = tl.make_tensor_descriptor(o_base, shape=[Sq, HEAD_DIM], strides=[stride_os, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
         o_desc.store([m0, 0], out)
@@ -218,7 +221,8 @@ class FlashConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool = False
+    warp_specialize: bool = False  # tl.range(warp_specialize=...): no effect on Hopper in triton 3.6
+    tma_qo: bool = True  # on the TMA path, q/o through descriptors too (else plain loads/stores)
 
 
 def _sk_bucket(sk: int) -> int:
@@ -226,15 +230,19 @@ def _sk_bucket(sk: int) -> int:
     return 0 if sk <= 1024 else (1 if sk <= 8192 else 2)
 
 
-# (head_dim, causal, dtype kind, sk bucket) -> config, for the TMA path on Hopper.
-# Measured on the H200 (docs/kernel-notes.md); ``None`` in a key position is a wildcard.
+# (head_dim, causal, dtype kind, sk bucket) -> config, for the TMA path on Hopper; ``None`` is a
+# wildcard bucket. Measured on the H200 with triton 3.6 (docs/kernel-notes.md): what wins there is
+# two CTAs of one warpgroup each per SM (128x64 tiles, 4 warps, 2 stages: ~255 registers and
+# ~96 KB of shared memory each), so one CTA's softmax overlaps the other's tensor-core work.
 _HEURISTIC: dict[tuple, FlashConfig] = {
-    (128, False, "16", None): FlashConfig(128, 128, 8, 2),
-    (128, True, "16", None): FlashConfig(128, 128, 8, 2),
-    (64, False, "16", None): FlashConfig(128, 128, 8, 3),
-    (64, True, "16", None): FlashConfig(128, 128, 8, 3),
+    (128, False, "16", 2): FlashConfig(128, 64, 4, 2),  # long self-attention: 508-529 TFLOP/s
+    (128, False, "16", 1): FlashConfig(64, 64, 4, 3),  # Sk <= 8192
+    (128, False, "16", 0): FlashConfig(256, 64, 8, 2),  # cross-attention to a short text
+    (128, True, "16", None): FlashConfig(128, 128, 8, 3),
+    (64, False, "16", None): FlashConfig(128, 128, 4, 3),
+    (64, True, "16", None): FlashConfig(128, 128, 4, 3),
 }
-# pointer path (no TMA, pre-Hopper or unaligned views)
+# pointer path (no TMA: pre-Hopper, or views whose base/strides are not 16-byte aligned)
 _HEURISTIC_PTR: dict[int, FlashConfig] = {
     128: FlashConfig(128, 64, 8, 3),
     64: FlashConfig(128, 64, 4, 3),
@@ -246,19 +254,19 @@ _INTERPRET_CONFIG = FlashConfig(32, 32, 4, 1)
 
 # curated list for FV_FLASH_AUTOTUNE=1 (TMA path)
 _TUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
-    for (bm, bn, w, s, ws) in [
-        (128, 128, 8, 2, False),
-        (128, 128, 8, 3, False),
-        (128, 64, 8, 3, False),
-        (128, 64, 4, 3, False),
-        (128, 128, 8, 2, True),
-        (128, 64, 4, 4, False),
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for (bm, bn, w, st) in [
+        (128, 64, 4, 2),
+        (128, 128, 8, 3),
+        (64, 64, 4, 3),
+        (128, 128, 4, 3),
+        (256, 64, 8, 2),
+        (128, 64, 8, 3),
     ]
 ]
 _attn_fwd_autotuned = triton.autotune(
     configs=_TUNE_CONFIGS, key=["HEAD_DIM", "CAUSAL", "SK_BUCKET", "HAS_KV_LENS", "GROUP"]
-)(_attn_fwd_kernel)
+)(_attn_fwd_kernel)  # opt-in: costs ~5.6 s more than the heuristic on the first call (H200)
 
 
 def _lookup(head_dim: int, causal: bool, dtype: torch.dtype, sk: int) -> FlashConfig:
@@ -411,7 +419,7 @@ def attention_fwd(
             and os.environ.get("FV_FLASH_AUTOTUNE", "0") == "1"):
         def grid(meta):
             return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
-        _attn_fwd_autotuned[grid](*args, **common)
+        _attn_fwd_autotuned[grid](*args, **common, WARP_SPECIALIZE=False)
         return out
 
     if config is None:
@@ -429,6 +437,7 @@ def attention_fwd(
         *args, **common,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma),
+        TMA_QO=bool(config.tma_qo),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
