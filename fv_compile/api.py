@@ -12,6 +12,7 @@ from fv_compile.explain import ExplainReport
 from fv_compile.passes.attention_pass import attention_pass
 from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
+from fv_compile.regional import compile_blocks
 from fv_compile.runtime import MetadataDispatch
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -87,11 +88,23 @@ class FvCompileBackend:
 class CompiledModel(torch.nn.Module):
     """The compiled model: call it like the original. `explain()` shows what was rewritten."""
 
-    def __init__(self, model: torch.nn.Module, backend: FvCompileBackend, **compile_kwargs: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend: FvCompileBackend,
+        regional: bool = False,
+        **compile_kwargs: Any,
+    ):
         super().__init__()
         self._orig_mod = model
         self._fv_backend = backend
-        self._compiled = torch.compile(model, backend=backend, **compile_kwargs)
+        self.regions: list[str] = []
+        if regional:
+            self._compiled, self.regions = compile_blocks(
+                model, lambda block: torch.compile(block, backend=backend, **compile_kwargs)
+            )
+        else:
+            self._compiled = torch.compile(model, backend=backend, **compile_kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._compiled(*args, **kwargs)
@@ -114,6 +127,7 @@ def compile(
     strict: bool = False,
     mode: str | None = None,
     options: dict[str, Any] | None = None,
+    regional: bool = False,
     **torch_compile_kwargs: Any,
 ) -> CompiledModel:
     """Compile `model` with every attention site running on `attention_backend`.
@@ -124,6 +138,10 @@ def compile(
     compiler: what runs the rewritten graph: `"inductor"`, `"aot_eager"` or `"eager"`.
     strict: raise instead of falling back to a dense backend when a site is unsupported.
     mode, options: Inductor's, as for `torch.compile`.
+    regional: compile the model's repeated block (its `nn.ModuleList` of identical blocks) once
+        instead of the whole model: seconds instead of minutes of cold compile; the code between
+        blocks runs eagerly. Sites of all blocks share the first block's impls, so per-layer
+        backend settings (per-layer STA windows) need `regional=False`.
     torch_compile_kwargs: passed to `torch.compile` (`fullgraph`, `dynamic`, ...); shapes are
         static unless `dynamic` is given, so each resolution gets its own graph.
 
@@ -141,7 +159,7 @@ def compile(
     backend = FvCompileBackend(
         attention_backend, compiler=compiler, strict=strict, mode=mode, options=options
     )
-    return CompiledModel(model, backend, **torch_compile_kwargs)
+    return CompiledModel(model, backend, regional, **torch_compile_kwargs)
 
 
 def fv_compile_backend(

@@ -265,3 +265,21 @@ def test_gqa_causal_gradients_match_eager():
 def test_fastvideo_backend_without_implementation_says_how_to_register(net):
     with pytest.raises(FvCompileError, match="register_backend\\('VIDEO_SPARSE_ATTN'"):
         fv_compile.compile(net, "video_sparse_attn")
+
+
+def test_regional_compile_compiles_the_block_once_and_leaves_the_model_alone(net):
+    from torch._dynamo.utils import counters
+
+    x, t = inputs()
+    counters.clear()
+    cm = fv_compile.compile(net, "TORCH_SDPA", compiler="aot_eager", regional=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x, t), net(x, t), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert cm.regions == ["blocks"] and len(cm.explain().sites) == 2
+    assert all(type(b) is Block for b in net.blocks)
+
+
+def test_regional_compile_without_repeated_blocks_is_an_error():
+    with pytest.raises(FvCompileError, match="no repeated blocks"):
+        fv_compile.compile(Block(), regional=True)
