@@ -283,3 +283,13 @@ def test_regional_compile_compiles_the_block_once_and_leaves_the_model_alone(net
 def test_regional_compile_without_repeated_blocks_is_an_error():
     with pytest.raises(FvCompileError, match="no repeated blocks"):
         fv_compile.compile(Block(), regional=True)
+
+
+def test_dynamic_shapes_leave_sites_alone_with_a_reason(net):
+    x, t = inputs()
+    cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x, t), net(x, t))
+    report = cm.explain()
+    assert report.sites and all(s.status == "skipped" for s in report.sites)
+    assert all("dynamic" in s.reason or "symbolic" in s.reason for s in report.sites)

@@ -60,7 +60,10 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
             sites.append(site)
             continue
         sid = ops.register_site(impl, name, site.scale, site.causal, exact=name in _DENSE)
-        rewrite_site(new, match, sid, replaced)
+        if rewrite_site(new, match, sid, replaced) is None:
+            site.status, site.reason = SKIPPED, "internal check failed: rewritten output would differ"
+            sites.append(site)
+            continue
         site.status = REWRITTEN
         if registry.needs_metadata(cls) and name not in md_backends:
             md_backends.append(name)

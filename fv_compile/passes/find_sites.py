@@ -438,7 +438,7 @@ def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
         masks.append(MaskTerm(cond, "attend" if kind == "where_keep" else "masked"))
         return scale
     if kind == "tensor_scale":
-        raise Unsupported(f"scores are scaled by a tensor (`{op[1].name}`), not a number")
+        raise Unsupported(f"scores are scaled by `{op[1].name}`, a tensor or symbolic value, not a number")
     raise Unsupported(f"unexpected op {kind} on the scores")
 
 

@@ -55,8 +55,9 @@ def rewrite_site(
     match: AttentionMatch,
     site_id: int,
     replaced: dict[Node, Node],
-) -> Node:
-    """Rewrite one site to `fv_compile::attention(q, k, v, mask, site_id, 0, [])`; returns the op node.
+) -> Node | None:
+    """Rewrite one site to `fv_compile::attention(q, k, v, mask, site_id, 0, [])`; returns the op
+    node, or None (graph unchanged but for dead nodes) if the result would not match the original.
 
     `replaced` maps nodes replaced by earlier rewrites to their replacements (a site's operand
     can be another site's output) and is updated with this site's output.
@@ -73,6 +74,9 @@ def rewrite_site(
     mask = _combined_mask(em, match, replaced)
     op = em.function(torch.ops.fv_compile.attention.default, q, k, v, mask, site_id, 0, [])
     out = _from_bshd(em, op, match)
+    want = (sp.shape_of(match.output), sp.dtype_of(match.output))
+    if (sp.shape_of(out), sp.dtype_of(out)) != want:
+        return None  # never replace with something of another shape; the emitted nodes are dead
     replaced[match.output] = out
     match.output.replace_all_uses_with(out)
     return op

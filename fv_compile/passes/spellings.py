@@ -260,7 +260,8 @@ def scalar_factor(node: Node) -> tuple[Node, float] | None:
 
 
 def tensor_factor(node: Node) -> Node | None:
-    """x when node == x * t or x / t for a one-element tensor t (a learned temperature, say)."""
+    """x when node == x * t or x / t for a one-element tensor t (a learned temperature, say) or a
+    symbolic number: a scale that is real but not a compile-time constant."""
     is_mul = _func(node, operator.mul, torch.mul) or _method(node, "mul")
     is_div = _func(node, operator.truediv, torch.div) or _method(node, "div")
     if not (is_mul or is_div):
@@ -268,8 +269,13 @@ def tensor_factor(node: Node) -> Node | None:
     a, b = node.args[0], node.args[1]
     candidates = [(a, b), (b, a)] if is_mul else [(a, b)]
     for x, t in candidates:
+        if not (isinstance(x, Node) and isinstance(t, Node)):
+            continue
+        value = value_of(t)
+        if isinstance(value, torch.SymInt | torch.SymFloat):  # dynamic shapes: d ** -0.5 is symbolic
+            return x
         shape = shape_of(t)
-        if isinstance(x, Node) and shape is not None and math.prod(shape) == 1:
+        if shape is not None and math.prod(shape) == 1:
             return x
     return None
 
