@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be on before any
+    # @triton.jit function is defined, i.e. before the first kernel module is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

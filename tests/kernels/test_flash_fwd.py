@@ -158,7 +158,11 @@ def test_both_memory_paths_agree():
     for causal in (False, True):
         a, _ = run_checked(q, k, v, causal=causal, kv_lengths=kv_lengths, use_tma=True)
         b, _ = run_checked(q, k, v, causal=causal, kv_lengths=kv_lengths, use_tma=False)
+        # descriptors for k/v only, plain loads/stores for q/o
+        cfg = FlashConfig(32, 32, 4, 1, tma_qo=False)
+        c, _ = run_checked(q, k, v, causal=causal, kv_lengths=kv_lengths, use_tma=True, config=cfg)
         assert rel_err(a, b.double().cpu()) < 1e-2
+        assert rel_err(c, b.double().cpu()) < 1e-2
 
 
 def _qkv(D=64, dtype=torch.bfloat16, H=2, Hk=2):
@@ -224,3 +228,16 @@ def test_gpu_cross_attention_and_fused_views():
     run_checked(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
     q, k, v = rand(1, 3000, 4, 128), rand(1, 512, 4, 128), rand(1, 512, 4, 128)
     run_checked(q, k, v, kv_lengths=torch.tensor([300], dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_autotune_path(monkeypatch):
+    """FV_FLASH_AUTOTUNE=1 picks among _TUNE_CONFIGS (Hopper TMA path only) and stays correct."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the autotuned path is the Hopper TMA path")
+    monkeypatch.setenv("FV_FLASH_AUTOTUNE", "1")
+    torch.manual_seed(1)
+    q, k, v = rand(1, 700, 2, 128), rand(1, 900, 2, 128), rand(1, 900, 2, 128)
+    run_checked(q, k, v)
+    run_checked(q, k, v, kv_lengths=torch.tensor([333], dtype=torch.int32, device=DEVICE))

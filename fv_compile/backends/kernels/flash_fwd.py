@@ -231,16 +231,15 @@ def _sk_bucket(sk: int) -> int:
 
 
 # (head_dim, causal, dtype kind, sk bucket) -> config, for the TMA path on Hopper; ``None`` is a
-# wildcard bucket. Measured on the H200 with triton 3.6 (docs/kernel-notes.md): what wins there is
-# two CTAs of one warpgroup each per SM (128x64 tiles, 4 warps, 2 stages: ~255 registers and
-# ~96 KB of shared memory each), so one CTA's softmax overlaps the other's tensor-core work.
+# wildcard bucket. Measured on the H200 with triton 3.6 (docs/kernel-notes.md, two sweeps): what
+# wins everywhere at D128 is two CTAs of one warpgroup each per SM (128x64 tiles, 4 warps,
+# 2 stages: 255 registers and ~96 KB of shared memory each), so one CTA's softmax overlaps the
+# other's tensor-core work. Long self-attention: 541 TFLOP/s = 0.95x cuDNN.
 _HEURISTIC: dict[tuple, FlashConfig] = {
-    (128, False, "16", 2): FlashConfig(128, 64, 4, 2),  # long self-attention: 508-529 TFLOP/s
-    (128, False, "16", 1): FlashConfig(64, 64, 4, 3),  # Sk <= 8192
-    (128, False, "16", 0): FlashConfig(256, 64, 8, 2),  # cross-attention to a short text
-    (128, True, "16", None): FlashConfig(128, 128, 8, 3),
-    (64, False, "16", None): FlashConfig(128, 128, 4, 3),
-    (64, True, "16", None): FlashConfig(128, 128, 4, 3),
+    (128, False, "16", None): FlashConfig(128, 64, 4, 2),
+    (128, True, "16", None): FlashConfig(128, 64, 4, 2),
+    (64, False, "16", None): FlashConfig(128, 128, 4, 3, tma_qo=False),
+    (64, True, "16", None): FlashConfig(128, 128, 4, 3, tma_qo=False),
 }
 # pointer path (no TMA: pre-Hopper, or views whose base/strides are not 16-byte aligned)
 _HEURISTIC_PTR: dict[int, FlashConfig] = {
@@ -400,7 +399,7 @@ def attention_fwd(
     upcast = interpret and q.dtype == torch.bfloat16
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     common = dict(
-        SK_BUCKET=_sk_bucket(Sk), GROUP=H // Hk, HEAD_DIM=D, CAUSAL=bool(causal),
+        SK_BUCKET=0, GROUP=H // Hk, HEAD_DIM=D, CAUSAL=bool(causal),
         HAS_KV_LENS=kv_lengths is not None, USE_TMA=bool(use_tma), DOT_PRECISION=dot_precision,
     )
     if upcast:
@@ -419,6 +418,8 @@ def attention_fwd(
             and os.environ.get("FV_FLASH_AUTOTUNE", "0") == "1"):
         def grid(meta):
             return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
+
+        common["SK_BUCKET"] = _sk_bucket(Sk)  # part of the autotune key only
         _attn_fwd_autotuned[grid](*args, **common, WARP_SPECIALIZE=False)
         return out
 
