@@ -87,7 +87,8 @@ def _bs_fwd_block(
     k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
     LIST, END, n, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr = False,
 ):
     """Fold the ``n`` key sub-blocks whose start rows are ``LIST[0:n]`` into (acc, l_i, m_i).
     ``MASKED``: keys at rows ``>= END[j]`` of sub-block ``j`` are padding (masked, values zeroed)."""
@@ -95,8 +96,14 @@ def _bs_fwd_block(
     offs_d = tl.arange(0, HEAD_DIM)
     kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
     kv_offs_v = offs_n[:, None] * stride_vs + offs_d[None, :]
-    for j in tl.range(0, n):
-        start_n = tl.load(LIST + j)
+    if PREFETCH_IDX:  # the next start row is loaded one iteration ahead (loop-carried)
+        nxt = tl.load(LIST, mask=n > 0, other=0)
+    for j in tl.range(0, n, warp_specialize=WARP_SPECIALIZE):
+        if PREFETCH_IDX:
+            start_n = nxt
+            nxt = tl.load(LIST + j + 1, mask=j + 1 < n, other=0)
+        else:
+            start_n = tl.load(LIST + j)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         if MASKED:
             kv_end = tl.load(END + j)
@@ -162,9 +169,13 @@ def _block_sparse_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
+    PREFETCH_IDX: tl.constexpr = False,
     UPCAST: tl.constexpr = False,  # interpreter only: its bf16 dot is wrong, dot in fp32 instead
 ):
-    pid_m = tl.program_id(0)
+    # last query blocks first: lists that grow towards the end (a text block attending to every
+    # block, causal-like layouts) start early instead of forming the tail
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -217,11 +228,11 @@ def _block_sparse_fwd_kernel(
     acc, l_i, m_i = _bs_fwd_block(
         acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
         full_list, full_list, n_full, qk_scale,
-        HEAD_DIM, BLOCK_N, False, USE_TMA, DOT_PRECISION, UPCAST)
+        HEAD_DIM, BLOCK_N, False, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION, UPCAST, PREFETCH_IDX)
     acc, l_i, m_i = _bs_fwd_block(
         acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
         part_list, part_end, n_part, qk_scale,
-        HEAD_DIM, BLOCK_N, True, USE_TMA, DOT_PRECISION, UPCAST)
+        HEAD_DIM, BLOCK_N, True, USE_TMA, False, DOT_PRECISION, UPCAST)
 
     # padded query rows and rows that saw no key (l == 0) are written as 0
     row_ok = ((offs_m - qb * BLOCK_SIZE) < q_valid) & (l_i > 0.0)
@@ -245,12 +256,18 @@ class BlockSparseConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False
+    prefetch_idx: bool = False  # load the next key sub-block's start row one iteration ahead
 
 
-# preferred (block_m, block_n, warps, stages) per (head_dim, path); trimmed to divide block_size.
-# Measured on the H200 (benchmarks/sliding_tile.py); the dense kernel's tuning is the starting point.
+# preferred config per (head_dim, path); block_m/block_n are trimmed to divide block_size.
+# H200, bf16, D128, STA at ~12.5% density (benchmarks/sliding_tile.py, 2026-11-29), ms Wan-1.3B 480p /
+# HunyuanVideo 720p: (128,128,8,2) 2.33 / 43.5; (128,128,8,3) 2.35 / 43.8; (128,64,8,3) 2.54 / 51.1;
+# warp_specialize: no gain; pointer path 2.44 / 51.3; (128,128,8,3) + index prefetch 2.16 / 40.2 (best;
+# the same prefetch with 2 stages gained nothing). D64 and the pointer path are not measured here:
+# they keep the dense kernel's tuning.
 _HEURISTIC = {
-    (128, "tma"): BlockSparseConfig(128, 128, 8, 2),
+    (128, "tma"): BlockSparseConfig(128, 128, 8, 3, False, True),
     (64, "tma"): BlockSparseConfig(128, 128, 8, 3),
     (128, "ptr"): BlockSparseConfig(128, 64, 8, 3),
     (64, "ptr"): BlockSparseConfig(128, 64, 4, 3),
@@ -437,6 +454,8 @@ def block_sparse_attention_fwd(
         PER_HEAD=(Hm == H and H > 1), GROUP=H // Hk, BLOCK_SIZE=block_size, HEAD_DIM=D,
         USE_TMA=bool(use_tma), DOT_PRECISION=dot_precision,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma) and not interpret,
+        PREFETCH_IDX=bool(config.prefetch_idx),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **extra,
     )
