@@ -4,13 +4,16 @@ fv_compile.report."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fv_compile.api import COMPILERS
+from fv_compile.context import FastVideoArgs
 from fv_compile.models import PRESETS
 from fv_compile.report import ReportConfig, parse_backends, run_report, write_report
-from fv_compile.report.render import can_plot, terminal_table
+from fv_compile.report.render import busy_cpu_note, can_plot, terminal_table
 from fv_compile.report.run import Report
 from fv_compile.report.workload import DIFFUSERS_PREFIX, TINY_DEFAULT_VIDEO
 
@@ -48,46 +51,109 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = report.add_argument_group("model and input")
     model.add_argument(
-        "--model", type=_model, default=ReportConfig.model,
+        "--model",
+        type=_model,
+        default=ReportConfig.model,
         help=f"a zoo preset ({', '.join(PRESETS)}) or {DIFFUSERS_PREFIX}<Class> (e.g. "
         f"{DIFFUSERS_PREFIX}WanTransformer3DModel; needs diffusers). Default: %(default)s",
-    )  # fmt: skip
-    model.add_argument("--preset", help="size preset of a diffusers model: tiny (default), or the matching zoo preset's name")
-    model.add_argument("--frames", type=_positive, help="video frames (mapped to latent frames as the VAE does)")
+    )
+    model.add_argument(
+        "--preset",
+        help="size preset of a diffusers model: tiny (default), or the matching zoo preset's name",
+    )
+    model.add_argument(
+        "--frames", type=_positive, help="video frames (mapped to latent frames as the VAE does)"
+    )
     model.add_argument("--height", type=_positive, help="video height in pixels")
     model.add_argument("--width", type=_positive, help="video width in pixels")
+    frames, height, width = TINY_DEFAULT_VIDEO
     model.add_argument(
-        "--grid", type=_grid,
-        help="latent grid T,H,W instead of --frames/--height/--width. Default: the preset's own size; "
-        "for the -tiny presets a %dx%dx%d video" % TINY_DEFAULT_VIDEO,
-    )  # fmt: skip
-    model.add_argument("--batch", type=_positive, default=ReportConfig.batch, help="default: %(default)s")
+        "--grid",
+        type=_grid,
+        help="latent grid T,H,W instead of --frames/--height/--width. Default: the preset's own "
+        f"size; for the -tiny presets a {frames}x{height}x{width} video",
+    )
     model.add_argument(
-        "--dtype", type=_dtype, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)"
+        "--batch", type=_positive, default=ReportConfig.batch, help="default: %(default)s"
+    )
+    model.add_argument(
+        "--dtype",
+        type=_dtype,
+        help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)",
     )
     model.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda if available)")
-    model.add_argument("--seed", type=int, default=ReportConfig.seed, help="seed of the random weights and inputs (default: %(default)s)")
+    model.add_argument(
+        "--seed",
+        type=int,
+        default=ReportConfig.seed,
+        help="seed of the random weights and inputs (default: %(default)s)",
+    )
 
     variants = report.add_argument_group("variants")
     variants.add_argument(
-        "--backends", type=_backends,
-        help="attention backends to compare, comma-separated (auto,TORCH_SDPA); role policies as "
-        "role=NAME items (self=SLIDING_TILE_ATTN,cross=TORCH_SDPA), several policies separated by ';'. "
-        "Default: auto plus every registered dense backend that runs on the device",
-    )  # fmt: skip
-    variants.add_argument("--compiler", choices=COMPILERS, default=ReportConfig.compiler,
-                          help="what runs the graphs, for fv_compile and plain torch.compile alike (default: %(default)s)")  # fmt: skip
-    variants.add_argument("--skip-torch-compile", action="store_true", help="leave out the plain torch.compile variant")
+        "--backends",
+        type=_backends,
+        help="attention backends to compare, comma-separated (auto,TORCH_SDPA); role policies "
+        "as role=NAME items (self=SLIDING_TILE_ATTN,cross=TORCH_SDPA), several policies "
+        "separated by ';'. Default: auto plus every registered dense backend that runs on the "
+        "device",
+    )
+    variants.add_argument(
+        "--compiler",
+        choices=COMPILERS,
+        default=ReportConfig.compiler,
+        help="what runs the graphs, for fv_compile and plain torch.compile alike "
+        "(default: %(default)s)",
+    )
+    variants.add_argument(
+        "--fastvideo-arg",
+        dest="fastvideo_args",
+        metavar="NAME=VALUE",
+        type=_fastvideo_arg,
+        action="append",
+        default=[],
+        help="a FastVideoArgs field for metadata backends, repeatable: e.g. "
+        "--fastvideo-arg sta_window=1,2,2 --fastvideo-arg sta_dense_steps=1",
+    )
+    variants.add_argument(
+        "--regional",
+        action="store_true",
+        help="compile the repeated transformer block once instead of the whole model, for plain "
+        "torch.compile and fv_compile alike (seconds instead of minutes of cold compile)",
+    )
+    variants.add_argument(
+        "--skip-torch-compile",
+        action="store_true",
+        help="leave out the plain torch.compile variant",
+    )
 
     timing = report.add_argument_group("timing")
-    timing.add_argument("--steps", type=_positive, default=ReportConfig.steps,
-                        help="transformer calls per denoising loop, call i inside forward_context(current_timestep=i); "
-                        "latency is per call (default: %(default)s)")  # fmt: skip
-    timing.add_argument("--warmup", type=_non_negative, default=ReportConfig.warmup, help="untimed loops after the first (compiling) one (default: %(default)s)")
-    timing.add_argument("--repeat", type=_positive, default=ReportConfig.repeat, help="timed loops; median, min and max are over these (default: %(default)s)")
+    timing.add_argument(
+        "--steps",
+        type=_positive,
+        default=ReportConfig.steps,
+        help="transformer calls per denoising loop, call i inside "
+        "forward_context(current_timestep=i); latency is per call (default: %(default)s)",
+    )
+    timing.add_argument(
+        "--warmup",
+        type=_non_negative,
+        default=ReportConfig.warmup,
+        help="untimed loops after the first (compiling) one (default: %(default)s)",
+    )
+    timing.add_argument(
+        "--repeat",
+        type=_positive,
+        default=ReportConfig.repeat,
+        help="timed loops; median, min and max are over these (default: %(default)s)",
+    )
 
     output = report.add_argument_group("output")
-    output.add_argument("--out", default="fv-report", help="directory for report.md, report.json, speedup.png (default: %(default)s)")
+    output.add_argument(
+        "--out",
+        default="fv-report",
+        help="directory for report.md, report.json, speedup.png (default: %(default)s)",
+    )
     output.add_argument("--no-plot", action="store_true", help="do not write speedup.png")
     report.set_defaults(run=_run_report, parser=report)
     return parser
@@ -119,7 +185,9 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
         warmup=args.warmup,
         repeat=args.repeat,
         torch_compile=not args.skip_torch_compile,
+        regional=args.regional,
         seed=args.seed,
+        fastvideo_args=dict(args.fastvideo_args),
     )
     try:
         report = run_report(config, argv=command_line)
@@ -137,6 +205,8 @@ def _print_summary(report: Report, paths: list[str]) -> None:
         f"{env['gpu'] or env['cpu']} ({report.wall_s:.0f} s)\n"
     )
     print(terminal_table(report))
+    if note := busy_cpu_note(report):
+        print(f"\nnote: {note}")
     for r in report.variants:
         if not r.ok:
             print(f"\n{r.name} failed during {r.failed_during}: {r.error}")
@@ -159,7 +229,8 @@ def _grid(text: str) -> tuple[int, int, int]:
         grid = ()
     if len(grid) != 3 or min(grid) < 1:
         raise argparse.ArgumentTypeError(
-            f"expected the latent grid as T,H,W (three positive integers, e.g. 3,32,32), got {text!r}"
+            "expected the latent grid as T,H,W (three positive integers, e.g. 3,32,32), "
+            f"got {text!r}"
         )
     return grid  # type: ignore[return-value]
 
@@ -168,7 +239,9 @@ def _dtype(text: str) -> str:
     try:
         return DTYPE_NAMES[text.lower()]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose float32, bfloat16 or float16") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; choose float32, bfloat16 or float16"
+        ) from None
 
 
 def _backends(text: str) -> list:
@@ -176,6 +249,35 @@ def _backends(text: str) -> list:
         return parse_backends(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _fastvideo_arg(text: str) -> tuple[str, Any]:
+    """`NAME=VALUE` for a FastVideoArgs field; VALUE is an int, float, bool, comma-separated int
+    tuple, or else a string (a file path)."""
+    fields = [f.name for f in dataclasses.fields(FastVideoArgs) if f.name != "pipeline_config"]
+    name, sep, value = (part.strip() for part in text.partition("="))
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE with NAME a FastVideoArgs field ({', '.join(fields)}), "
+            f"got {text!r}"
+        )
+    return name, _literal(value)
+
+
+def _literal(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    if "," in value:
+        try:
+            return tuple(int(v) for v in value.split(","))
+        except ValueError:
+            pass
+    return value
 
 
 def _positive(text: str) -> int:

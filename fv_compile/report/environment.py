@@ -23,7 +23,7 @@ import fv_compile
 
 def collect_environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
     env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(argv),
         "device": str(device),
         "python": platform.python_version(),
@@ -89,7 +89,9 @@ def _git_commit() -> str | None:
     commit = _run("git", "--no-optional-locks", "rev-parse", "HEAD", cwd=root)
     if not commit:
         return None
-    changes = _run("git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", cwd=root)
+    changes = _run(
+        "git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", cwd=root
+    )
     return f"{commit}+dirty" if changes else commit
 
 

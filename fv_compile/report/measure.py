@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 
 ATTENTION_OP = "fv_compile::attention"
 STEP_RANGE = "fv_compile.report::step"
@@ -31,7 +32,9 @@ class LatencyStats:
 
     @classmethod
     def of(cls, samples_ms: list[float]) -> LatencyStats:
-        return cls(statistics.median(samples_ms), min(samples_ms), max(samples_ms), list(samples_ms))
+        return cls(
+            statistics.median(samples_ms), min(samples_ms), max(samples_ms), list(samples_ms)
+        )
 
 
 @dataclass
@@ -103,7 +106,8 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory(device: torch.device) -> int | None:
-    """Peak bytes allocated since the last reset on a GPU; None on a CPU (no per-run peak exists)."""
+    """Peak bytes allocated since the last reset on a GPU; None on a CPU, where no per-run peak
+    exists."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return None
@@ -146,26 +150,28 @@ def profile_attention(step: Callable[[], Any], device: torch.device) -> Attentio
     """Profile one call of `step` and attribute its time to attention.
 
     Attention is every outermost `fv_compile::attention` op (the one op each rewritten site
-    became, so nothing else is counted and nothing inside it is counted twice). On a GPU the
-    share is that op's kernel time over all kernel time of the step; on a CPU it is the op's
-    time over the step's, both from the profiler's own clock.
+    became, so nothing else is counted and nothing inside it is counted twice). On a GPU both
+    sides are kernel time the profiler attributes to the op's and the step's CPU ranges (each
+    kernel counted once, under the op that launched it); on a CPU both are CPU time.
     """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     synchronize(device)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, acc_events=True) as prof:
         with torch.profiler.record_function(STEP_RANGE):
             step()
         synchronize(device)
-    events = prof.events()
+    # host-side ranges only: on a GPU the step's range also appears as a device annotation
+    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     attention = [e for e in events if e.name == ATTENTION_OP and not _inside(e, ATTENTION_OP)]
+    steps = [e for e in events if e.name == STEP_RANGE]
     if device.type == "cuda":
-        step_us = sum(e.self_device_time_total for e in events)
+        step_us = sum(e.device_time_total for e in steps)
         attention_us = sum(e.device_time_total for e in attention)
-        method = "kernel time under fv_compile::attention / all kernel time of the step"
+        method = "GPU kernel time under fv_compile::attention / GPU kernel time of the step"
     else:
-        step_us = sum(e.cpu_time_total for e in events if e.name == STEP_RANGE)
+        step_us = sum(e.cpu_time_total for e in steps)
         attention_us = sum(e.cpu_time_total for e in attention)
         method = "CPU time of fv_compile::attention ops / CPU time of the step"
     return AttentionShare(attention_us / 1e3, step_us / 1e3, len(attention), method)

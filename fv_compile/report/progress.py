@@ -31,7 +31,11 @@ class PlainProgress:
         self.since = time.perf_counter()
 
     def phase(self, text: str) -> None:
-        print(f"{self.prefix}: {text} (t+{time.perf_counter() - self.since:.1f}s)", file=self.stream, flush=True)
+        print(
+            f"{self.prefix}: {text} (t+{time.perf_counter() - self.since:.1f}s)",
+            file=self.stream,
+            flush=True,
+        )
 
     def finish(self, summary: str) -> None:
         print(f"{self.prefix}: {summary}", file=self.stream, flush=True)
@@ -45,7 +49,13 @@ class RichProgress:
 
     def __init__(self, stream: TextIO) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         from rich.progress import Progress as LiveBar
 
         self.console = Console(file=stream)

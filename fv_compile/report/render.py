@@ -17,8 +17,8 @@ from fv_compile.report.variants import FV_COMPILE, VariantResult
 
 VARIANT_COLUMNS = [
     "variant", "status", "ms/step (median)", "min-max ms", "vs eager", "vs torch.compile",
-    "max abs err", "rel err", "cos sim", "compile s", "graphs", "recompiles", "metadata variants", "peak mem",
-    "attention share", "sites rewritten",
+    "max abs err", "rel err", "cos sim", "compile s", "graphs", "recompiles",
+    "metadata variants", "peak mem", "attention share", "sites rewritten",
 ]  # fmt: skip
 
 
@@ -34,7 +34,9 @@ def variant_rows(report: Report) -> list[list[str]]:
     for r in report.variants:
         share = report.eager_attention.share if r.kind == "eager" else r.attention
         if not r.ok:
-            rows.append([r.name, f"FAILED ({r.failed_during})"] + ["-"] * (len(VARIANT_COLUMNS) - 2))
+            rows.append(
+                [r.name, f"FAILED ({r.failed_during})"] + ["-"] * (len(VARIANT_COLUMNS) - 2)
+            )
             continue
         lat, err = r.latency, r.error_vs_eager
         rows.append([
@@ -47,7 +49,7 @@ def variant_rows(report: Report) -> list[list[str]]:
             "ref" if r.kind == "eager" else _sci(err.max_abs if err else None),
             "ref" if r.kind == "eager" else _sci(err.rel_fro if err else None),
             "ref" if r.kind == "eager" else (f"{err.cosine:.6f}" if err else "-"),
-            "-" if r.compile_s is None else f"{r.compile_s:.1f}" + (" (cache)" if r.fx_graph_cache_hits else ""),
+            _compile_cell(r),
             _int(r.graphs),
             _int(r.recompiles),
             _int(r.metadata_variants),
@@ -68,7 +70,9 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     """Aligned columns for a terminal."""
     table = [header] + rows
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -78,6 +82,20 @@ def terminal_table(report: Report) -> str:
     columns = [c for c in TERMINAL_COLUMNS if c != "peak mem" or report.environment["gpu"]]
     keep = [VARIANT_COLUMNS.index(c) for c in columns]
     return text_table(columns, [[row[i] for i in keep] for row in variant_rows(report)])
+
+
+def busy_cpu_note(report: Report) -> str | None:
+    """A warning when other processes were using the CPU as the run began: CPU timings can then
+    swing by several times (threads of one op wait on a descheduled sibling)."""
+    env = report.environment
+    load = env.get("load_average_1min")
+    if env["gpu"] is not None or load is None or load < 0.5:
+        return None
+    return (
+        f"Other processes were using the CPU when this run began (1-min load average {load} on "
+        f"{env['cpu_count']} cores): CPU timings vary with that load; rerun on an idle machine "
+        "to compare."
+    )
 
 
 def render_markdown(report: Report) -> str:
@@ -94,20 +112,38 @@ def render_markdown(report: Report) -> str:
         markdown_table(VARIANT_COLUMNS, variant_rows(report)),
         "",
     ]
+    if note := busy_cpu_note(report):
+        parts += [f"> {note}", ""]
     failed = [r for r in report.variants if not r.ok]
     if failed:
         parts += ["## Failed variants", ""]
-        parts += [f"- **{r.name}** failed during {r.failed_during}: `{_one_line(r.error)}`" for r in failed]
+        parts += [
+            f"- **{r.name}** failed during {r.failed_during}: `{_one_line(r.error)}`"
+            for r in failed
+        ]
         parts += ["", "Full tracebacks are in report.json.", ""]
     parts += ["## Attention share of one step", "", _attention_table(report), ""]
     if report.eager_attention.error:
-        parts += [f"Eager attention could not be isolated: `{_one_line(report.eager_attention.error)}`", ""]
+        parts += [
+            f"Eager attention could not be isolated: `{_one_line(report.eager_attention.error)}`",
+            "",
+        ]
     parts += ["## Attention sites", ""]
     for r in report.variants:
         if r.kind == FV_COMPILE and r.explain_text:
             parts += [f"### {r.name}", "", "```", r.explain_text, "```", ""]
-    parts += ["## Environment", "", markdown_table(["", ""], [[k, _cell(v)] for k, v in env.items()]), ""]
-    parts += ["## Configuration", "", markdown_table(["", ""], [[k, _cell(v)] for k, v in report.config.items()]), ""]
+    parts += [
+        "## Environment",
+        "",
+        markdown_table(["", ""], [[k, _cell(v)] for k, v in env.items()]),
+        "",
+    ]
+    parts += [
+        "## Configuration",
+        "",
+        markdown_table(["", ""], [[k, _cell(v)] for k, v in report.config.items()]),
+        "",
+    ]
     parts += ["## Method", ""] + [f"- **{k}**: {v}" for k, v in report.methods.items()] + [""]
     return "\n".join(parts)
 
@@ -145,18 +181,22 @@ def plot_speedup(report: Report, path: Path) -> None:
     medians = [r.latency.median_ms if r.latency else 0.0 for r in variants]
     lows = [r.latency.median_ms - r.latency.min_ms if r.latency else 0.0 for r in variants]
     highs = [r.latency.max_ms - r.latency.median_ms if r.latency else 0.0 for r in variants]
-    colors = ["#9e9e9e" if r.kind == "eager" else "#5c7cfa" if r.kind != FV_COMPILE else "#f08c00" for r in variants]
+    colors = [
+        "#9e9e9e" if r.kind == "eager" else "#5c7cfa" if r.kind != FV_COMPILE else "#f08c00"
+        for r in variants
+    ]
     ax.bar(xs, medians, color=colors, yerr=[lows, highs], capsize=4)
     top = max(medians + [1e-9])
-    for x, r in zip(xs, variants):
-        ax.text(x, (r.latency.max_ms if r.latency else 0.0) + 0.02 * top, _bar_label(r),
-                ha="center", va="bottom", fontsize=8)  # fmt: skip
+    for x, r in zip(xs, variants, strict=True):
+        y = (r.latency.max_ms if r.latency else 0.0) + 0.02 * top
+        ax.text(x, y, _bar_label(r), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), [r.name for r in variants], rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("ms per step (median; whiskers min-max)")
     ax.set_ylim(0, top * 1.35)
     w, env = report.workload, report.environment
     ax.set_title(
-        f"{w['model']}: {w['video_tokens']} tokens, {w['dtype']}, {env['gpu'] or env['cpu']}", fontsize=10
+        f"{w['model']}: {w['video_tokens']} tokens, {w['dtype']}, {env['gpu'] or env['cpu']}",
+        fontsize=10,
     )
     fig.savefig(path, dpi=120)
 
@@ -173,17 +213,21 @@ def _bar_label(r: VariantResult) -> str:
 
 
 def _attention_table(report: Report) -> str:
-    rows = []
-    eager = report.eager_attention.share
-    if eager is not None:
-        rows.append(["eager (TORCH_SDPA sites, eager ops)", f"{eager.attention_ms:.2f}", f"{eager.step_ms:.2f}",
-                     f"{100 * eager.share:.1f}%", str(eager.calls)])  # fmt: skip
-    for r in report.variants:
-        if r.attention is not None:
-            a = r.attention
-            rows.append([r.name, f"{a.attention_ms:.2f}", f"{a.step_ms:.2f}", f"{100 * a.share:.1f}%", str(a.calls)])
+    shares = [("eager (TORCH_SDPA sites, eager ops)", report.eager_attention.share)]
+    shares += [(r.name, r.attention) for r in report.variants]
+    rows = [
+        [name, f"{a.attention_ms:.2f}", f"{a.step_ms:.2f}", f"{100 * a.share:.1f}%", str(a.calls)]
+        for name, a in shares
+        if a is not None
+    ]
     header = ["profiled step", "attention ms", "step ms", "share", "attention ops"]
     return markdown_table(header, rows) if rows else "No step could be profiled."
+
+
+def _compile_cell(r: VariantResult) -> str:
+    if r.compile_s is None:
+        return "-"
+    return f"{r.compile_s:.1f}" + (" (cache)" if r.fx_graph_cache_hits else "")
 
 
 def _sites(explain: dict[str, Any] | None) -> str:

@@ -50,7 +50,9 @@ class ReportConfig:
     warmup: int = 2
     repeat: int = 10
     torch_compile: bool = True
+    regional: bool = False
     seed: int = 0
+    fastvideo_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,12 +75,6 @@ class Report:
     wall_s: float = 0.0
     methods: dict[str, str] = field(default_factory=dict)
 
-    def variant(self, name: str) -> VariantResult:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise KeyError(f"no variant {name!r}; variants: {', '.join(v.name for v in self.variants)}")
-
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
@@ -88,7 +84,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__})")
+        raise ValueError(
+            f"--device {device}: CUDA is not available here (torch {torch.__version__})"
+        )
     return resolved
 
 
@@ -98,7 +96,9 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def run_report(config: ReportConfig, *, argv: list[str] | None = None, progress: Progress | None = None) -> Report:
+def run_report(
+    config: ReportConfig, *, argv: list[str] | None = None, progress: Progress | None = None
+) -> Report:
     """Measure every variant of `config` and return the report (nothing is written here).
 
     Raises ValueError (a WorkloadError) for a model or size that cannot be built; failures of a
@@ -106,6 +106,8 @@ def run_report(config: ReportConfig, *, argv: list[str] | None = None, progress:
     """
     started = time.perf_counter()
     device = resolve_device(config.device)
+    # before anything runs, so the load average shows competition from other processes only
+    environment = collect_environment(device, sys.argv if argv is None else argv)
     dtype = resolve_dtype(config.dtype, device)
     workload = load_workload(
         config.model,
@@ -117,6 +119,7 @@ def run_report(config: ReportConfig, *, argv: list[str] | None = None, progress:
         device=device,
         seed=config.seed,
     )
+    workload.fastvideo_overrides = dict(config.fastvideo_args)
     backends = config.backends if config.backends is not None else default_backends(device, dtype)
     plan = TimingPlan(config.steps, config.warmup, config.repeat)
     specs = build_variants(backends, torch_compile=config.torch_compile)
@@ -132,7 +135,13 @@ def run_report(config: ReportConfig, *, argv: list[str] | None = None, progress:
         for index, spec in enumerate(specs, 1):
             progress.start(index, len(specs), spec.name)
             result, output = run_variant(
-                spec, workload, plan, compiler=config.compiler, reference=reference, progress=progress
+                spec,
+                workload,
+                plan,
+                compiler=config.compiler,
+                reference=reference,
+                progress=progress,
+                regional=config.regional,
             )
             if spec.kind == EAGER:
                 reference = output
@@ -146,7 +155,7 @@ def run_report(config: ReportConfig, *, argv: list[str] | None = None, progress:
     relate(results)
     return Report(
         config=dataclasses.asdict(resolved),
-        environment=collect_environment(device, sys.argv if argv is None else argv),
+        environment=environment,
         workload=workload.describe(),
         variants=results,
         eager_attention=eager_attention,
@@ -195,7 +204,11 @@ def _summary(r: VariantResult) -> str:
 
 
 def _methods(device: torch.device, plan: TimingPlan, compiler: str) -> dict[str, str]:
-    clock = "CUDA events around each loop" if device.type == "cuda" else "time.perf_counter around each loop"
+    clock = (
+        "CUDA events around each loop"
+        if device.type == "cuda"
+        else "time.perf_counter around each loop"
+    )
     return {
         "loop": (
             f"each variant runs a loop of {plan.steps} transformer call(s), call i inside "
@@ -207,14 +220,15 @@ def _methods(device: torch.device, plan: TimingPlan, compiler: str) -> dict[str,
         ),
         "speedup": "ratio of median per-step latencies (baseline / variant)",
         "compile": (
-            "first loop's wall time minus the warm loop time (steps x median); it holds Dynamo tracing, "
+            "first loop's wall time minus the warm loop time (steps x median): Dynamo tracing, "
             f"the fv_compile pass and the {compiler} compile. Later variants may reuse kernels "
-            "an earlier variant compiled (Inductor's caches), so their figure can be below a fresh process's"
+            "an earlier variant compiled (Inductor's caches), so their figure can be below a "
+            "fresh process's"
         ),
         "graphs": (
-            "Dynamo graphs captured (counters['stats']['unique_graphs']); recompiles are compiles "
-            "Dynamo logged with a recompile reason; metadata variants are fv_compile graph variants "
-            "compiled for distinct static metadata"
+            "Dynamo graphs captured (counters['stats']['unique_graphs']); recompiles are "
+            "compiles Dynamo logged with a recompile reason; metadata variants are fv_compile "
+            "graph variants compiled for distinct static metadata"
         ),
         "memory": (
             "torch.cuda.max_memory_allocated over the timed loops"
@@ -222,16 +236,18 @@ def _methods(device: torch.device, plan: TimingPlan, compiler: str) -> dict[str,
             else "n/a on CPU: the process allocator keeps no per-run peak"
         ),
         "error": (
-            "each step's output of the first loop against eager's, in float64: max |out - ref|, "
-            "||out - ref||_F / ||ref||_F, cosine similarity; worst over the steps"
+            "each step's output of the first loop against eager's, in float64: "
+            "max |out - ref|, ||out - ref||_F / ||ref||_F, cosine similarity; worst over the steps"
         ),
         "attention share": (
-            "torch.profiler on one step; attention = the fv_compile::attention ops (each found site is "
-            "exactly one). For fv_compile variants the variant's own compiled step is profiled. For eager, "
-            "Dynamo captures the model and runs the graph op by op (compiler='eager') with every site as "
-            "one TORCH_SDPA op. Plain torch.compile has no such boundary, so no share is given for it. "
+            "torch.profiler on one step; attention = the fv_compile::attention ops (each found "
+            "site is exactly one). For fv_compile variants the variant's own compiled step is "
+            "profiled. For eager, Dynamo captures the model and runs the graph op by op "
+            "(compiler='eager') with every site as one TORCH_SDPA op. Plain torch.compile has "
+            "no such boundary, so no share is given for it. "
             + (
-                "On CUDA: kernel time under the op / all kernel time of the step."
+                "On CUDA: GPU kernel time launched under the op / GPU kernel time launched "
+                "during the step (host overhead and idle GPU time are not counted)."
                 if device.type == "cuda"
                 else "On CPU: the op's CPU time / the step's CPU time."
             )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import fv_compile
+from fv_compile.regional import compile_blocks
 from fv_compile.backends.registry import needs_metadata
 from fv_compile.errors import FvCompileError
 from fv_compile.policy import AUTO, ROLES
@@ -69,7 +70,8 @@ class TimingPlan:
 
 @dataclass
 class VariantResult:
-    """Everything measured for one variant; None where a number does not apply or was not reached."""
+    """Everything measured for one variant; None where a number does not apply or was not
+    reached."""
 
     name: str
     kind: str
@@ -128,7 +130,9 @@ def parse_backends(text: str) -> list[BackendSpec]:
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r} in {item!r}; roles are {', '.join(ROLES)}")
             if role in policy:
-                raise ValueError(f"role {role!r} is given twice in {group.strip()!r}; separate policies with ';'")
+                raise ValueError(
+                    f"role {role!r} is given twice in {group.strip()!r}; separate policies with ';'"
+                )
             policy[role] = _backend_name(name)
         if policy:
             specs.append(policy)
@@ -205,6 +209,7 @@ def run_variant(
     compiler: str,
     reference: torch.Tensor | None,
     progress: Progress,
+    regional: bool = False,
 ) -> tuple[VariantResult, torch.Tensor | None]:
     """Measure one variant. Returns its result and its first step's output (eager's becomes the
     reference the other variants are compared with); never raises for a failing variant."""
@@ -215,13 +220,15 @@ def run_variant(
     first_output = None
     _reset_compile_state()
     try:
-        model = _build(spec, workload.model, compiler)
+        model = _build(spec, workload.model, compiler, regional)
         compiles = spec.kind != EAGER
 
         phase = "first pass"
         progress.phase("first call, compiling" if compiles else "first call")
         outputs: list[torch.Tensor] = []
-        result.first_pass_s = wall_time(lambda: outputs.extend(run_steps(model, workload, plan.steps, keep=True)), device)
+        result.first_pass_s = wall_time(
+            lambda: outputs.extend(run_steps(model, workload, plan.steps, keep=True)), device
+        )
         first_output = outputs[0]
 
         phase = "accuracy"
@@ -258,7 +265,7 @@ def run_variant(
         result.traceback = traceback.format_exc()
     finally:
         _record_compile_stats(result, spec, model)
-        del model
+        model = None  # drop the compiled model before the next variant compiles
         _release(device)
     return result, first_output
 
@@ -282,15 +289,20 @@ def probe_eager_attention(workload: Workload) -> tuple[AttentionShare, fv_compil
 
 def call_step(model: Callable[..., Any], workload: Workload, step: int) -> Any:
     """One transformer call as step `step` of a denoising loop."""
-    with torch.no_grad(), fv_compile.forward_context(
-        current_timestep=step,
-        forward_batch=workload.forward_batch(),
-        fastvideo_args=workload.fastvideo_args(),
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(
+            current_timestep=step,
+            forward_batch=workload.forward_batch(),
+            fastvideo_args=workload.fastvideo_args(),
+        ),
     ):
         return model(*workload.args, **workload.kwargs)
 
 
-def run_steps(model: Callable[..., Any], workload: Workload, steps: int, *, keep: bool = False) -> list[torch.Tensor]:
+def run_steps(
+    model: Callable[..., Any], workload: Workload, steps: int, *, keep: bool = False
+) -> list[torch.Tensor]:
     """`steps` calls with timesteps 0..steps-1; `keep` returns copies of the outputs (a compiled
     model may reuse its output buffers on the next call)."""
     kept = []
@@ -301,12 +313,16 @@ def run_steps(model: Callable[..., Any], workload: Workload, steps: int, *, keep
     return kept
 
 
-def _build(spec: VariantSpec, model: torch.nn.Module, compiler: str) -> Callable[..., Any]:
+def _build(
+    spec: VariantSpec, model: torch.nn.Module, compiler: str, regional: bool
+) -> Callable[..., Any]:
     if spec.kind == EAGER:
         return model
     if spec.kind == TORCH_COMPILE:
+        if regional:  # like for like with fv_compile's regional mode: the same blocks compiled
+            return compile_blocks(model, lambda b: torch.compile(b, backend=compiler, dynamic=False))[0]
         return torch.compile(model, backend=compiler, dynamic=False)
-    return fv_compile.compile(model, spec.backend, compiler=compiler)
+    return fv_compile.compile(model, spec.backend, compiler=compiler, regional=regional)
 
 
 def _reset_compile_state() -> None:
@@ -323,7 +339,11 @@ def _record_compile_stats(result: VariantResult, spec: VariantSpec, model: Any) 
     result.graphs = counters["stats"]["unique_graphs"]
     result.graph_breaks = sum(counters["graph_break"].values())
     result.fx_graph_cache_hits = counters["inductor"]["fxgraph_cache_hit"]
-    reasons = [m.recompile_reason for m in torch._dynamo.utils.get_compilation_metrics() if m.recompile_reason]
+    reasons = [
+        m.recompile_reason
+        for m in torch._dynamo.utils.get_compilation_metrics()
+        if m.recompile_reason
+    ]
     result.recompiles = len(reasons)
     result.recompile_reasons = reasons
     if isinstance(model, fv_compile.CompiledModel):

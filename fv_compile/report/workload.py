@@ -1,4 +1,5 @@
-"""The model and inputs a report measures: a zoo preset or a diffusers transformer, random weights."""
+"""The model and inputs a report measures: a zoo preset or a diffusers transformer, with random
+weights."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Workload:
     grid: Grid
     patch_size: Grid
     raw_latent_shape: tuple[int, ...]
+    # FastVideoArgs fields a metadata backend needs (sta_window, VSA_sparsity, ...)
+    fastvideo_overrides: dict[str, Any] = field(default_factory=dict)
     parameters: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -47,13 +50,13 @@ class Workload:
     @property
     def tokens(self) -> int:
         """Video tokens per sample (text excluded), after patching."""
-        return math.prod(n // p for n, p in zip(self.grid, self.patch_size))
+        return math.prod(n // p for n, p in zip(self.grid, self.patch_size, strict=True))
 
     def forward_batch(self) -> ForwardBatch:
         return ForwardBatch(raw_latent_shape=self.raw_latent_shape)
 
     def fastvideo_args(self) -> FastVideoArgs:
-        return FastVideoArgs(patch_size=self.patch_size)
+        return FastVideoArgs(**{"patch_size": self.patch_size, **self.fastvideo_overrides})
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -67,7 +70,9 @@ class Workload:
             "patch_size": list(self.patch_size),
             "video_tokens": self.tokens,
             "input_shapes": {
-                f"arg{i}": list(a.shape) for i, a in enumerate(self.args) if isinstance(a, torch.Tensor)
+                f"arg{i}": list(a.shape)
+                for i, a in enumerate(self.args)
+                if isinstance(a, torch.Tensor)
             }
             | {k: list(v.shape) for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)},
         }
@@ -84,7 +89,7 @@ def load_workload(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> Workload:
-    """Build `model` (a zoo preset or `diffusers:<Class>`) with seeded random weights, and its inputs.
+    """Build `model` (a zoo preset or `diffusers:<Class>`) with seeded random weights, and inputs.
 
     video: pixel `(frames, height, width)`, any of them None for the preset's default; mapped to
         the latent grid as the model's VAE would (`fv_compile.models.latent_grid`).
@@ -98,11 +103,16 @@ def load_workload(
     if model.startswith(DIFFUSERS_PREFIX):
         if sized:
             raise WorkloadError(
-                "diffusers models run at the size their --preset fixes; drop --grid/--frames/--height/--width"
+                "diffusers models run at the size their --preset fixes; "
+                "drop --grid/--frames/--height/--width"
             )
-        return _diffusers_workload(model.removeprefix(DIFFUSERS_PREFIX), preset or "tiny", batch, dtype, device, seed)
+        return _diffusers_workload(
+            model.removeprefix(DIFFUSERS_PREFIX), preset or "tiny", batch, dtype, device, seed
+        )
     if preset is not None:
-        raise WorkloadError("--preset selects a diffusers model's size; zoo models are named by --model alone")
+        raise WorkloadError(
+            "--preset selects a diffusers model's size; zoo models are named by --model alone"
+        )
     if model not in PRESETS:
         raise WorkloadError(
             f"unknown model {model!r}; valid presets: {', '.join(PRESETS)}, "
@@ -140,12 +150,16 @@ def _diffusers_workload(
     from fv_compile.models import from_diffusers
 
     try:
-        net, args, kwargs = from_diffusers(class_name, preset, batch=batch, dtype=dtype, device=device, seed=seed)
+        net, args, kwargs = from_diffusers(
+            class_name, preset, batch=batch, dtype=dtype, device=device, seed=seed
+        )
     except (ValueError, ImportError) as err:
         raise WorkloadError(str(err)) from None
     cfg = net.config
     latent = args[0]
-    if "CogVideoX" in class_name:  # CogVideoX takes [B, T, C, H, W]; backends expect [B, C, T, H, W]
+    if (
+        "CogVideoX" in class_name
+    ):  # CogVideoX takes [B, T, C, H, W]; backends expect [B, C, T, H, W]
         b, t, c, h, w = latent.shape
         raw = (b, c, t, h, w)
     else:
