@@ -12,10 +12,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-import torch
 
 from fv_compile.backends._checks import common_limits
-from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
+from fv_compile.backends._dense import DenseBackend, DenseImpl
 from fv_compile.passes.site import AttentionSite
 
 # (label, module, function), fastest first
@@ -42,23 +41,13 @@ def flash_kernel() -> tuple[str, Callable[..., Any]] | None:
     return None
 
 
-class FlashAttentionImpl(AttentionImpl[AttentionMetadata]):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        softmax_scale: float,
-        causal: bool = False,
-        num_kv_heads: int | None = None,
-        prefix: str = "",
-        **extra_impl_args: Any,
-    ) -> None:
+class FlashAttentionImpl(DenseImpl):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         found = flash_kernel()
         if found is None:
             raise ImportError(_INSTALL)
         self.kernel_name, self.kernel = found
-        self.scale = softmax_scale
-        self.causal = causal
+        super().__init__(*args, **kwargs)
 
     def forward(self, query, key, value, attn_metadata):
         if getattr(attn_metadata, "attn_mask", None) is not None:
@@ -67,7 +56,7 @@ class FlashAttentionImpl(AttentionImpl[AttentionMetadata]):
         return out[0] if isinstance(out, tuple) else out
 
 
-class FlashAttentionBackend(AttentionBackend):
+class FlashAttentionBackend(DenseBackend):
     @staticmethod
     def get_name() -> str:
         return "FLASH_ATTN"
@@ -75,14 +64,6 @@ class FlashAttentionBackend(AttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[FlashAttentionImpl]:
         return FlashAttentionImpl
-
-    @staticmethod
-    def get_metadata_cls() -> type[AttentionMetadata]:
-        return AttentionMetadata
-
-    @staticmethod
-    def get_builder_cls() -> None:  # type: ignore[override]
-        return None
 
     @staticmethod
     def supports(site: AttentionSite) -> str | None:
@@ -99,6 +80,3 @@ class FlashAttentionBackend(AttentionBackend):
             causal_cross=False,  # flash-attn aligns causal bottom-right, SDPA top-left
         )
 
-
-def flash_available() -> bool:
-    return flash_kernel() is not None and torch.cuda.is_available()

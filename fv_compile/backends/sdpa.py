@@ -7,12 +7,12 @@ every site form: masks, causal, GQA, cross-attention, any head size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
+from fv_compile.backends._dense import DenseBackend, DenseImpl
+from fv_compile.backends.abstract import AttentionMetadata
 
 
 @dataclass
@@ -20,23 +20,7 @@ class SDPAMetadata(AttentionMetadata):
     attn_mask: torch.Tensor | None = None
 
 
-class SDPAImpl(AttentionImpl[SDPAMetadata]):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        softmax_scale: float,
-        causal: bool = False,
-        num_kv_heads: int | None = None,
-        prefix: str = "",
-        **extra_impl_args: Any,
-    ) -> None:
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.scale = softmax_scale
-        self.causal = causal
-        self.prefix = prefix
-
+class SDPAImpl(DenseImpl):
     def forward(self, query, key, value, attn_metadata):
         return sdpa_bshd(
             query,
@@ -75,7 +59,7 @@ def sdpa_bshd(
     return out.transpose(1, 2)
 
 
-class SDPABackend(AttentionBackend):
+class SDPABackend(DenseBackend):
     @staticmethod
     def get_name() -> str:
         return "TORCH_SDPA"
@@ -87,7 +71,3 @@ class SDPABackend(AttentionBackend):
     @staticmethod
     def get_metadata_cls() -> type[SDPAMetadata]:
         return SDPAMetadata
-
-    @staticmethod
-    def get_builder_cls() -> None:  # type: ignore[override]
-        return None

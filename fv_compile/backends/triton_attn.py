@@ -10,27 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 from fv_compile.backends._checks import common_limits, interpreting
-from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
+from fv_compile.backends._dense import DenseBackend, DenseImpl
 from fv_compile.passes.site import AttentionSite
 
 
-class TritonAttentionImpl(AttentionImpl[AttentionMetadata]):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        softmax_scale: float,
-        causal: bool = False,
-        num_kv_heads: int | None = None,
-        prefix: str = "",
-        **extra_impl_args: Any,
-    ) -> None:
+class TritonAttentionImpl(DenseImpl):
+    def __init__(self, num_heads: int, head_size: int, softmax_scale: float, *args: Any, **kw: Any):
         from fv_compile.backends.kernels.flash_fwd import SUPPORTED_HEAD_DIMS
 
         if head_size not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"TRITON_ATTN supports head dims {SUPPORTED_HEAD_DIMS}, got {head_size}")
-        self.scale = softmax_scale
-        self.causal = causal
+        super().__init__(num_heads, head_size, softmax_scale, *args, **kw)
 
     def forward(self, query, key, value, attn_metadata):
         from fv_compile.backends.kernels.flash_fwd import attention_fwd
@@ -40,7 +30,7 @@ class TritonAttentionImpl(AttentionImpl[AttentionMetadata]):
         return attention_fwd(query, key, value, softmax_scale=self.scale, causal=self.causal)
 
 
-class TritonAttentionBackend(AttentionBackend):
+class TritonAttentionBackend(DenseBackend):
     @staticmethod
     def get_name() -> str:
         return "TRITON_ATTN"
@@ -48,14 +38,6 @@ class TritonAttentionBackend(AttentionBackend):
     @staticmethod
     def get_impl_cls() -> type[TritonAttentionImpl]:
         return TritonAttentionImpl
-
-    @staticmethod
-    def get_metadata_cls() -> type[AttentionMetadata]:
-        return AttentionMetadata
-
-    @staticmethod
-    def get_builder_cls() -> None:  # type: ignore[override]
-        return None
 
     @staticmethod
     def get_supported_head_sizes() -> list[int]:

@@ -33,13 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-from fv_compile.backends.kernels.flash_fwd import _ensure_allocator, _interpreting, _tma_ok
+from fv_compile.backends.kernels.flash_fwd import (
+    _LOG2E,
+    _SUPPORTED_DTYPES,
+    SUPPORTED_HEAD_DIMS,
+    _ensure_allocator,
+    _interpreting,
+    _tma_ok,
+)
 
 __all__ = ["block_sparse_attention_fwd", "BlockSparseConfig", "SUPPORTED_HEAD_DIMS"]
-
-SUPPORTED_HEAD_DIMS = (64, 128)
-_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------------
