@@ -488,6 +488,9 @@ def _value_contraction(out: Node, probs: Node, value: Node, score_labels, sizes)
         raise Unsupported(f"value einsum {eq} must add exactly one value-feature label")
     if set(ps) - contracted - set(o):
         raise Unsupported(f"value einsum {eq} sums over a weights label")
+    for c in vs:
+        if c in pmap and pmap[c] not in ("j",) and not pmap[c].startswith("b"):
+            raise NotAttention(f"value einsum {eq}: the values are indexed by the query axis too")
     vmap = dict(pmap)
     vmap[new[0]] = "e"
     sizes["e"] = sv[vs.index(new[0])]

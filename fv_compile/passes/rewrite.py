@@ -31,20 +31,20 @@ class _Emitter:
         self.before = before
 
     def method(self, name: str, *args: Any) -> Node:
-        return self._emit("call_method", name, args)
+        return self._emit("call_method", name, args, {})
 
-    def function(self, fn: Any, *args: Any) -> Node:
-        return self._emit("call_function", fn, args)
+    def function(self, fn: Any, *args: Any, **kwargs: Any) -> Node:
+        return self._emit("call_function", fn, args, kwargs)
 
-    def _emit(self, op: str, target: Any, args: tuple) -> Node:
+    def _emit(self, op: str, target: Any, args: tuple, kwargs: dict) -> Node:
         with self.graph.inserting_before(self.before):
-            node = self.graph.create_node(op, target, args, {})
+            node = self.graph.create_node(op, target, args, kwargs)
         node.meta[EMITTED] = True
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in self.before.meta:
                 node.meta[key] = self.before.meta[key]
         vals = map_arg(args, sp.value_of)
-        value = getattr(vals[0], target)(*vals[1:]) if op == "call_method" else target(*vals)
+        value = getattr(vals[0], target)(*vals[1:]) if op == "call_method" else target(*vals, **kwargs)
         node.meta["example_value"] = value
         node.meta["val"] = value
         return node
@@ -155,8 +155,9 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
         return functools.reduce(lambda a, b: em.function(torch.logical_and, a, b), [p for p, _ in parts])
     total = None
     for node, is_bool in parts:
-        if is_bool:
-            node = em.function(torch.where, node, 0.0, float("-inf"))
+        if is_bool:  # True = attend -> 0, False -> -inf
+            zeros = em.function(torch.zeros_like, node, dtype=torch.float32)
+            node = em.method("masked_fill", zeros, em.function(torch.logical_not, node), float("-inf"))
         total = node if total is None else em.function(torch.add, total, node)
     return total
 
