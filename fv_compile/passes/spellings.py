@@ -240,14 +240,16 @@ def cast_input(node: Node) -> Node | None:
 
 def scalar_factor(node: Node) -> tuple[Node, float] | None:
     """`(x, c)` when node == c * x for a compile-time number c (x * c, c * x, x / c, mul, div)."""
-    if _func(node, operator.mul, torch.mul) or _method(node, "mul", "__mul__", "__rmul__"):
+    # in-place `s *= c` is traced as s_1 = operator.imul(s, c); the matcher's single-user check
+    # on the score path ensures nothing else sees s mutated
+    if _func(node, operator.mul, operator.imul, torch.mul) or _method(node, "mul", "__mul__", "__rmul__"):
         a, b = node.args[0], node.args[1]
         if isinstance(a, Node) and as_number(b) is not None:
             return a, as_number(b)  # type: ignore[return-value]
         if isinstance(b, Node) and as_number(a) is not None:
             return b, as_number(a)  # type: ignore[return-value]
         return None
-    if _func(node, operator.truediv, torch.div, torch.true_divide) or _method(
+    if _func(node, operator.truediv, operator.itruediv, torch.div, torch.true_divide) or _method(
         node, "div", "__truediv__", "true_divide"
     ):
         a, b = node.args[0], node.args[1]
@@ -282,10 +284,10 @@ def tensor_factor(node: Node) -> Node | None:
 
 def additive_terms(node: Node) -> tuple[Any, Any, float] | None:
     """`(a, b, sign)` for a + b and a - b (sign applies to b)."""
-    if _func(node, operator.add, torch.add) or _method(node, "add", "__add__", "__radd__"):
+    if _func(node, operator.add, operator.iadd, torch.add) or _method(node, "add", "__add__", "__radd__"):
         alpha = node.kwargs.get("alpha", 1)
         return node.args[0], node.args[1], float(alpha) if as_number(alpha) is not None else math.nan
-    if _func(node, operator.sub, torch.sub) or _method(node, "sub", "__sub__"):
+    if _func(node, operator.sub, operator.isub, torch.sub) or _method(node, "sub", "__sub__"):
         alpha = node.kwargs.get("alpha", 1)
         return node.args[0], node.args[1], -float(alpha) if as_number(alpha) is not None else math.nan
     return None
