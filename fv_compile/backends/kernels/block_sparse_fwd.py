@@ -37,9 +37,8 @@ from fv_compile.backends.kernels.flash_fwd import (
     _LOG2E,
     _SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
-    _ensure_allocator,
+    _choose_tma,
     _interpreting,
-    _tma_ok,
 )
 
 __all__ = ["block_sparse_attention_fwd", "BlockSparseConfig", "SUPPORTED_HEAD_DIMS"]
@@ -421,14 +420,7 @@ def block_sparse_attention_fwd(
         return out
 
     interpret = _interpreting()
-    if use_tma is None:
-        use_tma = (
-            not interpret and q.is_cuda and q.dtype != torch.float32
-            and torch.cuda.get_device_capability(q.device)[0] >= 9
-            and _tma_ok(q, k, v, out)
-        )
-    if use_tma and not interpret:
-        _ensure_allocator()
+    use_tma = _choose_tma(use_tma, interpret, q, k, v, out)
     if config is None:
         if interpret:
             config = _INTERPRET_CONFIG

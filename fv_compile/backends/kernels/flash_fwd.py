@@ -317,6 +317,20 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def _choose_tma(use_tma: bool | None, interpret: bool, q, k, v, out) -> bool:
+    """The memory path of a launch: tensor descriptors on Hopper when every tensor's base and
+    strides allow them (unless the caller forced a path), plain pointers otherwise."""
+    if use_tma is None:
+        use_tma = (
+            not interpret and q.is_cuda and q.dtype != torch.float32
+            and torch.cuda.get_device_capability(q.device)[0] >= 9
+            and _tma_ok(q, k, v, out)
+        )
+    if use_tma and not interpret:
+        _ensure_allocator()
+    return bool(use_tma)
+
+
 def _check_inputs(q, k, v, kv_lengths, out):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -384,14 +398,7 @@ def attention_fwd(
         return out
 
     interpret = _interpreting()
-    if use_tma is None:
-        use_tma = (
-            not interpret and q.is_cuda and q.dtype != torch.float32
-            and torch.cuda.get_device_capability(q.device)[0] >= 9
-            and _tma_ok(q, k, v, out)
-        )
-    if use_tma and not interpret:
-        _ensure_allocator()
+    use_tma = _choose_tma(use_tma, interpret, q, k, v, out)
     if kv_lengths is not None and kv_lengths.dtype != torch.int32:
         kv_lengths = kv_lengths.to(torch.int32)
 
