@@ -161,6 +161,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         self.q_len = site.q_len if site is not None else None
         self.text_first = bool(site is not None and site.joint_text_first)
         self._cache: tuple[Any, ...] | None = None
+        self._dense = _dense_impl(site, num_heads, head_size, softmax_scale, num_kv_heads, prefix)
 
     def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
         """Text tokens of joint attention: the site's length minus the video grid."""
@@ -198,7 +199,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
     def forward(self, query, key, value, attn_metadata):
         md = attn_metadata
         if md.dense:
-            return dense_attention(query, key, value, self.scale)
+            return self._dense.forward(query, key, value, md)
         volume = math.prod(md.tile)
         kv_indices, kv_counts, block_valid = self._block_lists(md, volume)
         return block_sparse_attention(
@@ -247,15 +248,17 @@ def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: 
     return torch.cat([video_rows, text_rows], 1), counts, torch.cat([valid, text_valid])
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Full attention for dense steps: our Triton kernel where it runs, else SDPA."""
-    if (q.is_cuda or interpreting()) and q.shape[-1] in _KERNEL_HEAD_DIMS and q.dtype != torch.float32:
-        from fv_compile.backends.kernels.flash_fwd import attention_fwd
+def _dense_impl(site, num_heads, head_size, scale, num_kv_heads, prefix) -> AttentionImpl:
+    """The impl that runs this site's full-attention steps: the dense backend `auto` would pick
+    for it (the measured best), or SDPA when the site is not known."""
+    from fv_compile.backends.registry import get_backend
+    from fv_compile.backends.sdpa import SDPAImpl
+    from fv_compile.passes.attention_pass import construct_impl
+    from fv_compile.policy import dense_default
 
-        return attention_fwd(q, k, v, softmax_scale=scale)
-    from fv_compile.backends.sdpa import sdpa_bshd
-
-    return sdpa_bshd(q, k, v, attn_mask=None, scale=scale, causal=False)
+    if site is None:
+        return SDPAImpl(num_heads, head_size, scale, False, num_kv_heads, prefix)
+    return construct_impl(get_backend(dense_default(site)).get_impl_cls(), site)
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale):
