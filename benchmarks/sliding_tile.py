@@ -23,8 +23,11 @@ Variants, on random normal bf16 inputs, timed with CUDA events (median, warm-up 
 * ``flex``: compiled ``flex_attention`` on the padded layout with ``BlockMask.from_kv_blocks`` built
   from the same lists at 128-row granularity (full blocks: every key valid; partial blocks: a
   ``mask_mod`` on key validity; q blocks of pure padding: no kv blocks);
-* ``fa4``: ``flash_attn.cute.flash_attn_func(..., block_sparse_tensors=...)`` from the same 128-granular
-  lists (skipped when flash-attn-4 does not import).
+* ``fa4-direct``: ``flash_attn.cute.flash_attn_func(..., block_sparse_tensors=...)`` on 128-row lists
+  built here from the same mask (full blocks; partial blocks with a key-validity ``mask_mod``);
+  ``fv-fa4``: SLIDING_TILE_ATTN's flash-attn-4 path (our tile lists converted on the device by
+  ``fa4_block_lists``, as the backend does once per step), and ``fv-fa4+convert`` with the
+  conversion in every call (both skipped when flash-attn-4 does not import).
 
 TFLOP/s count the computed work: ``4 * B * H * D * sum_qb valid_q(qb) * sum_{kb in list} valid(kb)``
 (dense: ``4 * B * H * S^2 * D``); ``speedup`` is cuDNN dense time over the variant's time. Errors:
@@ -366,19 +369,39 @@ def bench_shape(s, args, fa4):
         variants["flex"] = lambda: flex_c(qpt, kpt, vpt, block_mask=bm, scale=scale)
         kinds["flex"] = "padded-bhsd"
     if fa4 is not None:
+        from fv_compile.backends.kernels.fa4_block_sparse import (
+            _key_is_token_mask_mod,
+            fa4_block_lists,
+            fa4_block_sparse_attention,
+            has_ragged_tiles,
+        )
+
         fa4_fn, BST = fa4
+        bs = lay["bs"]
+        ragged = has_ragged_tiles(lay["valid"])
+        # direct: flash-attn-4 on 128-row lists built here independently (flex_block_lists), the
+        # key-validity mask_mod on the partial blocks when there are any
         kv_num, kv_idx, full_num, full_idx = (t.to(dev) for t in flex_block_lists(lay))
         bst = BST(mask_block_cnt=kv_num, mask_block_idx=kv_idx, full_block_cnt=full_num,
                   full_block_idx=full_idx, block_size=(128, 128))
+        key_tok = ((torch.arange(L) % bs) < lay["valid"].long().repeat_interleave(bs)).to(torch.int32).to(dev)
+        extra = dict(mask_mod=_key_is_token_mask_mod(), aux_tensors=[key_tok]) if ragged else {}
 
-        def fa4_call():
-            o = fa4_fn(qp, kp, vp, softmax_scale=scale, block_sparse_tensors=bst)
+        def fa4_direct():
+            o = fa4_fn(qp, kp, vp, softmax_scale=scale, block_sparse_tensors=bst, **extra)
             return o[0] if isinstance(o, tuple) else o
-        variants["fa4"] = fa4_call
-        kinds["fa4"] = "padded"
-        # partial (mask) blocks have no mask_mod here: exact only when every listed key block is
-        # full at 128 rows (HunyuanVideo's 720p grid); the error column shows it otherwise
+        variants["fa4-direct"] = fa4_direct
+        kinds["fa4-direct"] = "padded"
+        # fv: SLIDING_TILE_ATTN's flash-attn-4 path: our tile lists converted on the device (once
+        # per denoising step in the backend, shared by every layer), then the call
+        fv_lists = fa4_block_lists(idx, cnt, valid, bs, ragged)
+        variants["fv-fa4"] = lambda: fa4_block_sparse_attention(qp, kp, vp, fv_lists, scale)
+        kinds["fv-fa4"] = "padded"
+        variants["fv-fa4+convert"] = lambda: fa4_block_sparse_attention(
+            qp, kp, vp, fa4_block_lists(idx, cnt, valid, bs, ragged), scale)
+        kinds["fv-fa4+convert"] = "padded"
         res["fa4_partial_blocks"] = int(kv_num.sum())
+        res["fa4_ragged"] = ragged
 
     # sampled fp32 reference: corners, a middle tile, the most padded tile, the text block
     NB, nv = lay["NB"], lay["n_video"]
@@ -416,7 +439,7 @@ def bench_shape(s, args, fa4):
             else:
                 r["err_vs_fp32_sampled"] = sampled_err(o_r, ref)
             r["nan"] = bool(torch.isnan(o_r).any())
-            if name in ("ours", "flex", "fa4"):
+            if name in ("ours", "flex", "fa4-direct", "fv-fa4"):
                 outs[name] = o_r
             if dev == "cuda":
                 t = time_cuda(fn, target_s=args.target_s, max_reps=50)
@@ -445,8 +468,10 @@ def bench_shape(s, args, fa4):
                 r["speedup_vs_cudnn_dense"] = base / r["ms"]
     if "ours" in outs and "flex" in outs:
         res["ours_vs_flex_all_valid_rows"] = rel(outs["ours"], outs["flex"])
-    if "ours" in outs and "fa4" in outs:
-        res["ours_vs_fa4_all_valid_rows"] = rel(outs["ours"], outs["fa4"])
+    if "ours" in outs and "fa4-direct" in outs:
+        res["ours_vs_fa4_all_valid_rows"] = rel(outs["ours"], outs["fa4-direct"])
+    if "fv-fa4" in outs and "fa4-direct" in outs:
+        res["fv_fa4_vs_fa4_direct_all_valid_rows"] = rel(outs["fv-fa4"], outs["fa4-direct"])
     del outs, q, k, v, qp, kp, vp
     if dev == "cuda":
         torch.cuda.empty_cache()
@@ -479,6 +504,10 @@ def print_table(results, info, small):
             print(f"ours vs flex (all valid rows, real shape): rel err {r['ours_vs_flex_all_valid_rows']:.2e}")
         if "ours_vs_fa4_all_valid_rows" in r:
             print(f"ours vs fa4 (all valid rows): rel err {r['ours_vs_fa4_all_valid_rows']:.2e}")
+        if "fv_fa4_vs_fa4_direct_all_valid_rows" in r:
+            print(f"fv-fa4 vs fa4-direct (all valid rows): rel err {r['fv_fa4_vs_fa4_direct_all_valid_rows']:.2e}")
+        if "fv-fa4" in vs and "fa4-direct" in vs and "ms" in vs["fv-fa4"] and "ms" in vs["fa4-direct"]:
+            print(f"fv-fa4 / fa4-direct throughput: {vs['fa4-direct']['ms'] / vs['fv-fa4']['ms']:.3f}")
         hdr = (f"| {'variant':<30} | {'ms':>9} | {'TFLOP/s':>8} | {'x cuDNN TF':>10} | {'speedup':>8} | "
                f"{'err fp32':>8} | regs/spill |")
         print(hdr)

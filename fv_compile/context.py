@@ -46,8 +46,11 @@ class FastVideoArgs:
     sta_dense_steps: how many first denoising steps run full attention before STA starts.
     sta_text_attends_all: whether text tokens of joint attention attend (and are attended by) all
         tokens; FastVideo's behaviour, the default.
+    sta_kernel: the kernel of STA's sparse steps: "auto" (flash-attn-4's block-sparse forward when
+        it is installed and can run the site, measured faster on the H200; else our Triton
+        kernel), "triton", or "flash_attn".
     mask_strategy_file_path: a JSON file of per-step, per-layer, per-head windows in FastVideo's
-        format (`{"step": {"layer": {"head": [wt, wh, ww]}}}`).
+        format (`{"<step>_<layer>_<head>": [wt, wh, ww], ...}`).
     VSA_sparsity: fraction of key tiles video sparse attention skips.
     """
 
@@ -57,6 +60,7 @@ class FastVideoArgs:
     sta_window: tuple[int, int, int] | None = None
     sta_dense_steps: int = 0
     sta_text_attends_all: bool = True
+    sta_kernel: str = "auto"
     mask_strategy_file_path: str | None = None
     VSA_sparsity: float = 0.0
 

@@ -12,7 +12,9 @@ from torch._dynamo.utils import counters
 
 import fv_compile
 from fv_compile import FastVideoArgs, ForwardBatch
+from fv_compile.backends.kernels.fa4_block_sparse import fa4_block_sparse
 from fv_compile.backends.sliding_tile import (
+    SlidingTileAttentionImpl,
     SlidingTileMetadataBuilder,
     block_mask,
     block_sparse_reference,
@@ -223,3 +225,52 @@ def test_missing_windows_and_latent_shape_are_clear_errors():
         builder.build(0, batch(), sta_args())
     with pytest.raises(fv_compile.FvCompileError, match="raw_latent_shape"):
         builder.build(0, ForwardBatch(), sta_args(sta_window=(1, 1, 1)))
+
+
+def test_sparse_kernel_choice_is_checked():
+    builder = SlidingTileMetadataBuilder()
+    with pytest.raises(fv_compile.FvCompileError, match="sta_kernel='fast' is not one of auto, triton"):
+        builder.build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="fast"))
+    assert builder.build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="triton")).kernel == "triton"
+
+
+@pytest.mark.skipif(fa4_block_sparse() is not None, reason="flash-attn-4 is installed here")
+def test_asking_for_flash_attn_without_it_says_how_to_install():
+    with pytest.raises(fv_compile.FvCompileError, match="pip install flash-attn-4"):
+        SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="flash_attn"))
+
+
+def test_impl_without_a_site_learns_the_text_length_from_its_input():
+    """FastVideo-style construction (no site): joint text is still found and attends everything."""
+    md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
+    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125)
+    n, text = math.prod(GRID), 5
+    q, k, v = (torch.randn(1, n + text, 2, 64) for _ in range(3))
+    out = impl.postprocess_output(impl.forward(*(impl.preprocess_qkv(x, md) for x in (q, k, v)), md), md)
+    mask = torch.ones(n + text, n + text, dtype=torch.bool)
+    mask[:n, :n] = definition_mask(GRID, TILE, (2, 1, 2))
+    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=0.125)
+    torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or fa4_block_sparse() is None, reason="needs CUDA and flash-attn-4"
+)
+def test_flash_attn_and_triton_sparse_kernels_agree_through_the_pass():
+    grid, tile, window = (5, 12, 20), (2, 8, 8), (2, 1, 2)  # partial tiles on two axes, 7 text tokens
+    model = VideoDiT(dim=128, heads=2).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(1, math.prod(grid), 128, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(1, 7, 128, device="cuda", dtype=torch.bfloat16)
+    fb = ForwardBatch(raw_latent_shape=(1, 4, *grid))
+    video = definition_mask(grid, tile, window)
+    mask = torch.ones(video.shape[0] + 7, video.shape[0] + 7, dtype=torch.bool)
+    mask[: video.shape[0], : video.shape[0]] = video
+    with torch.no_grad():
+        ref = model(x, text, masks=[mask.cuda()] * 2)
+        for kernel in ("triton", "flash_attn"):
+            cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+            args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=tile, sta_window=window, sta_kernel=kernel)
+            with fv_compile.forward_context(0, fb, args):
+                out = cm(x, text)
+            assert ((out - ref).float().norm() / ref.float().norm()).item() < 2e-2, kernel

@@ -30,6 +30,14 @@ from fv_compile.backends.abstract import (
     AttentionMetadata,
     AttentionMetadataBuilder,
 )
+from fv_compile.backends.kernels.fa4_block_sparse import (
+    PIECE,
+    fa4_block_lists,
+    fa4_block_sparse,
+    fa4_block_sparse_attention,
+    has_ragged_tiles,
+)
+from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_supports
 from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
 from fv_compile.context import patch_size_of
 from fv_compile.errors import FvCompileError
@@ -44,6 +52,7 @@ class SlidingTileMetadata(AttentionMetadata):
     tile: Grid = (6, 8, 8)
     dense: bool = False  # this step runs full attention
     text_attends_all: bool = True
+    kernel: str = "auto"  # "auto" (flash-attn-4 when it can run, else Triton), "triton", "flash_attn"
     tile_index: torch.Tensor | None = None  # long [n_tiles * volume]
     untile_index: torch.Tensor | None = None  # long [T*H*W]
     block_valid: torch.Tensor | None = None  # int32 [n_tiles]
@@ -111,15 +120,32 @@ def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> lis
     return windows
 
 
+_KERNELS = ("auto", "triton", "flash_attn")
+
+
+def sparse_kernel_choice(args: Any) -> str:
+    """`FastVideoArgs.sta_kernel`, checked: which kernel runs the sparse steps."""
+    kernel = str(getattr(args, "sta_kernel", "auto") or "auto")
+    if kernel not in _KERNELS:
+        raise FvCompileError(f"sta_kernel={kernel!r} is not one of {', '.join(_KERNELS)}")
+    if kernel == "flash_attn" and fa4_block_sparse() is None:
+        raise FvCompileError(
+            "sta_kernel='flash_attn' needs flash-attn-4 with block sparsity (`pip install "
+            "flash-attn-4`); use sta_kernel='auto' to fall back to the Triton kernel"
+        )
+    return kernel
+
+
 class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
     def build(self, current_timestep, forward_batch, fastvideo_args) -> SlidingTileMetadata:
         grid = token_grid(getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args))
         tile = tuple(int(x) for x in getattr(fastvideo_args, "sta_tile_size", (6, 8, 8)))
         n_tiles = tiles_per_axis(grid, tile)
         text_all = bool(getattr(fastvideo_args, "sta_text_attends_all", True))
+        kernel = sparse_kernel_choice(fastvideo_args)
         windows = step_windows(int(current_timestep), forward_batch, fastvideo_args, n_tiles)
         if windows is None:
-            return SlidingTileMetadata(current_timestep, grid, tile, True, text_all)
+            return SlidingTileMetadata(current_timestep, grid, tile, True, text_all, kernel)
         tile_index, untile_index, block_valid = tile_geometry(grid, tile)
         kv_indices, kv_counts = window_lists(n_tiles, windows)
         return SlidingTileMetadata(
@@ -128,6 +154,7 @@ class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
             tile,
             False,
             text_all,
+            kernel,
             tile_index,
             untile_index,
             block_valid,
@@ -159,6 +186,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         self.scale = softmax_scale
         self.layer = layer_index(prefix)
         self.q_len = site.q_len if site is not None else None
+        self._seen_len: int | None = None  # the last preprocessed length, when no site says it
         self.text_first = bool(site is not None and site.joint_text_first)
         self._cache: tuple[Any, ...] | None = None
         self._dense = _dense_impl(site, num_heads, head_size, softmax_scale, num_kv_heads, prefix)
@@ -166,7 +194,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
     def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
         """Text tokens of joint attention: the site's length minus the video grid."""
         n = math.prod(md.grid)
-        total = self.q_len if self.q_len is not None else length
+        total = self.q_len if self.q_len is not None else length if length is not None else self._seen_len
         if total is None or total < n:
             raise ValueError(f"{total} tokens but the grid {md.grid} holds {n}: is raw_latent_shape right?")
         return total - n
@@ -177,6 +205,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         md = attn_metadata
         if md.dense:
             return qkv
+        self._seen_len = qkv.shape[1]
         n, text = math.prod(md.grid), self._text_len(md, qkv.shape[1])
         video = qkv[:, text:] if self.text_first else qkv[:, :n]
         words = qkv[:, :text] if self.text_first else qkv[:, n:]
@@ -201,21 +230,23 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         if md.dense:
             return self._dense.forward(query, key, value, md)
         volume = math.prod(md.tile)
-        kv_indices, kv_counts, block_valid = self._block_lists(md, volume)
-        return block_sparse_attention(
-            query, key, value, kv_indices, kv_counts, block_valid, volume, self.scale
-        )
+        use_fa4 = md.kernel == "flash_attn" or (md.kernel == "auto" and fa4_supports(query, volume))
+        lists = self._block_lists(md, volume, use_fa4)
+        if use_fa4:
+            return fa4_block_sparse_attention(query, key, value, lists, self.scale)
+        return block_sparse_attention(query, key, value, *lists, volume, self.scale)
 
-    def _block_lists(self, md: SlidingTileMetadata, volume: int):
-        """This layer's key-block lists with the text blocks added; reused while the step's
-        metadata tensors are the same objects."""
+    def _block_lists(self, md: SlidingTileMetadata, volume: int, fa4: bool):
+        """This layer's key-block lists with the text blocks added (as FA4 piece lists for the
+        flash-attn-4 kernel); reused while the step's metadata tensors are the same objects."""
         text = self._text_len(md)
         capturing = md.kv_indices.is_cuda and torch.cuda.is_current_stream_capturing()
+        key = (text, fa4)
         if (
             not capturing  # a CUDA graph must record the list building, not a cached result
             and self._cache is not None
             and self._cache[0] is md.kv_indices
-            and self._cache[1] == text
+            and self._cache[1] == key
         ):
             return self._cache[2]
         layer = min(self.layer, md.kv_indices.shape[0] - 1)
@@ -223,7 +254,11 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         if text:
             lists = with_text_blocks(*lists, text, volume, md.text_attends_all)
         lists = tuple(t.contiguous() for t in lists)
-        self._cache = (md.kv_indices, text, lists)
+        if fa4:
+            # which tiles end inside a 128-row piece is known on the host: no device sync
+            ragged = has_ragged_tiles(tile_geometry(md.grid, md.tile)[2]) or text % PIECE != 0
+            lists = fa4_block_lists(*lists, volume, ragged)
+        self._cache = (md.kv_indices, key, lists)
         return lists
 
 
