@@ -140,8 +140,8 @@ def compile(
     mode, options: Inductor's, as for `torch.compile`.
     regional: compile the model's repeated block (its `nn.ModuleList` of identical blocks) once
         instead of the whole model: seconds instead of minutes of cold compile; the code between
-        blocks runs eagerly. Sites of all blocks share the first block's impls, so per-layer
-        backend settings (per-layer STA windows) need `regional=False`.
+        blocks runs eagerly. Sites of all blocks share the first block's impls; backends with
+        per-layer settings (STA windows) learn the running block from `current_block()`.
     torch_compile_kwargs: passed to `torch.compile` (`fullgraph`, `dynamic`, ...); shapes are
         static unless `dynamic` is given, so each resolution gets its own graph.
 

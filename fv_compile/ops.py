@@ -105,7 +105,10 @@ def attention(
     expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     stacked = q.shape == k.shape == v.shape
     if stacked and rt.preprocess:
-        q, k, v = impl.preprocess_qkv(torch.cat([q, k, v], dim=0), md).chunk(3, dim=0)
+        if impl.stacked_preprocess:
+            q, k, v = impl.preprocess_qkv(torch.cat([q, k, v], dim=0), md).chunk(3, dim=0)
+        else:
+            q, k, v = (impl.preprocess_qkv(x, md) for x in (q, k, v))
     out = impl.forward(q, k, v, md)
     if stacked and rt.postprocess:
         out = impl.postprocess_output(out, md)

@@ -280,6 +280,22 @@ def test_regional_compile_compiles_the_block_once_and_leaves_the_model_alone(net
     assert all(type(b) is Block for b in net.blocks)
 
 
+def test_regional_blocks_announce_their_index_while_they_run(net):
+    from fv_compile.regional import current_block
+
+    seen = []
+    cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", regional=True)
+    blocks = cm._compiled.blocks
+    for b in blocks:
+        b.register_forward_hook(lambda m, a, o: seen.append(current_block()), prepend=True)
+    with torch.no_grad():
+        cm(*inputs())
+    assert seen == list(range(len(net.blocks))) and current_block() is None
+    with pytest.raises(Exception):
+        blocks[1](torch.randn(1, 3, 7))  # a failing block leaves no index behind
+    assert current_block() is None
+
+
 def test_regional_compile_without_repeated_blocks_is_an_error():
     with pytest.raises(FvCompileError, match="no repeated blocks"):
         fv_compile.compile(Block(), regional=True)
@@ -293,3 +309,67 @@ def test_dynamic_shapes_leave_sites_alone_with_a_reason(net):
     report = cm.explain()
     assert report.sites and all(s.status == "skipped" for s in report.sites)
     assert all("dynamic" in s.reason or "symbolic" in s.reason for s in report.sites)
+
+
+class ReversingImpl(fv_compile.AttentionImpl):
+    """Reverses the token order before attention and restores it after: invisible in the output."""
+
+    seen: list = []
+
+    def __init__(self, num_heads, head_size, softmax_scale, causal=False, **kw):
+        self.scale = softmax_scale
+
+    def preprocess_qkv(self, qkv, md):
+        type(self).seen.append(tuple(qkv.shape))
+        return qkv.flip(1)
+
+    def postprocess_output(self, out, md):
+        return out.flip(1)
+
+    def forward(self, q, k, v, md):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=self.scale
+        )
+        return o.transpose(1, 2)
+
+
+class PerTensorImpl(ReversingImpl):
+    seen: list = []
+    stacked_preprocess = False
+
+
+def _reversing_backend(impl):
+    class Backend(NarrowBackend):
+        @staticmethod
+        def get_impl_cls():
+            return impl
+
+        @staticmethod
+        def get_supported_head_sizes():
+            return None
+
+    return Backend
+
+
+fv_compile.register_backend("test_reverse_stacked", _reversing_backend(ReversingImpl))
+fv_compile.register_backend("test_reverse_per_tensor", _reversing_backend(PerTensorImpl))
+
+
+class SelfAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "name,impl,calls",
+    [("test_reverse_stacked", ReversingImpl, [(6, 5, 2, 8)]),
+     ("test_reverse_per_tensor", PerTensorImpl, [(2, 5, 2, 8)] * 3)],
+)
+def test_preprocess_gets_stacked_qkv_unless_the_impl_opts_out(name, impl, calls):
+    q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))
+    impl.seen.clear()
+    cm = fv_compile.compile(SelfAttention(), name, compiler="eager", strict=True)
+    with torch.no_grad():
+        out = cm(q, k, v)
+    torch.testing.assert_close(out, SelfAttention()(q, k, v), atol=1e-5, rtol=1e-5)
+    assert impl.seen == calls

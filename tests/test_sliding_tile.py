@@ -142,7 +142,8 @@ def test_uniform_window_matches_masked_reference():
     assert {s.backend for s in cm.explain().sites} == {"SLIDING_TILE_ATTN"}
 
 
-def test_per_layer_per_head_per_step_windows():
+@pytest.mark.parametrize("regional", [False, True])
+def test_per_layer_per_head_per_step_windows(regional):
     model = VideoDiT().eval()
     x = torch.randn(1, math.prod(GRID), 32)
     windows = {
@@ -150,7 +151,7 @@ def test_per_layer_per_head_per_step_windows():
         1: [[(3, 1, 1), (1, 2, 1)], [(1, 1, 1), (2, 1, 3)]],
     }
     param = [windows[0], windows[1]]
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=regional)
     for step in (0, 1):
         fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=param)
         masks = [

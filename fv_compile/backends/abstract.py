@@ -66,9 +66,15 @@ class AttentionImpl(ABC, Generic[T]):
         **extra_impl_args: Any,
     ) -> None: ...
 
+    # FastVideo passes q, k and v to `preprocess_qkv` stacked along dim 0 (`[3B, S, H, D]`, one
+    # call). An impl whose preprocessing treats every tensor alike (a token reorder) sets this to
+    # False and is called once per tensor instead, which saves the copy that stacking costs.
+    stacked_preprocess: bool = True
+
     def preprocess_qkv(self, qkv: torch.Tensor, attn_metadata: T) -> torch.Tensor:
         """Transform the stacked `[3B, S, H, D]` q/k/v of a self-attention site (e.g. reorder
-        tokens into tiles). Called only when q, k and v have the same shape."""
+        tokens into tiles), or each `[B, S, H, D]` tensor alone when `stacked_preprocess` is
+        False. Called only when q, k and v have the same shape."""
         return qkv
 
     def postprocess_output(self, output: torch.Tensor, attn_metadata: T) -> torch.Tensor:

@@ -42,6 +42,7 @@ from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, windo
 from fv_compile.context import patch_size_of
 from fv_compile.errors import FvCompileError
 from fv_compile.passes.site import AttentionSite
+from fv_compile.regional import current_block
 
 _KERNEL_HEAD_DIMS = (64, 128)
 
@@ -188,7 +189,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         self.q_len = site.q_len if site is not None else None
         self._seen_len: int | None = None  # the last preprocessed length, when no site says it
         self.text_first = bool(site is not None and site.joint_text_first)
-        self._cache: tuple[Any, ...] | None = None
+        self._cache: dict[str, tuple[torch.Tensor, Any, Any]] = {}
         self._dense = _dense_impl(site, num_heads, head_size, softmax_scale, num_kv_heads, prefix)
 
     def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
@@ -200,28 +201,52 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         return total - n
 
     # -- token order: raster -> tile-major (+ text padded to whole blocks) and back -------------
+    # Each direction is one gather. Padding slots read a real token: the kernels never use them
+    # (padded keys are masked or unlisted, padded query rows are dropped when untiling).
+
+    stacked_preprocess = False  # a token reorder: applied to q, k and v one by one
 
     def preprocess_qkv(self, qkv: torch.Tensor, attn_metadata: SlidingTileMetadata) -> torch.Tensor:
         md = attn_metadata
         if md.dense:
             return qkv
         self._seen_len = qkv.shape[1]
-        n, text = math.prod(md.grid), self._text_len(md, qkv.shape[1])
-        video = qkv[:, text:] if self.text_first else qkv[:, :n]
-        words = qkv[:, :text] if self.text_first else qkv[:, n:]
-        pad = (-text) % math.prod(md.tile)
-        zero = qkv.new_zeros(qkv.shape[0], 1 + pad, *qkv.shape[2:])
-        tiled = torch.cat([video, zero[:, :1]], 1).index_select(1, md.tile_index)
-        return torch.cat([tiled, words, zero[:, 1:]], 1)
+        return qkv.index_select(1, self._token_order(md, qkv.shape[1])[0])
 
     def postprocess_output(self, output: torch.Tensor, attn_metadata: SlidingTileMetadata) -> torch.Tensor:
         md = attn_metadata
         if md.dense:
             return output
-        slots, text = md.tile_index.shape[0], self._text_len(md)
-        video = output.index_select(1, md.untile_index)
-        words = output[:, slots : slots + text]
-        return torch.cat([words, video] if self.text_first else [video, words], 1)
+        return output.index_select(1, self._token_order(md)[1])
+
+    def _token_order(self, md: SlidingTileMetadata, length: int | None = None):
+        """`(gather, scatter)` long indices: the site's row for every tile-major slot (video
+        tiles, then text padded to whole tiles), and every site row's slot."""
+        text = self._text_len(md, length)
+        return self._cached("order", md.tile_index, text, lambda: self._build_order(md, text))
+
+    def _build_order(self, md: SlidingTileMetadata, text: int):
+        n, slots = math.prod(md.grid), md.tile_index.shape[0]
+        video_at, text_at = (text, 0) if self.text_first else (0, n)
+        dev = md.tile_index.device
+        video = torch.where(md.tile_index < n, md.tile_index + video_at, video_at)
+        pad = torch.full(((-text) % math.prod(md.tile),), video_at, dtype=torch.long, device=dev)
+        gather = torch.cat([video, torch.arange(text, device=dev) + text_at, pad])
+        words = torch.arange(slots, slots + text, device=dev)
+        parts = [words, md.untile_index] if self.text_first else [md.untile_index, words]
+        return gather, torch.cat(parts)
+
+    def _cached(self, name: str, source: torch.Tensor, key: Any, build):
+        """`build()`, reused while this step's metadata tensor `source` is the same object and
+        `key` is unchanged (a CUDA graph must record the building, so nothing is reused while one
+        is captured)."""
+        capturing = source.is_cuda and torch.cuda.is_current_stream_capturing()
+        hit = self._cache.get(name)
+        if not capturing and hit is not None and hit[0] is source and hit[1] == key:
+            return hit[2]
+        value = build()
+        self._cache[name] = (source, key, value)
+        return value
 
     # -- attention ---------------------------------------------------------------------------
 
@@ -238,18 +263,15 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
 
     def _block_lists(self, md: SlidingTileMetadata, volume: int, fa4: bool):
         """This layer's key-block lists with the text blocks added (as FA4 piece lists for the
-        flash-attn-4 kernel); reused while the step's metadata tensors are the same objects."""
+        flash-attn-4 kernel), built once per step."""
         text = self._text_len(md)
-        capturing = md.kv_indices.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = (text, fa4)
-        if (
-            not capturing  # a CUDA graph must record the list building, not a cached result
-            and self._cache is not None
-            and self._cache[0] is md.kv_indices
-            and self._cache[1] == key
-        ):
-            return self._cache[2]
-        layer = min(self.layer, md.kv_indices.shape[0] - 1)
+        running = current_block()  # under regional compilation every block runs this one impl
+        layer = min(self.layer if running is None else running, md.kv_indices.shape[0] - 1)
+        return self._cached(
+            f"lists:{layer}", md.kv_indices, (text, fa4), lambda: self._build_lists(md, volume, text, fa4, layer)
+        )
+
+    def _build_lists(self, md: SlidingTileMetadata, volume: int, text: int, fa4: bool, layer: int):
         lists = (md.kv_indices[layer], md.kv_counts[layer], md.block_valid)
         if text:
             lists = with_text_blocks(*lists, text, volume, md.text_attends_all)
@@ -258,7 +280,6 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             # which tiles end inside a 128-row piece is known on the host: no device sync
             ragged = has_ragged_tiles(tile_geometry(md.grid, md.tile)[2]) or text % PIECE != 0
             lists = fa4_block_lists(*lists, volume, ragged)
-        self._cache = (md.kv_indices, key, lists)
         return lists
 
 
