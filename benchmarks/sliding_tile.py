@@ -372,7 +372,7 @@ def bench_shape(s, args, fa4):
         kinds["flex"] = "padded-bhsd"
     if fa4 is not None:
         from fv_compile.backends.kernels.fa4_block_sparse import (
-            _key_is_token_mask_mod,
+            _key_table_mask_mod,
             fa4_block_lists,
             fa4_block_sparse_attention,
             has_ragged_tiles,
@@ -386,8 +386,8 @@ def bench_shape(s, args, fa4):
         kv_num, kv_idx, full_num, full_idx = (t.to(dev) for t in flex_block_lists(lay))
         bst = BST(mask_block_cnt=kv_num, mask_block_idx=kv_idx, full_block_cnt=full_num,
                   full_block_idx=full_idx, block_size=(128, 128))
-        key_tok = ((torch.arange(L) % bs) < lay["valid"].long().repeat_interleave(bs)).to(torch.int32).to(dev)
-        extra = dict(mask_mod=_key_is_token_mask_mod(), aux_tensors=[key_tok]) if ragged else {}
+        key_tok = ((torch.arange(L) % bs) < lay["valid"].long().repeat_interleave(bs)).to(torch.int32)
+        extra = dict(mask_mod=_key_table_mask_mod(), aux_tensors=[key_tok[None].to(dev)]) if ragged else {}
 
         def fa4_direct():
             o = fa4_fn(qp, kp, vp, softmax_scale=scale, block_sparse_tensors=bst, **extra)

@@ -264,14 +264,53 @@ def test_flash_attn_and_triton_sparse_kernels_agree_through_the_pass():
     x = torch.randn(1, math.prod(grid), 128, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 7, 128, device="cuda", dtype=torch.bfloat16)
     fb = ForwardBatch(raw_latent_shape=(1, 4, *grid))
-    video = definition_mask(grid, tile, window)
-    mask = torch.ones(video.shape[0] + 7, video.shape[0] + 7, dtype=torch.bool)
-    mask[: video.shape[0], : video.shape[0]] = video
+    n = math.prod(grid)
+    mask = torch.ones(n + 7, n + 7, dtype=torch.bool)
+    mask[:n, :n] = definition_mask(grid, tile, window)
+    key_padding = torch.ones(1, 1, 1, n + 7, dtype=torch.bool, device="cuda")
+    key_padding[..., n + 4 :] = False  # 4 of the 7 text tokens are real
     with torch.no_grad():
         ref = model(x, text, masks=[mask.cuda()] * 2)
+        ref_padded = model(x, text, masks=[mask.cuda() & key_padding] * 2)
         for kernel in ("triton", "flash_attn"):
             cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
             args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=tile, sta_window=window, sta_kernel=kernel)
             with fv_compile.forward_context(0, fb, args):
                 out = cm(x, text)
-            assert ((out - ref).float().norm() / ref.float().norm()).item() < 2e-2, kernel
+                out_padded = cm(x, text, masks=[key_padding] * 2)
+            for got, want in ((out, ref), (out_padded, ref_padded)):
+                assert ((got - want).float().norm() / want.float().norm()).item() < 2e-2, kernel
+
+
+@pytest.mark.parametrize("dim", [32, 128])  # head dim 16: reference path; 64: the Triton kernel
+def test_joint_text_padding_mask_hides_padded_text_keys(dim):
+    """HunyuanVideo-style joint attention with a key padding mask over the text: per batch
+    element, padded text tokens are attended by nobody; everything else is STA as usual."""
+    model = VideoDiT(dim=dim).eval()
+    n, t = math.prod(GRID), 7
+    x, text = torch.randn(2, n, dim), torch.randn(2, t, dim)
+    keep = torch.ones(2, n + t, dtype=torch.bool)
+    keep[1, n + 3 :] = False  # batch element 1 has 3 text tokens, element 0 all 7
+    key_padding = keep[:, None, None, :]
+    sta = torch.ones(n + t, n + t, dtype=torch.bool)
+    sta[:n, :n] = definition_mask(GRID, TILE, (2, 1, 2))
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", strict=True)
+    with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
+        out = cm(x, text, masks=[key_padding, key_padding])
+    ref = model(x, text, masks=[sta & key_padding] * 2)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    assert all(s.backend == "SLIDING_TILE_ATTN" and s.mask_keys_only for s in cm.explain().sites)
+
+
+def test_masks_that_vary_over_queries_stay_dense():
+    model = VideoDiT().eval()
+    n = math.prod(GRID)
+    x = torch.randn(1, n, 32)
+    mask = torch.rand(n, n) > 0.5
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
+        with pytest.warns(UserWarning, match="mask over queries or heads"):
+            out = cm(x, masks=[mask, mask])
+    torch.testing.assert_close(out, model(x, masks=[mask, mask]), atol=1e-5, rtol=1e-5)
+    site = cm.explain().sites[0]
+    assert site.backend == "TORCH_SDPA" and "STA takes key padding masks" in site.reason

@@ -220,8 +220,8 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         return output.index_select(1, self._token_order(md)[1])
 
     def _token_order(self, md: SlidingTileMetadata, length: int | None = None):
-        """`(gather, scatter)` long indices: the site's row for every tile-major slot (video
-        tiles, then text padded to whole tiles), and every site row's slot."""
+        """`(gather, scatter, is_token)`: the site's row for every tile-major slot (video tiles,
+        then text padded to whole tiles), every site row's slot, and which slots hold a token."""
         text = self._text_len(md, length)
         return self._cached("order", md.tile_index, text, lambda: self._build_order(md, text))
 
@@ -234,7 +234,8 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         gather = torch.cat([video, torch.arange(text, device=dev) + text_at, pad])
         words = torch.arange(slots, slots + text, device=dev)
         parts = [words, md.untile_index] if self.text_first else [md.untile_index, words]
-        return gather, torch.cat(parts)
+        is_token = torch.cat([md.tile_index < n, torch.ones(text, dtype=torch.bool, device=dev), pad < 0])
+        return gather, torch.cat(parts), is_token
 
     def _cached(self, name: str, source: torch.Tensor, key: Any, build):
         """`build()`, reused while this step's metadata tensor `source` is the same object and
@@ -256,10 +257,30 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             return self._dense.forward(query, key, value, md)
         volume = math.prod(md.tile)
         use_fa4 = md.kernel == "flash_attn" or (md.kernel == "auto" and fa4_supports(query, volume))
-        lists = self._block_lists(md, volume, use_fa4)
+        key_mask = self._key_mask(md)
+        if key_mask is None:
+            lists = self._block_lists(md, volume, use_fa4)
+        else:  # the lists' FA4 form depends on the mask: built per call from the step's tile lists
+            lists = self._block_lists(md, volume, False)
+            if use_fa4:
+                lists = fa4_block_lists(*lists, volume, True, key_mask)
         if use_fa4:
             return fa4_block_sparse_attention(query, key, value, lists, self.scale)
-        return block_sparse_attention(query, key, value, *lists, volume, self.scale)
+        return block_sparse_attention(query, key, value, *lists, volume, self.scale, key_mask)
+
+    def _key_mask(self, md: SlidingTileMetadata) -> torch.Tensor | None:
+        """The site's key padding mask (`[B|1, 1, 1, S]`, True = attend) in tile-major slot order,
+        `[B|1, L]`, False on padding slots; None without a mask."""
+        mask = getattr(md, "attn_mask", None)
+        if mask is None:
+            return None
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            raise ValueError(
+                f"SLIDING_TILE_ATTN takes a boolean key padding mask [B, 1, 1, S], got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
+        gather, _, is_token = self._token_order(md)
+        return mask[:, 0, 0].index_select(1, gather) & is_token
 
     def _block_lists(self, md: SlidingTileMetadata, volume: int, fa4: bool):
         """This layer's key-block lists with the text blocks added (as FA4 piece lists for the
@@ -317,8 +338,9 @@ def _dense_impl(site, num_heads, head_size, scale, num_kv_heads, prefix) -> Atte
     return construct_impl(get_backend(dense_default(site)).get_impl_cls(), site)
 
 
-def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale):
-    """Attention over tile-major tensors visiting only the listed key blocks."""
+def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):
+    """Attention over tile-major tensors visiting only the listed key blocks (and, with
+    `key_mask` `[B|1, L]`, only the keys it keeps)."""
     kernel_ok = (
         (q.is_cuda or interpreting())
         and q.shape[-1] in _KERNEL_HEAD_DIMS
@@ -328,9 +350,10 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_si
         from fv_compile.backends.kernels.block_sparse_fwd import block_sparse_attention_fwd
 
         return block_sparse_attention_fwd(
-            q, k, v, kv_indices, kv_counts, block_valid, block_size=block_size, softmax_scale=scale
+            q, k, v, kv_indices, kv_counts, block_valid, block_size=block_size, softmax_scale=scale,
+            key_mask=key_mask,
         )
-    return block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale)
+    return block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask)
 
 
 def block_mask(kv_indices, kv_counts, block_valid, block_size: int) -> torch.Tensor:
@@ -349,9 +372,11 @@ def block_mask(kv_indices, kv_counts, block_valid, block_size: int) -> torch.Ten
     return mask & key_ok
 
 
-def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale):
+def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):
     """Dense SDPA with the block lists' mask; rows without a key (padding) give 0."""
     mask = block_mask(kv_indices, kv_counts, block_valid, block_size)[None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
     h, hk = q.shape[2], k.shape[2]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if hk != h:
@@ -387,8 +412,10 @@ class SlidingTileAttentionBackend(AttentionBackend):
             return f"{site.role}-attention (STA serves video self-attention)"
         if site.causal:
             return "causal attention"
-        if site.mask is not None:
-            return f"{site.mask} attention mask"
+        if site.mask == "additive":
+            return "additive attention mask (STA takes boolean key padding masks)"
+        if site.mask is not None and not site.mask_keys_only:
+            return "boolean mask over queries or heads (STA takes key padding masks)"
         if site.device.startswith("cuda") and site.head_dim not in _KERNEL_HEAD_DIMS:
             return f"head dim {site.head_dim} (the kernel supports 64 and 128)"
         return None

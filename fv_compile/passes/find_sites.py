@@ -567,6 +567,7 @@ def _finish(
         scale=scale,
         causal=causal,
         mask=("additive" if "additive" in mask_kinds else "bool") if masks else None,
+        mask_keys_only=bool(masks) and _masks_keys_only(masks, score_labels, outer, merged),
         dtype=str(next(iter(dtypes))).replace("torch.", ""),
         device=str(sp.device_of(q.node)),
         node=anchor.name,
@@ -734,6 +735,18 @@ def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor |
     if bool((v[~blocked] == 0).all()):
         return ~blocked
     return None
+
+
+def _masks_keys_only(masks, score_labels, outer, merged) -> bool:
+    """Whether every mask varies over batch and keys only (a key padding mask): not over heads,
+    queries, or a merged batch*heads axis."""
+    for mt in masks:
+        shape = _static_shape(mt.node)
+        for size, lab in zip(shape, score_labels[len(score_labels) - len(shape) :]):
+            merged_axis = merged is not None and lab == merged[0]
+            if size != 1 and lab != "j" and (lab not in outer or merged_axis):
+                return False
+    return True
 
 
 def _check_mask_shape(mask: Node, score_labels, sizes) -> None:

@@ -34,6 +34,7 @@ class AttentionSite:
     scale: float | None = None
     causal: bool = False
     mask: str | None = None  # None | "bool" | "additive"
+    mask_keys_only: bool = False  # the mask varies over batch and keys only (key padding)
     role: str = "self"  # self | cross | joint
     dtype: str = ""
     device: str = ""

@@ -63,7 +63,7 @@ def reference(q, k, v, mask, scale):
     v = v.repeat_interleave(group, 1)
     # masked-out keys may hold garbage: it must not matter
     s = (q.nan_to_num(0.0, 0.0, 0.0) @ k.nan_to_num(0.0, 0.0, 0.0).transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask[None], -math.inf)
+    s = s.masked_fill(~(mask if mask.dim() == 4 else mask[None]), -math.inf)
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return (p @ v.nan_to_num(0.0, 0.0, 0.0)).transpose(1, 2)
 
@@ -114,14 +114,16 @@ def _tma_available():
     return (not CUDA) or torch.cuda.get_device_capability()[0] >= 9
 
 
-def run_checked(q, k, v, idx, cnt, valid, bs, scale=None, **kw):
+def run_checked(q, k, v, idx, cnt, valid, bs, scale=None, key_mask=None, **kw):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
     ret = block_sparse_attention_fwd(q, k, v, idx, cnt, valid, block_size=bs, softmax_scale=scale,
-                                     out=out, **kw)
+                                     out=out, key_mask=key_mask, **kw)
     assert ret is out
     assert not torch.isnan(out).any(), "unwritten or NaN output elements"
     mask = dense_mask(idx, cnt, valid, bs, q.shape[2])
+    if key_mask is not None:  # [B|1, L] -> per batch element
+        mask = mask[None] & key_mask.cpu().bool()[:, None, None, :]
     ref = reference(q, k, v, mask, scale)
     err = rel_err(out, ref)
     assert err < TOL[q.dtype], f"relative error {err:.3e}"
@@ -262,6 +264,29 @@ def _args(NB=2, bs=32, H=2, D=64, Hm=1, max_kv=2):
 
 def _call(q, k, v, idx, cnt, valid, bs=32, scale=0.125):
     return block_sparse_attention_fwd(q, k, v, idx, cnt, valid, block_size=bs, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("batch_mask", [1, 2])
+def test_key_mask_hides_keys_per_batch_element(batch_mask):
+    """A key padding mask on top of the lists: masked keys get no weight, in full and partial
+    blocks alike; a row whose visible keys are all masked is 0."""
+    gen = torch.Generator().manual_seed(5)
+    B, NB, bs, H = 2, 4, 32, 2
+    valid = torch.tensor([32, 20, 32, 9], dtype=torch.int32, device=DEVICE)
+    idx, cnt = random_lists(1, NB, 3, gen, full_rows=(0, 1))
+    q, k, v = make_qkv(B, NB, bs, H, H, 64, torch.float32, valid)
+    key_mask = torch.rand(batch_mask, NB * bs, generator=gen) > 0.4
+    key_mask[:, 2 * bs : 3 * bs] = False  # one whole block masked out
+    run_checked(q, k, v, idx, cnt, valid, bs, key_mask=key_mask.to(DEVICE))
+
+
+def test_rejects_key_mask_of_the_wrong_shape():
+    valid = torch.full((2,), 32, dtype=torch.int32, device=DEVICE)
+    idx, cnt = random_lists(1, 2, 2, torch.Generator().manual_seed(0))
+    q, k, v = make_qkv(1, 2, 32, 2, 2, 64, torch.float32, valid)
+    with pytest.raises(ValueError, match="key_mask must be a"):
+        block_sparse_attention_fwd(q, k, v, idx, cnt, valid, block_size=32, softmax_scale=0.1,
+                                   key_mask=torch.ones(1, 63, dtype=torch.bool, device=DEVICE))
 
 
 def test_rejects_block_size_not_multiple_of_16():

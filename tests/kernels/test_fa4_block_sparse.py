@@ -34,20 +34,22 @@ def tile_mask(idx, cnt, valid, bs):
 
 
 def piece_mask(lists, L):
-    """bool [Hm, L, L] that FA4 computes from piece lists (full pieces unmasked, mask pieces
-    through the token-row table)."""
-    hm, n_pieces = lists.full_cnt.shape[1:]
-    key_tok = torch.ones(L, dtype=torch.bool) if lists.key_is_token is None else lists.key_is_token.bool()
+    """bool [Bk, Hm, L, L] that FA4 computes from piece lists (full pieces unmasked, mask pieces
+    through the key table)."""
+    bk, hm, n_pieces = lists.full_cnt.shape
+    table = torch.ones(bk, L, dtype=torch.bool) if lists.key_table is None else lists.key_table.bool()
     piece = torch.arange(L) // PIECE
-    out = torch.zeros(hm, n_pieces, n_pieces, dtype=torch.bool)
-    part = torch.zeros(hm, n_pieces, n_pieces, dtype=torch.bool)
-    for h in range(hm):
-        for qp in range(n_pieces):
-            for j in range(int(lists.full_cnt[0, h, qp])):
-                out[h, qp, lists.full_idx[0, h, qp, j]] = True
-            for j in range(int(lists.mask_cnt[0, h, qp])):
-                part[h, qp, lists.mask_idx[0, h, qp, j]] = True
-    return out[:, piece][:, :, piece] | (part[:, piece][:, :, piece] & key_tok)
+    out = torch.zeros(bk, hm, n_pieces, n_pieces, dtype=torch.bool)
+    part = torch.zeros(bk, hm, n_pieces, n_pieces, dtype=torch.bool)
+    for b in range(bk):
+        for h in range(hm):
+            for qp in range(n_pieces):
+                for j in range(int(lists.full_cnt[b, h, qp])):
+                    out[b, h, qp, lists.full_idx[b, h, qp, j]] = True
+                for j in range(int(lists.mask_cnt[b, h, qp])):
+                    part[b, h, qp, lists.mask_idx[b, h, qp, j]] = True
+    full = out[:, :, piece][:, :, :, piece]
+    return full | (part[:, :, piece][:, :, :, piece] & table[:, None, None, :])
 
 
 def random_lists(hm, nb, k, gen):
@@ -70,7 +72,7 @@ def test_piece_lists_describe_the_tile_mask_on_token_rows(hm, valid):
     idx, cnt = random_lists(hm, nb, 4, torch.Generator().manual_seed(nb + hm))
     lists = fa4_block_lists(idx, cnt, valid, bs, ragged=has_ragged_tiles(valid))
     q_tok = (torch.arange(nb * bs) % bs) < valid.long().repeat_interleave(bs)
-    want, got = tile_mask(idx, cnt, valid, bs), piece_mask(lists, nb * bs)
+    want, got = tile_mask(idx, cnt, valid, bs), piece_mask(lists, nb * bs)[0]
     assert torch.equal(got[:, q_tok], want[:, q_tok])
 
 
@@ -80,7 +82,7 @@ def test_pure_padding_pieces_are_never_visited():
     cnt = torch.tensor([[3, 3, 3]], dtype=torch.int32)
     lists = fa4_block_lists(idx, cnt, valid, 256, ragged=True)
     # pieces: 0,1 full (tile 0); 2 partial (100 rows), 3 empty (tile 1); 4,5 empty (tile 2)
-    assert lists.full_cnt[0, 0].tolist() == [2, 2, 2, 0, 0, 0]
+    assert lists.full_cnt[0, 0].tolist() == [2, 2, 2, 0, 0, 0]  # [batch, head, query piece]
     assert lists.mask_cnt[0, 0].tolist() == [1, 1, 1, 0, 0, 0]
     assert sorted(lists.full_idx[0, 0, 0, :2].tolist()) == [0, 1]
     assert lists.mask_idx[0, 0, 0, 0].item() == 2
@@ -92,9 +94,25 @@ def test_whole_piece_tiles_need_no_mask():
     cnt = torch.tensor([[2, 2, 2]], dtype=torch.int32)
     assert not has_ragged_tiles(valid)
     lists = fa4_block_lists(idx, cnt, valid, 384, ragged=False)
-    assert lists.key_is_token is None and int(lists.mask_cnt.sum()) == 0
+    assert lists.key_table is None and int(lists.mask_cnt.sum()) == 0
     q_tok = (torch.arange(3 * 384) % 384) < valid.long().repeat_interleave(384)
-    assert torch.equal(piece_mask(lists, 3 * 384)[:, q_tok], tile_mask(idx, cnt, valid, 384)[:, q_tok])
+    assert torch.equal(piece_mask(lists, 3 * 384)[0][:, q_tok], tile_mask(idx, cnt, valid, 384)[:, q_tok])
+
+
+def test_a_key_padding_mask_gives_lists_per_batch_element():
+    valid = torch.tensor([256, 256, 200], dtype=torch.int32)
+    idx = torch.tensor([[[0, 1, 2], [0, 1, 2], [0, 1, 2]]], dtype=torch.int32)
+    cnt = torch.tensor([[3, 3, 3]], dtype=torch.int32)
+    key_mask = torch.ones(2, 3 * 256, dtype=torch.bool)
+    key_mask[0, 512 + 150 :] = False  # batch 0: a short text in the last tile
+    key_mask[1, 100:300] = False  # batch 1: hides all of piece 1, part of pieces 0 and 2
+    lists = fa4_block_lists(idx, cnt, valid, 256, ragged=False, key_mask=key_mask)
+    q_tok = (torch.arange(3 * 256) % 256) < valid.long().repeat_interleave(256)
+    want = tile_mask(idx, cnt, valid, 256)[0] & key_mask[:, None, :]
+    got = piece_mask(lists, 3 * 256)[:, 0]
+    assert torch.equal(got[:, q_tok], want[:, q_tok])
+    # batch 1: pieces 3, 4 full; 0, 2 (mask) and 5 (ragged tile) partial; piece 1 wholly hidden: dropped
+    assert lists.full_cnt[1, 0, 0].item() == 2 and lists.mask_cnt[1, 0, 0].item() == 3
 
 
 def test_runs_only_where_flash_attn_4_can():
@@ -112,22 +130,29 @@ def _fa4_here() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _fa4_here(), reason="needs CUDA and flash-attn-4")
-@pytest.mark.parametrize("hm", [1, 2])
-def test_fa4_matches_the_masked_reference_on_token_rows(hm):
+@pytest.mark.parametrize("hm,key_padding", [(1, False), (2, False), (1, True)])
+def test_fa4_matches_the_masked_reference_on_token_rows(hm, key_padding):
     gen = torch.Generator().manual_seed(hm)
-    bs, H, D = 384, 2, 128
+    bs, H, D, B = 384, 2, 128, 2
     valid = torch.tensor([384, 144, 384, 0, 200, 72], dtype=torch.int32)
     nb = valid.numel()
     idx, cnt = random_lists(hm, nb, 4, gen)
     cnt[:, 0] = 0  # a tile with no keys
-    q, k, v = (torch.randn(1, nb * bs, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-    lists = fa4_block_lists(idx.cuda(), cnt.cuda(), valid.cuda(), bs, ragged=True)
+    key_mask = None
+    if key_padding:  # batch element 1 hides a span of keys, batch element 0 nothing
+        key_mask = torch.ones(B, nb * bs, dtype=torch.bool)
+        key_mask[1, 300:900] = False
+    q, k, v = (torch.randn(B, nb * bs, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    lists = fa4_block_lists(idx.cuda(), cnt.cuda(), valid.cuda(), bs, ragged=True,
+                            key_mask=None if key_mask is None else key_mask.cuda())
     out = fa4_block_sparse_attention(q, k, v, lists, D**-0.5).float().cpu()
-    mask = tile_mask(idx, cnt, valid, bs).expand(H, -1, -1)
+    mask = tile_mask(idx, cnt, valid, bs).expand(H, -1, -1)[None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
     qt, kt, vt = (x.float().cpu().transpose(1, 2) for x in (q, k, v))
-    s = (qt @ kt.transpose(-1, -2) * D**-0.5).masked_fill(~mask[None], float("-inf"))
+    s = (qt @ kt.transpose(-1, -2) * D**-0.5).masked_fill(~mask, float("-inf"))
     ref = torch.softmax(s, -1).nan_to_num(0.0) @ vt
     q_tok = (torch.arange(nb * bs) % bs) < valid.long().repeat_interleave(bs)
-    seen = mask.any(-1) & q_tok  # [H, L]: token rows with at least one key
-    got, want = out.transpose(1, 2)[0][seen], ref[0][seen]
+    seen = mask.expand(B, H, -1, -1).any(-1) & q_tok  # [B, H, L]: token rows with at least one key
+    got, want = out.transpose(1, 2)[seen], ref[seen]
     assert (got - want).norm() / want.norm() < 1e-2

@@ -87,13 +87,14 @@ def _plan_kernel(
 def _bs_fwd_block(
     acc, l_i, m_i, q,
     k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-    LIST, END, n, qk_scale,
+    LIST, END, KM, n, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    PREFETCH_IDX: tl.constexpr = False,
+    PREFETCH_IDX: tl.constexpr = False, KEY_MASK: tl.constexpr = False,
 ):
     """Fold the ``n`` key sub-blocks whose start rows are ``LIST[0:n]`` into (acc, l_i, m_i).
-    ``MASKED``: keys at rows ``>= END[j]`` of sub-block ``j`` are padding (masked, values zeroed)."""
+    ``MASKED``: keys at rows ``>= END[j]`` of sub-block ``j`` are padding (masked, values zeroed).
+    ``KEY_MASK``: keys whose ``KM[row]`` is 0 are masked too (a caller's key padding mask)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_offs = offs_n[:, None] * stride_ks + offs_d[None, :]
@@ -110,12 +111,16 @@ def _bs_fwd_block(
         if MASKED:
             kv_end = tl.load(END + j)
             key_ok = (start_n + offs_n) < kv_end
+            if KEY_MASK:
+                key_ok = key_ok & (tl.load(KM + start_n + offs_n) != 0)
+        elif KEY_MASK:
+            key_ok = tl.load(KM + start_n + offs_n) != 0
         # ---- S = Q K^T ----
         if USE_TMA:
             k = k_desc.load([start_n, 0])
         else:
             k_ptrs = k_base + start_n.to(tl.int64) * stride_ks + kv_offs
-            if MASKED:
+            if MASKED or KEY_MASK:
                 k = tl.load(k_ptrs, mask=key_ok[:, None], other=0.0)
             else:
                 k = tl.load(k_ptrs)
@@ -123,7 +128,7 @@ def _bs_fwd_block(
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         # ---- online softmax in the log2 domain ----
-        if MASKED:
+        if MASKED or KEY_MASK:
             qk = tl.where(key_ok[None, :], qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -137,11 +142,11 @@ def _bs_fwd_block(
         # ---- O += P V ----
         if USE_TMA:
             v = v_desc.load([start_n, 0])
-            if MASKED:  # padding may hold anything (NaN * 0 = NaN): zero it
+            if MASKED or KEY_MASK:  # padding may hold anything (NaN * 0 = NaN): zero it
                 v = tl.where(key_ok[:, None], v, tl.zeros_like(v))
         else:
             v_ptrs = v_base + start_n.to(tl.int64) * stride_vs + kv_offs_v
-            if MASKED:
+            if MASKED or KEY_MASK:
                 v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
             else:
                 v = tl.load(v_ptrs)
@@ -157,6 +162,7 @@ def _bs_fwd_block(
 def _block_sparse_fwd_kernel(
     Q, K, V, O, VALID,
     FULL, NFULL, PART, PEND, NPART,
+    KM, stride_kmb,  # key mask [B|1, L] int8 (1 = attend), read only when HAS_KEY_MASK
     qk_scale,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -174,6 +180,7 @@ def _block_sparse_fwd_kernel(
     WARP_SPECIALIZE: tl.constexpr = False,
     PREFETCH_IDX: tl.constexpr = False,
     UPCAST: tl.constexpr = False,  # interpreter only: its bf16 dot is wrong, dot in fp32 instead
+    HAS_KEY_MASK: tl.constexpr = False,
 ):
     # last query blocks first: lists that grow towards the end (a text block attending to every
     # block, causal-like layouts) start early instead of forming the tail
@@ -205,6 +212,7 @@ def _block_sparse_fwd_kernel(
     k_base = K + b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + kh.to(tl.int64) * stride_vh
     o_base = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    km_base = KM + b.to(tl.int64) * stride_kmb
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -229,12 +237,12 @@ def _block_sparse_fwd_kernel(
 
     acc, l_i, m_i = _bs_fwd_block(
         acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-        full_list, full_list, n_full, qk_scale,
-        HEAD_DIM, BLOCK_N, False, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION, UPCAST, PREFETCH_IDX)
+        full_list, full_list, km_base, n_full, qk_scale,
+        HEAD_DIM, BLOCK_N, False, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION, UPCAST, PREFETCH_IDX, HAS_KEY_MASK)
     acc, l_i, m_i = _bs_fwd_block(
         acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-        part_list, part_end, n_part, qk_scale,
-        HEAD_DIM, BLOCK_N, True, USE_TMA, False, DOT_PRECISION, UPCAST)
+        part_list, part_end, km_base, n_part, qk_scale,
+        HEAD_DIM, BLOCK_N, True, USE_TMA, False, DOT_PRECISION, UPCAST, False, HAS_KEY_MASK)
 
     # padded query rows and rows that saw no key (l == 0) are written as 0
     row_ok = ((offs_m - qb * BLOCK_SIZE) < q_valid) & (l_i > 0.0)
@@ -296,7 +304,7 @@ def _fit(cfg: BlockSparseConfig, block_size: int) -> BlockSparseConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out):
+def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D [batch, seq, heads, head_dim] tensor")
@@ -349,6 +357,13 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softm
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
             raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dim() != 2 or key_mask.shape[0] not in (1, B) \
+                or key_mask.shape[1] != L:
+            raise ValueError(f"key_mask must be a [1 or B={B}, L={L}] tensor, got "
+                             f"{tuple(getattr(key_mask, 'shape', ()))}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask must be on q's device ({q.device}), got {key_mask.device}")
 
 
 class _Plan(NamedTuple):
@@ -395,6 +410,7 @@ def block_sparse_attention_fwd(
     out: torch.Tensor | None = None,
     config: BlockSparseConfig | None = None,
     use_tma: bool | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax(q k^T * softmax_scale) v over a tile-major layout.
 
@@ -407,10 +423,12 @@ def block_sparse_attention_fwd(
     of ``[0, n_blocks)`` are ignored and counts are clamped to ``[0, max_kv]``.
     block_valid: int32 ``[n_blocks]``: block n's first ``block_valid[n]`` rows are tokens, the rest
     padding (masked as keys, written as 0 as queries). A row with no valid key is 0.
+    key_mask: optional ``[1 or B, L]`` (bool or integer, nonzero = attend): keys it clears are
+    masked as well (a key padding mask; listed blocks are then all run with a key mask).
     Returns ``[B, L, H, D]`` contiguous in q's dtype (or writes into ``out``).
     ``config``/``use_tma`` override the tile config and memory path (tests, benchmarks).
     """
-    _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out)
+    _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask)
     B, L, H, D = q.shape
     Hk = k.shape[2]
     Hm, n_blocks, max_kv = kv_indices.shape
@@ -432,6 +450,12 @@ def block_sparse_attention_fwd(
 
     plan = _make_plan(kv_indices, kv_counts, block_valid, block_size, config.block_n)
 
+    if key_mask is not None:
+        key_mask = key_mask.to(torch.int8).contiguous()
+        extra_km = {"HAS_KEY_MASK": True}
+        km, stride_kmb = key_mask, (key_mask.stride(0) if key_mask.shape[0] > 1 else 0)
+    else:
+        extra_km, km, stride_kmb = {}, block_valid, 0  # never read
     upcast = interpret and q.dtype == torch.bfloat16
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     extra = {"UPCAST": True} if upcast else {}
@@ -440,6 +464,7 @@ def block_sparse_attention_fwd(
     _last_compiled = _block_sparse_fwd_kernel[grid](
         q, k, v, out, block_valid,
         plan.full, plan.n_full, plan.part, plan.part_end, plan.n_part,
+        km, stride_kmb,
         float(softmax_scale) * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -452,6 +477,6 @@ def block_sparse_attention_fwd(
         WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma) and not interpret,
         PREFETCH_IDX=bool(config.prefetch_idx),
         num_warps=config.num_warps, num_stages=config.num_stages,
-        **extra,
+        **extra, **extra_km,
     )
     return out
