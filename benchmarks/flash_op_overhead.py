@@ -1,7 +1,8 @@
 """FLASH_ATTN through fv_compile's op vs flash-attn-4 called directly, same tensors, same run.
 
 The op adds a custom-op dispatch and a registry lookup per call; the issue's bar is >= 0.98x of
-the direct call. Prints a table; `--out FILE` writes JSON.
+the direct call. `--compiler inductor` runs the rewritten graph as users do; `--rounds R`
+alternates the two sides R times. Prints a table; `--out FILE` writes JSON.
 """
 
 from __future__ import annotations
@@ -39,24 +40,32 @@ def bench(fn, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
+    ap.add_argument("--compiler", default="eager", choices=["eager", "aot_eager", "inductor"],
+                    help="what runs the rewritten graph on the fv_compile side")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate direct / through-the-op timings this many times; medians are over rounds")
     args = ap.parse_args()
     label, fa = flash_kernel()
     rows = []
     for b, h, s, d in [(1, 12, 32760, 128), (2, 24, 4096, 128), (1, 16, 16384, 64)]:
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         scale = d**-0.5
-        direct = bench(lambda: fa(q, k, v, softmax_scale=scale, causal=False))
-        cm = fv_compile.compile(SelfAttention(), "FLASH_ATTN", compiler="eager", strict=True)
+        cm = fv_compile.compile(SelfAttention(), "FLASH_ATTN", compiler=args.compiler, strict=True)
+        direct_ms, op_ms = [], []
         with torch.no_grad():
             out = cm(q, k, v)
             ref = fa(q, k, v, softmax_scale=scale, causal=False)[0]
-            through = bench(lambda: cm(q, k, v))
+            for _ in range(args.rounds):  # interleaved: clock drift hits both sides alike
+                direct_ms.append(bench(lambda: fa(q, k, v, softmax_scale=scale, causal=False)))
+                op_ms.append(bench(lambda: cm(q, k, v)))
+        direct, through = sorted(direct_ms)[len(direct_ms) // 2], sorted(op_ms)[len(op_ms) // 2]
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         flops = 4 * b * h * s * s * d
         rows.append(
             dict(shape=f"B{b} H{h} S{s} D{d}", direct_ms=direct, op_ms=through,
                  direct_tflops=flops / direct / 1e9, op_tflops=flops / through / 1e9,
-                 ratio=direct / through, rel_err=err, kernel=label)
+                 ratio=direct / through, rel_err=err, kernel=label, compiler=args.compiler,
+                 direct_rounds=direct_ms, op_rounds=op_ms)
         )
     print(f"{'shape':24} {'FA4 direct':>12} {'via fv_compile':>15} {'ratio':>7} {'rel err':>9}")
     for r in rows:

@@ -314,3 +314,10 @@ def test_masks_that_vary_over_queries_stay_dense():
     torch.testing.assert_close(out, model(x, masks=[mask, mask]), atol=1e-5, rtol=1e-5)
     site = cm.explain().sites[0]
     assert site.backend == "TORCH_SDPA" and "STA takes key padding masks" in site.reason
+
+
+def test_a_site_shorter_than_the_video_grid_is_a_clear_error():
+    md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
+    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="refiner.attn")
+    with pytest.raises(ValueError, match="refiner.attn: 16 tokens.*not video attention"):
+        impl.preprocess_qkv(torch.randn(1, 16, 2, 64), md)

@@ -185,6 +185,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         if causal:
             raise ValueError("SLIDING_TILE_ATTN is non-causal")
         self.scale = softmax_scale
+        self.prefix = prefix
         self.layer = layer_index(prefix)
         self.q_len = site.q_len if site is not None else None
         self._seen_len: int | None = None  # the last preprocessed length, when no site says it
@@ -197,7 +198,13 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         n = math.prod(md.grid)
         total = self.q_len if self.q_len is not None else length if length is not None else self._seen_len
         if total is None or total < n:
-            raise ValueError(f"{total} tokens but the grid {md.grid} holds {n}: is raw_latent_shape right?")
+            raise ValueError(
+                f"SLIDING_TILE_ATTN at {self.prefix or 'a site'}: {total} tokens, but the video grid "
+                f"{md.grid} holds {n}. Either ForwardBatch.raw_latent_shape is not this call's latent, "
+                "or the site is not video attention (a text encoder's self-attention): route it to a "
+                "dense backend, e.g. attention_backend=lambda site: 'SLIDING_TILE_ATTN' if "
+                "site.q_len >= VIDEO_TOKENS else 'auto'"
+            )
         return total - n
 
     # -- token order: raster -> tile-major (+ text padded to whole blocks) and back -------------
