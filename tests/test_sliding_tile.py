@@ -321,3 +321,12 @@ def test_a_site_shorter_than_the_video_grid_is_a_clear_error():
     impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="refiner.attn")
     with pytest.raises(ValueError, match="refiner.attn: 16 tokens.*not video attention"):
         impl.preprocess_qkv(torch.randn(1, 16, 2, 64), md)
+
+
+def test_forcing_flash_attn_where_it_cannot_run_says_why():
+    md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
+    md.kernel = "flash_attn"  # as if flash-attn-4 were installed: the call itself cannot use it
+    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125)
+    q = impl.preprocess_qkv(torch.randn(1, math.prod(GRID), 2, 64), md)
+    with pytest.raises(ValueError, match="tile \\(2, 4, 4\\) = 32 tokens.*sta_kernel='auto'"):
+        impl.forward(q, q, q, md)

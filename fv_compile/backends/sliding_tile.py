@@ -241,7 +241,11 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         gather = torch.cat([video, torch.arange(text, device=dev) + text_at, pad])
         words = torch.arange(slots, slots + text, device=dev)
         parts = [words, md.untile_index] if self.text_first else [md.untile_index, words]
-        is_token = torch.cat([md.tile_index < n, torch.ones(text, dtype=torch.bool, device=dev), pad < 0])
+        is_token = torch.cat([
+            md.tile_index < n,
+            torch.ones(text, dtype=torch.bool, device=dev),
+            torch.zeros(pad.shape[0], dtype=torch.bool, device=dev),
+        ])
         return gather, torch.cat(parts), is_token
 
     def _cached(self, name: str, source: torch.Tensor, key: Any, build):
@@ -263,7 +267,14 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         if md.dense:
             return self._dense.forward(query, key, value, md)
         volume = math.prod(md.tile)
-        use_fa4 = md.kernel == "flash_attn" or (md.kernel == "auto" and fa4_supports(query, volume))
+        use_fa4 = md.kernel != "triton" and fa4_supports(query, volume)
+        if md.kernel == "flash_attn" and not use_fa4:
+            raise ValueError(
+                f"sta_kernel='flash_attn' cannot run this call (needs CUDA bf16/fp16, head dim 64 or "
+                f"128 and tiles of a multiple of {PIECE} tokens; got {query.device.type} "
+                f"{query.dtype}, head dim {query.shape[-1]}, tile {md.tile} = {volume} tokens): "
+                "use sta_kernel='auto' to run the Triton kernel where FA4 cannot"
+            )
         key_mask = self._key_mask(md)
         if key_mask is None:
             lists = self._block_lists(md, volume, use_fa4)
