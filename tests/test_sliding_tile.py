@@ -330,3 +330,24 @@ def test_forcing_flash_attn_where_it_cannot_run_says_why():
     q = impl.preprocess_qkv(torch.randn(1, math.prod(GRID), 2, 64), md)
     with pytest.raises(ValueError, match="tile \\(2, 4, 4\\) = 32 tokens.*sta_kernel='auto'"):
         impl.forward(q, q, q, md)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_block_lists_are_built_once_per_step_and_layer(monkeypatch, per_layer):
+    built = []
+    original = SlidingTileAttentionImpl._build_lists
+
+    def counting(self, md, volume, text, fa4, layer):
+        built.append(layer)
+        return original(self, md, volume, text, fa4, layer)
+
+    monkeypatch.setattr(SlidingTileAttentionImpl, "_build_lists", counting)
+    model = VideoDiT(layers=3).eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    windows = [[(2, 1, 2)] * 2, [(1, 1, 1)] * 2, [(3, 1, 1)] * 2] if per_layer else [[(2, 1, 2)]]
+    for step in range(2):
+        fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=[windows])
+        with torch.no_grad(), fv_compile.forward_context(step, fb, sta_args()):
+            cm(x)
+    assert built == ([0, 1, 2] * 2 if per_layer else [0, 0])

@@ -190,7 +190,6 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         self.q_len = site.q_len if site is not None else None
         self._seen_len: int | None = None  # the last preprocessed length, when no site says it
         self.text_first = bool(site is not None and site.joint_text_first)
-        self._cache: dict[str, tuple[torch.Tensor, Any, Any]] = {}
         self._dense = _dense_impl(site, num_heads, head_size, softmax_scale, num_kv_heads, prefix)
 
     def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
@@ -230,7 +229,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         """`(gather, scatter, is_token)`: the site's row for every tile-major slot (video tiles,
         then text padded to whole tiles), every site row's slot, and which slots hold a token."""
         text = self._text_len(md, length)
-        return self._cached("order", md.tile_index, text, lambda: self._build_order(md, text))
+        return _cached("order", md.tile_index, (text, self.text_first), lambda: self._build_order(md, text))
 
     def _build_order(self, md: SlidingTileMetadata, text: int):
         n, slots = math.prod(md.grid), md.tile_index.shape[0]
@@ -247,18 +246,6 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             torch.zeros(pad.shape[0], dtype=torch.bool, device=dev),
         ])
         return gather, torch.cat(parts), is_token
-
-    def _cached(self, name: str, source: torch.Tensor, key: Any, build):
-        """`build()`, reused while this step's metadata tensor `source` is the same object and
-        `key` is unchanged (a CUDA graph must record the building, so nothing is reused while one
-        is captured)."""
-        capturing = source.is_cuda and torch.cuda.is_current_stream_capturing()
-        hit = self._cache.get(name)
-        if not capturing and hit is not None and hit[0] is source and hit[1] == key:
-            return hit[2]
-        value = build()
-        self._cache[name] = (source, key, value)
-        return value
 
     # -- attention ---------------------------------------------------------------------------
 
@@ -306,8 +293,8 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         text = self._text_len(md)
         running = current_block()  # under regional compilation every block runs this one impl
         layer = min(self.layer if running is None else running, md.kv_indices.shape[0] - 1)
-        return self._cached(
-            f"lists:{layer}", md.kv_indices, (text, fa4), lambda: self._build_lists(md, volume, text, fa4, layer)
+        return _cached(
+            f"lists:{layer}", md.kv_indices, (text, fa4, md.text_attends_all), lambda: self._build_lists(md, volume, text, fa4, layer)
         )
 
     def _build_lists(self, md: SlidingTileMetadata, volume: int, text: int, fa4: bool, layer: int):
@@ -320,6 +307,23 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             ragged = has_ragged_tiles(tile_geometry(md.grid, md.tile)[2]) or text % PIECE != 0
             lists = fa4_block_lists(*lists, volume, ragged)
         return lists
+
+
+_STEP_CACHE: dict[str, tuple[torch.Tensor, Any, Any]] = {}
+
+
+def _cached(name: str, source: torch.Tensor, key: Any, build):
+    """`build()`, reused while this step's metadata tensor `source` is the same object and `key`
+    is unchanged. Shared by every site: all of them receive the step's metadata tensors, so the
+    sites of one layer (or of every layer, with one window for all) build their lists once per
+    step. A CUDA graph must record the building, so nothing is reused while one is captured."""
+    capturing = source.is_cuda and torch.cuda.is_current_stream_capturing()
+    hit = _STEP_CACHE.get(name)
+    if not capturing and hit is not None and hit[0] is source and hit[1] == key:
+        return hit[2]
+    value = build()
+    _STEP_CACHE[name] = (source, key, value)
+    return value
 
 
 def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: bool):
