@@ -567,7 +567,7 @@ def _finish(
         scale=scale,
         causal=causal,
         mask=("additive" if "additive" in mask_kinds else "bool") if masks else None,
-        mask_keys_only=bool(masks) and _masks_keys_only(masks, score_labels, outer, merged),
+        mask_keys_only=bool(masks) and _masks_keys_only(masks, score_labels, outer),
         dtype=str(next(iter(dtypes))).replace("torch.", ""),
         device=str(sp.device_of(q.node)),
         node=anchor.name,
@@ -737,14 +737,13 @@ def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor |
     return None
 
 
-def _masks_keys_only(masks, score_labels, outer, merged) -> bool:
+def _masks_keys_only(masks, score_labels, outer) -> bool:
     """Whether every mask varies over batch and keys only (a key padding mask): not over heads,
-    queries, or a merged batch*heads axis."""
+    queries, or a merged batch*heads axis (whose label is not among `outer` once it is split)."""
     for mt in masks:
         shape = _static_shape(mt.node)
         for size, lab in zip(shape, score_labels[len(score_labels) - len(shape) :]):
-            merged_axis = merged is not None and lab == merged[0]
-            if size != 1 and lab != "j" and (lab not in outer or merged_axis):
+            if size != 1 and lab != "j" and lab not in outer:
                 return False
     return True
 
