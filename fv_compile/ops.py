@@ -31,6 +31,10 @@ class SiteRuntime:
     differentiable: bool  # backward by dense recomputation is exact for this backend
     preprocess: bool  # the impl overrides preprocess_qkv
     postprocess: bool  # the impl overrides postprocess_output
+    # what eager gives a query row whose every key is blocked ("zero" | "nan" | "uniform"), None
+    # when no row can be; and for "uniform" the finite value blocked logits end at
+    empty_rows: str | None = None
+    fill: float | None = None
 
 
 @dataclass
@@ -46,7 +50,19 @@ _site_ids = itertools.count(1)
 _variant_ids = itertools.count(1)
 
 
-def register_site(impl: AttentionImpl, backend: str, scale: float, causal: bool, exact: bool) -> int:
+def register_site(
+    impl: AttentionImpl,
+    backend: str,
+    scale: float,
+    causal: bool,
+    exact: bool,
+    empty_rows: str | None = None,
+    fill: float | None = None,
+) -> int:
+    if empty_rows not in (None, "zero", "nan", "uniform"):
+        raise ValueError(f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}")
+    if (empty_rows == "uniform") != (fill is not None):
+        raise ValueError("a finite fill value goes with empty_rows='uniform', and only with it")
     cls = type(impl)
     rt = SiteRuntime(
         impl=impl,
@@ -56,6 +72,8 @@ def register_site(impl: AttentionImpl, backend: str, scale: float, causal: bool,
         differentiable=exact,
         preprocess=cls.preprocess_qkv is not AttentionImpl.preprocess_qkv,
         postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
+        empty_rows=empty_rows,
+        fill=fill,
     )
     sid = next(_site_ids)
     _SITES[sid] = rt
@@ -119,12 +137,81 @@ def attention(
         )
     if out.dtype != q.dtype:
         out = out.to(q.dtype)
+    if rt.empty_rows is not None and mask is not None:
+        out = _eager_empty_rows(out, v, mask, rt)
     return out.contiguous()
+
+
+def _rows_with_a_key(mask: torch.Tensor, causal: bool, q_len: int) -> torch.Tensor:
+    """`[B|1, H|1, Sq|1]`: whether a query row attends at least one key under `mask` (boolean,
+    True = attend, or additive: -inf = blocked) and, if `causal`, the top-left causal mask."""
+    attend = mask if mask.dtype == torch.bool else mask != float("-inf")
+    if not causal:
+        return attend.any(-1)
+    rows = torch.arange(q_len, device=mask.device)
+    if attend.shape[-2] == 1:  # the same keys for every query: row i sees keys 0..i
+        seen = attend[..., 0, :].cumsum(-1, dtype=torch.int32) > 0
+        return seen.index_select(-1, rows.clamp(max=attend.shape[-1] - 1))
+    keys = torch.arange(attend.shape[-1], device=mask.device)
+    return (attend & (keys[None, :] <= rows[:, None])).any(-1)
+
+
+def _eager_empty_rows(out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rt: SiteRuntime) -> torch.Tensor:
+    """Give rows whose every key is blocked what eager gives them, whatever the backend did:
+    0 (SDPA), NaN (softmax of -inf logits) or the mean of v (softmax of one finite fill)."""
+    has_key = _rows_with_a_key(mask, rt.causal, out.shape[1]).transpose(1, 2).unsqueeze(-1)
+    if rt.empty_rows == "zero":
+        fallback = out.new_zeros(())
+    elif rt.empty_rows == "nan":
+        fallback = out.new_full((), float("nan"))
+    else:
+        mean = v.float().mean(1, keepdim=True).to(out.dtype)  # [B, 1, Hk, Dv]
+        fallback = mean.repeat_interleave(out.shape[2] // v.shape[2], dim=2)
+    return torch.where(has_key, out, fallback)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, mask, site, variant, metadata):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+def _blocked_logits(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`[B, H, Sq, Sk]` logits as the site's eager code makes them (scale, causal, mask; k with
+    its heads repeated for GQA), and where a fill replaced them (their gradient is cut there)."""
+    kh = k.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], 1)
+    scores = rt.scale * (q.transpose(1, 2) @ kh.transpose(-2, -1))
+    filled = None
+    if rt.causal:
+        keys = torch.arange(scores.shape[-1], device=q.device)
+        filled = keys[None, :] > torch.arange(scores.shape[-2], device=q.device)[:, None]
+        scores = scores.masked_fill(filled, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            blocked = rt.fill if rt.fill is not None else float("-inf")
+            scores = scores.masked_fill(~mask, blocked)
+            filled = ~mask if filled is None else filled | ~mask
+        else:
+            scores = scores + mask.to(scores.dtype)
+    return scores, filled
+
+
+def _weights(scores: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime) -> torch.Tensor:
+    probs = scores.softmax(-1)
+    if rt.empty_rows == "zero" and mask is not None:  # SDPA: a row with no key gives zeros
+        probs = torch.where(_rows_with_a_key(mask, rt.causal, scores.shape[-2]).unsqueeze(-1), probs, 0.0)
+    return probs
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime
+) -> torch.Tensor:
+    """Dense attention on `[B, S, H, D]` tensors exactly as the site's eager code computes it,
+    blocked rows included (materialises the `[B, H, Sq, Sk]` weights)."""
+    scores, _ = _blocked_logits(q, k, mask, rt)
+    vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // v.shape[2], 1)
+    return (_weights(scores, mask, rt) @ vh).transpose(1, 2)
 
 
 @torch.library.custom_op("fv_compile::attention_backward", mutates_args=())
@@ -135,8 +222,11 @@ def attention_backward(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     site: int,
+    mask_grad: bool,
 ) -> list[torch.Tensor]:
-    """Gradients of dense attention by recomputation in float32: exact for dense backends.
+    """`[dq, dk, dv]` (and `dmask`, summed to the mask's broadcast shape, when `mask_grad`) of
+    `reference_attention`, by recomputation in float32 at least: exact for dense backends, with
+    eager's gradients on blocked rows (a fill passes no gradient to the logits it replaced).
 
     Materialises the `[B, H, Sq, Sk]` weights, so it suits fine-tuning at moderate lengths."""
     rt = _SITES[site]
@@ -145,21 +235,22 @@ def attention_backward(
             f"backend {rt.backend} is forward-only: run the compiled model under torch.no_grad() "
             "or choose a dense backend (TORCH_SDPA, TRITON_ATTN, FLASH_ATTN) to train"
         )
-    h, hk = q.shape[2], k.shape[2]
-    qf, kf, vf, go = (x.transpose(1, 2).float() for x in (q, k, v, grad))
-    kf, vf = kf.repeat_interleave(h // hk, 1), vf.repeat_interleave(h // hk, 1)
-    scores = rt.scale * qf @ kf.transpose(-2, -1)
-    if rt.causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    p = scores.softmax(-1)
-    dv = p.transpose(-2, -1) @ go
-    dp = go @ vf.transpose(-2, -1)
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, go = (x.to(dt) for x in (q, k, v, grad))
+    h = q.shape[2]
+    scores, filled = _blocked_logits(qf, kf, mask, rt)
+    p = _weights(scores, mask, rt)
+    kh = kf.transpose(1, 2).repeat_interleave(h // k.shape[2], 1)
+    vh = vf.transpose(1, 2).repeat_interleave(h // v.shape[2], 1)
+    goh = go.transpose(1, 2)
+    dv = p.transpose(-2, -1) @ goh
+    dp = goh @ vh.transpose(-2, -1)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dq = rt.scale * ds @ kf
-    dk = rt.scale * ds.transpose(-2, -1) @ qf
+    dmask = ds
+    if filled is not None:
+        ds = ds.masked_fill(filled, 0.0)
+    dq = rt.scale * (ds @ kh)
+    dk = rt.scale * (ds.transpose(-2, -1) @ q.transpose(1, 2).to(dt))
 
     def to_bshd(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         heads = like.shape[2]
@@ -167,12 +258,21 @@ def attention_backward(
             g = g.unflatten(1, (heads, g.shape[1] // heads)).sum(2)
         return g.transpose(1, 2).to(like.dtype).contiguous()
 
-    return [to_bshd(dq, q), to_bshd(dk, k), to_bshd(dv, v)]
+    out = [to_bshd(dq, q), to_bshd(dk, k), to_bshd(dv, v)]
+    if mask_grad:
+        assert mask is not None
+        dims = [d for d in range(4) if mask.shape[d] == 1 and dmask.shape[d] != 1]
+        out.append(dmask.sum(dims, keepdim=True).to(mask.dtype).contiguous())
+    return out
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad, q, k, v, mask, site):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+def _attention_backward_fake(grad, q, k, v, mask, site, mask_grad):
+    # contiguous, as the real kernel returns them (empty_like would keep q's strides)
+    out = [x.new_empty(x.shape) for x in (q, k, v)]
+    if mask_grad:
+        out.append(mask.new_empty(mask.shape))
+    return out
 
 
 def _setup_context(ctx, inputs, output):
@@ -184,8 +284,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     q, k, v, mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fv_compile.attention_backward(grad, q, k, v, mask, ctx.site)
-    return dq, dk, dv, None, None, None, [None] * ctx.n_metadata
+    mask_grad = bool(mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3])
+    grads = torch.ops.fv_compile.attention_backward(grad, q, k, v, mask, ctx.site, mask_grad)
+    dmask = grads[3] if mask_grad else None
+    return grads[0], grads[1], grads[2], dmask, None, None, [None] * ctx.n_metadata
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

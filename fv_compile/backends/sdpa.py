@@ -46,7 +46,7 @@ def sdpa_bshd(
     `attn_mask`: boolean (True = attend) or additive, broadcastable to `[B, H, Sq, Sk]`.
     """
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-        attn_mask = attn_mask.to(q.dtype)
+        attn_mask = additive_mask_as(attn_mask, q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
@@ -57,6 +57,17 @@ def sdpa_bshd(
         enable_gqa=k.shape[2] != q.shape[2],
     )
     return out.transpose(1, 2)
+
+
+def additive_mask_as(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`mask` in `dtype` with its finite values kept finite: float32's most negative numbers (a
+    `finfo.min` padding mask) overflow to -inf in bfloat16 and would turn eager's uniform fully
+    masked rows into zero rows. -inf stays -inf."""
+    if not mask.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(mask.dtype).max:
+        return mask.to(dtype)
+    lo, hi = torch.finfo(dtype).min, torch.finfo(dtype).max
+    clamped = mask.clamp(lo, hi)
+    return torch.where(mask.isinf(), mask, clamped).to(dtype)
 
 
 class SDPABackend(DenseBackend):

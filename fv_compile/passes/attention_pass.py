@@ -13,6 +13,7 @@ from fv_compile import ops
 from fv_compile.backends import registry
 from fv_compile.errors import FvCompileError
 from fv_compile.passes.classify import classify_role
+from fv_compile.passes.dead_code import erase_dead
 from fv_compile.passes.find_sites import find_attention_sites
 from fv_compile.passes.rewrite import rewrite_site
 from fv_compile.passes.simplify_views import simplify_views
@@ -45,6 +46,7 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
     matches, skipped, others = find_attention_sites(new, graph_index)
     sites: list[AttentionSite] = list(skipped)
     replaced: dict[Node, Node] = {}
+    emitted: list[Node] = []
     md_backends: list[str] = []
     for match in matches:
         site = match.site
@@ -59,8 +61,16 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
             site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
             sites.append(site)
             continue
-        sid = ops.register_site(impl, name, site.scale, site.causal, exact=name in _DENSE)
-        if rewrite_site(new, match, sid, replaced) is None:
+        sid = ops.register_site(
+            impl,
+            name,
+            site.scale,
+            site.causal,
+            exact=name in _DENSE,
+            empty_rows=match.empty_rows,
+            fill=match.fill,
+        )
+        if rewrite_site(new, match, sid, replaced, emitted) is None:
             site.status, site.reason = SKIPPED, "internal check failed: rewritten output would differ"
             sites.append(site)
             continue
@@ -69,7 +79,10 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
             md_backends.append(name)
         sites.append(site)
     if matches:
-        simplify_views(new)
+        bypassed = simplify_views(new)
+        # only what the rewrite made dead goes: the replaced outputs and the chains into them
+        erase_dead(new.graph, [*replaced, *reversed(emitted), *bypassed])
+        new.recompile()
     sites.sort(key=lambda s: _node_order(new, gm, s))
     return PassResult(new, sites, others, md_backends)
 

@@ -2,7 +2,8 @@
 
 A causal mask written as `torch.ones(S, S).tril()` or `torch.full(..., -inf).triu(1)` is a
 constant of the graph. Evaluating it (once, at compile time) lets the matcher recognise it by its
-value instead of by how it was spelled.
+value instead of by how it was spelled. A subgraph that draws random numbers (`torch.rand`,
+`bernoulli`, dropout) or writes into a tensor is never a constant: its value differs per call.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _constant_ancestors(node: Node, max_numel: int) -> list[Node] | None:
             shape is None or math.prod(shape) > max_numel
         ):
             return None
-        if sp.is_inplace(n):
+        if sp.mutates(n) or sp.is_random(n) or sp.is_mutated(n):
             return None
         seen[n] = None
         stack.extend(n.all_input_nodes)

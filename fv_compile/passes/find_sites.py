@@ -24,7 +24,9 @@ from fv_compile.passes import spellings as sp
 from fv_compile.passes.constants import constant_value
 from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
 
-_VERY_NEGATIVE = -1.0e4  # a fill at or below this is a mask: exp() of it underflows to zero
+# A logit at or below this (at the softmax input, after every later scale) is blocked: exp() of it,
+# against any row maximum above -9.9e3, underflows to zero in float32 and below.
+_VERY_NEGATIVE = -1.0e4
 
 
 class NotAttention(Exception):
@@ -45,7 +47,8 @@ class Operand:
 class MaskTerm:
     node: Node
     kind: str  # "attend" (bool, True = attend) | "masked" (bool, True = masked) | "additive"
-    coef: float = 1.0
+    coef: float = 1.0  # additive: the factor the term reaches the softmax with
+    fill: float | None = None  # attend/masked from a fill: the value blocked logits end at
 
 
 @dataclass
@@ -66,6 +69,13 @@ class AttentionMatch:
     kv_head_size: int
     masks: list[MaskTerm] = field(default_factory=list)
     merged: tuple[str, list[str]] | None = None  # a [B*H] label and the labels it splits into
+    # What eager computes for a query row whose every key is blocked: "zero" (SDPA), "nan"
+    # (softmax of -inf logits), "uniform" (softmax of one finite fill: the mean of v), or None
+    # when no row can be fully blocked.
+    empty_rows: str | None = None
+    fill: float | None = None  # "uniform": the finite value blocked logits end at
+    nodes: list[Node] = field(default_factory=list)  # the site's own nodes, operands excluded
+    compute_dtype: torch.dtype | None = None  # q, k and v go to the op in this dtype
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -216,6 +226,7 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
 
     for op in ops:
         scale = _apply_score_op(op, masks, scale)
+    _check_fills(masks)
 
     out_labels, v_labels = _value_contraction(out, probs_end, value_operand, score_labels, sizes)
     return _finish(
@@ -248,7 +259,7 @@ def _walk_scores(node: Any, ops: list[tuple], depth: int) -> tuple[Node, list[tu
     r = sp.scalar_factor(node)
     if r is not None:
         return _walk_scores(r[0], [("scale", node, r[1])] + ops, depth + 1)
-    c = sp.cast_input(node) or sp.identity_input(node)
+    c = sp.cast_input(node) or sp.identity_input(node) or _harmless_detach(node, "scores")
     if c is not None:
         return _walk_scores(c, [("noop", node)] + ops, depth + 1)
     ts = sp.tensor_factor(node)
@@ -293,7 +304,12 @@ def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node]]:
         u = users[0]
         if contractions:
             return node, u, _value_operand(u, node), chain  # type: ignore[return-value]
-        if sp.cast_input(u) is node or sp.identity_input(u) is node or sp.dropout_input(u) is node:
+        if (
+            sp.cast_input(u) is node
+            or sp.identity_input(u) is node
+            or sp.dropout_input(u) is node
+            or _harmless_detach(u, "attention weights") is node
+        ):
             chain.append(u)
             node = u
             continue
@@ -301,6 +317,17 @@ def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node]]:
             raise Unsupported("dropout on the attention weights is active (training mode)")
         raise NotAttention(f"its output feeds `{u.name}`, not a product with a value tensor")
     raise NotAttention("its output does not feed a product with a value tensor")
+
+
+def _harmless_detach(node: Node, what: str) -> Node | None:
+    """x for a detach of the scores or weights that stops no gradient (nothing there requires
+    one); a detach that does stop gradients cannot be expressed by one attention op."""
+    x = sp.detach_input(node)
+    if x is not None and sp.requires_grad(x):
+        raise Unsupported(
+            f"the {what} are detached (`{node.name}`): gradients would reach q and k that eager stops"
+        )
+    return x
 
 
 def _is_dropout(node: Node) -> bool:
@@ -400,7 +427,10 @@ def _score_contraction(s_raw: Node, sdim: int):
 
 
 def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
-    """Fold one op between the score contraction and the softmax into (scale, masks)."""
+    """Fold one op between the score contraction and the softmax into (scale, masks).
+
+    Ops arrive in forward order, so a later scale also scales the additive terms and fill values
+    added before it: each term records what it is worth at the softmax input."""
     kind = op[0]
     if kind == "noop":
         return scale
@@ -411,6 +441,8 @@ def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
         for mt in masks:
             if mt.kind == "additive":
                 mt.coef *= c
+            elif mt.fill is not None:
+                mt.fill = _in_dtype(mt.fill * c, sp.dtype_of(op[1]))
         return scale * c
     if kind == "add":
         term, sign = op[2], op[3]
@@ -421,35 +453,69 @@ def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
         shape = _static_shape(term)
         if shape is not None and math.prod(shape) == 1:
             return scale  # a shift of every logit: softmax-invariant
+        filled = [mt for mt in masks if mt.fill is not None and math.isfinite(mt.fill)]
+        if filled:
+            raise Unsupported(
+                f"`{op[1].name}` adds a tensor to logits already filled with {filled[0].fill:g}: the "
+                "filled logits are no longer one value, so rows the fill blocks entirely would differ"
+            )
         masks.append(MaskTerm(term, "additive", sign))
         return scale
-    if kind == "fill":
-        mask, value = op[2], op[3]
-        _require_very_negative(value)
-        if not isinstance(mask, Node):
-            raise Unsupported("masked_fill mask is not a tensor")
-        masks.append(MaskTerm(mask, "masked"))
-        return scale
-    if kind in ("where_keep", "where_fill"):
+    if kind in ("fill", "where_keep", "where_fill"):
         cond, value = op[2], op[3]
-        _require_very_negative(value)
         if not isinstance(cond, Node):
-            raise Unsupported("torch.where condition is not a tensor")
-        masks.append(MaskTerm(cond, "attend" if kind == "where_keep" else "masked"))
+            raise Unsupported("the mask of a fill is not a tensor")
+        fill = _in_dtype(_fill_value(value), sp.dtype_of(op[1]))
+        kind_ = "attend" if kind == "where_keep" else "masked"
+        masks.append(MaskTerm(cond, kind_, fill=fill))
         return scale
     if kind == "tensor_scale":
         raise Unsupported(f"scores are scaled by `{op[1].name}`, a tensor or symbolic value, not a number")
     raise Unsupported(f"unexpected op {kind} on the scores")
 
 
-def _require_very_negative(value: Any) -> None:
+def _fill_value(value: Any) -> float:
+    """The number a masked_fill / where writes into the logits (a literal or a constant tensor)."""
     if isinstance(value, Node):
         value = constant_value(value)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
     v = sp.as_number(value)
-    if v is None or v > _VERY_NEGATIVE:
-        raise Unsupported(f"scores are filled with {value!r}, not -inf or a very negative number")
+    if v is None:
+        raise Unsupported(f"scores are filled with {value!r}, not a compile-time number")
+    return v
+
+
+def _in_dtype(value: float, dtype: torch.dtype | None) -> float:
+    """`value` as the logits hold it: float32's `finfo.min` times 2 is -inf there, not -6.8e38."""
+    if dtype is None or not dtype.is_floating_point:
+        return value
+    return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+
+
+def _check_fills(masks: list[MaskTerm]) -> None:
+    """Every fill must block at the softmax input: -inf, or at most -1e4 after later scales."""
+    for mt in masks:
+        if mt.fill is not None and not (mt.fill == -math.inf or mt.fill <= _VERY_NEGATIVE):
+            raise Unsupported(
+                f"masked logits end at {mt.fill:g} at the softmax (after later scales), which does "
+                "not block them: not -inf and not below -1e4"
+            )
+
+
+def _empty_row_semantics(masks: list[MaskTerm], sdpa: bool) -> tuple[str, float | None]:
+    """What eager gives a query row whose every key is blocked (see `AttentionMatch.empty_rows`)."""
+    if sdpa:
+        return "zero", None
+    finite = {mt.fill for mt in masks if mt.fill is not None and math.isfinite(mt.fill)}
+    if not finite:
+        return "nan", None
+    if len(finite) > 1 or any(mt.fill is None or not math.isfinite(mt.fill) for mt in masks):
+        raise Unsupported(
+            "a finite fill combined with another mask: eager's rows that the masks block "
+            "entirely are not one uniform row, and cannot be reproduced"
+        )
+    return "uniform", finite.pop()
 
 
 def _value_contraction(out: Node, probs: Node, value: Node, score_labels, sizes):
@@ -520,6 +586,7 @@ def _finish(
     form,
     kv_head_label=None,
 ) -> AttentionMatch:
+    scale_in = scale
     _check_sizes(q.labels, _static_shape(q.node), sizes, "query")
     _check_sizes(k.labels, _static_shape(k.node), sizes, "key", divisible=kv_head_label)
     _check_sizes(v.labels, _static_shape(v.node), sizes, "value", divisible=kv_head_label)
@@ -529,13 +596,17 @@ def _finish(
     if any(lab not in q.labels for lab in batch):
         raise Unsupported("query is broadcast over a batch dim of the scores")
 
-    q, scale = _strip(q, scale, allow_scale=True)
-    k, scale = _strip(k, scale, allow_scale=True)
-    v, _ = _strip(v, 1.0, allow_scale=False)
+    raw = (q, k, v)
+    q, k, v, scale = _strip_operands(raw, scale, upcasts=True)
+    low = _widest({sp.dtype_of(x.node) for x in (q, k, v)})
+    upcasts = not (_wider(sp.dtype_of(out), low) and not _cast_down_after(out, low))
+    if not upcasts:
+        # the model keeps the attention's result in the wider dtype: so does the rewrite
+        q, k, v, scale = _strip_operands(raw, scale_in, upcasts=False)
 
     merged = None
     if len(batch) == 1:
-        merged = _unmerge_all(q, k, v, batch[0], sizes)
+        merged = _unmerge_all(q, k, v, batch[0], sizes, upcasts)
         if merged is not None:
             (q, k, v), parts = merged
             merged = (batch[0], parts)
@@ -545,13 +616,19 @@ def _finish(
 
     kv_head_size = 1
     if head is not None:
-        k, v, kv_head_size = _unexpand_gqa(k, v, head, sizes)
+        k, v, kv_head_size = _unexpand_gqa(k, v, head, sizes, upcasts)
 
     dtypes = {sp.dtype_of(x.node) for x in (q, k, v)}
-    if len(dtypes) != 1:
-        raise Unsupported(f"q, k and v have different dtypes {sorted(map(str, dtypes))}")
+    if not all(d is not None and d.is_floating_point for d in dtypes):
+        raise Unsupported(f"q, k and v are not all floating point: {sorted(map(str, dtypes))}")
+    compute_dtype = _widest(dtypes)  # q, k, v of mixed precision all run at the widest
 
-    masks, causal = _fold_constant_masks(gm, masks, score_labels, sizes, causal)
+    masks, causal, nonempty = _fold_constant_masks(gm, masks, score_labels, sizes, causal)
+    empty_rows, fill = _empty_row_semantics(masks, form == "sdpa")
+    if nonempty or not masks:
+        empty_rows = None
+    nodes = _site_nodes(out, [q.node, k.node, v.node] + [m.node for m in masks])
+    _check_no_mutation_inside(gm, nodes, out)
     mask_kinds = {"additive" if m.kind == "additive" else "bool" for m in masks}
     site = AttentionSite(
         module_path=module_path(anchor),
@@ -568,7 +645,7 @@ def _finish(
         causal=causal,
         mask=("additive" if "additive" in mask_kinds else "bool") if masks else None,
         mask_keys_only=bool(masks) and _masks_keys_only(masks, score_labels, outer),
-        dtype=str(next(iter(dtypes))).replace("torch.", ""),
+        dtype=str(compute_dtype).replace("torch.", ""),
         device=str(sp.device_of(q.node)),
         node=anchor.name,
     )
@@ -587,11 +664,102 @@ def _finish(
         kv_head_size=kv_head_size,
         masks=masks,
         merged=merged,
+        empty_rows=empty_rows,
+        fill=fill,
+        nodes=nodes,
+        compute_dtype=compute_dtype,
     )
 
 
-def _strip(op: Operand, scale: float, *, allow_scale: bool) -> tuple[Operand, float]:
-    """Look through value-preserving views, exact upcasts and (for q, k) scalar scaling."""
+def _strip_operands(raw, scale: float, *, upcasts: bool):
+    q, k, v = raw
+    q, scale = _strip(q, scale, allow_scale=True, upcasts=upcasts)
+    k, scale = _strip(k, scale, allow_scale=True, upcasts=upcasts)
+    v, _ = _strip(v, 1.0, allow_scale=False, upcasts=upcasts)
+    return q, k, v, scale
+
+
+_PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _wider(a: torch.dtype | None, b: torch.dtype | None) -> bool:
+    return _PRECISION.get(a, 0) > _PRECISION.get(b, 0)  # type: ignore[arg-type]
+
+
+def _widest(dtypes) -> torch.dtype:
+    return max(dtypes, key=lambda d: (_PRECISION.get(d, 0), str(d)))
+
+
+def _cast_down_after(out: Node, low: torch.dtype) -> bool:
+    """Whether the attention's result goes straight (through views only) into a cast to a dtype
+    no wider than `low`: then computing it at `low` precision loses nothing eager keeps."""
+    node = out
+    for _ in range(16):
+        users = list(node.users)
+        if len(users) != 1:
+            return False
+        (u,) = users
+        if sp.cast_input(u) is node:
+            return not _wider(sp.dtype_of(u), low)
+        if sp.permutation_of(u) is not None or sp.is_reshape(u) is node or sp.identity_input(u) is node:
+            node = u
+            continue
+        return False
+    return False
+
+
+def _site_nodes(out: Node, operands: list[Node]) -> list[Node]:
+    """The nodes the rewrite replaces: everything between the operands and `out`, in graph order
+    (nodes on a path from an operand to `out`; the operands themselves excluded)."""
+    stops = set(operands)
+    back: set[Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in back or n in stops:
+            continue
+        back.add(n)
+        stack.extend(n.all_input_nodes)
+    forward: set[Node] = set()
+    stack = [u for o in stops for u in o.users]
+    while stack:
+        n = stack.pop()
+        if n in forward or n not in back:
+            continue
+        forward.add(n)
+        stack.extend(n.users)
+    order = {n: i for i, n in enumerate(out.graph.nodes)}
+    return sorted(forward | {out}, key=order.__getitem__)
+
+
+def _check_no_mutation_inside(gm, nodes: list[Node], out: Node) -> None:
+    """The op reads q, k, v and the masks where `out` was; eager read them earlier, at the site's
+    first node that reads data (views before it read nothing). A write into any tensor in between
+    (an in-place op, a setitem) could change what the op reads, so such a site is left alone.
+    In-place ops on the site's own intermediates (a traced `s *= c` on the scores) are the
+    site's business."""
+    inside = set(nodes)
+    first_read = next(n for n in nodes if n is out or not sp.is_view(n))
+    started = False
+    for n in out.graph.nodes:
+        if n is out:
+            return
+        if n is first_read:
+            started = True
+        if not started or not sp.mutates(n):
+            continue
+        target = n.args[0] if n.args else None
+        if n in inside and isinstance(target, Node) and target in inside:
+            continue
+        raise Unsupported(
+            f"`{n.name}` writes into a tensor in place between the site's first read and its "
+            "output; the rewritten op would read after the write"
+        )
+
+
+def _strip(op: Operand, scale: float, *, allow_scale: bool, upcasts: bool = True) -> tuple[Operand, float]:
+    """Look through value-preserving views, exact upcasts (when `upcasts`), detaches that stop no
+    gradient and (for q, k) out-of-place scalar scaling."""
     node, labels = op.node, list(op.labels)
     while True:
         p = sp.permutation_of(node)
@@ -606,11 +774,15 @@ def _strip(op: Operand, scale: float, *, allow_scale: bool) -> tuple[Operand, fl
         if ident is not None:
             node = ident
             continue
+        d = sp.detach_input(node)
+        if d is not None and not sp.requires_grad(d):
+            node = d
+            continue
         c = sp.cast_input(node)
-        if c is not None and _is_exact_upcast(sp.dtype_of(c), sp.dtype_of(node)):
+        if upcasts and c is not None and _is_exact_upcast(sp.dtype_of(c), sp.dtype_of(node)):
             node = c
             continue
-        if allow_scale:
+        if allow_scale and not sp.mutates(node):
             f = sp.scalar_factor(node)
             if f is not None and f[1] > 0:
                 node, scale = f[0], scale * f[1]
@@ -622,7 +794,7 @@ def _is_exact_upcast(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
     return src in (torch.bfloat16, torch.float16) and dst in (torch.float32, torch.float64)
 
 
-def _unmerge_all(q, k, v, label, sizes):
+def _unmerge_all(q, k, v, label, sizes, upcasts: bool):
     """Recover `[B, H]` from a `[B*H, S, D]` layout when q, k and v all came from the same split."""
     splits = [_unmerge(x, label, sizes[label]) for x in (q, k, v)]
     if any(s is None for s in splits) or len({s[1] for s in splits}) != 1:  # type: ignore[index]
@@ -632,7 +804,7 @@ def _unmerge_all(q, k, v, label, sizes):
     sizes[outer], sizes[inner] = n1, n2
     ops = []
     for node, _split, labels in splits:  # type: ignore[misc]
-        ops.append(_strip(Operand(node, labels), 1.0, allow_scale=False)[0])
+        ops.append(_strip(Operand(node, labels), 1.0, allow_scale=False, upcasts=upcasts)[0])
     return tuple(ops), [outer, inner]
 
 
@@ -651,7 +823,7 @@ def _unmerge(op: Operand, label: str, n: int):
     return src, (n1, n2), [f"{label}_0", f"{label}_1"] + op.labels[1:]
 
 
-def _unexpand_gqa(k: Operand, v: Operand, head: str, sizes: dict[str, int]):
+def _unexpand_gqa(k: Operand, v: Operand, head: str, sizes: dict[str, int], upcasts: bool):
     """Use k/v before a repeat_interleave/expand over heads, so the backend sees real GQA."""
     if head not in k.labels or head not in v.labels:
         return k, v, 1 if head not in k.labels else _label_size(k, head, sizes)
@@ -663,8 +835,8 @@ def _unexpand_gqa(k: Operand, v: Operand, head: str, sizes: dict[str, int]):
     ks, vs = _gqa_source(k, head), _gqa_source(v, head)
     if ks is None or vs is None or ks[1] != vs[1]:
         return k, v, hk
-    k2, _ = _strip(ks[0], 1.0, allow_scale=False)
-    v2, _ = _strip(vs[0], 1.0, allow_scale=False)
+    k2, _ = _strip(ks[0], 1.0, allow_scale=False, upcasts=upcasts)
+    v2, _ = _strip(vs[0], 1.0, allow_scale=False, upcasts=upcasts)
     return k2, v2, sizes[head] // ks[1]
 
 
@@ -695,32 +867,39 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
 
 
 def _fold_constant_masks(gm, masks, score_labels, sizes, causal):
-    """Evaluate masks built from constants: a causal mask becomes `causal`, an all-pass one goes."""
-    kept = []
+    """Evaluate masks built from constants: a causal mask becomes `causal`, an all-pass one goes.
+
+    Returns `(kept masks, causal, nonempty)`; `nonempty` is True when every kept mask is a
+    constant and together (with `causal`) they leave every query row at least one key."""
+    kept, patterns = [], []
     for mt in masks:
         _check_mask_shape(mt.node, score_labels, sizes)
         val = constant_value(mt.node, max_numel=1 << 24)
-        if val is None:
-            kept.append(mt)
-            continue
-        attend = _attend_pattern(val, mt.kind, mt.coef)
+        attend = None if val is None else _attend_pattern(val, mt.kind, mt.coef)
         if attend is None:
             kept.append(mt)
+            patterns.append(None)
             continue
         sq, sk = sizes["i"], sizes["j"]
         full = attend.expand(*attend.shape[:-2], sq, sk) if attend.dim() >= 2 else attend
         if bool(full.all()):
             continue
         if attend.dim() >= 2 and bool((full == torch.ones(sq, sk, dtype=torch.bool).tril()).all()):
-            if score_labels[-2:] != ["i", "j"] or _static_shape(mt.node)[-2:] != (sq, sk):
-                kept.append(mt)
+            if score_labels[-2:] == ["i", "j"] and _static_shape(mt.node)[-2:] == (sq, sk):
+                causal = True
                 continue
-            causal = True
-            continue
         kept.append(mt)
+        patterns.append(attend)
     if causal and kept:
         raise Unsupported("a causal mask combined with another mask")
-    return kept, causal
+    nonempty = bool(kept) and all(p is not None for p in patterns)
+    if nonempty:
+        shape = [sizes[lab] for lab in score_labels]
+        combined = torch.ones(shape, dtype=torch.bool)
+        for p in patterns:
+            combined = combined & p
+        nonempty = bool(combined.any(score_labels.index("j")).all())
+    return kept, causal, nonempty
 
 
 def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor | None:

@@ -29,6 +29,7 @@ class _Emitter:
     def __init__(self, graph: torch.fx.Graph, before: Node) -> None:
         self.graph = graph
         self.before = before
+        self.emitted: list[Node] = []
 
     def method(self, name: str, *args: Any) -> Node:
         return self._emit("call_method", name, args, {})
@@ -40,6 +41,7 @@ class _Emitter:
         with self.graph.inserting_before(self.before):
             node = self.graph.create_node(op, target, args, kwargs)
         node.meta[EMITTED] = True
+        self.emitted.append(node)
         for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
             if key in self.before.meta:
                 node.meta[key] = self.before.meta[key]
@@ -55,14 +57,17 @@ def rewrite_site(
     match: AttentionMatch,
     site_id: int,
     replaced: dict[Node, Node],
+    emitted: list[Node],
 ) -> Node | None:
     """Rewrite one site to `fv_compile::attention(q, k, v, mask, site_id, 0, [])`; returns the op
-    node, or None (graph unchanged but for dead nodes) if the result would not match the original.
+    node, or None (the graph's uses unchanged) if the result would not match the original.
 
     `replaced` maps nodes replaced by earlier rewrites to their replacements (a site's operand
-    can be another site's output) and is updated with this site's output.
+    can be another site's output) and is updated with this site's output. Every node inserted is
+    appended to `emitted` (those left unused are removed with the site's dead nodes).
     """
     em = _Emitter(gm.graph, match.output)
+    em.emitted = emitted
     outer, head, sizes = match.batch_labels, match.head_label, match.sizes
 
     def resolve(op: Operand) -> Operand:
@@ -71,6 +76,7 @@ def rewrite_site(
     q = _to_bshd(em, resolve(match.q), "i", "d", outer, head, sizes, full_head=True)
     k = _to_bshd(em, resolve(match.k), "j", "d", outer, head, sizes, full_head=False)
     v = _to_bshd(em, resolve(match.v), "j", "e", outer, head, sizes, full_head=False)
+    q, k, v = (_cast(em, x, match.compute_dtype) for x in (q, k, v))
     mask = _combined_mask(em, match, replaced)
     op = em.function(torch.ops.fv_compile.attention.default, q, k, v, mask, site_id, 0, [])
     out = _from_bshd(em, op, match)
@@ -80,6 +86,12 @@ def rewrite_site(
     replaced[match.output] = out
     match.output.replace_all_uses_with(out)
     return op
+
+
+def _cast(em, node: Node, dtype: torch.dtype | None) -> Node:
+    if dtype is None or sp.dtype_of(node) == dtype:
+        return node
+    return em.method("to", node, dtype)
 
 
 def _to_bshd(em, op: Operand, seq, feat, outer, head, sizes, *, full_head: bool) -> Node:

@@ -14,8 +14,11 @@ from fv_compile.passes import spellings as sp
 from fv_compile.passes.rewrite import EMITTED
 
 
-def simplify_views(gm: GraphModule) -> None:
+def simplify_views(gm: GraphModule) -> list[Node]:
+    """Cancel view chains that start at emitted nodes; returns the nodes whose uses moved to a
+    simpler chain (now dead, for `erase_dead`). The graph module is not recompiled."""
     graph = gm.graph
+    bypassed: list[Node] = []
     for node in list(graph.nodes):
         if node.op not in ("call_method", "call_function"):
             continue
@@ -26,12 +29,14 @@ def simplify_views(gm: GraphModule) -> None:
                 src, p1 = inner
                 composed = [p1[i] for i in p[1]]
                 _replace(graph, node, src, "permute", composed)
+                bypassed.append(node)
             continue
         src = sp.is_reshape(node)
         if src is not None and src.meta.get(EMITTED):
             base = sp.is_reshape(src) or src if _is_emitted_reshape(src) else src
             if sp.shape_of(node) == sp.shape_of(base):
                 node.replace_all_uses_with(base)
+                bypassed.append(node)
             elif node.target == "view" and _has_inplace_user(node):
                 with graph.inserting_before(node):
                     cont = graph.call_method("contiguous", (src,))
@@ -44,8 +49,8 @@ def simplify_views(gm: GraphModule) -> None:
                 new.meta.update(node.meta)
                 new.meta[EMITTED] = True
                 node.replace_all_uses_with(new)
-    graph.eliminate_dead_code()
-    gm.recompile()
+                bypassed.append(node)
+    return bypassed
 
 
 def _is_emitted_reshape(node: Node) -> bool:
@@ -71,7 +76,7 @@ def _has_inplace_user(node: Node) -> bool:
             if u in seen:
                 continue
             seen.add(u)
-            if sp.is_inplace(u):
+            if sp.mutates(u):
                 return True
             if sp.is_reshape(u) is not None or sp.permutation_of(u) is not None:
                 stack.append(u)

@@ -197,11 +197,24 @@ def permutation_of(node: Node) -> tuple[Node, list[int]] | None:
 
 
 def identity_input(node: Node) -> Node | None:
-    """x for value-preserving ops that keep shape and dtype: contiguous, clone, detach."""
-    if _method(node, "contiguous", "clone", "detach") or _func(node, torch.clone):
+    """x for ops that keep value, shape, dtype and autograd: contiguous, clone."""
+    if _method(node, "contiguous", "clone") or _func(node, torch.clone):
         x = node.args[0]
         return x if isinstance(x, Node) else None
     return None
+
+
+def detach_input(node: Node) -> Node | None:
+    """x for x.detach() / torch.detach(x): the value of x, with gradients stopped."""
+    if _method(node, "detach") or _func(node, torch.detach):
+        x = node.args[0]
+        return x if isinstance(x, Node) else None
+    return None
+
+
+def requires_grad(node: Any) -> bool:
+    """Whether the traced value of `node` takes part in autograd (Dynamo records it per node)."""
+    return bool(getattr(value_of(node), "requires_grad", False))
 
 
 def dropout_input(node: Node) -> Node | None:
@@ -345,6 +358,135 @@ def is_unsqueeze_like(node: Node) -> Node | None:
     return None
 
 
-def is_inplace(node: Node) -> bool:
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+_INPLACE_OPERATORS = {
+    operator.setitem,
+    operator.delitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.imatmul,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+}
+
+
+def mutates(node: Node) -> bool:
+    """Whether `node` writes into a tensor (or container) it was given: `x.add_(..)`, `x[i] = y`,
+    `x *= c`, `torch.relu_(x)`, an `out=` argument, an op whose schema mutates an input."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS or "out" in node.kwargs:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
     return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+
+
+# ops whose result may share storage with their first argument (views, and ops that return their
+# input unchanged when there is nothing to do: contiguous, reshape, to, float, ...)
+_MAY_ALIAS = {
+    "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "swapdims", "permute",
+    "movedim", "moveaxis", "t", "T", "mT", "H", "mH", "expand", "expand_as", "unsqueeze", "squeeze",
+    "flatten", "unflatten", "narrow", "select", "diagonal", "as_strided", "getitem", "detach",
+    "alias", "split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit", "contiguous",
+    "to", "type", "type_as", "float", "half", "bfloat16", "double", "bool", "int", "long", "real",
+    "imag", "view_as_real", "view_as_complex", "unfold", "split_with_sizes", "broadcast_to",
+    "atleast_1d", "atleast_2d", "atleast_3d",
+}  # fmt: skip
+
+
+# ops that only make a view: they never read the data, so a write before the consumer that
+# reads through them is seen by that consumer
+_VIEWS = {
+    "view", "view_as", "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
+    "unsqueeze", "squeeze", "expand", "expand_as", "unflatten", "narrow", "select", "diagonal",
+    "as_strided", "detach", "alias", "unfold", "broadcast_to",
+}  # fmt: skip
+
+
+def is_view(node: Node) -> bool:
+    """Whether `node` is a view of its first argument that copies nothing (transpose, view,
+    expand, basic slicing, ...)."""
+    if node.op == "call_method":
+        return node.target in _VIEWS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return node.args[1] in ("T", "mT", "H", "mH")
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return is_tensor_node(node.args[0]) and all(
+            i is None or i is Ellipsis or isinstance(i, int | slice) for i in index
+        )
+    return getattr(node.target, "__name__", "") in _VIEWS
+
+
+def may_alias_input(node: Node) -> bool:
+    """Whether `node`'s result may share storage with its first argument."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return isinstance(name, str) and name.strip("_") in _MAY_ALIAS
+
+
+def is_mutated(node: Node) -> bool:
+    """Whether some node writes into `node`'s tensor, directly or through a view of it."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if mutates(u) and u.args and u.args[0] is n:
+                return True
+            if may_alias_input(u) and u.args and u.args[0] is n:
+                stack.append(u)
+    return False
+
+
+_RANDOM_NAMES = {
+    "bernoulli",
+    "normal",
+    "multinomial",
+    "poisson",
+    "uniform",
+    "exponential",
+    "cauchy",
+    "geometric",
+    "log_normal",
+    "random",
+    "rrelu",
+    "fractional_max_pool2d",
+    "fractional_max_pool3d",
+}
+
+
+def is_random(node: Node) -> bool:
+    """Whether `node` draws random numbers (its value differs per call; removing it would shift
+    the random stream the rest of the program sees)."""
+    if node.op not in ("call_function", "call_method") or dropout_input(node) is not None:
+        return False  # a dropout that does nothing (eval mode, p == 0) draws nothing
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if not isinstance(name, str):
+        return False
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return True
+    base = name.lower().strip("_")
+    return base.startswith("rand") or "dropout" in base or base in _RANDOM_NAMES

@@ -1,0 +1,426 @@
+"""A rewrite changes nothing but the speed: side effects, gradients, blocked rows, precision and
+random numbers come out as eager's. One test per way the pass was once wrong."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fv_compile
+
+D = 8
+
+
+def qkv(*shape, dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)
+    ]
+
+
+def run_both(model, *args, compiler="eager", grad=False, seed=None):
+    """`(compiled output, eager output, compiled model, eager twin)`; the twin is a deepcopy
+    made before compiling, so buffers can be compared after the call."""
+    twin = copy.deepcopy(model)
+    cm = fv_compile.compile(model, "TORCH_SDPA", compiler=compiler)
+    ctx = torch.enable_grad if grad else torch.no_grad
+    with ctx():
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = cm(*args)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ref = twin(*args)
+    return out, ref, cm, twin
+
+
+def statuses(cm):
+    return [s.status for s in cm.explain().sites]
+
+
+# --- 1. side effects ---------------------------------------------------------------------------
+
+
+class WritesBuffers(torch.nn.Module):
+    """A step counter, a static KV cache filled by copy_ / index_copy_ / setitem, around SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+        self.register_buffer("k_cache", torch.zeros(2, 4, 6, D))
+        self.register_buffer("v_cache", torch.zeros(2, 4, 6, D))
+        self.register_buffer("q_seen", torch.zeros(2, 4, 2, D))
+
+    def forward(self, q, k, v):
+        self.steps.add_(1)
+        self.k_cache.copy_(k)
+        self.v_cache.index_copy_(2, torch.arange(6), v)
+        self.q_seen[:, :, :2] = q[:, :, :2]
+        return F.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
+
+
+def test_inplace_writes_to_buffers_survive_the_rewrite():
+    out, ref, cm, twin = run_both(WritesBuffers(), *qkv(2, 4, 6, D))
+    assert statuses(cm) == ["rewritten"]
+    torch.testing.assert_close(out, ref)
+    for name, buf in cm._orig_mod.named_buffers():
+        torch.testing.assert_close(buf, dict(twin.named_buffers())[name], msg=name)
+    assert cm._orig_mod.steps.item() == 1
+
+
+class NeighbourWithInplaceMask(torch.nn.Module):
+    """Site A is rewritten; site B masks its scores in place (left alone: the scores have two
+    users). The unused result of B's masked_fill_ must not be removed with A's dead nodes."""
+
+    def forward(self, q, k, v, keep):
+        a = F.scaled_dot_product_attention(q, k, v)
+        s = q @ k.transpose(-1, -2) * D**-0.5
+        s.masked_fill_(~keep, float("-inf"))
+        b = s.softmax(-1) @ v
+        return a + b
+
+
+def test_an_unused_inplace_mask_of_a_skipped_neighbour_is_kept():
+    q, k, v = qkv(2, 4, 6, D)
+    keep = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(1)) > 0.4
+    keep[..., 0] = True
+    out, ref, cm, _ = run_both(NeighbourWithInplaceMask(), q, k, v, keep)
+    assert sorted(statuses(cm)) == ["rewritten", "skipped"]
+    torch.testing.assert_close(out, ref)
+
+
+class WritesInsideTheSite(torch.nn.Module):
+    """k and v are the same tensor; it is scaled in place after the scores read it."""
+
+    def forward(self, q, x):
+        s = (q @ x.transpose(-1, -2)) * D**-0.5
+        p = s.softmax(-1)
+        x.mul_(2)
+        return p @ x
+
+
+def test_a_write_between_the_score_and_value_products_leaves_the_site_alone():
+    q, x, _ = qkv(2, 4, 6, D)
+    out, ref, cm, _ = run_both(WritesInsideTheSite(), q, x.clone())
+    (site,) = cm.explain().sites
+    assert site.status == "skipped" and "in place" in site.reason
+    x2 = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(out, WritesInsideTheSite()(q, x2))
+
+
+class MutatedConstantMask(torch.nn.Module):
+    """A mask built from constants, then changed in place: not a constant any more."""
+
+    def forward(self, q, k, v):
+        keep = torch.ones(6, 6, dtype=torch.bool)
+        keep[:, 3:] = False
+        s = (q @ k.transpose(-1, -2)) * D**-0.5
+        return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def test_a_constant_mask_written_in_place_is_not_folded_away():
+    out, ref, cm, _ = run_both(MutatedConstantMask(), *qkv(2, 4, 6, D))
+    torch.testing.assert_close(out, ref)
+
+
+# --- 2. learned masks get their gradient -------------------------------------------------------
+
+
+class RelativePositionBias(torch.nn.Module):
+    """Swin-style: a learned table indexed by relative position, added to the scores."""
+
+    def __init__(self, heads=4, n=6):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(2 * n - 1, heads))
+        pos = torch.arange(n)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + n - 1)
+        self.q_proj = torch.nn.Linear(D, D)
+
+    def forward(self, x, k, v):
+        q = self.q_proj(x)
+        bias = self.table[self.index].permute(2, 0, 1)
+        return ((q @ k.transpose(-1, -2)) * D**-0.5 + bias).softmax(-1) @ v
+
+
+class BaddbmmBias(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.randn(1, 6, 6))
+
+    def forward(self, q, k, v):
+        s = torch.baddbmm(self.bias, q, k.transpose(1, 2), beta=0.5, alpha=D**-0.5)
+        return torch.bmm(s.softmax(-1), v)
+
+
+@pytest.mark.parametrize(
+    "model,shape", [(RelativePositionBias(), (2, 4, 6, D)), (BaddbmmBias(), (8, 6, D))], ids=["table", "baddbmm"]
+)
+def test_a_learned_additive_bias_gets_eagers_gradient(model, shape):
+    args = qkv(*shape, requires_grad=True)
+    out, ref, cm, twin = run_both(model, *args, compiler="aot_eager", grad=True)
+    assert statuses(cm) == ["rewritten"]
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [*cm._orig_mod.parameters(), *args], g)
+    want = torch.autograd.grad(ref, [*twin.parameters(), *args], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# --- 3. stop-gradients -------------------------------------------------------------------------
+
+
+class DetachedKey(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = torch.nn.Linear(D, D), torch.nn.Linear(D, D)
+
+    def forward(self, x):
+        q, k = self.q_proj(x), self.k_proj(x).detach()
+        return ((q @ k.transpose(-1, -2)) * D**-0.5).softmax(-1) @ x
+
+
+def test_a_detached_key_stops_gradients_as_in_eager():
+    x = torch.randn(2, 4, 6, D, requires_grad=True)
+    out, ref, cm, twin = run_both(DetachedKey(), x, compiler="aot_eager", grad=True)
+    assert statuses(cm) == ["rewritten"]
+    out.sum().backward()
+    ref.sum().backward()
+    assert cm._orig_mod.k_proj.weight.grad is None and twin.k_proj.weight.grad is None
+    torch.testing.assert_close(cm._orig_mod.q_proj.weight.grad, twin.q_proj.weight.grad)
+
+
+class DetachedWeights(torch.nn.Module):
+    def forward(self, q, k, v):
+        return ((q @ k.transpose(-1, -2)) * D**-0.5).softmax(-1).detach() @ v
+
+
+def test_detached_attention_weights_leave_the_site_alone_when_gradients_flow():
+    args = qkv(2, 4, 6, D, requires_grad=True)
+    out, ref, cm, _ = run_both(DetachedWeights(), *args, compiler="aot_eager", grad=True)
+    (site,) = cm.explain().sites
+    assert site.status == "skipped" and "detached" in site.reason
+    torch.testing.assert_close(out, ref)
+
+
+def test_a_detach_that_stops_nothing_is_looked_through_under_no_grad():
+    out, ref, cm, _ = run_both(DetachedWeights(), *qkv(2, 4, 6, D))
+    assert statuses(cm) == ["rewritten"]
+    torch.testing.assert_close(out, ref)
+
+
+# --- 4. fully masked rows ----------------------------------------------------------------------
+
+
+class FilledScores(torch.nn.Module):
+    def __init__(self, fill, spelling="masked_fill"):
+        super().__init__()
+        self.fill, self.spelling = fill, spelling
+
+    def forward(self, q, k, v, keep):
+        s = (q @ k.transpose(-1, -2)) * D**-0.5
+        if self.spelling == "masked_fill":
+            s = s.masked_fill(~keep, self.fill)
+        else:
+            s = torch.where(keep, s, self.fill)
+        return s.softmax(-1) @ v
+
+
+def _keep_with_empty_rows():
+    keep = torch.rand(2, 4, 6, 6, generator=torch.Generator().manual_seed(2)) > 0.5
+    keep[..., 0] = True
+    keep[0, :, 1] = False  # every key of query 1 blocked, batch 0
+    keep[1, 2, 4] = False  # and of query 4, batch 1, head 2
+    return keep
+
+
+FILLS = [float("-inf"), -1e9, -1e4, torch.finfo(torch.float32).min]
+
+
+@pytest.mark.parametrize("spelling", ["masked_fill", "where"])
+@pytest.mark.parametrize("fill", FILLS, ids=["-inf", "-1e9", "-1e4", "finfo.min"])
+def test_fully_masked_rows_keep_eagers_values(fill, spelling):
+    q, k, v = qkv(2, 4, 6, D)
+    out, ref, cm, _ = run_both(FilledScores(fill, spelling), q, k, v, _keep_with_empty_rows())
+    assert statuses(cm) == ["rewritten"]
+    if fill == -math.inf:
+        assert ref[0, :, 1].isnan().all()  # eager: softmax of -inf logits
+    else:
+        torch.testing.assert_close(ref[0, :, 1], v[0].mean(1))  # eager: a uniform row
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+class SdpaBoolMask(torch.nn.Module):
+    def forward(self, q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+def test_fully_masked_rows_of_sdpa_stay_as_sdpa_gives_them():
+    q, k, v = qkv(2, 4, 6, D)
+    out, ref, cm, _ = run_both(SdpaBoolMask(), q, k, v, _keep_with_empty_rows())
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
+class PaddingMaskFloat32Min(torch.nn.Module):
+    """HF style: an additive float32 mask of finfo.min, bf16 attention, softmax in float32."""
+
+    def forward(self, q, k, v, keep):
+        bias = (1.0 - keep.float()) * torch.finfo(torch.float32).min
+        s = (q @ k.transpose(-1, -2)) * D**-0.5 + bias
+        return s.float().softmax(-1).to(q.dtype) @ v
+
+
+def test_a_float32_min_padding_mask_keeps_uniform_rows_in_bfloat16():
+    q, k, v = qkv(2, 4, 6, D, dtype=torch.bfloat16)
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[0] = False  # batch 0: every key is padding
+    out, ref, cm, _ = run_both(PaddingMaskFloat32Min(), q, k, v, keep)
+    assert statuses(cm) == ["rewritten"]
+    assert not ref.isnan().any()
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9], ids=["-inf", "-1e9"])
+def test_gradients_through_fully_masked_rows_match_eager(fill):
+    q, k, v = qkv(2, 4, 6, D, requires_grad=True)
+    keep = _keep_with_empty_rows()
+    out, ref, _, _ = run_both(FilledScores(fill), q, k, v, keep, compiler="aot_eager", grad=True)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)
+
+
+class PadThenCausal(torch.nn.Module):
+    def forward(self, q, k, v, keep):
+        s = (q @ k.transpose(-1, -2)) * D**-0.5
+        s = s.masked_fill(~keep, float("-inf"))
+        return s.masked_fill(~keep.transpose(-1, -2), -1e9).softmax(-1) @ v
+
+
+def test_a_finite_fill_next_to_another_mask_is_left_alone():
+    q, k, v = qkv(2, 4, 6, D)
+    out, ref, cm, _ = run_both(PadThenCausal(), q, k, v, _keep_with_empty_rows())
+    (site,) = cm.explain().sites
+    assert site.status == "skipped" and "finite fill" in site.reason
+    torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+# --- 5. precision ------------------------------------------------------------------------------
+
+
+class Float32Attention(torch.nn.Module):
+    """bf16 activations, attention run in float32 on purpose, float32 result kept."""
+
+    def forward(self, q, k, v):
+        s = (q.float() @ k.float().transpose(-1, -2)) * D**-0.5
+        return s.softmax(-1) @ v.float()
+
+
+class CastBackAfter(Float32Attention):
+    def forward(self, q, k, v):
+        return super().forward(q, k, v).to(torch.bfloat16)
+
+
+def _float64_reference(q, k, v):
+    q, k, v = (x.double() for x in (q, k, v))
+    return ((q @ k.transpose(-1, -2)) * D**-0.5).softmax(-1) @ v
+
+
+def test_an_explicit_float32_attention_stays_float32():
+    q, k, v = qkv(2, 4, 16, D, dtype=torch.bfloat16)
+    out, ref, cm, _ = run_both(Float32Attention(), q, k, v)
+    (site,) = cm.explain().sites
+    assert site.status == "rewritten" and site.dtype == "float32"
+    want = _float64_reference(q, k, v)
+    assert out.dtype == torch.float32
+    assert (out.double() - want).abs().max() < 1e-5  # bf16 rounding would be ~1e-2
+
+
+def test_an_upcast_cast_back_right_after_runs_in_the_low_dtype():
+    q, k, v = qkv(2, 4, 16, D, dtype=torch.bfloat16)
+    out, ref, cm, _ = run_both(CastBackAfter(), q, k, v)
+    (site,) = cm.explain().sites
+    assert site.status == "rewritten" and site.dtype == "bfloat16"
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+# --- 6. random masks ---------------------------------------------------------------------------
+
+
+class RandomMask(torch.nn.Module):
+    """A dropout-like key mask drawn in forward; most draws keep every key."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        if self.how == "rand":
+            keep = torch.rand(6, 6) > 0.02
+        else:
+            keep = torch.bernoulli(torch.full((6, 6), 0.98)).bool()
+        s = (q @ k.transpose(-1, -2)) * D**-0.5
+        return s.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def _seed_whose_draw(how, keeps_all: bool) -> int:
+    for seed in range(10_000):
+        torch.manual_seed(seed)
+        keep = torch.rand(6, 6) > 0.02 if how == "rand" else torch.bernoulli(torch.full((6, 6), 0.98))
+        if bool(keep.bool().all()) == keeps_all and (keeps_all or bool(keep.bool().any(-1).all())):
+            return seed
+    raise AssertionError("no such seed")
+
+
+@pytest.mark.parametrize("how", ["rand", "bernoulli"])
+def test_a_random_mask_is_drawn_on_every_call_never_folded(how):
+    """The first call compiles while the draw keeps every key; a mask folded at compile time
+    would then be "no mask" forever."""
+    q, k, v = qkv(2, 4, 6, D)
+    out, ref, cm, twin = run_both(RandomMask(how), q, k, v, seed=_seed_whose_draw(how, True))
+    torch.testing.assert_close(out, ref)
+    seed = _seed_whose_draw(how, False)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        out = cm(q, k, v)
+        torch.manual_seed(seed)
+        ref = twin(q, k, v)
+    torch.testing.assert_close(out, ref)
+
+
+# --- 7. a fill is judged where the softmax sees it ---------------------------------------------
+
+
+class FillThenScale(torch.nn.Module):
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-1, -2)
+        return (s.masked_fill(~keep, self.fill) / 4096).softmax(-1) @ v
+
+
+def test_a_fill_a_later_scale_shrinks_out_of_blocking_range_leaves_the_site_alone():
+    q, k, v = qkv(2, 4, 6, D)
+    keep = _keep_with_empty_rows()
+    out, ref, cm, _ = run_both(FillThenScale(-1e4), q, k, v, keep)
+    (site,) = cm.explain().sites
+    assert site.status == "skipped" and "-2.44" in site.reason
+    torch.testing.assert_close(out, ref)
+
+
+def test_a_fill_still_blocking_after_a_later_scale_is_rewritten():
+    q, k, v = qkv(2, 4, 6, D)
+    out, ref, cm, _ = run_both(FillThenScale(-1e9), q, k, v, _keep_with_empty_rows())
+    assert statuses(cm) == ["rewritten"]
+    torch.testing.assert_close(out, ref)
