@@ -262,7 +262,9 @@ def attention_backward(
     if mask_grad:
         assert mask is not None
         dims = [d for d in range(4) if mask.shape[d] == 1 and dmask.shape[d] != 1]
-        out.append(dmask.sum(dims, keepdim=True).to(mask.dtype).contiguous())
+        if dims:  # (an empty dim list would sum over everything)
+            dmask = dmask.sum(dims, keepdim=True)
+        out.append(dmask.to(mask.dtype).contiguous())
     return out
 
 

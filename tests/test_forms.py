@@ -462,19 +462,6 @@ class TestNumerics(expecttest.TestCase):
         self.assertEqual((sites[0].status, sites[0].mask), ("rewritten", "additive"))
         self.assertAlmostEqual(sites[0].scale, 0.3)
 
-    def test_in_place_masked_fill_that_dynamo_does_not_thread_is_left_alone(self):
-        def fn(q, k, v, masked):
-            s = q @ k.transpose(-2, -1)
-            s.masked_fill_(masked, float("-inf"))
-            return s.softmax(-1) @ v
-
-        q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
-        masked = torch.ones(S, S, dtype=torch.bool).triu(1)
-        text, sites, _, out = rewrite(fn, q, k, v, masked)
-        assert_close(out, fn(q, k, v, masked))
-        self.assertNotIn("fv_compile.attention", text)
-        self.assertEqual(sites[0].status, "skipped")
-
     def test_bf16_with_fp32_softmax(self):
         q, k, v = (x.transpose(1, 2).bfloat16() for x in qkv_bshd())
         _, sites, _, out = rewrite(matmul_prescaled_q_upcast, q, k, v)

@@ -73,24 +73,15 @@ def test_inplace_writes_to_buffers_survive_the_rewrite():
 
 
 class NeighbourWithInplaceMask(torch.nn.Module):
-    """Site A is rewritten; site B masks its scores in place (left alone: the scores have two
-    users). The unused result of B's masked_fill_ must not be removed with A's dead nodes."""
+    """Site A is rewritten; site B masks its scores in place and is left alone (its scores are
+    also returned). The unused result of B's masked_fill_ must not go with A's dead nodes."""
 
     def forward(self, q, k, v, keep):
         a = F.scaled_dot_product_attention(q, k, v)
         s = q @ k.transpose(-1, -2) * D**-0.5
         s.masked_fill_(~keep, float("-inf"))
         b = s.softmax(-1) @ v
-        return a + b
-
-
-def test_an_unused_inplace_mask_of_a_skipped_neighbour_is_kept():
-    q, k, v = qkv(2, 4, 6, D)
-    keep = torch.rand(2, 1, 6, 6, generator=torch.Generator().manual_seed(1)) > 0.4
-    keep[..., 0] = True
-    out, ref, cm, _ = run_both(NeighbourWithInplaceMask(), q, k, v, keep)
-    assert sorted(statuses(cm)) == ["rewritten", "skipped"]
-    torch.testing.assert_close(out, ref)
+        return a + b, s.amax()
 
 
 class WritesInsideTheSite(torch.nn.Module):

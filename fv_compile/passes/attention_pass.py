@@ -17,6 +17,7 @@ from fv_compile.passes.dead_code import erase_dead
 from fv_compile.passes.find_sites import find_attention_sites
 from fv_compile.passes.rewrite import rewrite_site
 from fv_compile.passes.simplify_views import simplify_views
+from fv_compile.passes.subgraph import emitted_closure, lift
 from fv_compile.passes.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import SitePolicy
 
@@ -25,11 +26,25 @@ _DENSE = {"TORCH_SDPA", "TRITON_ATTN", "FLASH_ATTN"}
 
 
 @dataclass
+class SiteRewrite:
+    """One rewritten site lifted out of the graph: the traced nodes it replaced and the nodes
+    that replaced them, each a GraphModule whose placeholders are named after the nodes of the
+    traced graph that feed it."""
+
+    site: AttentionSite
+    original: GraphModule
+    original_inputs: list[str]
+    rewritten: GraphModule
+    rewritten_inputs: list[str]
+
+
+@dataclass
 class PassResult:
     gm: GraphModule
     sites: list[AttentionSite]
     non_attention: list[NonAttentionSoftmax]
     metadata_backends: list[str] = field(default_factory=list)  # backends whose builder runs
+    rewrites: list[SiteRewrite] = field(default_factory=list)  # when asked for (`record`)
 
 
 def copy_graph_module(gm: GraphModule) -> GraphModule:
@@ -40,13 +55,18 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, graph)
 
 
-def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) -> PassResult:
-    """Rewrite every provable attention site of a copy of `gm`; `gm` itself is left untouched."""
+def attention_pass(
+    gm: GraphModule, policy: SitePolicy, graph_index: int = 0, *, record: bool = False
+) -> PassResult:
+    """Rewrite every provable attention site of a copy of `gm`; `gm` itself is left untouched.
+    With `record`, each rewritten site is also lifted out, before and after (`SiteRewrite`)."""
     new = copy_graph_module(gm)
+    rewrites: list[SiteRewrite] = []
     matches, skipped, others = find_attention_sites(new, graph_index)
     sites: list[AttentionSite] = list(skipped)
     replaced: dict[Node, Node] = {}
     emitted: list[Node] = []
+    owned_writes: list[Node] = []
     md_backends: list[str] = []
     for match in matches:
         site = match.site
@@ -70,21 +90,36 @@ def attention_pass(gm: GraphModule, policy: SitePolicy, graph_index: int = 0) ->
             empty_rows=match.empty_rows,
             fill=match.fill,
         )
+        first_emitted = len(emitted)
         if rewrite_site(new, match, sid, replaced, emitted) is None:
             site.status, site.reason = SKIPPED, "internal check failed: rewritten output would differ"
             sites.append(site)
             continue
         site.status = REWRITTEN
+        owned_writes.extend(match.owned_writes)
+        if record:
+            rewrites.append(_lift_site(new, match, replaced, set(emitted[first_emitted:])))
         if registry.needs_metadata(cls) and name not in md_backends:
             md_backends.append(name)
         sites.append(site)
     if matches:
         bypassed = simplify_views(new)
         # only what the rewrite made dead goes: the replaced outputs and the chains into them
-        erase_dead(new.graph, [*replaced, *reversed(emitted), *bypassed])
+        erase_dead(new.graph, [*replaced, *reversed(emitted), *bypassed], owned_writes)
         new.recompile()
     sites.sort(key=lambda s: _node_order(new, gm, s))
-    return PassResult(new, sites, others, md_backends)
+    return PassResult(new, sites, others, md_backends, rewrites)
+
+
+def _lift_site(gm: GraphModule, match, replaced: dict[Node, Node], own: set[Node]) -> SiteRewrite:
+    original, original_inputs = lift(gm, match.nodes, match.output)
+    # an operand that an earlier site's op now computes is fed the traced node's value
+    traced = {new: old for old, new in replaced.items()}
+    out = replaced[match.output]
+    rewritten, rewritten_inputs = lift(
+        gm, emitted_closure(out, own.__contains__), out, lambda n: traced.get(n, n).name
+    )
+    return SiteRewrite(match.site, original, original_inputs, rewritten, rewritten_inputs)
 
 
 def construct_impl(impl_cls: type, site: AttentionSite) -> Any:

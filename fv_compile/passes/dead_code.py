@@ -16,14 +16,16 @@ from torch.fx import Graph, Node
 from fv_compile.passes import spellings as sp
 
 
-def erase_dead(graph: Graph, roots: Iterable[Node]) -> int:
+def erase_dead(graph: Graph, roots: Iterable[Node], owned_writes: Iterable[Node] = ()) -> int:
     """Erase `roots` that have no users, and transitively the inputs only they used; returns
-    how many nodes were erased."""
-    stack = list(roots)
+    how many nodes were erased. `owned_writes` are in-place ops on a rewritten site's own
+    intermediates (its scores): they go with the site."""
+    owned = set(owned_writes)
+    stack = [*owned, *roots]
     erased: set[Node] = set()
     while stack:
         n = stack.pop()
-        if n in erased or n.users or not _removable(n):
+        if n in erased or n.users or not (n in owned or _removable(n)):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)

@@ -13,6 +13,7 @@ What cannot be proven is not matched: the site is reported as skipped, with the 
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,10 @@ class MaskTerm:
     kind: str  # "attend" (bool, True = attend) | "masked" (bool, True = masked) | "additive"
     coef: float = 1.0  # additive: the factor the term reaches the softmax with
     fill: float | None = None  # attend/masked from a fill: the value blocked logits end at
+    # how to bring the term from the view of the scores it was applied in to the scores' own
+    # shape, innermost first: ("regroup", view shape, scores shape) undoes a reshape of the
+    # leading dims; ("slice", index, full shape) places a term written into a slice
+    embed: list[tuple] = field(default_factory=list)
 
 
 @dataclass
@@ -76,6 +81,7 @@ class AttentionMatch:
     fill: float | None = None  # "uniform": the finite value blocked logits end at
     nodes: list[Node] = field(default_factory=list)  # the site's own nodes, operands excluded
     compute_dtype: torch.dtype | None = None  # q, k and v go to the op in this dtype
+    owned_writes: list[Node] = field(default_factory=list)  # in-place ops on the site's scores
 
 
 # --- entry point -------------------------------------------------------------------------------
@@ -202,11 +208,12 @@ def _match_sdpa(gm: GraphModule, node: Node) -> AttentionMatch:
 
 def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
     x, dim, sm_dtype = sp.softmax_dim(sm)  # type: ignore[misc]
-    found = _walk_scores(x, [], 0)
+    walk = _ScoreWalk(dim)
+    found = walk.walk(x, [], 0, sm)
     if found is None:
         raise NotAttention("its input is not a product of two tensors (matmul/bmm/einsum)")
     s_raw, ops = found
-    probs_end, out, value_operand, post = _walk_probs(sm)
+    probs_end, out, value_operand, post, perm = _walk_probs(sm)
     ss = _static_shape(s_raw)
     if ss is None or len(ss) < 2:
         raise Unsupported("the scores have dynamic or too few dims")
@@ -217,18 +224,21 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
     a_op, b_op, score_labels, sizes, form, scale, masks = contraction
     if score_labels[sdim] != "j":
         raise NotAttention(f"softmax over dim {dim}, not the key axis of q @ k^T")
+    probs_labels = [score_labels[d] for d in perm]
 
-    for path_node in [s_raw] + [o[1] for o in ops]:
-        _require_single_user(path_node, "scores")
-    _require_single_user(x, "scores")
+    for path_node in [s_raw] + [o[1] for o in ops if o[1] not in walk.inplace]:
+        _require_single_user(path_node, "scores", walk.own_readers)
+    _require_single_user(x, "scores", walk.own_readers)
     for n in [sm] + post:
         _require_single_user(n, "attention weights")
 
+    folding = _ScoreOps(masks, scale)
     for op in ops:
-        scale = _apply_score_op(op, masks, scale)
+        folding.apply(op)
+    scale = folding.finish()
     _check_fills(masks)
 
-    out_labels, v_labels = _value_contraction(out, probs_end, value_operand, score_labels, sizes)
+    out_labels, v_labels = _value_contraction(out, probs_end, value_operand, probs_labels, sizes)
     return _finish(
         gm,
         sm,
@@ -243,56 +253,156 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
         masks=masks,
         causal=False,
         form=form,
+        inplace=walk.inplace,
     )
 
 
-def _walk_scores(node: Any, ops: list[tuple], depth: int) -> tuple[Node, list[tuple]] | None:
-    """Walk back from the softmax input to the score contraction; `ops` in forward order."""
-    if not isinstance(node, Node) or depth > 24:
-        return None
-    if (
-        sp.matmul_operands(node) is not None
-        or sp.einsum_operands(node) is not None
-        or sp.baddbmm_operands(node) is not None
+class _ScoreWalk:
+    """Walks back from the softmax input to the score contraction, collecting the ops between
+    (in forward order), the extra readers of the scores that are the site's own (a row-max
+    shift's reduction), and the in-place ops on the scores that the site absorbs."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.own_readers: set[Node] = set()  # users of a score node that do not count as reuse
+        self.inplace: list[Node] = []  # in-place ops on the scores, now part of the site
+
+    def walk(
+        self, node: Any, ops: list[tuple], depth: int = 0, consumer: Node | None = None, stop=None
     ):
-        return node, ops
-    r = sp.scalar_factor(node)
-    if r is not None:
-        return _walk_scores(r[0], [("scale", node, r[1])] + ops, depth + 1)
-    c = sp.cast_input(node) or sp.identity_input(node) or _harmless_detach(node, "scores")
-    if c is not None:
-        return _walk_scores(c, [("noop", node)] + ops, depth + 1)
-    ts = sp.tensor_factor(node)
-    if ts is not None:
-        return _walk_scores(ts, [("tensor_scale", node)] + ops, depth + 1)
-    t = sp.additive_terms(node)
-    if t is not None:
-        a, b, sign = t
-        if isinstance(b, Node) and sp.is_tensor_node(b):
-            got = _walk_scores(a, [("add", node, b, sign)] + ops, depth + 1)
-        else:
-            got = _walk_scores(a, [("noop", node)] + ops, depth + 1)  # + constant: softmax-invariant
-        if got is None and sign == 1.0 and isinstance(b, Node):
-            got = _walk_scores(b, [("add", node, a, 1.0)] + ops, depth + 1)
-        return got
-    mf = sp.masked_fill_args(node)
-    if mf is not None:
-        return _walk_scores(mf[0], [("fill", node, mf[1], mf[2])] + ops, depth + 1)
-    w = sp.where_args(node)
-    if w is not None:
-        cond, a, b = w
-        got = None
-        if isinstance(a, Node) and sp.is_tensor_node(a):
-            got = _walk_scores(a, [("where_keep", node, cond, b)] + ops, depth + 1)
-        if got is None and isinstance(b, Node) and sp.is_tensor_node(b):
-            got = _walk_scores(b, [("where_fill", node, cond, a)] + ops, depth + 1)
-        return got
-    return None
+        if not isinstance(node, Node) or depth > 24:
+            return None
+        if node is stop:
+            return node, ops
+        ops = self._inplace_ops(node, consumer) + ops
+        if (
+            sp.matmul_operands(node) is not None
+            or sp.einsum_operands(node) is not None
+            or sp.baddbmm_operands(node) is not None
+        ):
+            return node, ops
+        step = self._step(node)
+        if step is None:
+            return None
+        for source, op in step:
+            got = self.walk(source, [op] + ops, depth + 1, node, stop)
+            if got is not None:
+                return got
+        return None
+
+    def _step(self, node: Node) -> list[tuple[Any, tuple]] | None:
+        """Where the walk may go from `node`: `[(its scores input, the op it applies)]`."""
+        src = sp.is_reshape(node)
+        if src is not None:
+            shapes = _static_shape(src), _static_shape(node)
+            if None not in shapes and (
+                regroup_dims(*shapes) is not None or regroup_dims(*reversed(shapes)) is not None  # type: ignore[arg-type]
+            ):
+                return [(src, ("regroup", node, *shapes))]
+            return None
+        r = sp.scalar_factor(node)
+        if r is not None:
+            return [(r[0], ("scale", node, r[1]))]
+        c = sp.cast_input(node) or sp.identity_input(node) or _harmless_detach(node, "scores")
+        if c is not None:
+            return [(c, ("noop", node))]
+        ts = sp.tensor_factor(node)
+        if ts is not None:
+            return [(ts, ("tensor_scale", node))]
+        t = sp.additive_terms(node)
+        if t is not None:
+            a, b, sign = t
+            if isinstance(b, Node) and sign == -1.0 and self._is_row_shift(b, a):
+                return [(a, ("noop", node))]  # s - s.amax(-1, keepdim=True): softmax-invariant
+            if not (isinstance(b, Node) and sp.is_tensor_node(b)):
+                return [(a, ("noop", node))]  # + a constant: softmax-invariant
+            steps = [(a, ("add", node, b, sign))]
+            if sign == 1.0:
+                steps.append((b, ("add", node, a, 1.0)))
+            return steps
+        mf = sp.masked_fill_args(node)
+        if mf is not None:
+            return [(mf[0], ("fill", node, mf[1], mf[2]))]
+        w = sp.where_args(node)
+        if w is not None:
+            cond, a, b = w
+            steps = []
+            if isinstance(a, Node) and sp.is_tensor_node(a):
+                steps.append((a, ("where_keep", node, cond, b)))
+            if isinstance(b, Node) and sp.is_tensor_node(b):
+                steps.append((b, ("where_fill", node, cond, a)))
+            return steps
+        return None
+
+    def _is_row_shift(self, b: Node, a: Any) -> bool:
+        nd = len(_static_shape(a) or ())
+        if not nd or sp.row_reduction_input(b, self.dim % nd) is not a:
+            return False
+        chain, n = [], b
+        while n is not a:  # getitem / values -> max -> detach -> a
+            chain.append(n)
+            n = n.args[0]
+        self.own_readers.update(chain)
+        return True
+
+    def _inplace_ops(self, node: Node, consumer: Node | None) -> list[tuple]:
+        """In-place ops on the scores `node` before `consumer` reads it, as the ops they apply
+        (an unthreaded `s.masked_fill_(m, -inf)` leaves `s` as the softmax's input)."""
+        # (a traced `s *= c` is the consumer itself: the walk goes through it as an op)
+        writers = [
+            u for u in node.users if sp.mutates(u) and u.args and u.args[0] is node and u is not consumer
+        ]
+        if not writers:
+            return []
+        order = {n: i for i, n in enumerate(node.graph.nodes)}
+        ops = []
+        for u in sorted(writers, key=order.__getitem__):
+            if consumer is not None and order[u] > order[consumer]:
+                raise Unsupported(f"`{u.name}` writes into the scores after they are read")
+            if _is_slice_update(u, node):
+                ops += self._slice_update(u, node)
+                continue
+            if sp.inplace_target(u) is not node or u.users:
+                raise Unsupported(f"the scores are written in place by `{u.name}`")
+            if consumer is not None and order[u] > order[consumer]:
+                raise Unsupported(f"`{u.name}` writes into the scores after they are read")
+            step = self._step(u)
+            if step is None or len(step) != 1 or step[0][0] is not node:
+                raise Unsupported(f"the scores are written in place by `{u.name}`")
+            ops.append(step[0][1])
+            self.inplace.append(u)
+            self.own_readers.add(u)
+        return ops
+
+    def _slice_update(self, u: Node, node: Node) -> list[tuple]:
+        """`s[idx] = f(s[idx])` where f adds terms (through reshapes of the slice): the same as
+        adding those terms, placed in the slice and zero elsewhere (decomposed relative
+        position biases, as MViT writes them)."""
+        _, index, value = u.args
+        reads = [r for r in node.users if _is_slice_read(r, node, index)]
+        sub_walk = _ScoreWalk(self.dim)
+        found = sub_walk.walk(value, [], 0, u, reads[0]) if len(reads) == 1 else None
+        if found is None:
+            raise Unsupported(f"`{u.name}` writes into a slice of the scores something not read from it")
+        read, sub = found
+        if not (_is_slice_read(read, node, index)) or len(read.users) != 1:
+            raise Unsupported(f"`{u.name}` writes into a slice of the scores something not read from it")
+        if any(op[0] not in ("regroup", "add", "noop") for op in sub):
+            kinds = sorted({op[0] for op in sub} - {"regroup", "add", "noop"})
+            raise Unsupported(f"`{u.name}` does more than add to a slice of the scores ({kinds})")
+        self.inplace.append(u)
+        self.own_readers.update([u, read])
+        self.own_readers.update(sub_walk.own_readers)
+        self.inplace += sub_walk.inplace
+        full = _static_shape(node)
+        return [("enter_slice", read, index, full), *sub, ("exit_slice", u)]
 
 
-def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node]]:
-    """Follow the softmax forward to the value contraction: `(probs, output, value, chain)`."""
+def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node], list[int]]:
+    """Follow the softmax forward to the value contraction through casts, no-op dropout and
+    transposes: `(probs, output, value, chain, perm)`; probs dim d is softmax dim perm[d]."""
     node, chain = sm, []
+    labels = list(range(len(sp.shape_of(sm) or ())))
     for _ in range(8):
         users = list(node.users)
         contractions = [u for u in users if _value_operand(u, node) is not None]
@@ -303,7 +413,13 @@ def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node]]:
             break
         u = users[0]
         if contractions:
-            return node, u, _value_operand(u, node), chain  # type: ignore[return-value]
+            return node, u, _value_operand(u, node), chain, labels  # type: ignore[return-value]
+        p = sp.permutation_of(u)
+        if p is not None and p[0] is node:
+            labels = [labels[d] for d in p[1]]
+            chain.append(u)
+            node = u
+            continue
         if (
             sp.cast_input(u) is node
             or sp.identity_input(u) is node
@@ -317,6 +433,60 @@ def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node]]:
             raise Unsupported("dropout on the attention weights is active (training mode)")
         raise NotAttention(f"its output feeds `{u.name}`, not a product with a value tensor")
     raise NotAttention("its output does not feed a product with a value tensor")
+
+
+def _basic_index(index: Any) -> tuple | None:
+    index = index if isinstance(index, tuple) else (index,)
+    if all(isinstance(i, slice) and all(type(x) in (int, type(None)) for x in (i.start, i.stop, i.step))
+           for i in index):
+        return index
+    return None
+
+
+def _is_slice_update(u: Node, node: Node) -> bool:
+    return (
+        u.op == "call_function"
+        and u.target is operator.setitem
+        and u.args[0] is node
+        and _basic_index(u.args[1]) is not None
+        and isinstance(u.args[2], Node)
+    )
+
+
+def _is_slice_read(read: Node, node: Node, index: Any) -> bool:
+    return (
+        read.op == "call_function"
+        and read.target is operator.getitem
+        and read.args[0] is node
+        and read.args[1] == index
+    )
+
+
+def regroup_dims(src: tuple[int, ...], dst: tuple[int, ...]) -> list[list[int]] | None:
+    """For a reshape `src -> dst` that only splits dims of `src` into consecutive dims of `dst`:
+    the `dst` dims each `src` dim becomes (a size-1 dim of `dst` goes to the group before it);
+    None for any other reshape. (A merge is the same map read the other way.)"""
+    if math.prod(src) != math.prod(dst):
+        return None
+    groups: list[list[int]] = []
+    j = 0
+    for n in src:
+        group, size = [], 1
+        while j < len(dst) and size < n:
+            size *= dst[j]
+            group.append(j)
+            j += 1
+        if size != n:
+            return None
+        groups.append(group)
+    rest = list(range(j, len(dst)))
+    if any(dst[k] != 1 for k in rest):
+        return None
+    if rest:
+        if not groups:
+            return None
+        groups[-1] += rest
+    return groups
 
 
 def _harmless_detach(node: Node, what: str) -> Node | None:
@@ -370,18 +540,24 @@ def _score_contraction(s_raw: Node, sdim: int):
             raise Unsupported("q or k^T has dynamic shape or fewer than 2 dims")
         nb = len(ss) - 2
         batch = [f"b{p}" for p in range(nb)]
-        a_labels = [f"b{nb - (len(sa) - 2) + p}" for p in range(len(sa) - 2)] + ["i", "d"]
-        b_labels = [f"b{nb - (len(sb) - 2) + p}" for p in range(len(sb) - 2)] + ["d", "j"]
-        score_labels = batch + ["i", "j"]
+        # softmax over the last dim: a @ b is q @ k^T; over the one before: k @ q^T
+        row, col = ("i", "j") if sdim != nb else ("j", "i")
+        a_labels = [f"b{nb - (len(sa) - 2) + p}" for p in range(len(sa) - 2)] + [row, "d"]
+        b_labels = [f"b{nb - (len(sb) - 2) + p}" for p in range(len(sb) - 2)] + ["d", col]
+        score_labels = batch + [row, col]
         sizes = {lab: s for lab, s in zip(batch, ss[:-2])}
-        sizes.update(i=ss[-2], j=ss[-1], d=sa[-1])
+        sizes.update({row: ss[-2], col: ss[-1], "d": sa[-1]})
         if sa[-1] != sb[-2]:
             raise Unsupported("q and k^T feature sizes differ")
+        if row == "j":
+            return (b, b_labels), (a, a_labels), score_labels, sizes, form, scale, masks
         return (a, a_labels), (b, b_labels), score_labels, sizes, form, scale, masks
 
     eq, ops = sp.einsum_operands(s_raw)  # type: ignore[misc]
-    if len(ops) != 2 or not all(isinstance(o, Node) for o in ops) or "..." in eq or "->" not in eq:
-        raise Unsupported("einsum must have two tensor operands and an explicit output")
+    if len(ops) != 2 or not all(isinstance(o, Node) for o in ops):
+        raise Unsupported(f"einsum {eq} has {len(ops)} operands, not two tensors (q and k)")
+    if "..." in eq or "->" not in eq:
+        raise Unsupported(f"einsum {eq}: its `...` or output could not be spelled out (dynamic shapes)")
     lhs, out = eq.split("->")
     sa_s, sb_s = lhs.split(",")
     if len(set(sa_s)) != len(sa_s) or len(set(sb_s)) != len(sb_s) or len(set(out)) != len(out):
@@ -405,8 +581,6 @@ def _score_contraction(s_raw: Node, sdim: int):
         raise Unsupported(f"einsum {eq} has no query axis")
     before_d = qs[qs.index(dl) - 1] if qs.index(dl) > 0 else None
     il = before_d if before_d in q_free else q_free[-1]
-    if any(c not in qs for c in out if c not in (j,)):
-        raise Unsupported(f"einsum {eq}: q lacks an output batch label")
     name = {c: f"b_{c}" for c in out}
     name.update({il: "i", j: "j", dl: "d"})
     sa, sb = _static_shape(qa), _static_shape(kb)
@@ -426,52 +600,96 @@ def _score_contraction(s_raw: Node, sdim: int):
     )
 
 
-def _apply_score_op(op: tuple, masks: list[MaskTerm], scale: float) -> float:
-    """Fold one op between the score contraction and the softmax into (scale, masks).
+class _ScoreOps:
+    """Folds the ops between the score contraction and the softmax, in forward order, into one
+    scale and a list of mask terms. Each term records what it is worth at the softmax input (a
+    later scale scales the additive terms and fill values added before it) and, when it was
+    applied to a reshaped view or a slice of the scores, how to bring it back to their shape."""
 
-    Ops arrive in forward order, so a later scale also scales the additive terms and fill values
-    added before it: each term records what it is worth at the softmax input."""
-    kind = op[0]
-    if kind == "noop":
-        return scale
-    if kind == "scale":
-        c = op[2]
-        if c <= 0:
-            raise Unsupported("scores are scaled by a non-positive factor")
-        for mt in masks:
-            if mt.kind == "additive":
-                mt.coef *= c
-            elif mt.fill is not None:
-                mt.fill = _in_dtype(mt.fill * c, sp.dtype_of(op[1]))
-        return scale * c
-    if kind == "add":
-        term, sign = op[2], op[3]
-        if math.isnan(sign):
-            raise Unsupported("add with a non-constant alpha")
-        if not isinstance(term, Node):
-            return scale
-        shape = _static_shape(term)
-        if shape is not None and math.prod(shape) == 1:
-            return scale  # a shift of every logit: softmax-invariant
-        filled = [mt for mt in masks if mt.fill is not None and math.isfinite(mt.fill)]
-        if filled:
-            raise Unsupported(
-                f"`{op[1].name}` adds a tensor to logits already filled with {filled[0].fill:g}: the "
-                "filled logits are no longer one value, so rows the fill blocks entirely would differ"
-            )
-        masks.append(MaskTerm(term, "additive", sign))
-        return scale
-    if kind in ("fill", "where_keep", "where_fill"):
-        cond, value = op[2], op[3]
-        if not isinstance(cond, Node):
-            raise Unsupported("the mask of a fill is not a tensor")
-        fill = _in_dtype(_fill_value(value), sp.dtype_of(op[1]))
-        kind_ = "attend" if kind == "where_keep" else "masked"
-        masks.append(MaskTerm(cond, kind_, fill=fill))
-        return scale
-    if kind == "tensor_scale":
-        raise Unsupported(f"scores are scaled by `{op[1].name}`, a tensor or symbolic value, not a number")
-    raise Unsupported(f"unexpected op {kind} on the scores")
+    def __init__(self, masks: list[MaskTerm], scale: float) -> None:
+        self.masks = masks
+        self.scale = scale
+        self.views: list[tuple] = []  # open views of the scores, outermost first
+
+    def apply(self, op: tuple) -> None:
+        kind = op[0]
+        if kind == "noop":
+            return
+        if kind == "regroup":
+            _, _node, src, dst = op
+            top = self.views[-1] if self.views else None
+            if top is not None and top[0] == "regroup" and top[1] == src and top[2] == dst:
+                self.views.pop()  # the view back to the shape before
+            else:
+                self.views.append(("regroup", dst, src))
+            return
+        if kind == "enter_slice":
+            _, _read, index, full = op
+            self.views.append(("slice", index, full))
+            return
+        if kind == "exit_slice":
+            if not self.views or self.views[-1][0] != "slice":
+                raise Unsupported(f"`{op[1].name}` writes back into the scores in another shape")
+            self.views.pop()
+            return
+        if kind == "scale":
+            c = op[2]
+            if c <= 0:
+                raise Unsupported("scores are scaled by a non-positive factor")
+            if any(v[0] == "slice" for v in self.views):
+                raise Unsupported("a slice of the scores is scaled (the site has no single scale)")
+            for mt in self.masks:
+                if mt.kind == "additive":
+                    mt.coef *= c
+                elif mt.fill is not None:
+                    mt.fill = _in_dtype(mt.fill * c, sp.dtype_of(op[1]))
+            self.scale *= c
+            return
+        if kind == "add":
+            term, sign = op[2], op[3]
+            if math.isnan(sign):
+                raise Unsupported("add with a non-constant alpha")
+            if not isinstance(term, Node):
+                return
+            shape = _static_shape(term)
+            if shape is not None and math.prod(shape) == 1 and not self.views:
+                return  # a shift of every logit: softmax-invariant
+            filled = [mt for mt in self.masks if mt.fill is not None and math.isfinite(mt.fill)]
+            if filled:
+                raise Unsupported(
+                    f"`{op[1].name}` adds a tensor to logits already filled with {filled[0].fill:g}: "
+                    "the filled logits are no longer one value, so rows the fill blocks entirely "
+                    "would differ"
+                )
+            self._record(MaskTerm(term, "additive", sign), op[1])
+            return
+        if kind in ("fill", "where_keep", "where_fill"):
+            cond, value = op[2], op[3]
+            if not isinstance(cond, Node):
+                raise Unsupported("the mask of a fill is not a tensor")
+            fill = _in_dtype(_fill_value(value), sp.dtype_of(op[1]))
+            self._record(MaskTerm(cond, "attend" if kind == "where_keep" else "masked", fill=fill), op[1])
+            return
+        if kind == "tensor_scale":
+            raise Unsupported(f"scores are scaled by `{op[1].name}`, a tensor or symbolic value, not a number")
+        raise Unsupported(f"unexpected op {kind} on the scores")
+
+    def _record(self, term: MaskTerm, at: Node) -> None:
+        if self.views:
+            shape, here = _static_shape(term.node), _static_shape(at)
+            if shape is None or here is None or not _broadcasts(shape, here):
+                raise Unsupported(f"mask `{term.node.name}` does not broadcast to the scores' view")
+            term.embed = list(reversed(self.views))
+        self.masks.append(term)
+
+    def finish(self) -> float:
+        if self.views:
+            raise Unsupported("the scores reach the softmax in another shape than they were made in")
+        return self.scale
+
+
+def _broadcasts(shape: tuple[int, ...], to: tuple[int, ...]) -> bool:
+    return len(shape) <= len(to) and all(a in (1, b) for a, b in zip(reversed(shape), reversed(to)))
 
 
 def _fill_value(value: Any) -> float:
@@ -525,7 +743,10 @@ def _value_contraction(out: Node, probs: Node, value: Node, score_labels, sizes)
         raise Unsupported("the value product has dynamic shapes")
     if sp.matmul_operands(out) is not None:
         if score_labels[-2:] != ["i", "j"]:
-            raise Unsupported("scores are laid out [.., k, q]; the value product needs [.., q, k]")
+            raise NotAttention(
+                "the value product sums the weights over the axis the softmax did not normalise: "
+                "softmax over the query axis, not the key axis"
+            )
         nb = len(so) - 2
         if nb != len(score_labels) - 2:
             raise Unsupported("the value product broadcasts to more batch dims than the scores")
@@ -539,7 +760,7 @@ def _value_contraction(out: Node, probs: Node, value: Node, score_labels, sizes)
         return out_labels, v_labels
     eq, ops = sp.einsum_operands(out)  # type: ignore[misc]
     if "..." in eq or "->" not in eq:
-        raise Unsupported("value einsum needs an explicit output")
+        raise Unsupported(f"value einsum {eq}: its `...` or output could not be spelled out")
     lhs, o = eq.split("->")
     s0, s1 = lhs.split(",")
     ps, vs = (s0, s1) if ops[0] is probs else (s1, s0)
@@ -585,6 +806,7 @@ def _finish(
     causal,
     form,
     kv_head_label=None,
+    inplace=(),
 ) -> AttentionMatch:
     scale_in = scale
     _check_sizes(q.labels, _static_shape(q.node), sizes, "query")
@@ -593,8 +815,6 @@ def _finish(
     if "i" not in q.labels or "d" not in q.labels:
         raise Unsupported("query lacks its sequence or feature axis")
     batch = [lab for lab in score_labels if lab not in ("i", "j")]
-    if any(lab not in q.labels for lab in batch):
-        raise Unsupported("query is broadcast over a batch dim of the scores")
 
     raw = (q, k, v)
     q, k, v, scale = _strip_operands(raw, scale, upcasts=True)
@@ -625,9 +845,14 @@ def _finish(
 
     masks, causal, nonempty = _fold_constant_masks(gm, masks, score_labels, sizes, causal)
     empty_rows, fill = _empty_row_semantics(masks, form == "sdpa")
+    if causal and fill is not None:
+        raise Unsupported(
+            f"a causal mask next to a finite fill ({fill:g}): in a row both block entirely, "
+            "eager's weights fall on the filled keys only"
+        )
     if nonempty or not masks:
         empty_rows = None
-    nodes = _site_nodes(out, [q.node, k.node, v.node] + [m.node for m in masks])
+    nodes = _site_nodes(out, [q.node, k.node, v.node] + [m.node for m in masks], inplace)
     _check_no_mutation_inside(gm, nodes, out)
     mask_kinds = {"additive" if m.kind == "additive" else "bool" for m in masks}
     site = AttentionSite(
@@ -668,6 +893,7 @@ def _finish(
         fill=fill,
         nodes=nodes,
         compute_dtype=compute_dtype,
+        owned_writes=list(inplace),
     )
 
 
@@ -708,9 +934,10 @@ def _cast_down_after(out: Node, low: torch.dtype) -> bool:
     return False
 
 
-def _site_nodes(out: Node, operands: list[Node]) -> list[Node]:
+def _site_nodes(out: Node, operands: list[Node], writes=()) -> list[Node]:
     """The nodes the rewrite replaces: everything between the operands and `out`, in graph order
-    (nodes on a path from an operand to `out`; the operands themselves excluded)."""
+    (nodes on a path from an operand to `out`; the operands themselves excluded), and the
+    in-place `writes` into the site's scores."""
     stops = set(operands)
     back: set[Node] = set()
     stack = [out]
@@ -729,7 +956,7 @@ def _site_nodes(out: Node, operands: list[Node]) -> list[Node]:
         forward.add(n)
         stack.extend(n.users)
     order = {n: i for i, n in enumerate(out.graph.nodes)}
-    return sorted(forward | {out}, key=order.__getitem__)
+    return sorted(forward | {out} | set(writes), key=order.__getitem__)
 
 
 def _check_no_mutation_inside(gm, nodes: list[Node], out: Node) -> None:
@@ -850,6 +1077,12 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
     r = sp.repeat_interleave_args(op.node)
     if r is not None and r[2] == hd:
         return Operand(r[0], op.labels), r[1]
+    single = sp.is_expand(op.node) or _tiled(op.node)
+    if single is not None:  # one kv head broadcast to all heads (MQA): k.expand(B, H, S, D)
+        s_x, s_o = _static_shape(single), _static_shape(op.node)
+        if s_x is not None and s_o is not None and len(s_x) == len(s_o) and s_x[hd] == 1:
+            if all(a in (1, b) for a, b in zip(s_x, s_o)):
+                return Operand(single, op.labels), s_o[hd]
     expand = sp.is_reshape(op.node)
     unsq = sp.is_expand(expand) if expand is not None else None
     x = sp.is_unsqueeze_like(unsq) if unsq is not None else None
@@ -866,13 +1099,28 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
     return Operand(x, op.labels), g
 
 
+def _tiled(node: Node) -> Node | None:
+    """x for `x.repeat(*reps)` (a copy of x tiled; the same as expand where x has size 1)."""
+    if node.op == "call_method" and node.target == "repeat" and isinstance(node.args[0], Node):
+        return node.args[0]
+    return None
+
+
 def _fold_constant_masks(gm, masks, score_labels, sizes, causal):
     """Evaluate masks built from constants: a causal mask becomes `causal`, an all-pass one goes.
 
     Returns `(kept masks, causal, nonempty)`; `nonempty` is True when every kept mask is a
-    constant and together (with `causal`) they leave every query row at least one key."""
-    kept, patterns = [], []
+    constant and together (with `causal`) they leave every query row at least one key.
+
+    A causal mask written with a finite value (-1e9, finfo.min) folds into `causal` only when
+    it is the site's only mask: next to another mask, a row both block entirely would hold
+    those finite logits, which decide eager's result there."""
+    kept, patterns, finite_causal = [], [], []
     for mt in masks:
+        if mt.embed:  # applied to a view or slice of the scores: checked when recorded
+            kept.append(mt)
+            patterns.append(None)
+            continue
         _check_mask_shape(mt.node, score_labels, sizes)
         val = constant_value(mt.node, max_numel=1 << 24)
         attend = None if val is None else _attend_pattern(val, mt.kind, mt.coef)
@@ -886,20 +1134,37 @@ def _fold_constant_masks(gm, masks, score_labels, sizes, causal):
             continue
         if attend.dim() >= 2 and bool((full == torch.ones(sq, sk, dtype=torch.bool).tril()).all()):
             if score_labels[-2:] == ["i", "j"] and _static_shape(mt.node)[-2:] == (sq, sk):
-                causal = True
+                if _blocks_with_a_finite_value(val, mt):
+                    finite_causal.append((mt, attend))
+                else:
+                    causal = True
                 continue
         kept.append(mt)
         patterns.append(attend)
-    if causal and kept:
-        raise Unsupported("a causal mask combined with another mask")
+    if finite_causal:
+        if kept or causal:
+            for mt, attend in finite_causal:
+                kept.append(mt)
+                patterns.append(attend)
+        else:
+            causal = True
     nonempty = bool(kept) and all(p is not None for p in patterns)
     if nonempty:
         shape = [sizes[lab] for lab in score_labels]
         combined = torch.ones(shape, dtype=torch.bool)
         for p in patterns:
             combined = combined & p
+        if causal:
+            combined = combined & torch.ones(sizes["i"], sizes["j"], dtype=torch.bool).tril()
         nonempty = bool(combined.any(score_labels.index("j")).all())
     return kept, causal, nonempty
+
+
+def _blocks_with_a_finite_value(val: torch.Tensor, mt: MaskTerm) -> bool:
+    if mt.kind == "additive":
+        v = val.float() * mt.coef
+        return bool(v[v <= _VERY_NEGATIVE].isfinite().any())
+    return mt.fill is not None and math.isfinite(mt.fill)
 
 
 def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor | None:
@@ -920,6 +1185,8 @@ def _masks_keys_only(masks, score_labels, outer) -> bool:
     """Whether every mask varies over batch and keys only (a key padding mask): not over heads,
     queries, or a merged batch*heads axis (whose label is not among `outer` once it is split)."""
     for mt in masks:
+        if mt.embed:
+            return False
         shape = _static_shape(mt.node)
         for size, lab in zip(shape, score_labels[len(score_labels) - len(shape) :]):
             if size != 1 and lab != "j" and lab not in outer:
@@ -969,9 +1236,11 @@ def _check_sizes(labels, shape, sizes: dict[str, int], what: str, divisible=None
             raise Unsupported(f"{what} dim `{lab}` is broadcast")
 
 
-def _require_single_user(node: Node, what: str) -> None:
-    users = list(node.users)
-    if len(users) != 1:
+def _require_single_user(node: Node, what: str, own: set[Node] = frozenset()) -> None:  # type: ignore[assignment]
+    """`node` feeds the site only: one user, not counting the site's own readers of it (a
+    value written back into a slice of the scores has its writer as its only user)."""
+    users = [u for u in node.users if u not in own]
+    if len(users) > 1 or not node.users:
         raise Unsupported(f"{what} `{node.name}` are also used by {[u.name for u in users[1:]]}")
 
 

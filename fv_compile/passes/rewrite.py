@@ -9,6 +9,7 @@ chains this leaves around the op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any
@@ -18,7 +19,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fv_compile.passes import spellings as sp
-from fv_compile.passes.find_sites import AttentionMatch, Operand
+from fv_compile.passes.find_sites import AttentionMatch, Operand, regroup_dims
 
 EMITTED = "fv_compile_emitted"
 
@@ -30,6 +31,8 @@ class _Emitter:
         self.graph = graph
         self.before = before
         self.emitted: list[Node] = []
+        # factory calls (torch.full) must make fake tensors like the rest of the graph's values
+        self.fake_mode = getattr(sp.value_of(before), "fake_mode", None)
 
     def method(self, name: str, *args: Any) -> Node:
         return self._emit("call_method", name, args, {})
@@ -46,7 +49,11 @@ class _Emitter:
             if key in self.before.meta:
                 node.meta[key] = self.before.meta[key]
         vals = map_arg(args, sp.value_of)
-        value = getattr(vals[0], target)(*vals[1:]) if op == "call_method" else target(*vals, **kwargs)
+        with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
+            if op == "call_method":
+                value = getattr(vals[0], target)(*vals[1:])
+            else:
+                value = target(*vals, **kwargs)
         node.meta["example_value"] = value
         node.meta["val"] = value
         return node
@@ -153,7 +160,8 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
     """All of a site's mask terms as one mask broadcastable to `[B, H, Sq, Sk]`."""
     if not match.masks:
         return None
-    parts = []
+    # terms applied to the same view of the scores are combined there, then placed once
+    groups: dict[tuple, tuple[list[tuple], list[Node]]] = {}
     for term in match.masks:
         node = replaced.get(term.node, term.node)
         if term.kind == "masked":
@@ -162,7 +170,15 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
             node = em.method("bool", node)
         elif term.kind == "additive" and term.coef != 1.0:
             node = em.function(torch.mul, node, term.coef)
-        parts.append((_mask_to_bhss(em, node, match), term.kind != "additive"))
+        is_bool = term.kind != "additive"
+        groups.setdefault((repr(term.embed), is_bool), (term.embed, []))[1].append(node)
+    parts = []
+    for (_, is_bool), (embed, nodes) in groups.items():
+        combine = torch.logical_and if is_bool else torch.add
+        node = functools.reduce(lambda a, b: em.function(combine, a, b), nodes)
+        for step in embed:
+            node = _embed(em, node, step, attend=is_bool)
+        parts.append((_mask_to_bhss(em, node, match), is_bool))
     if all(is_bool for _, is_bool in parts):
         return functools.reduce(lambda a, b: em.function(torch.logical_and, a, b), [p for p, _ in parts])
     total = None
@@ -172,6 +188,58 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
             node = em.method("masked_fill", zeros, em.function(torch.logical_not, node), float("-inf"))
         total = node if total is None else em.function(torch.add, total, node)
     return total
+
+
+def _embed(em, node: Node, step: tuple, *, attend: bool) -> Node:
+    """A mask term applied to a view of the scores, brought to the scores' own shape."""
+    shape = list(sp.shape_of(node))
+    if step[0] == "regroup":  # the term broadcasts to `view`, a reshape of the scores' `base`
+        _, view, base = step
+        shape = [1] * (len(view) - len(shape)) + shape
+        if len(shape) != len(sp.shape_of(node)):
+            node = em.method("reshape", node, *shape)
+        if len(view) >= len(base):  # the view split dims of the scores: merge them back
+            groups = regroup_dims(tuple(base), tuple(view))
+            full = list(shape)
+            for group in groups:  # type: ignore[union-attr]
+                if any(shape[d] != 1 for d in group):
+                    for d in group:
+                        full[d] = view[d]
+            if full != shape:
+                node = em.method("expand", node, *full)
+            merged = [math.prod(full[d] for d in g) for g in groups]  # type: ignore[union-attr]
+        else:  # the view merged dims of the scores: split them again
+            groups = regroup_dims(tuple(view), tuple(base))
+            merged = []
+            for d, group in enumerate(groups):  # type: ignore[arg-type]
+                merged += [base[g] if shape[d] != 1 else 1 for g in group]
+        return em.method("reshape", node, *merged)
+    _, index, full = step  # a term written into `scores[index]`: neutral everywhere else
+    sliced = list(torch.empty(full, device="meta")[index].shape)
+    shape = [1] * (len(sliced) - len(shape)) + shape
+    if shape != sliced:
+        node = em.method("expand", node, *sliced)
+    neutral = True if attend else 0.0
+    return _placed(em, node, list(index), list(full), neutral)
+
+
+def _placed(em, src: Node, index: list, full: list[int], neutral: Any) -> Node:
+    """A `full`-shaped tensor holding `src` at `index` (basic slices) and `neutral` elsewhere,
+    built out of place: one `slice_scatter` per sliced dim."""
+    dims = [d for d, i in enumerate(index) if i != slice(None)]
+    if not dims:
+        return src
+    d = dims[0]
+    start, stop, step = index[d].indices(full[d])
+    inner_shape = list(full)
+    inner_shape[d] = len(range(start, stop, step))
+    rest = list(index)
+    rest[d] = slice(None)
+    inner = _placed(em, src, rest, inner_shape, neutral)
+    base = em.function(
+        torch.full, tuple(full), neutral, dtype=sp.dtype_of(src), device=sp.device_of(src)
+    )
+    return em.function(torch.slice_scatter, base, inner, d, start, stop, step)
 
 
 def _mask_to_bhss(em, node: Node, match: AttentionMatch) -> Node:

@@ -45,9 +45,13 @@ class AttentionSite:
     graph: int = 0  # index of the Dynamo graph the site was found in
     joint_text_len: int | None = None  # joint attention: how many tokens are text
     joint_text_first: bool | None = None  # joint attention: text tokens precede the video ones
+    # `fv_compile.verify`'s comparison of the rewrite with the traced code (a SiteCheck), if run
+    check: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        row = asdict(self)
+        row["check"] = self.check.to_dict() if self.check is not None else None
+        return row
 
 
 @dataclass

@@ -133,6 +133,8 @@ def matmul_operands(node: Node) -> tuple[Node, Node, str] | None:
 
 
 def einsum_operands(node: Node) -> tuple[str, list[Any]] | None:
+    """`(equation, operands)` of an einsum, the equation explicit (no `...`, an output given)
+    wherever the operands' ranks are known."""
     if not _func(node, torch.einsum, torch.functional.einsum):
         return None
     eq = node.args[0]
@@ -141,7 +143,47 @@ def einsum_operands(node: Node) -> tuple[str, list[Any]] | None:
         ops = list(ops[0])
     if not isinstance(eq, str):
         return None
-    return eq.replace(" ", ""), ops
+    eq = eq.replace(" ", "")
+    ranks = [len(shape_of(o)) if shape_of(o) is not None else -1 for o in ops]
+    if ("..." in eq or "->" not in eq) and -1 not in ranks:
+        eq = explicit_einsum(eq, ranks) or eq
+    return eq, ops
+
+
+def explicit_einsum(eq: str, ranks: list[int]) -> str | None:
+    """`eq` with its `...` spelled out as letters and its output made explicit (einsum's
+    implicit output: the labels used once, sorted, after the broadcast dims); None if it cannot
+    be (operand ranks that do not fit, no letters left)."""
+    eq = eq.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ranks):
+        return None
+    used = set(eq) - set(",->.")
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used]
+    n_ell = 0
+    for t, r in zip(terms, ranks):
+        if "..." in t:
+            n_ell = max(n_ell, r - (len(t) - 3))
+        elif len(t) != r:
+            return None
+    if n_ell < 0 or n_ell > len(free):
+        return None
+    ell = "".join(free[:n_ell])
+    spelled = []
+    for t, r in zip(terms, ranks):
+        if "..." in t:
+            k = r - (len(t) - 3)
+            if k < 0:
+                return None
+            t = t.replace("...", ell[n_ell - k :])  # broadcast dims align on the right
+        spelled.append(t)
+    if arrow:
+        out = out.replace("...", ell)
+    else:
+        letters = "".join(spelled)
+        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
+    return ",".join(spelled) + "->" + out
 
 
 def baddbmm_operands(node: Node) -> tuple[Any, Node, Node, Any, Any] | None:
@@ -255,7 +297,9 @@ def scalar_factor(node: Node) -> tuple[Node, float] | None:
     """`(x, c)` when node == c * x for a compile-time number c (x * c, c * x, x / c, mul, div)."""
     # in-place `s *= c` is traced as s_1 = operator.imul(s, c); the matcher's single-user check
     # on the score path ensures nothing else sees s mutated
-    if _func(node, operator.mul, operator.imul, torch.mul) or _method(node, "mul", "__mul__", "__rmul__"):
+    if _func(node, operator.mul, operator.imul, torch.mul) or _method(
+        node, "mul", "mul_", "__mul__", "__rmul__"
+    ):
         a, b = node.args[0], node.args[1]
         if isinstance(a, Node) and as_number(b) is not None:
             return a, as_number(b)  # type: ignore[return-value]
@@ -263,7 +307,7 @@ def scalar_factor(node: Node) -> tuple[Node, float] | None:
             return b, as_number(a)  # type: ignore[return-value]
         return None
     if _func(node, operator.truediv, operator.itruediv, torch.div, torch.true_divide) or _method(
-        node, "div", "__truediv__", "true_divide"
+        node, "div", "div_", "__truediv__", "true_divide"
     ):
         a, b = node.args[0], node.args[1]
         if node.kwargs.get("rounding_mode") is not None:
@@ -297,18 +341,53 @@ def tensor_factor(node: Node) -> Node | None:
 
 def additive_terms(node: Node) -> tuple[Any, Any, float] | None:
     """`(a, b, sign)` for a + b and a - b (sign applies to b)."""
-    if _func(node, operator.add, operator.iadd, torch.add) or _method(node, "add", "__add__", "__radd__"):
+    if _func(node, operator.add, operator.iadd, torch.add) or _method(
+        node, "add", "add_", "__add__", "__radd__"
+    ):
         alpha = node.kwargs.get("alpha", 1)
         return node.args[0], node.args[1], float(alpha) if as_number(alpha) is not None else math.nan
-    if _func(node, operator.sub, operator.isub, torch.sub) or _method(node, "sub", "__sub__"):
+    if _func(node, operator.sub, operator.isub, torch.sub) or _method(node, "sub", "sub_", "__sub__"):
         alpha = node.kwargs.get("alpha", 1)
         return node.args[0], node.args[1], -float(alpha) if as_number(alpha) is not None else math.nan
     return None
 
 
+def row_reduction_input(node: Node, dim: int) -> Node | None:
+    """x when node is a per-row statistic of x over `dim`, kept as a size-1 dim: x.amax(dim,
+    keepdim=True), x.max(dim, keepdim=True).values / [0], x.logsumexp(dim, keepdim=True)
+    (through a detach). Subtracting one from the scores leaves their softmax unchanged."""
+    if _func(node, operator.getitem) and node.args[1] == 0 or _func(node, getattr) and node.args[1] == "values":
+        src = node.args[0]
+        if not isinstance(src, Node) or not (_method(src, "max") or _func(src, torch.max)):
+            return None
+        node = src
+    elif not (_method(node, "amax", "logsumexp") or _func(node, torch.amax, torch.logsumexp)):
+        return None
+    x, d, keep = node.args[0], arg(node, 1, "dim"), arg(node, 2, "keepdim", False)
+    if isinstance(d, list | tuple) and len(d) == 1:
+        d = d[0]
+    nd = len(shape_of(x) or ()) if isinstance(x, Node) else 0
+    if not isinstance(x, Node) or not isinstance(d, int) or keep is not True or not nd:
+        return None
+    if d % nd != dim % nd:
+        return None
+    return detach_input(x) or x
+
+
+_INPLACE_SCORE_OPS = {"masked_fill_", "add_", "sub_", "mul_", "div_"}
+
+
+def inplace_target(node: Node) -> Node | None:
+    """x when node is `x.masked_fill_(..)`, `x.add_(..)`, `x.sub_(..)`, `x.mul_(..)` or
+    `x.div_(..)`: an in-place op the matcher reads as its out-of-place twin."""
+    if node.op == "call_method" and node.target in _INPLACE_SCORE_OPS and isinstance(node.args[0], Node):
+        return node.args[0]
+    return None
+
+
 def masked_fill_args(node: Node) -> tuple[Node, Any, Any] | None:
-    """`(x, mask, value)` for x.masked_fill(mask, value) and torch.masked_fill."""
-    if _method(node, "masked_fill") or _func(node, torch.masked_fill):
+    """`(x, mask, value)` for x.masked_fill(mask, value), torch.masked_fill and x.masked_fill_."""
+    if _method(node, "masked_fill", "masked_fill_") or _func(node, torch.masked_fill):
         return node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
     return None
 
