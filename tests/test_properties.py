@@ -137,6 +137,8 @@ class Attn:
     gqa: str | None
     flat_out: bool
     op_spelling: str = "op"  # "op" (s * c) | "method" (s.mul(c)) | "fn" (torch.mul(s, c))
+    #                          | "inplace" (s.mul_(c), s.add_(b), s.masked_fill_(m, x))
+    shift: bool = False  # s = s - s.amax(-1, keepdim=True) before the softmax
     perturb: str | None = None  # set only for look-alikes (see PERTURBATIONS)
 
     # --- derived -------------------------------------------------------------------------------
@@ -287,12 +289,12 @@ class Attn:
             c = self.c
             if self.scale == "mul":
                 emit({"op": f"s = s * {c}", "method": f"s = s.mul({c})",
-                      "fn": f"s = torch.mul(s, {c})"}[self.op_spelling])
+                      "fn": f"s = torch.mul(s, {c})", "inplace": f"s.mul_({c})"}[self.op_spelling])
             elif self.scale == "rmul":
                 emit(f"s = {c} * s")
             elif self.scale == "div":
                 emit({"op": f"s = s / {c}", "method": f"s = s.div({c})",
-                      "fn": f"s = torch.div(s, {c})"}[self.op_spelling])
+                      "fn": f"s = torch.div(s, {c})", "inplace": f"s.div_({c})"}[self.op_spelling])
             elif self.scale == "div_sqrt":
                 emit("s = s / math.sqrt(q.size(-1))")
             elif self.scale == "mul_pow":
@@ -315,6 +317,8 @@ class Attn:
         if self.perturb == "mild_fill":
             emit("s = s.masked_fill(s > 1.0, -1.0)")
 
+        if self.shift:
+            emit("s = s - s.amax(-1, keepdim=True)")
         if self.upcast:
             emit("s = s.float()")
         sm = self.softmax
@@ -423,10 +427,20 @@ def _gqa_expand(how: str, x: str, g: int, hd: int, B: int, hkv: int, s: int, d: 
     return f"{unsq}.expand({B}, {hkv}, {g}, {s}, {d}).reshape({B}, {hkv * g}, {s}, {d})"
 
 
+_IN_PLACE_MASKS = {
+    "add": "s.add_(bias{i})",
+    "fill_not": 's.masked_fill_(~keep{i}, float("-inf"))',
+    "fill_min": "s.masked_fill_(keep{i}.logical_not(), torch.finfo(s.dtype).min)",
+    "fill_given": "s.masked_fill_(drop{i}, -1e9)",
+}
+
+
 def _mask_line(kind: str, i: int, Sq: int, Sk: int, spelling: str = "op") -> str:
+    if spelling == "inplace" and kind in _IN_PLACE_MASKS:
+        return _IN_PLACE_MASKS[kind].format(i=i)
     return {
         "add": {"op": f"s = s + bias{i}", "method": f"s = s.add(bias{i})",
-                "fn": f"s = torch.add(s, bias{i})"}[spelling],
+                "fn": f"s = torch.add(s, bias{i})", "inplace": f"s = s + bias{i}"}[spelling],
         "add_inf": f"s = bias{i} + s",
         "fill_not": f's = s.masked_fill(~keep{i}, float("-inf"))',
         "fill_min": f"s = s.masked_fill(keep{i}.logical_not(), torch.finfo(s.dtype).min)",
@@ -729,6 +743,8 @@ def attn_programs(draw, score: str | None = None, perturb: str | None = None):
     masks: list[tuple[str, tuple[int, ...]]] = []
     if causal:
         masks.append((causal, (Sq, Sk)))
+        if draw(st.booleans()):  # and a key padding (or any other) mask beside it
+            masks.append((draw(st.sampled_from(kinds)), _mask_shape(draw, full)))
     else:
         for _ in range(n_masks):
             masks.append((draw(st.sampled_from(kinds)), _mask_shape(draw, full)))
@@ -757,7 +773,8 @@ def attn_programs(draw, score: str | None = None, perturb: str | None = None):
         gqa=draw(st.sampled_from(["repeat_interleave", "torch.repeat_interleave", "expand", "unsqueeze_expand"]))
         if sz["G"] > 1 else None,
         flat_out=draw(st.booleans()),
-        op_spelling=draw(st.sampled_from(["op", "op", "method", "fn"])),
+        op_spelling=draw(st.sampled_from(["op", "op", "method", "fn", "inplace"])),
+        shift=draw(st.sampled_from([False, False, False, True])),
         perturb=perturb,
     )
 
@@ -1045,9 +1062,14 @@ def one_factor_programs() -> list[tuple[str, object]]:
     add("scale=alpha", A(score="baddbmm", c=0.25))
     for scale in ("q_pre", "qk_pre"):
         add(f"scale={scale}-early", A(scale=scale, prescale_early=True, layout="bshd"))
-    for spelling in ("op", "method", "fn"):
+    for spelling in ("op", "method", "fn", "inplace"):
         add(f"op_spelling={spelling}", A(op_spelling=spelling, masks=(("add", None),)))
         add(f"op_spelling={spelling}-div", A(op_spelling=spelling, scale="div", c=3.0))
+    for kind in ("fill_not", "fill_min", "fill_given"):
+        add(f"op_spelling=inplace-{kind}", A(op_spelling="inplace", masks=((kind, None),)))
+    add("causal+padding", A(masks=(("causal_tril", None), ("fill_not", (BASE_ATTN.B, 1, 1, BASE_ATTN.Sq)))))
+    add("shift", A(shift=True))
+    add("shift-masked", A(shift=True, masks=(("fill_not", None),)))
     B, H, Sq, Sk = BASE_ATTN.B, BASE_ATTN.H, BASE_ATTN.Sq, BASE_ATTN.Sk
     for kind in MASK_KINDS:
         for shape in ((B, H, Sq, Sk), (B, 1, 1, Sk), (1, Sq, Sk), (Sq, Sk)):
@@ -1165,7 +1187,7 @@ def _forms_reached(attn: list, sdpa: list, look: list) -> dict[str, set]:
         "k^T": ({p.kt for p in attn}, {"transpose(-2, -1)", "transpose(-1, -2)", "transpose(pos)", "mT", "permute"}),
         "score einsum order": ({p.score_eq[1] for p in attn if p.score_eq}, {"qk", "kq", "[qk]", "[kq]"}),
         "scale": ({p.scale for p in attn}, {"none", "mul", "rmul", "div", "div_sqrt", "mul_pow", "q_pre", "qk_pre", "alpha"}),
-        "op spelling": ({p.op_spelling for p in attn}, {"op", "method", "fn"}),
+        "op spelling": ({p.op_spelling for p in attn}, {"op", "method", "fn", "inplace"}),
         "mask": ({k for p in attn for k, _ in p.masks}, set(MASK_KINDS) | set(CAUSAL_MASKS)),
         "mask rank": ({len(sh) for p in attn for _, sh in p.masks}, {2, 3, 4}),
         "mask before scale": ({p.mask_first for p in attn if p.masks}, {True, False}),

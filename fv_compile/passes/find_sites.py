@@ -366,8 +366,8 @@ class _ScoreWalk:
                 raise Unsupported(f"the scores are written in place by `{u.name}`")
             if consumer is not None and order[u] > order[consumer]:
                 raise Unsupported(f"`{u.name}` writes into the scores after they are read")
-            step = self._step(u)
-            if step is None or len(step) != 1 or step[0][0] is not node:
+            step = [st for st in self._step(u) or [] if st[0] is node]
+            if len(step) != 1:
                 raise Unsupported(f"the scores are written in place by `{u.name}`")
             ops.append(step[0][1])
             self.inplace.append(u)
