@@ -241,17 +241,63 @@ def test_asking_for_flash_attn_without_it_says_how_to_install():
         SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="flash_attn"))
 
 
-def test_impl_without_a_site_learns_the_text_length_from_its_input():
-    """FastVideo-style construction (no site): joint text is still found and attends everything."""
+@pytest.mark.parametrize("text_first", [False, True])
+def test_impl_without_a_site_takes_the_text_length_it_is_told(text_first):
+    """FastVideo-style construction (no site): joint text declared at construction attends
+    everything and is attended, before or after the video."""
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
-    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125)
     n, text = math.prod(GRID), 5
+    impl = SlidingTileAttentionImpl(
+        num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=text, joint_text_first=text_first
+    )
     q, k, v = (torch.randn(1, n + text, 2, 64) for _ in range(3))
     out = impl.postprocess_output(impl.forward(*(impl.preprocess_qkv(x, md) for x in (q, k, v)), md), md)
     mask = torch.ones(n + text, n + text, dtype=torch.bool)
-    mask[:n, :n] = definition_mask(GRID, TILE, (2, 1, 2))
+    video = slice(text, None) if text_first else slice(0, n)
+    mask[video, video] = definition_mask(GRID, TILE, (2, 1, 2))
     ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=0.125)
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-4, rtol=2e-4)
+
+
+def test_impl_without_a_site_never_guesses_text_from_surplus_tokens():
+    md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
+    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="blocks.0.attn")
+    with pytest.raises(fv_compile.FvCompileError, match="320 tokens.*holds 315.*raw_latent_shape.*joint_text_len="):
+        impl.preprocess_qkv(torch.randn(1, math.prod(GRID) + 5, 2, 64), md)
+    told = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=5)
+    with pytest.raises(fv_compile.FvCompileError, match="5 text tokens \\+ 315 video = 320 expected"):
+        told.preprocess_qkv(torch.randn(1, math.prod(GRID) + 7, 2, 64), md)
+    with pytest.raises(fv_compile.FvCompileError, match="joint_text_len must be"):
+        SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=-1)
+
+
+def _stale_batch():
+    """A latent one frame short of the call's: the grid (4, 7, 9) holds 63 tokens fewer."""
+    return ForwardBatch(raw_latent_shape=(1, 4, GRID[0] - 1, *GRID[1:]))
+
+
+def test_stale_smaller_latent_shape_on_a_self_attention_site_is_an_error():
+    """The surplus video tokens of a self-attention site must not be taken for text."""
+    model = VideoDiT().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    with torch.no_grad(), fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))):
+        with pytest.raises(
+            fv_compile.FvCompileError,
+            match="self-attention site has 315 tokens, all of them video.*holds 252.*raw_latent_shape=latent.shape",
+        ):
+            cm(x)
+    assert all(s.role == "self" and s.joint_text_len is None for s in cm.explain().sites)
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_stale_latent_shape_on_a_joint_site_is_an_error(text_first):
+    model = VideoDiT(text_first=text_first).eval()
+    x, text = torch.randn(1, math.prod(GRID), 32), torch.randn(1, 5, 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    with torch.no_grad(), fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))):
+        with pytest.raises(fv_compile.FvCompileError, match="joint site has 320 tokens, 5 of them text.*holds 252"):
+            cm(x, text)
 
 
 @pytest.mark.gpu

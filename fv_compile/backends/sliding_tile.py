@@ -171,6 +171,15 @@ def layer_index(prefix: str) -> int:
 
 
 class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
+    """STA over one site's tokens: the video grid (from the forward context's latent shape) and,
+    for joint attention, the text segment the site recorded (`site.joint_text_len`, before or
+    after the video). A self-attention site has no text: all its tokens must be the grid's.
+
+    Built without a site (FastVideo's layer construction), the impl knows no text unless it is
+    told: `joint_text_len=` (and `joint_text_first=True` when text precedes video). The text
+    length is never guessed from how far the input outgrows the grid: a stale, smaller
+    `raw_latent_shape` would turn surplus video tokens into "text" and give a wrong answer."""
+
     def __init__(
         self,
         num_heads: int,
@@ -180,6 +189,8 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         num_kv_heads: int | None = None,
         prefix: str = "",
         site: AttentionSite | None = None,
+        joint_text_len: int | None = None,
+        joint_text_first: bool | None = None,
         **extra_impl_args: Any,
     ) -> None:
         if causal:
@@ -187,24 +198,66 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         self.scale = softmax_scale
         self.prefix = prefix
         self.layer = layer_index(prefix)
-        self.q_len = site.q_len if site is not None else None
+        if site is not None:
+            joint = site.role == "joint"
+            self.q_len: int | None = site.q_len
+            self.text_len = int(site.joint_text_len or 0) if joint else 0
+            self.text_first = bool(joint and site.joint_text_first)
+            self.role = site.role
+        else:
+            if joint_text_len is not None and (isinstance(joint_text_len, bool) or int(joint_text_len) < 0):
+                raise FvCompileError(f"joint_text_len must be a token count >= 0, got {joint_text_len!r}")
+            self.q_len = None
+            self.text_len = int(joint_text_len or 0)
+            self.text_first = bool(joint_text_first)
+            self.role = None
         self._seen_len: int | None = None  # the last preprocessed length, when no site says it
-        self.text_first = bool(site is not None and site.joint_text_first)
         self._dense = _dense_impl(site, num_heads, head_size, softmax_scale, num_kv_heads, prefix)
 
     def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
-        """Text tokens of joint attention: the site's length minus the video grid."""
+        """The text tokens of this site, after checking that its length is the video grid plus
+        them (a site whose length does not add up is an error, never a guess)."""
         n = math.prod(md.grid)
         total = self.q_len if self.q_len is not None else length if length is not None else self._seen_len
-        if total is None or total < n:
-            raise ValueError(
-                f"SLIDING_TILE_ATTN at {self.prefix or 'a site'}: {total} tokens, but the video grid "
-                f"{md.grid} holds {n}. Either ForwardBatch.raw_latent_shape is not this call's latent, "
-                "or the site is not video attention (a text encoder's self-attention): route it to a "
-                "dense backend, e.g. attention_backend=lambda site: 'SLIDING_TILE_ATTN' if "
-                "site.q_len >= VIDEO_TOKENS else 'auto'"
+        if total is not None and total != n + self.text_len:
+            raise FvCompileError(self._length_error(md, total, n))
+        return self.text_len
+
+    def _length_error(self, md: SlidingTileMetadata, total: int, n: int) -> str:
+        at = f"SLIDING_TILE_ATTN at {self.prefix or 'a site'}"
+        latent = (
+            "pass this call's latent: forward_batch=ForwardBatch(raw_latent_shape=latent.shape) "
+            "([B, C, T, H, W], before patchify), with FastVideoArgs(patch_size=...) the DiT's patch size"
+        )
+        if total < n + self.text_len and self.text_len == 0:
+            return (
+                f"{at}: {total} tokens, but the video grid {md.grid} holds {n}. Either "
+                f"ForwardBatch.raw_latent_shape is not this call's latent ({latent}), or the site is "
+                "not video attention (a text encoder's self-attention): route it to a dense backend, "
+                "e.g. attention_backend=lambda site: 'SLIDING_TILE_ATTN' if site.q_len >= VIDEO_TOKENS "
+                "else 'auto'"
             )
-        return total - n
+        if self.role == "joint":
+            return (
+                f"{at}: this joint site has {total} tokens, {self.text_len} of them text, so "
+                f"{total - self.text_len} video tokens; but the video grid {md.grid} of "
+                f"ForwardBatch.raw_latent_shape holds {n}. The latent shape is stale or wrong: {latent}"
+            )
+        if self.role is not None:
+            return (
+                f"{at}: this {self.role}-attention site has {total} tokens, all of them video, but the "
+                f"video grid {md.grid} of ForwardBatch.raw_latent_shape holds {n}. The latent shape "
+                f"is stale or wrong (a smaller one would leave {total - n} tokens outside the tiles): "
+                f"{latent}"
+            )
+        text = f"{self.text_len} text tokens + " if self.text_len else ""
+        return (
+            f"{at}: {total} tokens, but the video grid {md.grid} holds {n} ({text}{n} video = "
+            f"{n + self.text_len} expected); an impl built without a site treats every token it was "
+            "not told is text as video. If ForwardBatch.raw_latent_shape is stale, "
+            f"{latent}; if this layer is joint attention, construct the impl with "
+            "joint_text_len=<text tokens> (and joint_text_first=True when text comes first)"
+        )
 
     # -- token order: raster -> tile-major (+ text padded to whole blocks) and back -------------
     # Each direction is one gather. Padding slots read a real token: the kernels never use them
