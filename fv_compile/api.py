@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import builtins
+import gc
+import inspect
+import types
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +26,8 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 class FvCompileBackend:
     """A Dynamo backend: rewrites each graph's attention sites, then hands the graph to `compiler`.
 
-    Keeps what it found (`sites`, `non_attention`, `graphs`) for `explain` and reports.
+    Keeps what it found (`sites`, `non_attention`, `graphs`) for `explain` and reports, and how
+    often each graph ran (`graph_runs`).
     """
 
     def __init__(
@@ -45,6 +51,7 @@ class FvCompileBackend:
         self.non_attention: list[NonAttentionSoftmax] = []
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
+        self.graph_runs: list[int] = []  # per graph: how many times it ran
 
     def __call__(
         self,
@@ -61,16 +68,26 @@ class FvCompileBackend:
             self.options.update(options)
         index = self.graphs
         self.graphs += 1
+        self.graph_runs.append(0)
         result = attention_pass(gm, self.policy, index)
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
         if self.analyze_only:
-            return gm.forward
+            return self._counted(gm.forward, index)
         if not result.metadata_backends:
-            return self.compile_graph(result.gm, example_inputs)
+            return self._counted(self.compile_graph(result.gm, example_inputs), index)
         dispatch = MetadataDispatch(result.gm, result.metadata_backends, self.compile_graph)
         self.dispatches.append(dispatch)
-        return dispatch
+        return self._counted(dispatch, index)
+
+    def _counted(self, fn: Callable[..., Any], index: int) -> Callable[..., Any]:
+        runs = self.graph_runs
+
+        def run(*args: Any) -> Any:
+            runs[index] += 1
+            return fn(*args)
+
+        return run
 
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """Hand a rewritten graph to the chosen compiler."""
@@ -83,6 +100,190 @@ class FvCompileBackend:
 
     def report(self) -> ExplainReport:
         return ExplainReport(list(self.sites), list(self.non_attention), self.graphs)
+
+
+# -- the frame Dynamo compiles ------------------------------------------------------------------
+#
+# Dynamo keeps compiled code on the code object of the frame it compiled, guarded by the backend
+# that compiled it, and gives up on a code object (runs it eagerly, silently) after
+# `recompile_limit` (8) entries. A CompiledModel compiling `model.forward` itself would share that
+# code object with every other compile of the model's class: the ninth `compile`/`explain` on one
+# class fails its backend guard and falls back to eager. So each CompiledModel (and each
+# `explain`) compiles a private entry function instead, a fresh copy of `_call_module` that
+# inlines the model's `__call__`: its cache lives and dies with the CompiledModel. Frames Dynamo
+# compiles on their own (after a graph break, a skipped frame's callees) land on the model's code
+# objects; there, `isolate_recompiles` gives each CompiledModel its own entries and recompile
+# count (torch >= 2.12; before, live CompiledModels of one class share those frames' limit), and
+# they are dropped when the CompiledModel goes away.
+
+
+def _call_module(module, /, *args, **kwargs):
+    return module(*args, **kwargs)
+
+
+_ENTRY_NAME = "fv_compile_forward"
+_ISOLATE = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def _dynamo_records():
+    """Dynamo's per-frame compile records (a bounded deque; the newest last), or None."""
+    return getattr(torch._dynamo.utils, "_compilation_metrics", None)
+
+
+def _records_since(records, last) -> list[Any]:
+    if records is None:
+        return []
+    out = []
+    for rec in reversed(records):
+        if rec is last:
+            break
+        out.append(rec)
+    return out[::-1]
+
+
+class DynamoEntry:
+    """The function one CompiledModel (or one `explain`) has Dynamo compile: `entry(module,
+    *args, **kwargs)` runs `module(*args, **kwargs)` compiled with `backend`."""
+
+    def __init__(self, backend: FvCompileBackend, **torch_compile_kwargs: Any) -> None:
+        if _on_model_code:  # a dropped one may wait in a reference cycle (see below)
+            gc.collect()
+        release_pending()
+        code = _call_module.__code__.replace(co_name=_ENTRY_NAME, co_qualname=_ENTRY_NAME)
+        fn = types.FunctionType(code, {"__builtins__": builtins, "__name__": __name__}, _ENTRY_NAME)
+        if _ISOLATE:
+            torch_compile_kwargs.setdefault("isolate_recompiles", True)
+        cached = dict(torch._dynamo.eval_frame.cached_backends)
+        self.backend = backend
+        self._compiled = torch.compile(fn, backend=backend, **torch_compile_kwargs)
+        # torch.compile keeps every backend it saw until torch._dynamo.reset(): drop ours with us
+        added = [
+            (key, value)
+            for key, value in torch._dynamo.eval_frame.cached_backends.items()
+            if cached.get(key) is not value
+        ]
+        self._release = weakref.finalize(self, _release_entry, code, added)
+        self._release.atexit = False  # at exit there is nothing left to free
+
+    def __call__(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _pending_release:
+            release_pending()
+        records = _dynamo_records()
+        last = records[-1] if records else None
+        out = self._compiled(module, *args, **kwargs)
+        if records and records[-1] is not last:
+            if any(rec.co_name != _ENTRY_NAME for rec in _records_since(records, last)):
+                _on_model_code.add(self)
+        return out
+
+    def release(self) -> None:
+        """Drop the compiled code now (it is dropped anyway when this entry is freed)."""
+        self._release()
+
+
+# -- releasing a CompiledModel's compiled code ---------------------------------------------------
+#
+# Dynamo frees nothing by itself: every compiled code object maps back to its source code object
+# (a cycle through C that the garbage collector cannot see), and `torch.compile` holds every backend
+# it was given until `torch._dynamo.reset()`. When an entry is freed, its own code object is cleared
+# at once (no one else can be running it). The entries it left on the model's code objects (frames
+# compiled after graph breaks) are invalidated the way Dynamo invalidates entries whose guarded
+# objects died, and a model code object left with dead entries only is cleared, so freed compiles
+# stop counting towards its recompile limits. That touches code objects Dynamo may be executing,
+# so it runs only where no compiled call is in progress: at once when the entry is freed outside
+# compiled code, else at the next `compile`, `explain` or compiled call. A dropped CompiledModel
+# whose call hit a graph break often waits in a reference cycle (Dynamo's exceptions and their
+# tracebacks) until the garbage collector runs, while its entries still count: `compile` and
+# `explain` collect first whenever an entry with frames of model code may be waiting.
+
+_pending_release: list[list[Any]] = []  # backend wrappers of freed entries, not yet dropped
+_on_model_code: weakref.WeakSet[DynamoEntry] = weakref.WeakSet()  # entries with frames of model code
+
+
+def _release_entry(code: types.CodeType, backends: list[tuple[int, Any]]) -> None:
+    from torch._C._dynamo.eval_frame import reset_code
+
+    reset_code(code)
+    cached = torch._dynamo.eval_frame.cached_backends
+    for key, value in backends:
+        if cached.get(key) is value:
+            del cached[key]
+    if backends:
+        _pending_release.append([value for _, value in backends])
+        release_pending()
+
+
+def _in_compiled_call() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    callback = getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", lambda: None)()
+    return callback not in (None, False)
+
+
+def release_pending() -> None:
+    """Drop the cache entries freed CompiledModels left on model code objects (see above)."""
+    if not _pending_release or _in_compiled_call():
+        return
+    from torch._C._dynamo.eval_frame import reset_code
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.guards import DeletedGuardManagerWrapper
+
+    freed = [b for batch in _pending_release for b in batch]
+    _pending_release.clear()
+    for ref in list(torch._dynamo.convert_frame.input_codes.seen):
+        code = ref()
+        if code is None:
+            continue
+        try:
+            entries = _debug_get_cache_entry_list(code)
+            mine = [e for e in entries if any(getattr(e, "backend", None) is b for b in freed)]
+            if mine and all([_invalidate(e, DeletedGuardManagerWrapper) for e in mine]):
+                entries = _debug_get_cache_entry_list(code)
+                if all(isinstance(e.guard_manager, DeletedGuardManagerWrapper) for e in entries):
+                    reset_code(code)
+        except Exception:  # a torch without these internals: the entries stay until reset()
+            continue
+
+
+def _invalidate(entry: Any, deleted: type) -> bool:
+    """Invalidate one cache entry the way Dynamo does when a guarded object dies."""
+    manager = entry.guard_manager
+    if isinstance(manager, deleted):
+        return True
+    extra_state, live = getattr(manager, "extra_state", None), getattr(manager, "cache_entry", None)
+    if extra_state is None or live is None:
+        return False
+    extra_state.invalidate(live, deleted("its fv_compile.CompiledModel was freed"))
+    return True
+
+
+class CompiledBlock(torch.nn.Module):
+    """A regionally compiled block: calls `block` through its CompiledModel's entry. Attributes
+    it does not have are the block's."""
+
+    def __init__(self, block: torch.nn.Module, entry: DynamoEntry) -> None:
+        super().__init__()
+        self._orig_mod = block
+        self._entry = entry
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._entry(self._orig_mod, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+
+class _Bound:
+    """`entry(model, ...)` as a plain callable (not a submodule: the model is registered once)."""
+
+    def __init__(self, entry: DynamoEntry, model: torch.nn.Module) -> None:
+        self.entry, self.model = entry, model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.entry(self.model, *args, **kwargs)
 
 
 class CompiledModel(torch.nn.Module):
@@ -98,13 +299,14 @@ class CompiledModel(torch.nn.Module):
         super().__init__()
         self._orig_mod = model
         self._fv_backend = backend
+        self._entry = DynamoEntry(backend, **compile_kwargs)
         self.regions: list[str] = []
-        if regional:
+        if regional:  # every block calls the one entry: one compiled graph serves them all
             self._compiled, self.regions = compile_blocks(
-                model, lambda block: torch.compile(block, backend=backend, **compile_kwargs)
+                model, lambda block: CompiledBlock(block, self._entry)
             )
         else:
-            self._compiled = torch.compile(model, backend=backend, **compile_kwargs)
+            self._compiled = _Bound(self._entry, model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._compiled(*args, **kwargs)
@@ -192,9 +394,12 @@ def explain(
     if not isinstance(model, torch.nn.Module):
         raise FvCompileError(f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}")
     backend = FvCompileBackend(attention_backend, compiler="eager", analyze_only=True)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
+    entry = DynamoEntry(backend, dynamic=False)
+    try:
+        with torch.no_grad():
+            entry(model, *args, **kwargs)
+    finally:
+        entry.release()
     return backend.report()
 
 
