@@ -5,7 +5,10 @@ from __future__ import annotations
 import builtins
 import gc
 import inspect
+import os
+import sys
 import types
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +16,16 @@ from typing import Any
 import torch
 
 from fv_compile.errors import FvCompileError
-from fv_compile.explain import ExplainReport
+from fv_compile.explain import (
+    AttentionCallCounter,
+    ExplainReport,
+    GraphBreak,
+    SkippedFrame,
+    dynamo_reason,
+    graph_anchors,
+    uncaptured_attention,
+    where,
+)
 from fv_compile.passes.attention_pass import attention_pass
 from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
@@ -26,8 +38,9 @@ COMPILERS = ("inductor", "aot_eager", "eager")
 class FvCompileBackend:
     """A Dynamo backend: rewrites each graph's attention sites, then hands the graph to `compiler`.
 
-    Keeps what it found (`sites`, `non_attention`, `graphs`) for `explain` and reports, and how
-    often each graph ran (`graph_runs`).
+    Keeps what it found (`sites`, `non_attention`, `graphs`) for `explain` and reports, and, per
+    graph, the attention calls it holds and how often it ran (`graph_runs`): a compiled call that
+    runs none of its graphs ran eagerly.
     """
 
     def __init__(
@@ -52,6 +65,10 @@ class FvCompileBackend:
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
         self.graph_runs: list[int] = []  # per graph: how many times it ran
+        self.anchors: list[list] = []  # per graph: (kind, (file, line)) of its SDPA/softmax calls
+        self.breaks: list[tuple[str, str]] = []  # (Dynamo's message, user line) of graphs a break ended
+        self.restarts: list[str] = []  # graph-break messages of frames Dynamo split (one per frame)
+        self.skipped_frames: list[SkippedFrame] = []
 
     def __call__(
         self,
@@ -69,6 +86,8 @@ class FvCompileBackend:
         index = self.graphs
         self.graphs += 1
         self.graph_runs.append(0)
+        self.anchors.append(graph_anchors(gm))
+        self._note_break(gm)
         result = attention_pass(gm, self.policy, index)
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
@@ -89,6 +108,14 @@ class FvCompileBackend:
 
         return run
 
+    def _note_break(self, gm: torch.fx.GraphModule) -> None:
+        reason = getattr(gm, "compile_subgraph_reason", None)
+        if reason is None or not getattr(reason, "graph_break", False):
+            return
+        stack = list(getattr(reason, "user_stack", None) or ())
+        at = where(stack[-1].filename, stack[-1].lineno, stack[-1].name) if stack else ""
+        self.breaks.append((str(reason.reason), at))
+
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """Hand a rewritten graph to the chosen compiler."""
         if self.compiler == "eager":
@@ -98,8 +125,31 @@ class FvCompileBackend:
         inductor = torch._TorchCompileInductorWrapper(self.mode, self.options or None, False)
         return inductor(gm, example_inputs)
 
+    def graph_break_report(self) -> list[GraphBreak]:
+        """Graph breaks by reason: where each split a graph, and in how many frames."""
+        located: dict[str, list[str]] = {}
+        for message, at in self.breaks:
+            located.setdefault(message, [])
+            if at and at not in located[message]:
+                located[message].append(at)
+        frames: dict[str, int] = {}
+        for message in self.restarts:
+            frames[message] = frames.get(message, 0) + 1
+        out = []
+        for message in list(located) + [m for m in frames if m not in located]:
+            count = max(sum(1 for m, _ in self.breaks if m == message), frames.get(message, 0))
+            reason, hint = dynamo_reason(message)
+            out.append(GraphBreak(reason, located.get(message, []), count, hint))
+        return out
+
     def report(self) -> ExplainReport:
-        return ExplainReport(list(self.sites), list(self.non_attention), self.graphs)
+        return ExplainReport(
+            list(self.sites),
+            list(self.non_attention),
+            self.graphs,
+            self.graph_break_report(),
+            list(self.skipped_frames),
+        )
 
 
 # -- the frame Dynamo compiles ------------------------------------------------------------------
@@ -143,7 +193,10 @@ def _records_since(records, last) -> list[Any]:
 
 class DynamoEntry:
     """The function one CompiledModel (or one `explain`) has Dynamo compile: `entry(module,
-    *args, **kwargs)` runs `module(*args, **kwargs)` compiled with `backend`."""
+    *args, **kwargs)` runs `module(*args, **kwargs)` compiled with `backend`.
+
+    It watches each call: frames Dynamo gave up on (ran eagerly) and calls that ran no compiled
+    graph raise a `UserWarning` naming the cause, once per cause."""
 
     def __init__(self, backend: FvCompileBackend, **torch_compile_kwargs: Any) -> None:
         if _on_model_code:  # a dropped one may wait in a reference cycle (see below)
@@ -162,6 +215,7 @@ class DynamoEntry:
             for key, value in torch._dynamo.eval_frame.cached_backends.items()
             if cached.get(key) is not value
         ]
+        self._warned: set[str] = set()
         self._release = weakref.finalize(self, _release_entry, code, added)
         self._release.atexit = False  # at exit there is nothing left to free
 
@@ -170,15 +224,118 @@ class DynamoEntry:
             release_pending()
         records = _dynamo_records()
         last = records[-1] if records else None
+        runs = sum(self.backend.graph_runs)
         out = self._compiled(module, *args, **kwargs)
+        skipped = []
         if records and records[-1] is not last:
-            if any(rec.co_name != _ENTRY_NAME for rec in _records_since(records, last)):
-                _on_model_code.add(self)
+            skipped = self._read_records(_records_since(records, last))
+        ran_graph = sum(self.backend.graph_runs) != runs
+        if skipped or not ran_graph:
+            self._warn(_fallback_message(type(module).__name__, skipped, ran_graph, self.backend))
         return out
 
     def release(self) -> None:
         """Drop the compiled code now (it is dropped anyway when this entry is freed)."""
         self._release()
+
+    def _read_records(self, new: list[Any]) -> list[SkippedFrame]:
+        """Note the graph breaks and the frames Dynamo gave up on in its records of this call."""
+        skipped = []
+        if any(rec.co_name != _ENTRY_NAME for rec in new):
+            _on_model_code.add(self)
+        for rec in new:
+            self.backend.restarts.extend(sorted(getattr(rec, "restart_reasons", None) or ()))
+            if not getattr(rec, "fail_type", None) or getattr(rec, "has_guarded_code", False):
+                continue
+            message = str(getattr(rec, "fail_reason", "") or rec.fail_type)
+            reason, hint = dynamo_reason(message)
+            if rec.co_name == _ENTRY_NAME:
+                name, location = "the model's __call__ (inlined into fv_compile's entry)", "fv_compile"
+            else:
+                name, location = rec.co_name or "a frame of this call", where(rec.co_filename, rec.co_firstlineno)
+            at = where(getattr(rec, "fail_user_frame_filename", None), getattr(rec, "fail_user_frame_lineno", None))
+            frame = SkippedFrame(name, location, reason, at, _fix_for(message, hint))
+            self.backend.skipped_frames.append(frame)
+            skipped.append(frame)
+        return skipped
+
+    def _warn(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
+
+
+def _fallback_message(
+    model: str, skipped: list[SkippedFrame], ran_graph: bool, backend: FvCompileBackend
+) -> str:
+    """The warning for a call Dynamo ran (partly) eagerly."""
+
+    def describe(f: SkippedFrame) -> list[str]:
+        at = f" ({f.location})" if f.location else ""
+        lines = [f"  {f.function}{at}: {f.reason}" + (f" at {f.where}" if f.where else "")]
+        return lines + ([f"    fix: {f.hint}"] if f.hint else [])
+
+    if not ran_graph:
+        head = (
+            f"fv_compile: this call of {model} ran no compiled graph: Dynamo ran it eagerly, so "
+            "none of its attention was rewritten. Cause:"
+        )
+        if skipped:
+            return "\n".join([head] + [line for f in skipped for line in describe(f)])
+        if any(f.hint.startswith(_LIMIT_FIX) for f in backend.skipped_frames):
+            return (
+                f"{head} this compiled model hit Dynamo's recompile limit on an earlier call; calls "
+                f"that match none of its compiled graphs run eagerly. Fix: {_LIMIT_FIX}"
+            )
+        return f"{head} {_why_nothing_compiled()}"
+    lines = [
+        f"fv_compile: Dynamo could not compile {len(skipped)} frame(s) of this call of {model} and "
+        "ran them eagerly; attention inside them runs as the model wrote it, not on the chosen backend:"
+    ]
+    lines += [line for f in skipped for line in describe(f)]
+    lines.append("fv_compile.explain(model, *inputs) lists the graph breaks and the attention outside graphs.")
+    return "\n".join(lines)
+
+
+_LIMIT_FIX = (
+    "this compiled model met more distinct inputs (shapes, dtypes, Python values) than "
+    "torch._dynamo.config.recompile_limit allows; pass dynamic=True, or fewer distinct shapes, or "
+    "compile one model per resolution"
+)
+
+
+def _fix_for(message: str, hint: str) -> str:
+    if "recompile limit" in message or "recompile_limit" in message:
+        return _LIMIT_FIX
+    return hint
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The `stacklevel` that points a warning at the first frame outside fv_compile and torch."""
+    level, frame = 2, sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _why_nothing_compiled() -> str:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if torch._dynamo.config.disable:
+        return "Dynamo is disabled (TORCHDYNAMO_DISABLE=1 or torch._dynamo.config.disable)"
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    if stance != "default":
+        return f"torch.compiler.set_stance({stance!r}) is in effect"
+    if _get_current_dispatch_mode() is not None:
+        return "a TorchDispatchMode is active (Dynamo skips frames under one)"
+    return (
+        "Dynamo skipped the frame (run with TORCH_LOGS=graph_breaks,recompiles to see why) or the "
+        "model's call holds no torch operation"
+    )
 
 
 # -- releasing a CompiledModel's compiled code ---------------------------------------------------
@@ -390,7 +547,10 @@ def explain(
     model: torch.nn.Module, *args: Any, attention_backend: PolicySpec = AUTO, **kwargs: Any
 ) -> ExplainReport:
     """Trace `model(*args, **kwargs)` once and report every attention site: what was found, how,
-    which backend would run it, and what was left alone and why. The model runs once (no grad)."""
+    which backend would run it, and what was left alone and why; and what Dynamo did not capture:
+    graph breaks and frames it ran eagerly (with Dynamo's reasons), and the attention calls that
+    ran outside every graph. The model runs twice (no grad): compiled, then eagerly to count its
+    attention calls."""
     if not isinstance(model, torch.nn.Module):
         raise FvCompileError(f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}")
     backend = FvCompileBackend(attention_backend, compiler="eager", analyze_only=True)
@@ -400,7 +560,12 @@ def explain(
             entry(model, *args, **kwargs)
     finally:
         entry.release()
-    return backend.report()
+    report = backend.report()
+    counter = AttentionCallCounter()
+    with torch.no_grad(), counter:
+        model(*args, **kwargs)
+    report.uncaptured = uncaptured_attention(counter.calls, backend.anchors, backend.graph_runs)
+    return report
 
 
 def register_dynamo_backend() -> None:

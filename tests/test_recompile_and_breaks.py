@@ -1,10 +1,14 @@
-"""Many compiles of one model class in one process.
+"""Many compiles of one model class in one process, Dynamo's eager fallbacks said out loud, and
+`explain` reporting what Dynamo never captured (graph breaks, skipped frames, attention outside
+every graph).
 
 Nothing here relies on Dynamo being reset between the compiles of one test: every loop runs past
 Dynamo's recompile limit (8) inside a single test.
 """
 
 import gc
+import json
+import math
 import warnings
 import weakref
 
@@ -141,6 +145,19 @@ def test_many_live_compiles_of_a_graph_break_model_each_keep_their_graphs():
             assert cm._fv_backend.graphs == 1, f"compile #{i + 1}"
 
 
+def test_without_isolation_live_compiles_past_the_limit_fall_back_loudly(monkeypatch):
+    """On a torch without isolate_recompiles, live CompiledModels of one class share the limit of
+    the frames a graph break leaves to Dynamo: the one past it says so instead of running eagerly
+    in silence."""
+    monkeypatch.setattr(fv_compile.api, "_ISOLATE", False)
+    model = LoopBreakNet().eval()
+    alive = [fv_compile.compile(model, "TORCH_SDPA", compiler="eager") for _ in range(LIMIT + 1)]
+    for cm in alive[:LIMIT]:
+        run(cm, x_in())
+    with torch.no_grad(), pytest.warns(UserWarning, match="(?s)ran no compiled graph.*recompile limit"):
+        alive[LIMIT](x_in())
+
+
 @pytest.mark.parametrize("cls", [Net, BreakNet, LoopBreakNet])
 def test_freeing_a_compiled_model_frees_its_compiled_code(cls):
     model = cls().eval()
@@ -156,3 +173,152 @@ def test_freeing_a_compiled_model_frees_its_compiled_code(cls):
     # entries of freed compiles do not pile up on the model's code objects
     assert _get_total_cache_entry_count(cls.forward) <= 1
     assert _get_total_cache_entry_count(Block.forward) <= 1
+
+
+# -- eager fallbacks are announced --------------------------------------------------------------
+
+
+def test_hitting_the_recompile_limit_warns_and_says_what_to_do():
+    model = Net().eval()
+    cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
+    with torch.no_grad():
+        for s in range(4, 4 + LIMIT):  # LIMIT shapes: LIMIT graphs
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                cm(x_in(s))
+        big = x_in(30)
+        with pytest.warns(UserWarning, match="(?s)ran no compiled graph.*recompile limit.*dynamic=True"):
+            out = cm(big)
+        torch.testing.assert_close(out, model(big), atol=1e-5, rtol=1e-5)  # eagerly, but right
+        with pytest.warns(UserWarning, match="hit Dynamo's recompile limit on an earlier call"):
+            cm(x_in(31))
+    assert any("recompile limit" in f.reason for f in cm.explain().skipped_frames)
+
+
+def test_a_frame_dynamo_skips_is_announced_with_its_reason():
+    cm = fv_compile.compile(LoopBreakNet().eval(), "TORCH_SDPA", compiler="eager")
+    with torch.no_grad(), pytest.warns(UserWarning, match="(?s)could not compile 1 frame.*forward.*graph break in loop"):
+        cm(x_in())
+    (frame,) = cm.explain().skipped_frames
+    assert frame.function == "forward" and "aten.nonzero" in frame.reason and "test_recompile" in frame.where
+
+
+def test_a_call_that_runs_no_compiled_graph_warns():
+    cm = fv_compile.compile(Net().eval(), "TORCH_SDPA", compiler="eager")
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        with pytest.warns(UserWarning, match="ran no compiled graph.*force_eager"):
+            cm(x_in())
+
+
+# -- explain: what Dynamo did not capture -------------------------------------------------------
+
+
+def test_explain_of_a_clean_model_has_nothing_uncaptured():
+    report = fv_compile.explain(Net().eval(), x_in())
+    assert report.graph_breaks == [] and report.skipped_frames == []
+    assert report.uncaptured_calls == 0
+    assert sorted((u.op, u.calls, u.captured) for u in report.uncaptured) == [
+        ("scaled_dot_product_attention", 2, 2),
+        ("softmax", 2, 2),
+    ]
+    assert "outside" not in str(report) and "graph break" not in str(report)
+
+
+def test_explain_reports_a_graph_break_with_its_reason_and_line():
+    report = fv_compile.explain(BreakNet().eval(), x_in())
+    assert report.graphs == 2 and len(report.sites) == 4 and report.uncaptured_calls == 0
+    (brk,) = report.graph_breaks
+    assert "Dynamic shape operator (aten.nonzero.default)" in brk.reason and brk.count >= 1
+    assert any("test_recompile_and_breaks.py" in w and "forward" in w for w in brk.where)
+    assert "capture_dynamic_output_shape_ops" in brk.hint
+    text = str(report)
+    assert "graph break(s)" in text and "aten.nonzero.default" in text
+
+
+class PerSampleAttention(torch.nn.Module):
+    """Mochi's pattern: a loop over the batch that selects the valid text tokens with nonzero,
+    then attends: the break in the loop makes Dynamo run the whole function eagerly."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, text, mask):
+        b, s, c = x.shape
+        h = torch.cat([x, text], 1)
+        q, k, v = self.qkv(h).view(b, h.shape[1], 3, self.heads, c // self.heads).transpose(1, 3).unbind(2)
+        outs = []
+        for i in range(b):
+            keep = torch.cat([torch.arange(s), s + torch.nonzero(mask[i]).flatten()])
+            o = F.scaled_dot_product_attention(q[i : i + 1, :, keep], k[i : i + 1, :, keep], v[i : i + 1, :, keep])
+            outs.append(o[:, :, :s])
+        return torch.cat(outs).transpose(1, 2).reshape(b, s, c)
+
+
+def test_explain_names_attention_that_ran_outside_every_graph():
+    model = PerSampleAttention().eval()
+    x, text = torch.randn(2, 6, 32), torch.randn(2, 3, 32)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    with pytest.warns(UserWarning, match="(?s)ran no compiled graph.*graph break in loop"):
+        report = fv_compile.explain(model, x, text, mask)
+    assert report.sites == []
+    (missed,) = [u for u in report.uncaptured if u.uncaptured]
+    assert (missed.op, missed.calls, missed.captured) == ("scaled_dot_product_attention", 2, 0)
+    assert "test_recompile_and_breaks.py" in missed.where and "forward" in missed.where
+    assert report.uncaptured_calls == 2
+    assert any("graph break in loop" in f.reason for f in report.skipped_frames)
+    text_report = str(report)
+    assert "2 attention call(s) outside any graph" in text_report
+    assert "attention that ran outside every graph" in text_report
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["uncaptured_calls"] == 2 and data["skipped_frames"] and data["summary"]["found"] == 0
+
+
+def tiny_mochi():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=4,
+        text_embed_dim=16,
+        time_embed_dim=16,
+        max_sequence_length=8,
+    ).eval()
+    latent = torch.randn(1, 4, 2, 8, 8)
+    text = torch.randn(1, 8, 16)
+    text_mask = (torch.arange(8) < 6).long()[None]
+    return model, (latent, text, torch.tensor([500]), text_mask)
+
+
+def test_explain_on_mochi_shows_the_attention_its_graph_breaks_hide():
+    """diffusers' Mochi selects each sample's valid text tokens with nonzero inside a loop over
+    the batch, in MochiAttnProcessor2_0.__call__: Dynamo skips that function, so its SDPA (the
+    blocks' joint attention) always runs eagerly; the one site found is the text pooler's."""
+    model, args = tiny_mochi()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = fv_compile.explain(model, *args, return_dict=False)
+    assert [s.module_path for s in report.sites] == ["pooler"]
+    (missed,) = [u for u in report.uncaptured if u.uncaptured]
+    assert "attention_processor.py" in missed.where and "__call__" in missed.where
+    assert (missed.op, missed.uncaptured) == ("scaled_dot_product_attention", 2)  # 2 layers x batch 1
+    skipped = {f.function: f for f in report.skipped_frames}
+    assert "aten.nonzero" in skipped["__call__"].reason and "graph break in loop" in skipped["__call__"].reason
+    assert any("aten.nonzero" in b.reason for b in report.graph_breaks)
+    text = str(report)
+    assert "outside any graph" in text and "attention_processor.py" in text
+
+
+def test_explain_reads_the_model_and_leaves_it_alone():
+    model = BreakNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = model.forward
+    fv_compile.explain(model, x_in())
+    assert model.forward == forward and not hasattr(model, "_orig_mod")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert math.isclose(sum(p.numel() for p in model.parameters()), sum(v.numel() for v in before.values()))
