@@ -296,9 +296,13 @@ class GraphModule(torch.nn.Module):
         permute: "f32[2, 6, 4, 8]" = l_q_.permute(0, 2, 1, 3);  l_q_ = None
         permute_1: "f32[2, 6, 4, 8]" = l_k_.permute(0, 2, 1, 3);  l_k_ = None
         permute_2: "f32[2, 6, 4, 8]" = l_v_.permute(0, 2, 1, 3);  l_v_ = None
-        attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, l_keep_, SITE, 0, []);  permute = permute_1 = permute_2 = l_keep_ = None
-        permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
-        return (permute_3,)
+        any_1: "b8[2, 1, 1, 6]" = l_keep_.any(2, True)
+        permute_3: "b8[2, 6, 1, 1]" = any_1.permute(0, 3, 1, 2);  any_1 = None
+        logical_not: "b8[2, 6, 1, 1]" = torch.logical_not(permute_3);  permute_3 = None
+        masked_fill: "f32[2, 6, 4, 8]" = permute_1.masked_fill(logical_not, 0.0);  permute_1 = logical_not = None
+        attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, masked_fill, permute_2, l_keep_, SITE, 0, []);  permute = masked_fill = permute_2 = l_keep_ = None
+        permute_4: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
+        return (permute_4,)
 """)
 
     def test_einsum_bshd(self):

@@ -236,7 +236,6 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
     for op in ops:
         folding.apply(op)
     scale = folding.finish()
-    _check_fills(masks)
 
     out_labels, v_labels = _value_contraction(out, probs_end, value_operand, probs_labels, sizes)
     return _finish(
@@ -711,13 +710,21 @@ def _in_dtype(value: float, dtype: torch.dtype | None) -> float:
     return torch.tensor(value, dtype=torch.float64).to(dtype).item()
 
 
-def _check_fills(masks: list[MaskTerm]) -> None:
-    """Every fill must block at the softmax input: -inf, or at most -1e4 after later scales."""
+def blocking_limit(scale: float) -> float:
+    """The largest logit (at the softmax input) a finite fill may end at and still count as
+    blocking: -1e4, and -1e4 in units of the unscaled q.k when the scores are scaled up (a
+    model that multiplies its scores by 3000 has logits of ~1e4, against which -1e4 competes)."""
+    return min(_VERY_NEGATIVE, _VERY_NEGATIVE * scale)
+
+
+def _check_fills(masks: list[MaskTerm], scale: float) -> None:
+    """Every fill must block at the softmax input: -inf, or at most `blocking_limit(scale)`."""
+    limit = blocking_limit(scale)
     for mt in masks:
-        if mt.fill is not None and not (mt.fill == -math.inf or mt.fill <= _VERY_NEGATIVE):
+        if mt.fill is not None and not (mt.fill == -math.inf or mt.fill <= limit):
             raise Unsupported(
                 f"masked logits end at {mt.fill:g} at the softmax (after later scales), which does "
-                "not block them: not -inf and not below -1e4"
+                f"not block them against logits scaled by {scale:g}: not -inf and not below {limit:g}"
             )
 
 
@@ -843,7 +850,8 @@ def _finish(
         raise Unsupported(f"q, k and v are not all floating point: {sorted(map(str, dtypes))}")
     compute_dtype = _widest(dtypes)  # q, k, v of mixed precision all run at the widest
 
-    masks, causal, nonempty = _fold_constant_masks(gm, masks, score_labels, sizes, causal)
+    _check_fills(masks, scale)
+    masks, causal, nonempty = _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale)
     empty_rows, fill = _empty_row_semantics(masks, form == "sdpa")
     if causal and fill is not None:
         raise Unsupported(
@@ -854,6 +862,7 @@ def _finish(
         empty_rows = None
     nodes = _site_nodes(out, [q.node, k.node, v.node] + [m.node for m in masks], inplace)
     _check_no_mutation_inside(gm, nodes, out)
+    _check_gradients_not_stopped_inside(nodes, out)
     mask_kinds = {"additive" if m.kind == "additive" else "bool" for m in masks}
     site = AttentionSite(
         module_path=module_path(anchor),
@@ -894,6 +903,32 @@ def _finish(
         nodes=nodes,
         compute_dtype=compute_dtype,
         owned_writes=list(inplace),
+    )
+
+
+def _takes_grad_from_inputs(node: Node) -> bool:
+    return any(sp.requires_grad(x) for x in node.all_input_nodes if sp.is_tensor_node(x))
+
+
+def _check_gradients_not_stopped_inside(nodes: list[Node], out: Node) -> None:
+    """A node of the site computed without gradient from inputs that have one (a `no_grad`
+    block, `set_grad_enabled(False)`) stops gradients that one op would let through. That is
+    harmless only when the op itself runs without gradient: when `out` was computed so."""
+    stopped = [
+        n
+        for n in nodes
+        if sp.is_tensor_node(n)
+        and sp.dtype_of(n).is_floating_point  # type: ignore[union-attr]
+        and not sp.requires_grad(n)
+        and _takes_grad_from_inputs(n)
+    ]
+    if not stopped:
+        return
+    if not sp.requires_grad(out) and _takes_grad_from_inputs(out):
+        return  # grad mode is off where the op runs: it computes no gradient either
+    raise Unsupported(
+        f"gradients stop inside the site at `{stopped[0].name}` (a no_grad block or detach); "
+        "one attention op would let them through"
     )
 
 
@@ -1106,7 +1141,7 @@ def _tiled(node: Node) -> Node | None:
     return None
 
 
-def _fold_constant_masks(gm, masks, score_labels, sizes, causal):
+def _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale=1.0):
     """Evaluate masks built from constants: a causal mask becomes `causal`, an all-pass one goes.
 
     Returns `(kept masks, causal, nonempty)`; `nonempty` is True when every kept mask is a
@@ -1123,7 +1158,7 @@ def _fold_constant_masks(gm, masks, score_labels, sizes, causal):
             continue
         _check_mask_shape(mt.node, score_labels, sizes)
         val = constant_value(mt.node, max_numel=1 << 24)
-        attend = None if val is None else _attend_pattern(val, mt.kind, mt.coef)
+        attend = None if val is None else _attend_pattern(val, mt.kind, mt.coef, blocking_limit(scale))
         if attend is None:
             kept.append(mt)
             patterns.append(None)
@@ -1167,7 +1202,7 @@ def _blocks_with_a_finite_value(val: torch.Tensor, mt: MaskTerm) -> bool:
     return mt.fill is not None and math.isfinite(mt.fill)
 
 
-def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor | None:
+def _attend_pattern(val: torch.Tensor, kind: str, coef: float, limit: float = _VERY_NEGATIVE) -> torch.Tensor | None:
     """The boolean attend pattern of a constant mask, or None if it also biases the scores."""
     val = val.cpu()
     if kind == "attend":
@@ -1175,7 +1210,7 @@ def _attend_pattern(val: torch.Tensor, kind: str, coef: float) -> torch.Tensor |
     if kind == "masked":
         return ~val.bool()
     v = val.float() * coef
-    blocked = v <= _VERY_NEGATIVE
+    blocked = v <= limit
     if bool((v[~blocked] == 0).all()):
         return ~blocked
     return None

@@ -85,6 +85,9 @@ def rewrite_site(
     v = _to_bshd(em, resolve(match.v), "j", "e", outer, head, sizes, full_head=False)
     q, k, v = (_cast(em, x, match.compute_dtype) for x in (q, k, v))
     mask = _combined_mask(em, match, replaced)
+    unused = _keys_no_query_attends(em, match, replaced)
+    if unused is not None:
+        k = em.method("masked_fill", k, unused, 0.0)
     op = em.function(torch.ops.fv_compile.attention.default, q, k, v, mask, site_id, 0, [])
     out = _from_bshd(em, op, match)
     want = (sp.shape_of(match.output), sp.dtype_of(match.output))
@@ -240,6 +243,35 @@ def _placed(em, src: Node, index: list, full: list[int], neutral: Any) -> Node:
         torch.full, tuple(full), neutral, dtype=sp.dtype_of(src), device=sp.device_of(src)
     )
     return em.function(torch.slice_scatter, base, inner, d, start, stop, step)
+
+
+def _keys_no_query_attends(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Node | None:
+    """`[B|1, Sk, Hk|1, 1]`, True where a fill (masked_fill / where) blocks a key for every query.
+
+    A fill *replaces* those logits, so eager never reads such a key (an uninitialised cache
+    slot may hold NaN or inf); a backend adds -inf instead, and NaN + -inf is NaN. Zeroing
+    those keys makes the two agree, forward and backward (eager's gradient there is 0 too)."""
+    fills = [t for t in match.masks if t.fill is not None]
+    if not fills:
+        return None
+    attend = None
+    for term in fills:
+        node = replaced.get(term.node, term.node)
+        if term.kind == "masked":
+            node = em.function(torch.logical_not, node)
+        elif sp.dtype_of(node) != torch.bool:
+            node = em.method("bool", node)
+        for step in term.embed:
+            node = _embed(em, node, step, attend=True)
+        node = _mask_to_bhss(em, node, match)
+        attend = node if attend is None else em.function(torch.logical_and, attend, node)
+    used = em.method("any", attend, 2, True)  # [B|1, H|1, 1, Sk]
+    heads, kv_heads = match.site.heads or 1, match.site.kv_heads or 1
+    h = sp.shape_of(used)[1]
+    if h != 1 and kv_heads != heads:  # a kv head is used if any of its query heads uses it
+        b, sk = sp.shape_of(used)[0], sp.shape_of(used)[-1]
+        used = em.method("any", em.method("reshape", used, b, kv_heads, heads // kv_heads, 1, sk), 2)
+    return em.function(torch.logical_not, em.method("permute", used, 0, 3, 1, 2))
 
 
 def _mask_to_bhss(em, node: Node, match: AttentionMatch) -> Node:
