@@ -31,6 +31,7 @@ from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 from fv_compile.regional import compile_blocks
 from fv_compile.runtime import MetadataDispatch
+from fv_compile.verify import SiteVerifier
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 
@@ -52,7 +53,10 @@ class FvCompileBackend:
         mode: str | None = None,
         options: dict[str, Any] | None = None,
         analyze_only: bool = False,
+        check: str | None = None,
     ) -> None:
+        """check: "forward" or "backward" makes each graph run as traced while every rewritten
+        site is checked against its replacement on the same inputs (`fv_compile.verify`)."""
         if compiler not in COMPILERS:
             raise FvCompileError(f"compiler must be one of {', '.join(COMPILERS)}; got {compiler!r}")
         self.policy = SitePolicy(attention_backend, strict=strict)
@@ -60,6 +64,7 @@ class FvCompileBackend:
         self.mode = mode
         self.options = dict(options or {})
         self.analyze_only = analyze_only
+        self.check = check
         self.sites: list[AttentionSite] = []
         self.non_attention: list[NonAttentionSoftmax] = []
         self.graphs = 0
@@ -88,9 +93,12 @@ class FvCompileBackend:
         self.graph_runs.append(0)
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
-        result = attention_pass(gm, self.policy, index)
+        result = attention_pass(gm, self.policy, index, record=self.check is not None)
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
+        if self.check is not None:
+            verifier = SiteVerifier(gm, result.rewrites, backward=self.check == "backward")
+            return self._counted(verifier, index)
         if self.analyze_only:
             return self._counted(gm.forward, index)
         if not result.metadata_backends:
@@ -544,28 +552,62 @@ def fv_compile_backend(
 
 
 def explain(
-    model: torch.nn.Module, *args: Any, attention_backend: PolicySpec = AUTO, **kwargs: Any
+    model: torch.nn.Module,
+    *args: Any,
+    attention_backend: PolicySpec = AUTO,
+    verify: bool = False,
+    **kwargs: Any,
 ) -> ExplainReport:
     """Trace `model(*args, **kwargs)` once and report every attention site: what was found, how,
     which backend would run it, and what was left alone and why; and what Dynamo did not capture:
     graph breaks and frames it ran eagerly (with Dynamo's reasons), and the attention calls that
     ran outside every graph. The model runs twice (no grad): compiled, then eagerly to count its
-    attention calls."""
+    attention calls. `verify=True` also checks each rewritten site (see `fv_compile.verify`)."""
     if not isinstance(model, torch.nn.Module):
         raise FvCompileError(f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}")
-    backend = FvCompileBackend(attention_backend, compiler="eager", analyze_only=True)
-    entry = DynamoEntry(backend, dynamic=False)
-    try:
-        with torch.no_grad():
-            entry(model, *args, **kwargs)
-    finally:
-        entry.release()
+    backend = FvCompileBackend(
+        attention_backend, compiler="eager", analyze_only=True, check="forward" if verify else None
+    )
+    _trace_once(backend, model, args, kwargs, grad=False)
     report = backend.report()
     counter = AttentionCallCounter()
     with torch.no_grad(), counter:
         model(*args, **kwargs)
     report.uncaptured = uncaptured_attention(counter.calls, backend.anchors, backend.graph_runs)
     return report
+
+
+def verify(
+    model: torch.nn.Module,
+    *args: Any,
+    attention_backend: PolicySpec = AUTO,
+    backward: bool = False,
+    **kwargs: Any,
+) -> ExplainReport:
+    """Prove the rewrite on your own model before trusting a compile: trace `model(*args,
+    **kwargs)` once, run the traced code as it is (the model computes what eager computes), and
+    run every rewritten site's original nodes and its fv_compile op on the inputs the model gave
+    that site. Each site's row gets a `check` (`SiteCheck`): max abs and relative L2 error and
+    whether NaN/inf patterns agree, for its output and, with `backward=True`, for the gradient of
+    every input of the site that requires one. `report.verified` is True when every check passed.
+
+    Backends with per-step metadata (SLIDING_TILE_ATTN) need the caller's `forward_context`."""
+    if not isinstance(model, torch.nn.Module):
+        raise FvCompileError(f"fv_compile.verify expects a torch.nn.Module, got {type(model).__name__}")
+    backend = FvCompileBackend(
+        attention_backend, compiler="eager", analyze_only=True, check="backward" if backward else "forward"
+    )
+    _trace_once(backend, model, args, kwargs, grad=backward)
+    return backend.report()
+
+
+def _trace_once(backend: FvCompileBackend, model, args, kwargs, *, grad: bool) -> None:
+    entry = DynamoEntry(backend, dynamic=False)
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            entry(model, *args, **kwargs)
+    finally:
+        entry.release()
 
 
 def register_dynamo_backend() -> None:

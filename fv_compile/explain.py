@@ -45,6 +45,23 @@ _COLUMNS = [
 ]
 
 
+def _check_cell(site: AttentionSite) -> str:
+    c = site.check
+    if c is None:
+        return "-"
+    text = f"{'ok' if c.ok else 'FAIL'} rel {c.output.rel_l2:.1e}"
+    if not c.output.nan_match:
+        text += " nan-mismatch"
+    worst = c.worst_gradient
+    if worst is not None:
+        text += f", grad {worst.rel_l2:.1e}" + ("" if worst.nan_match else " nan-mismatch")
+    return text
+
+
+# shown when any site was checked (fv_compile.verify, or explain(verify=True))
+_CHECK_COLUMN = ("verify", _check_cell)
+
+
 # -- source locations ---------------------------------------------------------------------------
 
 
@@ -170,6 +187,15 @@ class ExplainReport:
         return [s for s in self.sites if s.status != REWRITTEN]
 
     @property
+    def checked(self) -> list[AttentionSite]:
+        return [s for s in self.sites if s.check is not None]
+
+    @property
+    def verified(self) -> bool:
+        """Every rewritten site was checked against the traced code, and every check passed."""
+        return all(s.check is not None and s.check.ok for s in self.rewritten)
+
+    @property
     def uncaptured_calls(self) -> int:
         """Attention calls (SDPA, softmax) of the explained call that ran outside every graph."""
         return sum(u.uncaptured for u in self.uncaptured or ())
@@ -184,6 +210,7 @@ class ExplainReport:
             "uncaptured": None if self.uncaptured is None else [u.to_dict() for u in self.uncaptured],
             "uncaptured_calls": None if self.uncaptured is None else self.uncaptured_calls,
             "summary": {"found": len(self.sites), "rewritten": len(self.rewritten)},
+            "verified": self.verified if self.checked else None,
         }
 
     def __str__(self) -> str:
@@ -198,10 +225,14 @@ class ExplainReport:
             extra.append(f"{len(self.skipped_frames)} frame(s) run eagerly")
         if self.uncaptured_calls:
             extra.append(f"{self.uncaptured_calls} attention call(s) outside any graph")
+        if self.checked:
+            bad = [s for s in self.checked if not s.check.ok]
+            extra.append(f"verified {len(self.checked) - len(bad)}/{len(self.checked)} ok")
         if extra:
             head += "; " + ", ".join(extra)
-        rows = [[name for name, _ in _COLUMNS]]
-        rows += [["-" if (v := get(s)) is None else str(v) for _, get in _COLUMNS] for s in self.sites]
+        columns = _COLUMNS[:-1] + ([_CHECK_COLUMN] if self.checked else []) + _COLUMNS[-1:]
+        rows = [[name for name, _ in columns]]
+        rows += [["-" if (v := get(s)) is None else str(v) for _, get in columns] for s in self.sites]
         lines = [head, ""] + _table(rows) if self.sites else [head]
         if self.non_attention:
             lines += ["", "softmaxes that are not attention:"]

@@ -238,3 +238,11 @@ def test_bad_arguments_give_clear_errors(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_every_fv_compile_variant_is_verified_site_by_site(run):
+    fv = _variants(run)["fv_compile[auto]"]
+    assert fv["verify"]["verified"] is True
+    assert fv["verify"]["sites"] == 4 and fv["verify"]["failed"] == 0
+    assert fv["verify"]["worst_rel_l2"] < 1e-5
+    assert "4/4 ok" in (run["out"] / "report.md").read_text()

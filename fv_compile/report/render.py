@@ -18,14 +18,14 @@ from fv_compile.report.variants import FV_COMPILE, VariantResult
 VARIANT_COLUMNS = [
     "variant", "status", "ms/step (median)", "min-max ms", "vs eager", "vs torch.compile",
     "max abs err", "rel err", "cos sim", "compile s", "graphs", "recompiles",
-    "metadata variants", "peak mem", "attention share", "sites rewritten",
+    "metadata variants", "peak mem", "attention share", "sites rewritten", "verified",
 ]  # fmt: skip
 
 
 # The terminal gets the columns that decide adoption; report.md has them all.
 TERMINAL_COLUMNS = [
     "variant", "status", "ms/step (median)", "vs eager", "vs torch.compile", "rel err", "cos sim",
-    "compile s", "graphs", "recompiles", "peak mem", "attention share",
+    "compile s", "graphs", "recompiles", "peak mem", "attention share", "verified",
 ]  # fmt: skip
 
 
@@ -56,6 +56,7 @@ def variant_rows(report: Report) -> list[list[str]]:
             _bytes(r.peak_memory_bytes),
             "-" if share is None else f"{100 * share.share:.1f}%",
             _sites(r.explain),
+            _verified(r.verify),
         ])  # fmt: skip
     return rows
 
@@ -237,6 +238,19 @@ def _sites(explain: dict[str, Any] | None) -> str:
     backends = Counter(s["backend"] for s in explain["sites"] if s["status"] == "rewritten")
     used = ", ".join(f"{name} x{n}" for name, n in backends.items())
     return f"{summary['rewritten']}/{summary['found']}" + (f" ({used})" if used else "")
+
+
+def _verified(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "-"
+    if "error" in v:
+        return "not run: " + _one_line(v["error"])[:60]
+    if not v["sites"]:
+        return "no sites"
+    text = f"{v['sites'] - v['failed']}/{v['sites']} ok"
+    if v["worst_rel_l2"] is not None:
+        text += f" (worst {v['worst_rel_l2']:.1e})"
+    return text + (f", {v['nan_mismatch']} NaN mismatch" if v["nan_mismatch"] else "")
 
 
 def _ratio(x: float | None) -> str:

@@ -96,6 +96,9 @@ class VariantResult:
     attention: AttentionShare | None = None
     explain: dict[str, Any] | None = None
     explain_text: str | None = None
+    # fv_compile.verify on one step: per rewritten site, its output (and NaN pattern) checked
+    # against the traced code on the same inputs
+    verify: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -218,6 +221,7 @@ def run_variant(
     phase = "build"
     model: Any = None
     first_output = None
+    recorded = False
     _reset_compile_state()
     try:
         model = _build(spec, workload.model, compiler, regional)
@@ -258,13 +262,24 @@ def run_variant(
             phase = "profile"
             progress.phase("profiling one step")
             result.attention = profile_attention(lambda: call_step(model, workload, 0), device)
+            _record_compile_stats(result, spec, model)  # before verify's own trace counts
+            recorded = True
+            model = None  # free the compiled graphs before the verify trace
+            _release(device)
+            phase = "verify"
+            progress.phase("verifying every rewritten site")
+            try:
+                result.verify = verify_step(workload, spec.backend)
+            except Exception as err:  # the variant's numbers stand; say why it was not verified
+                result.verify = {"error": f"{type(err).__name__}: {err}".strip()}
     except Exception as err:
         result.status = "failed"
         result.failed_during = phase
         result.error = f"{type(err).__name__}: {err}".strip()
         result.traceback = traceback.format_exc()
     finally:
-        _record_compile_stats(result, spec, model)
+        if not recorded:
+            _record_compile_stats(result, spec, model)
         model = None  # drop the compiled model before the next variant compiles
         _release(device)
     return result, first_output
@@ -285,6 +300,33 @@ def probe_eager_attention(workload: Workload) -> tuple[AttentionShare, fv_compil
         return share, model.explain()
     finally:
         _release(workload.device)
+
+
+def verify_step(workload: Workload, backend: BackendSpec | None) -> dict[str, Any]:
+    """`fv_compile.verify` of one step (timestep 0) with `backend`: the summary the report shows."""
+    with (
+        fv_compile.forward_context(
+            current_timestep=0,
+            forward_batch=workload.forward_batch(),
+            fastvideo_args=workload.fastvideo_args(),
+        ),
+    ):
+        report = fv_compile.verify(
+            workload.model, *workload.args, attention_backend=backend or AUTO, **workload.kwargs
+        )
+    checks = [s.check for s in report.rewritten if s.check is not None]
+    return {
+        "verified": report.verified,
+        "sites": len(checks),
+        "failed": sum(not c.ok for c in checks),
+        "worst_rel_l2": max((c.output.rel_l2 for c in checks), default=None),
+        "nan_mismatch": sum(not c.output.nan_match for c in checks),
+        "rows": [
+            {"site": s.module_path or s.node, "backend": s.backend, **s.check.to_dict()}
+            for s in report.rewritten
+            if s.check is not None
+        ],
+    }
 
 
 def call_step(model: Callable[..., Any], workload: Workload, step: int) -> Any:
