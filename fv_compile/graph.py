@@ -14,11 +14,28 @@ from fv_compile.passes.attention_pass import attention_pass
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 
 
+class _ValuesProp(FakeTensorProp):
+    """FakeTensorProp that also records plain Python results (`x.size(-1)`, `d ** -0.5`): the
+    matcher reads a traced scale from them. (torch 2.11's FakeTensorProp keeps tensors only.)"""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        if _plain(result) and not _plain(n.meta.get("val")):
+            n.meta["val"] = result
+        return result
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    return type(value) in (int, float, bool)
+
+
 def _with_values(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
     """Give every node the example value the matcher reads (Dynamo graphs already have them)."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    FakeTensorProp(gm, mode).propagate(*fakes)
+    _ValuesProp(gm, mode).propagate(*fakes)
 
 
 def rewrite_attention(

@@ -137,7 +137,10 @@ def attention(
         )
     if out.dtype != q.dtype:
         out = out.to(q.dtype)
-    if rt.empty_rows is not None and mask is not None:
+    # An SDPA call the model made, run by SDPA again, gives its fully masked rows whatever SDPA's
+    # kernel does (zeros on the CPU and in the math kernel, cuDNN differs): leave them be.
+    sdpa_again = rt.empty_rows == "zero" and rt.backend == "TORCH_SDPA"
+    if rt.empty_rows is not None and mask is not None and not sdpa_again:
         out = _eager_empty_rows(out, v, mask, rt)
     return out.contiguous()
 

@@ -156,8 +156,11 @@ def test_accuracy_and_compile_facts(run):
     variants = _variants(run)
     assert variants["eager"]["error_vs_eager"] is None
     fv = variants["fv_compile[auto]"]
-    assert fv["error_vs_eager"]["rel_fro"] < 1e-5
-    assert fv["error_vs_eager"]["cosine"] > 0.99999
+    # float32 on the CPU; on a GPU the report runs bfloat16, and kernels differ from eager by
+    # bf16 rounding of the weights
+    tight = run["json"]["config"]["dtype"] == "float32"
+    assert fv["error_vs_eager"]["rel_fro"] < (1e-5 if tight else 2e-2)
+    assert fv["error_vs_eager"]["cosine"] > (0.99999 if tight else 0.999)
     assert fv["graphs"] == 1 and fv["recompiles"] == 0  # two timesteps, one graph
     assert fv["compile_s"] >= 0
     assert fv["explain"]["summary"] == {"found": 4, "rewritten": 4}
@@ -244,5 +247,5 @@ def test_every_fv_compile_variant_is_verified_site_by_site(run):
     fv = _variants(run)["fv_compile[auto]"]
     assert fv["verify"]["verified"] is True
     assert fv["verify"]["sites"] == 4 and fv["verify"]["failed"] == 0
-    assert fv["verify"]["worst_rel_l2"] < 1e-5
+    assert fv["verify"]["worst_rel_l2"] < (1e-5 if run["json"]["config"]["dtype"] == "float32" else 3e-2)
     assert "4/4 ok" in (run["out"] / "report.md").read_text()
