@@ -29,6 +29,7 @@ from fv_compile.explain import (
 from fv_compile.passes.attention_pass import attention_pass
 from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
+from fv_compile.cache import with_source_key
 from fv_compile.regional import compile_blocks
 from fv_compile.runtime import MetadataDispatch
 from fv_compile.verify import SiteVerifier
@@ -130,7 +131,8 @@ class FvCompileBackend:
             return gm.forward
         if self.compiler == "aot_eager":
             return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
-        inductor = torch._TorchCompileInductorWrapper(self.mode, self.options or None, False)
+        options = with_source_key(self.options)  # fv_compile's version in Inductor's cache keys
+        inductor = torch._TorchCompileInductorWrapper(self.mode, options, False)
         return inductor(gm, example_inputs)
 
     def graph_break_report(self) -> list[GraphBreak]:

@@ -1,0 +1,78 @@
+"""Run by tests/test_cache.py in a fresh process: compile a small model with Inductor, caches on,
+and print what the caches did, which impl ran and the error against eager, as JSON."""
+
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import fv_compile
+from fv_compile.backends.sdpa import SDPABackend, SDPAImpl
+
+
+class SpyImpl(SDPAImpl):
+    calls = 0
+
+    def forward(self, q, k, v, md):
+        type(self).calls += 1
+        return super().forward(q, k, v, md)
+
+
+class SpyBackend(SDPABackend):
+    @staticmethod
+    def get_name():
+        return "TEST_CACHE_SPY"
+
+    @staticmethod
+    def get_impl_cls():
+        return SpyImpl
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, s, c = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, c // self.heads).transpose(1, 3).unbind(2)
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, c)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+def main() -> None:
+    backend, key = sys.argv[1], sys.argv[2]
+    if key != "-":  # as if fv_compile's source had changed
+        fv_compile.cache.source_key = lambda: key
+    fv_compile.register_backend("TEST_CACHE_SPY", SpyBackend)
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 16, 32)
+    cm = fv_compile.compile(model, backend)
+    with torch.no_grad():
+        err = (cm(x) - model(x)).abs().max().item()
+    aot, fx = counters["aot_autograd"], counters["inductor"]
+    print(json.dumps({
+        "err": err,
+        "spy_calls": SpyImpl.calls,
+        "aot_hit": aot["autograd_cache_hit"], "aot_miss": aot["autograd_cache_miss"],
+        "fx_hit": fx["fxgraph_cache_hit"], "fx_miss": fx["fxgraph_cache_miss"],
+        "backend": [s.backend for s in cm.explain().sites],
+    }))
+
+
+if __name__ == "__main__":
+    main()
