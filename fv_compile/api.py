@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import builtins
+import collections
+import dataclasses
+import functools
 import gc
 import inspect
 import os
@@ -14,7 +17,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch._dynamo.eval_frame import OptimizedModule
+from torch.utils import _pytree as pytree
 
+from fv_compile.context import current_forward_context, reset_derived_context, set_derived_context
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import (
     AttentionCallCounter,
@@ -30,7 +36,9 @@ from fv_compile.passes.attention_pass import attention_pass
 from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 from fv_compile.cache import with_source_key
-from fv_compile.regional import compile_blocks
+from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
+from fv_compile.pipelines import cache_context as pipeline_cache_context
+from fv_compile.regional import GlueWatch, RegionalCopy, blocks_hold_most_weights, current_region
 from fv_compile.runtime import MetadataDispatch
 from fv_compile.verify import SiteVerifier
 
@@ -71,6 +79,7 @@ class FvCompileBackend:
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
         self.graph_runs: list[int] = []  # per graph: how many times it ran
+        self.graph_regions: list[set[tuple[str, int]]] = []  # per graph: the regional blocks that ran it
         self.anchors: list[list] = []  # per graph: (kind, (file, line)) of its SDPA/softmax calls
         self.breaks: list[tuple[str, str]] = []  # (Dynamo's message, user line) of graphs a break ended
         self.restarts: list[str] = []  # graph-break messages of frames Dynamo split (one per frame)
@@ -92,6 +101,7 @@ class FvCompileBackend:
         index = self.graphs
         self.graphs += 1
         self.graph_runs.append(0)
+        self.graph_regions.append(set())
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
         result = attention_pass(gm, self.policy, index, record=self.check is not None)
@@ -109,10 +119,13 @@ class FvCompileBackend:
         return self._counted(dispatch, index)
 
     def _counted(self, fn: Callable[..., Any], index: int) -> Callable[..., Any]:
-        runs = self.graph_runs
+        runs, regions = self.graph_runs, self.graph_regions[index]
 
         def run(*args: Any) -> Any:
             runs[index] += 1
+            region = current_region()
+            if region is not None:
+                regions.add(region)
             return fn(*args)
 
         return run
@@ -226,10 +239,12 @@ class DynamoEntry:
             if cached.get(key) is not value
         ]
         self._warned: set[str] = set()
+        self.calls = 0  # calls so far (a regional model checks its blocks were called)
         self._release = weakref.finalize(self, _release_entry, code, added)
         self._release.atexit = False  # at exit there is nothing left to free
 
     def __call__(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
         if _pending_release:
             release_pending()
         records = _dynamo_records()
@@ -453,39 +468,262 @@ class _Bound:
         return self.entry(self.model, *args, **kwargs)
 
 
-class CompiledModel(torch.nn.Module):
-    """The compiled model: call it like the original. `explain()` shows what was rewritten."""
+_calls_in_progress = [0]  # CompiledModel calls running now: only the outermost starts a step
+
+_PREFIX = "_orig_mod."
+
+
+def _drop_wrapper_prefix(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict hook: the wrapped model's keys without the wrapper's `_orig_mod.`."""
+    inner = prefix + _PREFIX
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        for key in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
+            meta[prefix + key[len(inner) :] if key != inner[:-1] else prefix[:-1]] = meta.pop(key)
+
+
+def _add_wrapper_prefix(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: the model's own keys (as `state_dict()` gives them) back under
+    `_orig_mod.`, where the wrapped model sits; keys that already carry it are left alone."""
+    inner = prefix + _PREFIX
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+
+
+def _cuda_graph_owned_outputs(out: Any) -> Any:
+    """`out` with its CUDA tensors cloned. Under CUDA graphs a graph's outputs live in its
+    memory pool, and the next step's replay overwrites them: a pipeline that keeps the
+    conditional prediction across the unconditional call (CFG) would read the wrong values.
+    Which tensors a graph owns is torch-internal, so every CUDA tensor of the model's output is
+    copied: one latent-sized copy per call, microseconds against a transformer step."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t.is_cuda else t, out)
+
+
+def _uses_cuda_graphs(compiler: str, mode: str | None, options: dict[str, Any] | None) -> bool:
+    if compiler != "inductor":
+        return False
+    if options and "triton.cudagraphs" in options:
+        return bool(options["triton.cudagraphs"])
+    return mode in ("reduce-overhead", "max-autotune") or bool(torch._inductor.config.triton.cudagraphs)
+
+
+class CompiledModel(OptimizedModule):
+    """The compiled model: call it like the original, use it wherever the original was used.
+
+    It stands in for the model as torch's own `OptimizedModule` (which it subclasses, so
+    diffusers, accelerate and peft unwrap it through `_orig_mod` as they unwrap
+    `torch.compile`'s): attributes it does not have are the model's (`config`, `dtype`,
+    `device`, methods), attributes set on it are set on the model, `.to()`/`.eval()` reach the
+    model, and `state_dict()`/`load_state_dict()` use the model's own keys (no `_orig_mod.`
+    prefix). Hooks registered on it run around its calls. It is not picklable: pickle the model.
+
+    Under CUDA graphs (`mode="reduce-overhead"`) each outermost call is one CUDA-graph step
+    (`torch.compiler.cudagraph_mark_step_begin()`), so regional blocks, graph breaks and CFG
+    passes need no ceremony, and the CUDA tensors it returns are copies the next call cannot
+    overwrite. As torch requires once anything marks steps, other `reduce-overhead` models in
+    the process must then mark their own steps.
+
+    With no `forward_context` active, the model derives the context its backends need from its
+    own call (fv_compile/pipelines.py), with the `fastvideo_args` given to `compile`.
+    """
+
+    # The wrapper's own attributes. They are class attributes so that setting them stays here:
+    # any other attribute set on the wrapper is set on the model (OptimizedModule's rule).
+    _fv_backend: FvCompileBackend | None = None
+    _entry: DynamoEntry | None = None
+    _compiled: Any = None
+    _regional: RegionalCopy | None = None
+    _derive: DerivedContexts | None = None
+    _cuda_graphs: bool = False
+    _glue_checked: bool = False
+    _super_module_initialized: bool = False
+    regions: list[str] = []  # noqa: RUF012 (replaced per instance)
+
+    __call__ = torch.nn.Module.__call__  # OptimizedModule's differs between torch versions
 
     def __init__(
         self,
         model: torch.nn.Module,
         backend: FvCompileBackend,
         regional: bool = False,
+        fastvideo_args: Any = None,
         **compile_kwargs: Any,
     ):
-        super().__init__()
-        self._orig_mod = model
+        object.__setattr__(self, "_orig_mod", model)  # attribute reads in Module.__init__ need it
+        object.__setattr__(self, "_super_module_initialized", False)
+        torch.nn.Module.__init__(self)
+        self._super_module_initialized = True
+        self._orig_mod = model  # registers the model as the one child
         self._fv_backend = backend
         self._entry = DynamoEntry(backend, **compile_kwargs)
-        self.regions: list[str] = []
+        self._derive = DerivedContexts(model, fastvideo_args)
+        self._cuda_graphs = _uses_cuda_graphs(backend.compiler, backend.mode, backend.options)
+        self.regions = []
         if regional:  # every block calls the one entry: one compiled graph serves them all
-            self._compiled, self.regions = compile_blocks(
-                model, lambda block: CompiledBlock(block, self._entry)
-            )
+            copy = RegionalCopy(model, lambda block: CompiledBlock(block, self._entry))
+            object.__setattr__(self, "_regional", copy)  # not a child: the model's weights once
+            object.__setattr__(self, "_compiled", copy.module)
+            self.regions = list(copy.paths)
         else:
             self._compiled = _Bound(self._entry, model)
+        self._register_state_dict_hook(_drop_wrapper_prefix)
+        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+
+    # -- standing in for the model --------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        return self._orig_mod.training
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        if self._super_module_initialized:  # (Module.__init__ sets the default: not the model's)
+            self._orig_mod.training = value
+
+    def __getattr__(self, name: str) -> Any:
+        modules = self.__dict__.get("_modules")
+        if modules is None or "_orig_mod" not in modules:
+            raise AttributeError(name)
+        if name == "_orig_mod":
+            return modules["_orig_mod"]
+        value = getattr(modules["_orig_mod"], name)
+        if name == "cache_context":  # diffusers pipelines pass the step index through it
+            return functools.partial(pipeline_cache_context, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_orig_mod" or hasattr(type(self), name):
+            return torch.nn.Module.__setattr__(self, name, value)
+        return setattr(self._orig_mod, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name == "_orig_mod" or hasattr(type(self), name):
+            return torch.nn.Module.__delattr__(self, name)
+        return delattr(self._orig_mod, name)
+
+    def __bool__(self) -> bool:  # OptimizedModule's __len__ raises for models without a length
+        return True
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """The model's `load_state_dict`: takes its own keys (and, for checkpoints saved from a
+        `torch.compile`d model, keys with `_orig_mod.`)."""
+        meta = getattr(state_dict, "_metadata", None)
+        own = collections.OrderedDict(
+            (k[len(_PREFIX) :] if k.startswith(_PREFIX) else k, v) for k, v in state_dict.items()
+        )
+        if meta is not None:
+            own._metadata = meta  # type: ignore[attr-defined]
+        return self._orig_mod.load_state_dict(own, strict=strict, assign=assign)
+
+    def __reduce__(self):
+        raise FvCompileError(
+            "a CompiledModel cannot be pickled or copied (its compiled code lives in this "
+            "process): pickle or copy the model (compiled._orig_mod) and compile the copy"
+        )
+
+    def __getstate__(self):
+        self.__reduce__()
+
+    # -- calls -------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._compiled(*args, **kwargs)
+        outermost = _calls_in_progress[0] == 0
+        if outermost and self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        token = None
+        if current_forward_context() is None:
+            token = set_derived_context(self._derive.for_call(args, kwargs))
+        _calls_in_progress[0] += 1
+        try:
+            if self._regional is None:
+                out = self._compiled(*args, **kwargs)
+            else:
+                out = self._regional_call(args, kwargs)
+        finally:
+            _calls_in_progress[0] -= 1
+            if token is not None:
+                reset_derived_context(token)
+        if outermost and self._cuda_graphs:
+            out = _cuda_graph_owned_outputs(out)
+        return out
+
+    def _regional_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        self._regional.sync()
+        calls = self._entry.calls
+        if self._glue_checked:
+            out = self._compiled(*args, **kwargs)
+        else:  # the first call: is there attention in the eager glue between the blocks?
+            with GlueWatch() as watch:
+                out = self._compiled(*args, **kwargs)
+            self._glue_checked = True
+            self._warn_glue_attention(watch.counter.calls)
+        if self._entry.calls == calls and _calls_in_progress[0] == 1:
+            self._entry._warn(
+                f"fv_compile: this call of {type(self._orig_mod).__name__} ran none of its compiled "
+                f"blocks ({', '.join(self.regions)}): nothing was rewritten. Its forward does not "
+                "call them (was forward replaced after compile, e.g. by a hook that patches "
+                "`forward`?); compile with regional=False to compile what runs"
+            )
+        return out
+
+    def _warn_glue_attention(self, calls) -> None:
+        if not calls:
+            return
+        lines = [
+            f"  {where(filename, line, function)}: {kind} x{n}"
+            for (kind, filename, line, function), n in sorted(calls.items(), key=lambda kv: -kv[1])
+        ]
+        self._entry._warn(
+            f"fv_compile: {sum(calls.values())} attention-like call(s) (SDPA, softmax) of "
+            f"{type(self._orig_mod).__name__} ran outside its compiled blocks "
+            f"({', '.join(self.regions)}), as the model wrote them, not rewritten:\n"
+            + "\n".join(lines)
+            + "\ncompile with regional=False to rewrite them too (a longer compile)"
+        )
 
     def explain(self) -> ExplainReport:
-        """What the compilations so far found and did (empty before the first call)."""
-        return self._fv_backend.report()
+        """What the compilations so far found and did (empty before the first call).
+
+        Regionally compiled, one graph serves every block of a list: each of its sites is listed
+        once per block that ran it, under that block's path (`blocks.7.attn1`), so the table
+        shows every attention of the model as a whole-model compile does; `graphs` counts the
+        compiled graphs (one per block class). Sites outside the blocks run eagerly and are not
+        listed (the first call warns when there are any)."""
+        report = self._fv_backend.report()
+        if self._regional is not None:
+            report.sites = _per_block(report.sites, self._fv_backend.graph_regions, self.regions)
+        return report
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether each outermost call is a CUDA-graph step (Inductor with `mode="reduce-overhead"`
+        or `"max-autotune"`, or `options={"triton.cudagraphs": True}`)."""
+        return self._cuda_graphs
 
     @property
     def variants_compiled(self) -> int:
         """How many metadata graph variants have been compiled (one per distinct static key)."""
         return sum(len(d.variants) for d in self._fv_backend.dispatches)
+
+
+def _per_block(
+    sites: list[AttentionSite], graph_regions: list[set[tuple[str, int]]], paths: list[str]
+) -> list[AttentionSite]:
+    """One row per (block that ran the site's graph, site), in model order."""
+    blocks = sorted(
+        {b for regions in graph_regions for b in regions},
+        key=lambda b: (paths.index(b[0]) if b[0] in paths else len(paths), b[1]),
+    )
+    rows = []
+    for path, index in blocks:
+        prefix = f"{path}.{index}"
+        for s in sites:
+            if s.graph < len(graph_regions) and (path, index) in graph_regions[s.graph]:
+                rows.append(dataclasses.replace(s, module_path=f"{prefix}.{s.module_path}" if s.module_path else prefix))
+    rows += [s for s in sites if s.graph >= len(graph_regions) or not graph_regions[s.graph]]
+    return rows
 
 
 def compile(
@@ -496,7 +734,8 @@ def compile(
     strict: bool = False,
     mode: str | None = None,
     options: dict[str, Any] | None = None,
-    regional: bool = False,
+    regional: bool | str = "auto",
+    fastvideo_args: Any = None,
     **torch_compile_kwargs: Any,
 ) -> CompiledModel:
     """Compile `model` with every attention site running on `attention_backend`.
@@ -506,11 +745,20 @@ def compile(
         "joint": ..., "default": ...}`, or a callable `site -> name`.
     compiler: what runs the rewritten graph: `"inductor"`, `"aot_eager"` or `"eager"`.
     strict: raise instead of falling back to a dense backend when a site is unsupported.
-    mode, options: Inductor's, as for `torch.compile`.
-    regional: compile the model's repeated block (its `nn.ModuleList` of identical blocks) once
-        instead of the whole model: seconds instead of minutes of cold compile; the code between
-        blocks runs eagerly. Sites of all blocks share the first block's impls; backends with
-        per-layer settings (STA windows) learn the running block from `current_block()`.
+    mode, options: Inductor's, as for `torch.compile`. `mode="reduce-overhead"` (CUDA graphs)
+        needs nothing else: each call of the compiled model is one CUDA-graph step.
+    regional: `"auto"` (the default) compiles the model's repeated block (its `nn.ModuleList`
+        of identical blocks) once instead of the whole model, when such lists hold most of its
+        weights: seconds instead of minutes of cold compile, the code between blocks eager (the
+        first call warns if attention runs there); other models compile whole. `True` requires
+        blocks, `False` compiles the whole model. Sites of all blocks share the first block's
+        impls, so a policy sees each block site once, with a path inside the block (`attn1`);
+        backends with per-layer settings (STA windows) learn the running block from
+        `fv_compile.regional.current_block()`.
+    fastvideo_args: run-wide backend settings (`fv_compile.FastVideoArgs(sta_window=...,
+        sta_dense_steps=...)`) for calls made outside a `forward_context`, e.g. by a diffusers
+        pipeline: the model then derives the step and the latent grid from each call (see
+        `CompiledModel`). A `forward_context` around a call takes precedence.
     torch_compile_kwargs: passed to `torch.compile` (`fullgraph`, `dynamic`, ...); shapes are
         static unless `dynamic` is given, so each resolution gets its own graph.
 
@@ -518,17 +766,30 @@ def compile(
     """
     if not isinstance(model, torch.nn.Module):
         raise FvCompileError(f"fv_compile.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, CompiledModel):
+        raise FvCompileError(
+            "this model is already an fv_compile.CompiledModel: compile the original "
+            "(compiled._orig_mod) instead"
+        )
+    if not (regional is True or regional is False or (isinstance(regional, str) and regional == "auto")):
+        raise FvCompileError(
+            f"regional must be 'auto' (blocks when the model has them), True (blocks) or False "
+            f"(the whole model); got {regional!r}"
+        )
     for key in ("backend",):
         if key in torch_compile_kwargs:
             raise FvCompileError(
                 f"fv_compile.compile sets torch.compile's {key}; choose the compiler with "
                 "compiler='inductor' | 'aot_eager' | 'eager'"
             )
+    check_fastvideo_args(fastvideo_args)
+    if regional == "auto":
+        regional = blocks_hold_most_weights(model)
     torch_compile_kwargs.setdefault("dynamic", False)
     backend = FvCompileBackend(
         attention_backend, compiler=compiler, strict=strict, mode=mode, options=options
     )
-    return CompiledModel(model, backend, regional, **torch_compile_kwargs)
+    return CompiledModel(model, backend, bool(regional), fastvideo_args, **torch_compile_kwargs)
 
 
 def fv_compile_backend(

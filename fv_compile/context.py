@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +125,29 @@ def forward_context(
 
 def current_forward_context() -> ForwardContext | None:
     return _CURRENT.get()
+
+
+# The context a compiled model derives from its own call when the caller set none (see
+# fv_compile/pipelines.py): a function that builds it on first use, so a call that needs no
+# metadata reads nothing from its inputs (a timestep on the GPU would cost a host sync).
+_DERIVED: contextvars.ContextVar[Callable[[], ForwardContext] | None] = contextvars.ContextVar(
+    "fv_compile_derived_context", default=None
+)
+
+
+def set_derived_context(resolve: Callable[[], ForwardContext] | None) -> contextvars.Token:
+    """Make `resolve()` the context of calls inside the compiled model call now starting."""
+    return _DERIVED.set(resolve)
+
+
+def reset_derived_context(token: contextvars.Token) -> None:
+    _DERIVED.reset(token)
+
+
+def derived_forward_context() -> ForwardContext | None:
+    """The context the running compiled model derived from its call, if it made one."""
+    resolve = _DERIVED.get()
+    return None if resolve is None else resolve()
 
 
 def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:

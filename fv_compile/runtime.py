@@ -17,7 +17,7 @@ from torch.fx import GraphModule
 
 from fv_compile import ops
 from fv_compile.backends import registry
-from fv_compile.context import ForwardContext, current_forward_context
+from fv_compile.context import ForwardContext, current_forward_context, derived_forward_context
 from fv_compile.errors import FvCompileError
 from fv_compile.metadata import MetadataLayout, flatten_metadata
 from fv_compile.passes.attention_pass import copy_graph_module
@@ -26,7 +26,8 @@ GraphCompiler = Callable[[GraphModule, list[Any]], Callable[..., Any]]
 
 _MISSING_CONTEXT = """\
 attention backend {name} needs per-step metadata, but the compiled model was called outside a
-forward context. Call it inside one:
+forward context. Compile with fv_compile.compile(model, ..., fastvideo_args=args), whose model
+derives the step and the latent grid from its own call, or call it inside a context:
 
     with fv_compile.forward_context(current_timestep=i, forward_batch=batch, fastvideo_args=args):
         out = compiled_model(...)
@@ -63,6 +64,8 @@ class MetadataDispatch:
 
     def __call__(self, *args: Any) -> Any:
         ctx = current_forward_context()
+        if ctx is None:  # no explicit context: the one fv_compile.compile's wrapper derived, if any
+            ctx = derived_forward_context()
         if ctx is None:
             raise FvCompileError(_MISSING_CONTEXT.format(name=self.backends[0]))
         layouts, tensors = [], []

@@ -95,22 +95,28 @@ def test_policy_dict_routes_roles(net):
     assert {s.backend for s in cm.explain().sites} == {"TORCH_SDPA"}
 
 
-def test_policy_callable_sees_each_site(net):
+@pytest.mark.parametrize("regional", [False, True])
+def test_policy_callable_sees_each_site(net, regional):
+    """Whole-model, the policy sees every site by its path; regionally, each site of the one
+    compiled block once, by its path inside the block (every block runs what it chose)."""
     seen = []
 
     def policy(site):
         seen.append((site.module_path, site.role))
         return "TORCH_SDPA"
 
-    cm = fv_compile.compile(net, policy, compiler="eager")
+    cm = fv_compile.compile(net, policy, compiler="eager", regional=regional)
     with torch.no_grad():
         cm(*inputs())
-    assert seen == [
-        ("blocks.0", "self"),
-        ("blocks.0", "cross"),
-        ("blocks.1", "self"),
-        ("blocks.1", "cross"),
-    ]
+    if regional:
+        assert seen == [("", "self"), ("", "cross")]
+    else:
+        assert seen == [
+            ("blocks.0", "self"),
+            ("blocks.0", "cross"),
+            ("blocks.1", "self"),
+            ("blocks.1", "cross"),
+        ]
 
 
 def test_unknown_backend_lists_the_valid_names(net):
@@ -276,7 +282,11 @@ def test_regional_compile_compiles_the_block_once_and_leaves_the_model_alone(net
     with torch.no_grad():
         torch.testing.assert_close(cm(x, t), net(x, t), atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
-    assert cm.regions == ["blocks"] and len(cm.explain().sites) == 2
+    report = cm.explain()  # the one graph's sites, once per block that ran it
+    assert cm.regions == ["blocks"] and report.graphs == 1
+    assert [(s.module_path, s.role) for s in report.sites] == [
+        ("blocks.0", "self"), ("blocks.0", "cross"), ("blocks.1", "self"), ("blocks.1", "cross")
+    ]
     assert all(type(b) is Block for b in net.blocks)
 
 

@@ -3,7 +3,8 @@
 every graph).
 
 Nothing here relies on Dynamo being reset between the compiles of one test: every loop runs past
-Dynamo's recompile limit (8) inside a single test.
+Dynamo's recompile limit (8) inside a single test. Tests of graph breaks and frames of the model's
+own code compile the whole model (`regional=False`); `regional="auto"` would compile the blocks.
 """
 
 import gc
@@ -94,7 +95,7 @@ def test_explain_and_compile_keep_working_past_the_recompile_limit():
     for i in range(PAST_LIMIT):
         model = (first, second)[i % 2]
         backend = ("TORCH_SDPA", "auto")[i // 2 % 2]
-        cm = fv_compile.compile(model, backend, compiler="eager")
+        cm = fv_compile.compile(model, backend, compiler="eager", regional=False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("error", message="fv_compile")  # no eager fallback warning either
             torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)
@@ -125,7 +126,7 @@ def test_models_with_graph_breaks_keep_compiling(cls, isolated, monkeypatch):
     x = x_in()
     sites = 4 if cls is BreakNet else 2  # LoopBreakNet: one Block graph serves both blocks
     for i in range(PAST_LIMIT):
-        cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
+        cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=False)
         torch.testing.assert_close(run(cm, x), model(x), atol=1e-5, rtol=1e-5)
         assert len(cm.explain().rewritten) == sites, f"compile #{i + 1}"
         assert sum(cm._fv_backend.graph_runs) == 2, f"compile #{i + 1}"
@@ -135,7 +136,10 @@ def test_models_with_graph_breaks_keep_compiling(cls, isolated, monkeypatch):
 def test_many_live_compiles_of_a_graph_break_model_each_keep_their_graphs():
     model = LoopBreakNet().eval()
     x = x_in()
-    alive = [fv_compile.compile(model, ("TORCH_SDPA", "auto")[i % 2], compiler="eager") for i in range(PAST_LIMIT)]
+    alive = [
+        fv_compile.compile(model, ("TORCH_SDPA", "auto")[i % 2], compiler="eager", regional=False)
+        for i in range(PAST_LIMIT)
+    ]
     for _ in range(2):
         for i, cm in enumerate(alive):
             with torch.no_grad(), warnings.catch_warnings():
@@ -151,7 +155,7 @@ def test_without_isolation_live_compiles_past_the_limit_fall_back_loudly(monkeyp
     in silence."""
     monkeypatch.setattr(fv_compile.api, "_ISOLATE", False)
     model = LoopBreakNet().eval()
-    alive = [fv_compile.compile(model, "TORCH_SDPA", compiler="eager") for _ in range(LIMIT + 1)]
+    alive = [fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=False) for _ in range(LIMIT + 1)]
     for cm in alive[:LIMIT]:
         run(cm, x_in())
     with torch.no_grad(), pytest.warns(UserWarning, match="(?s)ran no compiled graph.*recompile limit"):
@@ -164,7 +168,7 @@ def test_freeing_a_compiled_model_frees_its_compiled_code(cls):
     x = x_in()
     backends = []
     for _ in range(2 * PAST_LIMIT):
-        cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
+        cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=False)
         run(cm, x)
         backends.append(weakref.ref(cm._fv_backend))
         del cm
@@ -180,7 +184,7 @@ def test_freeing_a_compiled_model_frees_its_compiled_code(cls):
 
 def test_hitting_the_recompile_limit_warns_and_says_what_to_do():
     model = Net().eval()
-    cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
+    cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=False)
     with torch.no_grad():
         for s in range(4, 4 + LIMIT):  # LIMIT shapes: LIMIT graphs
             with warnings.catch_warnings():  # no fv_compile warning before the limit
@@ -196,7 +200,7 @@ def test_hitting_the_recompile_limit_warns_and_says_what_to_do():
 
 
 def test_a_frame_dynamo_skips_is_announced_with_its_reason():
-    cm = fv_compile.compile(LoopBreakNet().eval(), "TORCH_SDPA", compiler="eager")
+    cm = fv_compile.compile(LoopBreakNet().eval(), "TORCH_SDPA", compiler="eager", regional=False)
     with torch.no_grad(), pytest.warns(UserWarning, match="(?s)could not compile 1 frame.*forward.*graph break in loop"):
         cm(x_in())
     (frame,) = cm.explain().skipped_frames
@@ -204,7 +208,7 @@ def test_a_frame_dynamo_skips_is_announced_with_its_reason():
 
 
 def test_a_call_that_runs_no_compiled_graph_warns():
-    cm = fv_compile.compile(Net().eval(), "TORCH_SDPA", compiler="eager")
+    cm = fv_compile.compile(Net().eval(), "TORCH_SDPA", compiler="eager", regional=False)
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         with pytest.warns(UserWarning, match="ran no compiled graph.*force_eager"):
             cm(x_in())

@@ -107,7 +107,8 @@ class Block(torch.nn.Module):
 
 class VideoDiT(torch.nn.Module):
     """Blocks of self-attention over video tokens (optionally joint with text), SDPA;
-    `masks[layer]` turns each block into the masked reference."""
+    `masks[layer]` turns each block into the masked reference. Text joins the video between
+    the blocks, so only a whole-model compile (`regional=False`) sees which tokens are text."""
 
     def __init__(self, layers=2, dim=32, heads=2, text_first=False):
         super().__init__()
@@ -177,7 +178,7 @@ def test_joint_text_attends_everything_and_is_attended(text_first):
     model = VideoDiT(text_first=text_first).eval()
     n, t = math.prod(GRID), 5
     x, text = torch.randn(1, n, 32), torch.randn(1, t, 32)
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
     video = definition_mask(GRID, TILE, (1, 1, 2))
     full = torch.ones(n + t, n + t, dtype=torch.bool)
     sl = slice(t, None) if text_first else slice(0, n)
@@ -294,7 +295,7 @@ def test_stale_smaller_latent_shape_on_a_self_attention_site_is_an_error():
 def test_stale_latent_shape_on_a_joint_site_is_an_error(text_first):
     model = VideoDiT(text_first=text_first).eval()
     x, text = torch.randn(1, math.prod(GRID), 32), torch.randn(1, 5, 32)
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
     with torch.no_grad(), fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))):
         with pytest.raises(fv_compile.FvCompileError, match="joint site has 320 tokens, 5 of them text.*holds 252"):
             cm(x, text)
@@ -319,7 +320,7 @@ def test_flash_attn_and_triton_sparse_kernels_agree_through_the_pass():
         ref = model(x, text, masks=[mask.cuda()] * 2)
         ref_padded = model(x, text, masks=[mask.cuda() & key_padding] * 2)
         for kernel in ("triton", "flash_attn"):
-            cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+            cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
             args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=tile, sta_window=window, sta_kernel=kernel)
             with fv_compile.forward_context(0, fb, args):
                 out = cm(x, text)
@@ -340,7 +341,7 @@ def test_joint_text_padding_mask_hides_padded_text_keys(dim):
     key_padding = keep[:, None, None, :]
     sta = torch.ones(n + t, n + t, dtype=torch.bool)
     sta[:n, :n] = definition_mask(GRID, TILE, (2, 1, 2))
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", strict=True)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False, strict=True)
     with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
         out = cm(x, text, masks=[key_padding, key_padding])
     ref = model(x, text, masks=[sta & key_padding] * 2)
