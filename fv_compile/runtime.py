@@ -59,7 +59,7 @@ class MetadataDispatch:
         self.gm = gm
         self.backends = backends
         self.compile_graph = compile_graph
-        self.variants: dict[tuple[MetadataLayout, ...], Callable[..., Any]] = {}
+        self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}  # (layouts, tensor shapes) -> graph
         self.device = _graph_device(gm)
 
     def __call__(self, *args: Any) -> Any:
@@ -73,10 +73,14 @@ class MetadataDispatch:
             layout, ts = context_metadata(ctx, name, self.device)
             layouts.append(layout)
             tensors.append(ts)
-        key = tuple(layouts)
+        # The graph is compiled for the metadata tensors' shapes too (static shapes, and CUDA
+        # graphs' static input buffers): STA's key lists are as wide as the step's widest window,
+        # so a schedule whose windows change size between steps gets a variant per width.
+        shapes = tuple((tuple(t.shape), t.dtype) for ts in tensors for t in ts)
+        key = (tuple(layouts), shapes)
         fn = self.variants.get(key)
         if fn is None:
-            fn = self._compile_variant(key, tensors, args)
+            fn = self._compile_variant(tuple(layouts), tensors, args)
             self.variants[key] = fn
         return fn(*args, *(t for ts in tensors for t in ts))
 

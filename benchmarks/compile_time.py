@@ -1,0 +1,140 @@
+"""Cold and warm compile of `fv_compile.compile` on a Wan-size diffusers transformer, each run in a
+fresh process, and the recompiles of a denoising loop.
+
+Run on a CUDA machine (not a test):
+
+    python benchmarks/compile_time.py --out compile_time.json
+    python benchmarks/compile_time.py --regional auto --steps 50 --cfg --sta 3,3,3 --sta-dense-steps 10
+    python benchmarks/compile_time.py --smoke          # CPU, tiny model: the script's logic only
+
+For each `regional` setting (`auto`, `False`): a new, empty cache directory (Inductor's FX graph
+and AOTAutograd caches, and Triton's kernel cache), then two processes one after the other on it:
+
+* ``cold``: nothing cached: Dynamo, the pass, AOTAutograd, Inductor and Triton all run;
+* ``warm``: a second process on the same caches: Dynamo and the pass run again (they always do),
+  AOTAutograd and Inductor should be cache hits (the counters are printed).
+
+Each process builds the model, times its first call (the compile), then runs `--steps` calls as a
+pipeline makes them (a decreasing timestep per step, two calls per step with `--cfg`, no forward
+context) and reports how many graphs Dynamo compiled after the first call (the target: none) and
+how many metadata variants the loop compiled (STA with dense first steps: two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def child(args: argparse.Namespace) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    import fv_compile
+    from fv_compile.models import from_diffusers
+
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    t0 = time.perf_counter()
+    model, inputs, kwargs = from_diffusers("WanTransformer3DModel", args.preset, dtype=dtype, device=device)
+    build_s = time.perf_counter() - t0
+    regional = (args.regional or ["auto"])[-1]
+    options: dict = {"regional": {"auto": "auto", "false": False, "true": True}[regional.lower()]}
+    if args.smoke:
+        options["compiler"] = "eager"
+    if args.sta:
+        options["attention_backend"] = {"self": "SLIDING_TILE_ATTN", "default": "auto"}
+        options["fastvideo_args"] = fv_compile.FastVideoArgs(
+            sta_window=tuple(int(v) for v in args.sta.split(",")),
+            sta_tile_size=tuple(int(v) for v in args.tile.split(",")),
+            sta_dense_steps=args.sta_dense_steps,
+        )
+    cm = fv_compile.compile(model, **options)
+    latent, _, text = inputs
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        cm(latent, torch.tensor([999.0], device=device), text, **kwargs)
+        sync()
+        first_s = time.perf_counter() - t0
+        graphs_after_first = cm._fv_backend.graphs
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            t = torch.tensor([999.0 * (1 - i / args.steps)], device=device)
+            cm(latent, t, text, **kwargs)
+            if args.cfg:
+                cm(latent, t, torch.zeros_like(text), **kwargs)
+        sync()
+        loop_s = time.perf_counter() - t0
+    return {
+        "regional": regional,
+        "regions": cm.regions,
+        "build_s": build_s,
+        "first_call_s": first_s,
+        "loop_s": loop_s,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "graphs_after_first_call": graphs_after_first,
+        "recompiles_in_loop": cm._fv_backend.graphs - graphs_after_first,
+        "metadata_variants": cm.variants_compiled,
+        "aot_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
+        "fx_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="wan2.1-1.3b")
+    ap.add_argument("--regional", action="append", help="auto | false | true (repeatable; default auto and false)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cfg", action="store_true", help="two calls per step, as a pipeline with CFG")
+    ap.add_argument("--sta", help="SLIDING_TILE_ATTN window wt,wh,ww on self-attention")
+    ap.add_argument("--tile", default="6,8,8")
+    ap.add_argument("--sta-dense-steps", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager compiler")
+    ap.add_argument("--out")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.smoke:
+        args.preset = "tiny"
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    rows = []
+    for regional in args.regional or ["auto", "false"]:
+        with tempfile.TemporaryDirectory(prefix="fv-compile-cache-") as cache:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
+                   "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}
+            for run in ("cold", "warm"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--regional", regional,
+                       "--preset", args.preset, "--steps", str(args.steps), "--tile", args.tile,
+                       "--sta-dense-steps", str(args.sta_dense_steps)]
+                cmd += ["--cfg"] * args.cfg + ["--smoke"] * args.smoke + (["--sta", args.sta] if args.sta else [])
+                t0 = time.perf_counter()
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                wall = time.perf_counter() - t0
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr[-4000:])
+                    raise SystemExit(f"{regional}/{run} failed")
+                row = {"run": run, "process_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+                rows.append(row)
+                print(f"regional={regional:5s} {run}: first call {row['first_call_s']:6.1f} s (process {wall:5.1f} s), "
+                      f"{row['recompiles_in_loop']} recompiles and {row['metadata_variants']} variants over "
+                      f"{args.steps} steps, AOT {row['aot_cache']}, FX {row['fx_cache']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"preset": args.preset, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
