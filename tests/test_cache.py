@@ -47,7 +47,7 @@ class UserPass(CustomGraphPass):
         return "user"
 
 
-def test_the_key_pass_takes_a_free_hook_and_leaves_the_users_passes_alone(monkeypatch):
+def test_the_key_pass_takes_a_free_hook_and_leaves_the_users_passes_alone():
     key = source_key()
     assert len(key) == 64 and key == source_key()
     assert SourceKeyPass().uuid() == f"fv_compile-{key}"
@@ -58,11 +58,11 @@ def test_the_key_pass_takes_a_free_hook_and_leaves_the_users_passes_alone(monkey
     assert opts["post_grad_custom_post_pass"] is mine
     assert isinstance(opts["post_grad_custom_pre_pass"], SourceKeyPass)
     hooks = ("post_grad_custom_post_pass", "post_grad_custom_pre_pass", "joint_custom_post_pass", "joint_custom_pre_pass")
-    for hook in hooks:
-        monkeypatch.setattr(torch._inductor.config, hook, mine)  # the user's global config
-    with pytest.warns(UserWarning, match="caches are off"):
-        opts = with_source_key({})
+    with torch._inductor.config.patch({hook: mine for hook in hooks}):  # the user's global config
+        with pytest.warns(UserWarning, match="caches are off"):
+            opts = with_source_key({})
     assert opts["force_disable_caches"] and all(hook not in opts for hook in hooks)
-    opts = with_source_key({"post_grad_custom_post_pass": [mine]})
+    with torch._inductor.config.patch({hook: mine for hook in hooks[1:]}):
+        opts = with_source_key({"post_grad_custom_post_pass": [mine]})  # a list: one more pass in it
     assert opts["post_grad_custom_post_pass"][0] is mine
     assert isinstance(opts["post_grad_custom_post_pass"][1], SourceKeyPass)
