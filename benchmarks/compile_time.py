@@ -6,6 +6,7 @@ Run on a CUDA machine (not a test):
     python benchmarks/compile_time.py --out compile_time.json
     python benchmarks/compile_time.py --regional auto --steps 50 --cfg --sta 3,3,3 --sta-dense-steps 10
     python benchmarks/compile_time.py --smoke          # CPU, tiny model: the script's logic only
+    python benchmarks/compile_time.py --preset tiny --device cpu --steps 10   # CPU, Inductor
 
 For each `regional` setting (`auto`, `False`): a new, empty cache directory (Inductor's FX graph
 and AOTAutograd caches, and Triton's kernel cache), then two processes one after the other on it:
@@ -38,15 +39,14 @@ def child(args: argparse.Namespace) -> dict:
     import fv_compile
     from fv_compile.models import from_diffusers
 
-    device = "cpu" if args.smoke else "cuda"
-    dtype = torch.float32 if args.smoke else torch.bfloat16
+    device = args.device
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     t0 = time.perf_counter()
     model, inputs, kwargs = from_diffusers("WanTransformer3DModel", args.preset, dtype=dtype, device=device)
     build_s = time.perf_counter() - t0
     regional = (args.regional or ["auto"])[-1]
     options: dict = {"regional": {"auto": "auto", "false": False, "true": True}[regional.lower()]}
-    if args.smoke:
-        options["compiler"] = "eager"
+    options["compiler"] = args.compiler
     if args.sta:
         options["attention_backend"] = {"self": "SLIDING_TILE_ATTN", "default": "auto"}
         options["fastvideo_args"] = fv_compile.FastVideoArgs(
@@ -100,12 +100,14 @@ def main() -> None:
     ap.add_argument("--sta", help="SLIDING_TILE_ATTN window wt,wh,ww on self-attention")
     ap.add_argument("--tile", default="6,8,8")
     ap.add_argument("--sta-dense-steps", type=int, default=0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager compiler")
     ap.add_argument("--out")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
-        args.preset = "tiny"
+        args.preset, args.device, args.compiler = "tiny", "cpu", "eager"
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -118,6 +120,7 @@ def main() -> None:
             for run in ("cold", "warm"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", "--regional", regional,
                        "--preset", args.preset, "--steps", str(args.steps), "--tile", args.tile,
+                       "--device", args.device, "--compiler", args.compiler,
                        "--sta-dense-steps", str(args.sta_dense_steps)]
                 cmd += ["--cfg"] * args.cfg + ["--smoke"] * args.smoke + (["--sta", args.sta] if args.sta else [])
                 t0 = time.perf_counter()

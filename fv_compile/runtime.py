@@ -100,7 +100,23 @@ class MetadataDispatch:
         _order_placeholders(graph, [p for name in self.backends for p in inputs[name]])
         gm.recompile()
         example = list(args) + [t for ts in tensors for t in ts]
-        return self.compile_graph(gm, example)
+        return _in_tracing_context(self.compile_graph, gm, example)
+
+
+def _in_tracing_context(compile_graph: GraphCompiler, gm: GraphModule, example: list[Any]):
+    """Compile `gm` inside a tracing context of its own, as Dynamo compiles a graph inside its.
+
+    Variants compile at run time, after Dynamo returned: without a context (and its fake mode's
+    ShapeEnv) Inductor's FX graph and AOTAutograd caches bypass the graph ("No shape env"), so a
+    warm process would compile every STA variant cold."""
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    if TracingContext.try_get() is not None:
+        return compile_graph(gm, example)
+    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+        return compile_graph(gm, example)
 
 
 def _order_placeholders(graph: torch.fx.Graph, extra: list[torch.fx.Node]) -> None:

@@ -15,10 +15,10 @@ from fv_compile.cache import SourceKeyPass, source_key, with_source_key
 PROBE = os.path.join(os.path.dirname(__file__), "_cache_probe.py")
 
 
-def probe(cache_dir, backend, key="-"):
+def probe(cache_dir, backend, key="-", *extra):
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}
     done = subprocess.run(
-        [sys.executable, PROBE, backend, key], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, PROBE, backend, key, *extra], env=env, capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -29,10 +29,13 @@ def test_a_warm_process_hits_the_caches_and_runs_its_own_impls(tmp_path):
     """Three fresh processes, one cache directory. The second compiles the same model with
     another backend: the rewritten graph is the same (site ids included), so it is a hit, and
     the cached code calls this process's impl (the spy runs), with eager's numbers. The third
-    runs a changed fv_compile (another source key): a miss."""
-    cold = probe(tmp_path, "TORCH_SDPA")
+    runs a changed fv_compile (another source key): a miss. The metadata variants an STA model
+    compiles at run time hit the caches too."""
+    cold = probe(tmp_path, "TORCH_SDPA", "-", "--sta")
     assert (cold["aot_miss"], cold["aot_hit"], cold["err"] < 1e-5) == (1, 0, True), cold
-    warm = probe(tmp_path, "TEST_CACHE_SPY")
+    assert (cold["sta_hit"], cold["sta_variants"], cold["sta_finite"]) == (0, 1, True), cold
+    warm = probe(tmp_path, "TEST_CACHE_SPY", "-", "--sta")
+    assert (warm["sta_hit"], warm["sta_variants"], warm["sta_finite"]) == (1, 1, True), warm
     assert (warm["aot_hit"], warm["aot_miss"], warm["err"] < 1e-5) == (1, 0, True), warm
     assert warm["spy_calls"] == 2 and warm["backend"] == ["TEST_CACHE_SPY"] * 2, warm
     changed = probe(tmp_path, "TORCH_SDPA", key="another-fv_compile")
