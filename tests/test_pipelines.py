@@ -248,3 +248,10 @@ def test_calls_without_what_a_backend_needs_say_how_to_fix_them():
             fv_compile.compile(NoLatent(), fastvideo_args=FastVideoArgs(**bad))
     with pytest.raises(FvCompileError, match="contradicts the model's config"):
         fv_compile.compile(tiny_transformer(), fastvideo_args=FastVideoArgs(patch_size=(1, 1, 1)))
+
+
+def test_sta_without_settings_says_where_they_go():
+    cm = fv_compile.compile(tiny_transformer(), {"self": "SLIDING_TILE_ATTN"}, compiler="eager")
+    latent, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([500]), torch.randn(1, 3, 16)
+    with torch.no_grad(), pytest.raises(FvCompileError, match="needs windows.*fv_compile.compile\\(\\.\\.\\., fastvideo_args="):
+        cm(latent, t, text)

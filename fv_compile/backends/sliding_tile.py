@@ -114,7 +114,8 @@ def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> lis
     else:
         raise FvCompileError(
             "SLIDING_TILE_ATTN needs windows: set FastVideoArgs(sta_window=(wt, wh, ww)) (in tiles), "
-            "FastVideoArgs(mask_strategy_file_path=...), or ForwardBatch(STA_param=...)"
+            "FastVideoArgs(mask_strategy_file_path=...), or ForwardBatch(STA_param=...); the "
+            "FastVideoArgs go to fv_compile.compile(..., fastvideo_args=...) or to forward_context"
         )
     if all(all(w[i] >= n_tiles[i] for i in range(3)) for layer in windows for w in layer):
         return None
