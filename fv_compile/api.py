@@ -40,6 +40,7 @@ from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
 from fv_compile.regional import GlueWatch, RegionalCopy, blocks_hold_most_weights, current_region
 from fv_compile.runtime import MetadataDispatch
+from fv_compile.user_errors import translate as translate_error
 from fv_compile.verify import SiteVerifier
 
 COMPILERS = ("inductor", "aot_eager", "eager")
@@ -641,6 +642,11 @@ class CompiledModel(OptimizedModule):
                 out = self._compiled(*args, **kwargs)
             else:
                 out = self._regional_call(args, kwargs)
+        except Exception as error:  # Dynamo's and torch's words for a few user errors: ours
+            said = translate_error(error, self._orig_mod, args, kwargs)
+            if said is None:
+                raise
+            raise said from said.__cause__  # the cause fv_compile gave it, not Dynamo's wrapper
         finally:
             _calls_in_progress[0] -= 1
             if token is not None:
@@ -869,6 +875,11 @@ def _trace_once(backend: FvCompileBackend, model, args, kwargs, *, grad: bool) -
     try:
         with torch.enable_grad() if grad else torch.no_grad():
             entry(model, *args, **kwargs)
+    except Exception as error:
+        said = translate_error(error, model, args, kwargs)
+        if said is None:
+            raise
+        raise said from said.__cause__
     finally:
         entry.release()
 

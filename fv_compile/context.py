@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fv_compile.errors import FvCompileError
+
 
 @dataclass
 class DiTConfig:
@@ -161,7 +163,7 @@ def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:
     except AttributeError:
         nested = None
     if nested is None:
-        raise ValueError(
+        raise FvCompileError(
             "the DiT patch size is unknown: set FastVideoArgs(patch_size=(1, 2, 2)) or "
             "fastvideo_args.pipeline_config.dit_config.patch_size"
         )

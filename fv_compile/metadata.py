@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from fv_compile.errors import FvCompileTypeError
+
 
 class _TensorSlot:
     def __repr__(self) -> str:
@@ -49,7 +51,7 @@ class MetadataLayout:
 def flatten_metadata(md: Any, device: torch.device) -> tuple[MetadataLayout, list[torch.Tensor]]:
     """`(layout, tensors)` for a dataclass metadata object."""
     if not dataclasses.is_dataclass(md) or isinstance(md, type):
-        raise TypeError(
+        raise FvCompileTypeError(
             f"attention metadata must be a dataclass instance (got {type(md).__name__}); "
             "subclass fv_compile.AttentionMetadata with @dataclass"
         )
@@ -63,7 +65,7 @@ def flatten_metadata(md: Any, device: torch.device) -> tuple[MetadataLayout, lis
         try:
             hash(leaf)
         except TypeError:
-            raise TypeError(
+            raise FvCompileTypeError(
                 f"{type(md).__name__} holds an unhashable {type(leaf).__name__}; metadata fields "
                 "must be tensors or hashable values (ints, floats, strings, tuples)"
             ) from None

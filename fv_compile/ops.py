@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fv_compile.backends.abstract import AttentionImpl, AttentionMetadata
-from fv_compile.errors import FvCompileError
+from fv_compile.errors import FvCompileError, NotSupportedByBackend
 from fv_compile.metadata import MetadataLayout
 
 
@@ -131,7 +131,7 @@ def attention(
     if stacked and rt.postprocess:
         out = impl.postprocess_output(out, md)
     if tuple(out.shape) != expected:
-        raise RuntimeError(
+        raise FvCompileError(
             f"attention backend {rt.backend} returned shape {tuple(out.shape)}, expected "
             f"{expected} ([batch, seq, heads, head_dim])"
         )
@@ -234,7 +234,7 @@ def attention_backward(
     Materialises the `[B, H, Sq, Sk]` weights, so it suits fine-tuning at moderate lengths."""
     rt = _SITES[site]
     if not rt.differentiable:
-        raise NotImplementedError(
+        raise NotSupportedByBackend(
             f"backend {rt.backend} is forward-only: run the compiled model under torch.no_grad() "
             "or choose a dense backend (TORCH_SDPA, TRITON_ATTN, FLASH_ATTN) to train"
         )

@@ -45,7 +45,10 @@ class SitePolicy:
             if unknown:
                 raise FvCompileError(
                     f"attention_backend policy has unknown keys {sorted(unknown)}; "
-                    f"valid keys: {', '.join(ROLES)}"
+                    f"valid keys: {', '.join(ROLES)} (attention roles). To choose a backend per "
+                    "site, pass a callable instead: attention_backend=lambda site: 'TORCH_SDPA' "
+                    "if site.module_path == 'blocks.0.attn1' else 'auto' (fv_compile.explain(model, "
+                    "*inputs) lists every site's path and role)"
                 )
             for name in spec.values():
                 self._check_name(name)
@@ -68,7 +71,15 @@ class SitePolicy:
         if isinstance(spec, dict):
             name = spec.get(site.role, spec.get("default", AUTO))
         elif callable(spec) and not isinstance(spec, str):
-            name = spec(site)
+            try:
+                name = spec(site)
+            except Exception as e:
+                raise FvCompileError(
+                    f"the attention_backend policy raised {type(e).__name__} at attention site "
+                    f"{site.module_path or site.node} ({site.role}-attention): {e}; a policy is "
+                    "called with every site found (an fv_compile.AttentionSite) and must return a "
+                    "backend name for each"
+                ) from e
             self._check_name(name)
         else:
             name = spec

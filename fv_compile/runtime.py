@@ -40,12 +40,22 @@ def context_metadata(
     """The backend's metadata for this context: built once, shared by every site and CFG pass."""
     key = (name, str(device))
     if key not in ctx.built:
-        builder = registry.get_backend(name).get_builder_cls()()
-        md = builder.build(
-            current_timestep=ctx.current_timestep,
-            forward_batch=ctx.forward_batch,
-            fastvideo_args=ctx.fastvideo_args,
-        )
+        builder_cls = registry.get_backend(name).get_builder_cls()
+        try:
+            md = builder_cls().build(
+                current_timestep=ctx.current_timestep,
+                forward_batch=ctx.forward_batch,
+                fastvideo_args=ctx.fastvideo_args,
+            )
+        except FvCompileError:
+            raise
+        except Exception as e:
+            raise FvCompileError(
+                f"the metadata builder of attention backend {name} ({builder_cls.__qualname__}) "
+                f"raised {type(e).__name__}: {e}. It builds from the forward context "
+                f"(current_timestep={ctx.current_timestep}, forward_batch, fastvideo_args): give the "
+                "context what the builder reads, or fix the builder"
+            ) from e
         layout, tensors = flatten_metadata(md, device)
         tensors = [t.to(device, non_blocking=True) for t in tensors]
         ctx.built[key] = (layout, tensors)

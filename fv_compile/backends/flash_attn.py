@@ -15,6 +15,7 @@ from typing import Any
 
 from fv_compile.backends._checks import common_limits
 from fv_compile.backends._dense import DenseBackend, DenseImpl
+from fv_compile.errors import MissingDependency
 from fv_compile.passes.site import AttentionSite
 
 # (label, module, function), fastest first
@@ -45,7 +46,7 @@ class FlashAttentionImpl(DenseImpl):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         found = flash_kernel()
         if found is None:
-            raise ImportError(_INSTALL)
+            raise MissingDependency(_INSTALL)
         self.kernel_name, self.kernel = found
         super().__init__(*args, **kwargs)
 

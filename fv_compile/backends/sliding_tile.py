@@ -195,7 +195,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         **extra_impl_args: Any,
     ) -> None:
         if causal:
-            raise ValueError("SLIDING_TILE_ATTN is non-causal")
+            raise FvCompileError("SLIDING_TILE_ATTN is non-causal: run causal attention on a dense backend")
         self.scale = softmax_scale
         self.prefix = prefix
         self.layer = layer_index(prefix)
@@ -310,7 +310,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         volume = math.prod(md.tile)
         use_fa4 = md.kernel != "triton" and fa4_supports(query, volume)
         if md.kernel == "flash_attn" and not use_fa4:
-            raise ValueError(
+            raise FvCompileError(
                 f"sta_kernel='flash_attn' cannot run this call (needs CUDA bf16/fp16, head dim 64 or "
                 f"128 and tiles of a multiple of {PIECE} tokens; got {query.device.type} "
                 f"{query.dtype}, head dim {query.shape[-1]}, tile {md.tile} = {volume} tokens): "

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fv_compile.errors import FvCompileError, MissingDependency
+
 from .config import Grid
 from .zoo import _TINY_GRID, PRESETS
 
@@ -137,7 +139,7 @@ def _import_diffusers() -> Any:
     try:
         import diffusers
     except ImportError as err:
-        raise ImportError(
+        raise MissingDependency(
             "from_diffusers needs diffusers: pip install 'fv-compile[test]' (or pip install diffusers)"
         ) from err
     return diffusers
@@ -176,14 +178,14 @@ def from_diffusers(
     """
     specs = _SPECS.get(class_name)
     if specs is None:
-        raise ValueError(f"unsupported diffusers class {class_name!r}; supported: {', '.join(_SPECS)}")
+        raise FvCompileError(f"unsupported diffusers class {class_name!r}; supported: {', '.join(_SPECS)}")
     if isinstance(preset_or_config, dict):
         tiny = specs["tiny"]
         spec = _Spec({**tiny.config, **preset_or_config}, tiny.grid, tiny.text_len)
     elif preset_or_config in specs:
         spec = specs[preset_or_config]
     else:
-        raise ValueError(f"unknown {class_name} preset {preset_or_config!r}; valid: {', '.join(specs)}")
+        raise FvCompileError(f"unknown {class_name} preset {preset_or_config!r}; valid: {', '.join(specs)}")
 
     model_cls = getattr(_import_diffusers(), class_name)
     build_device = torch.device("meta") if torch.device(device).type == "meta" else torch.device("cpu")

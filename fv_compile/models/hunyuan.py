@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fv_compile.errors import FvCompileError
+
 from ._layers import (
     FeedForward,
     PatchEmbed3d,
@@ -56,7 +58,7 @@ class HunyuanConfig(VideoDiTConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_heads % self.kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+            raise FvCompileError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
 
     @property
     def kv_heads(self) -> int:

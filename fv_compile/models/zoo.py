@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fv_compile.errors import FvCompileError, FvCompileTypeError
+
 from ._layers import init_weights
 from .cogvideox import CogVideoXConfig, CogVideoXModel
 from .config import VideoDiTConfig, Grid
@@ -23,7 +25,7 @@ def latent_grid(frames: int, height: int, width: int, *, temporal: int = 4, spat
     share one latent frame, hence ``(frames - 1) // temporal + 1``.
     """
     if frames < 1 or height < spatial or width < spatial:
-        raise ValueError(f"video {frames}x{height}x{width} is too small for a {temporal}x{spatial}x{spatial} VAE")
+        raise FvCompileError(f"video {frames}x{height}x{width} is too small for a {temporal}x{spatial}x{spatial} VAE")
     return ((frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
@@ -72,7 +74,7 @@ def _config(preset: str | VideoDiTConfig) -> VideoDiTConfig:
     try:
         return PRESETS[preset]
     except KeyError:
-        raise ValueError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
+        raise FvCompileError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
 
 
 def build_model(
@@ -106,7 +108,7 @@ def _resolve_grid(
     video = (frames, height, width)
     if grid is not None:
         if any(n is not None for n in video):
-            raise ValueError("pass either grid or frames/height/width, not both")
+            raise FvCompileError("pass either grid or frames/height/width, not both")
         return tuple(grid)
     if all(n is None for n in video):
         return cfg.default_grid
@@ -152,7 +154,7 @@ def example_inputs(
     if isinstance(model_or_preset, nn.Module):
         cfg = model_or_preset.config
         if not isinstance(cfg, VideoDiTConfig):
-            raise TypeError(f"{type(model_or_preset).__name__} is not a model from build_model")
+            raise FvCompileTypeError(f"{type(model_or_preset).__name__} is not a model from build_model")
         param = next(model_or_preset.parameters())
         dtype = param.dtype if dtype is None else dtype
         device = param.device if device is None else device
@@ -173,7 +175,7 @@ def example_inputs(
     if cfg.masks_text_keys:
         valid = cfg.text_len - cfg.text_len // 4 if valid_text_len is None else valid_text_len
         if not 1 <= valid <= cfg.text_len:
-            raise ValueError(f"valid_text_len must be in [1, {cfg.text_len}], got {valid}")
+            raise FvCompileError(f"valid_text_len must be in [1, {cfg.text_len}], got {valid}")
         mask = (torch.arange(cfg.text_len) < valid).repeat(batch, 1)
         kwargs["text_mask"] = mask.to(device)
     return args, kwargs
