@@ -151,7 +151,8 @@ def _user_line(error: BaseException) -> str:
     for frame in reversed(stack):
         path = os.path.abspath(frame.filename)
         own = path.startswith(_PACKAGE_DIR) and not path.startswith(_MODELS_DIR)
-        if not path.startswith(_TORCH_DIR) and not own:
+        generated = frame.filename.startswith("<")  # an FX graph's code: no line of the model
+        if not path.startswith(_TORCH_DIR) and not own and not generated:
             return where(frame.filename, frame.lineno, frame.name)
     return ""
 

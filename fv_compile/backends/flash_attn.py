@@ -69,7 +69,7 @@ class FlashAttentionBackend(DenseBackend):
     @staticmethod
     def supports(site: AttentionSite) -> str | None:
         if flash_kernel() is None:
-            return "flash-attn is not installed"
+            return "flash-attn is not installed: pip install flash-attn-4 (Hopper/Blackwell) or flash-attn"
         if site.head_dim is None or site.head_dim % 8 or site.head_dim > 256:
             return f"head dim {site.head_dim} (supported: multiples of 8 up to 256)"
         return common_limits(

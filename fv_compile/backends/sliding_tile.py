@@ -70,7 +70,11 @@ def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
         )
     t, h, w = (int(s) for s in raw_latent_shape[2:])
     if t % patch[0] or h % patch[1] or w % patch[2]:
-        raise FvCompileError(f"latent grid {(t, h, w)} is not divisible by patch size {patch}")
+        raise FvCompileError(
+            f"latent grid {(t, h, w)} is not divisible by patch size {patch}: pass the latent as the "
+            "model receives it, before patchify (ForwardBatch(raw_latent_shape=latent.shape)), and "
+            "the DiT's patch size (FastVideoArgs(patch_size=...))"
+        )
     return (t // patch[0], h // patch[1], w // patch[2])
 
 

@@ -77,7 +77,7 @@ def attention_pass(
             impl = construct_impl(cls.get_impl_cls(), site)
         except Exception as e:  # a backend refusing a site at construction is a skip, not a crash
             if policy.strict:
-                raise FvCompileError(f"backend {name} refused site {site.module_path}: {e}") from e
+                raise FvCompileError(f"backend {name} refused site {site.module_path or site.node}: {e}") from e
             site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
             sites.append(site)
             continue
