@@ -10,6 +10,7 @@ import gc
 import inspect
 import os
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -469,7 +470,15 @@ class _Bound:
         return self.entry(self.model, *args, **kwargs)
 
 
-_calls_in_progress = [0]  # CompiledModel calls running now: only the outermost starts a step
+
+class _CallDepth(threading.local):
+    """CompiledModel calls running now in this thread: only the outermost starts a step (a call
+    running in another thread is not an outer call of this one)."""
+
+    depth = 0
+
+
+_calls = _CallDepth()
 
 _PREFIX = "_orig_mod."
 
@@ -630,13 +639,13 @@ class CompiledModel(OptimizedModule):
     # -- calls -------------------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outermost = _calls_in_progress[0] == 0
+        outermost = _calls.depth == 0
         if outermost and self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         token = None
         if current_forward_context() is None:
             token = set_derived_context(self._derive.for_call(args, kwargs))
-        _calls_in_progress[0] += 1
+        _calls.depth += 1
         try:
             if self._regional is None:
                 out = self._compiled(*args, **kwargs)
@@ -648,7 +657,7 @@ class CompiledModel(OptimizedModule):
                 raise
             raise said from said.__cause__  # the cause fv_compile gave it, not Dynamo's wrapper
         finally:
-            _calls_in_progress[0] -= 1
+            _calls.depth -= 1
             if token is not None:
                 reset_derived_context(token)
         if outermost and self._cuda_graphs:
@@ -665,7 +674,7 @@ class CompiledModel(OptimizedModule):
                 out = self._compiled(*args, **kwargs)
             self._glue_checked = True
             self._warn_glue_attention(watch.counter.calls)
-        if self._entry.calls == calls and _calls_in_progress[0] == 1:
+        if self._entry.calls == calls and _calls.depth == 1:
             self._entry._warn(
                 f"fv_compile: this call of {type(self._orig_mod).__name__} ran none of its compiled "
                 f"blocks ({', '.join(self.regions)}): nothing was rewritten. Its forward does not "
