@@ -125,8 +125,27 @@ def _in_tracing_context(compile_graph: GraphCompiler, gm: GraphModule, example: 
 
     if TracingContext.try_get() is not None:
         return compile_graph(gm, example)
-    with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+    # Dynamo traced the graph with static shapes unless a placeholder is symbolic. Handed real
+    # tensors, AOTAutograd would fakify every size as a fresh duck-sized symbol (whatever the fake
+    # mode's own setting) and Inductor would compile a graph Dynamo never traced, with no guards
+    # (on the CPU it computed NaN from one). So the example goes in already fake, as Dynamo's does.
+    static = not _has_symbolic_inputs(gm)
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=static)
+    if static:
+        example = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example]
+    with tracing(TracingContext(mode)):
         return compile_graph(gm, example)
+
+
+def _has_symbolic_inputs(gm: GraphModule) -> bool:
+    """Whether Dynamo traced `gm` with a symbolic input: a SymInt, or a tensor of symbolic size."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(value, torch.SymInt):
+            return True
+        if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in (*value.shape, *value.stride())):
+            return True
+    return False
 
 
 def _order_placeholders(graph: torch.fx.Graph, extra: list[torch.fx.Node]) -> None:

@@ -53,3 +53,25 @@ def test_explain_lists_the_wan_sites():
     text = str(report)
     assert "4 attention site(s)" in text and "4 rewritten" in text
     assert "blocks.1.attn2" in text
+
+
+def test_an_sta_variant_under_inductor_computes_what_eager_computes():
+    """Metadata variants compile at run time, outside Dynamo. They must compile the static graph
+    Dynamo traced: fakified afresh, the text length (16) and the head dim (16) became one
+    duck-sized symbol and Inductor's CPU code returned NaN. Text length = head dim on purpose."""
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    ).eval()  # fmt: skip
+    args = (torch.randn(1, 4, 3, 8, 8), torch.tensor([999.0]), torch.randn(1, 16, 32))
+    fva = fv_compile.FastVideoArgs(sta_window=(1, 1, 1), sta_tile_size=(1, 2, 2))
+    policy = {"self": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"}
+    eager = fv_compile.compile(model, policy, compiler="eager", fastvideo_args=fva)
+    inductor = fv_compile.compile(model, policy, fastvideo_args=fva)
+    with torch.no_grad():
+        ref = eager(*args, return_dict=False)[0]
+        out = inductor(*args, return_dict=False)[0]
+    assert inductor.variants_compiled == 1
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
