@@ -86,6 +86,7 @@ class FvCompileBackend:
         self.breaks: list[tuple[str, str]] = []  # (Dynamo's message, user line) of graphs a break ended
         self.restarts: list[str] = []  # graph-break messages of frames Dynamo split (one per frame)
         self.skipped_frames: list[SkippedFrame] = []
+        self._warned_symbolic = False
 
     def __call__(
         self,
@@ -109,6 +110,8 @@ class FvCompileBackend:
         result = attention_pass(gm, self.policy, index, record=self.check is not None)
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
+        if not self.analyze_only and self.check is None:
+            self._warn_symbolic(result.sites)
         if self.check is not None:
             verifier = SiteVerifier(gm, result.rewrites, backward=self.check == "backward")
             return self._counted(verifier, index)
@@ -119,6 +122,25 @@ class FvCompileBackend:
         dispatch = MetadataDispatch(result.gm, result.metadata_backends, self.compile_graph)
         self.dispatches.append(dispatch)
         return self._counted(dispatch, index)
+
+    def _warn_symbolic(self, sites: list[AttentionSite]) -> None:
+        """Say once when a graph's sites were left alone for their symbolic shapes: asked for
+        with dynamic=True, or made by torch's automatic dynamic shapes after a recompile."""
+        symbolic = [
+            s for s in sites if s.status != "rewritten" and ("dynamic" in (s.reason or "") or "symbolic" in (s.reason or ""))
+        ]
+        if not symbolic or self._warned_symbolic:
+            return
+        self._warned_symbolic = True
+        warnings.warn(
+            f"fv_compile: {len(symbolic)} attention site(s) were traced with symbolic shapes "
+            "(dynamic=True, or torch's automatic dynamic shapes after a recompile for a new input "
+            "shape) and run as the model wrote them, not on the chosen backend: fv_compile rewrites "
+            "attention at static shapes only. Compile with dynamic=False (fv_compile.compile's "
+            "default) for one graph per resolution (docs/resolution.md)",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def _counted(self, fn: Callable[..., Any], index: int) -> Callable[..., Any]:
         runs, regions = self.graph_runs, self.graph_regions[index]
@@ -326,8 +348,10 @@ def _fallback_message(
 
 _LIMIT_FIX = (
     "this compiled model met more distinct inputs (shapes, dtypes, Python values) than "
-    "torch._dynamo.config.recompile_limit allows; pass dynamic=True, or fewer distinct shapes, or "
-    "compile one model per resolution"
+    "torch._dynamo.config.recompile_limit allows (each resolution is a graph of its own): raise "
+    "that limit, pass fewer distinct shapes, or compile one model per resolution; dynamic=True "
+    "compiles one graph for every shape but runs its attention as the model wrote it "
+    "(docs/resolution.md)"
 )
 
 
