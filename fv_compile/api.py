@@ -822,6 +822,7 @@ def compile(
                 "compiler='inductor' | 'aot_eager' | 'eager'"
             )
     check_fastvideo_args(fastvideo_args)
+    check_options(options, own_keys=False)
     if regional == "auto":
         regional = blocks_hold_most_weights(model)
     torch_compile_kwargs.setdefault("dynamic", False)
@@ -841,7 +842,10 @@ def fv_compile_backend(
     """`torch.compile(model, backend="fv_compile", options={...})`.
 
     options: `attention_backend`, `compiler`, `strict`; any other key is an Inductor option.
+    Dynamo calls this at the first call of the compiled function: a misspelt key is reported
+    then, with fv_compile's own keys listed.
     """
+    check_options(options, own_keys=True)
     opts = dict(options or {})
     backend = FvCompileBackend(
         opts.pop("attention_backend", AUTO),
@@ -851,6 +855,41 @@ def fv_compile_backend(
         options=opts,
     )
     return backend(gm, example_inputs)
+
+
+# The keys of `torch.compile(backend="fv_compile", options={...})` that are fv_compile's own.
+OPTIONS = ("attention_backend", "compiler", "strict")
+
+
+def check_options(options: dict[str, Any] | None, *, own_keys: bool) -> None:
+    """Each key of `options` is an Inductor option (or, with `own_keys`, one of fv_compile's
+    `OPTIONS`); a misspelt key raises naming the closest valid one and fv_compile's own keys."""
+    import difflib
+
+    if not options:
+        return
+    inductor = set(torch._inductor.list_options())
+    for key in options:
+        if own_keys and key in OPTIONS or str(key).replace("-", "_") in inductor:
+            continue
+        if key in OPTIONS:
+            raise FvCompileError(
+                f"options={{{key!r}: ...}} holds one of fv_compile's own settings, but "
+                f"fv_compile.compile's options are Inductor's: pass it as an argument, "
+                f"fv_compile.compile(model, {key}=...)"
+            )
+        close = difflib.get_close_matches(str(key), [*OPTIONS, *sorted(inductor)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        where = "torch.compile(backend='fv_compile', options=...)" if own_keys else "fv_compile.compile(options=...)"
+        own = (
+            f"fv_compile's own options are {', '.join(OPTIONS)}"
+            if own_keys
+            else f"fv_compile's own settings are arguments ({', '.join(f'{k}=' for k in OPTIONS)})"
+        )
+        raise FvCompileError(
+            f"unknown option {key!r} in {where}{hint}; {own}, any other key must be an Inductor "
+            "option (torch._inductor.list_options() lists them)"
+        )
 
 
 def explain(

@@ -437,6 +437,25 @@ def _(mp):
     return net, lambda: fv_compile.compile(net, regional="blocks")
 
 
+@case("option-unknown/torch-compile")
+def _(mp):
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+    trigger = lambda: fv_compile.fv_compile_backend(gm, [], options={"attention_backnd": "TORCH_SDPA"})  # noqa: E731
+    return Net(), trigger, lambda e: "did you mean 'attention_backend'" in str(e) and "compiler, strict" in str(e)
+
+
+@case("option-unknown/compile")
+def _(mp):
+    net = Net()
+    return net, lambda: fv_compile.compile(net, options={"max_autotun": True}), lambda e: "'max_autotune'" in str(e)
+
+
+@case("option-is-an-argument")
+def _(mp):
+    net = Net()
+    return net, lambda: fv_compile.compile(net, options={"attention_backend": "TORCH_SDPA"})
+
+
 @case("backend-kwarg")
 def _(mp):
     net = Net()
