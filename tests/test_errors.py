@@ -960,6 +960,41 @@ def _(mp):
     return _zoo(lambda: from_diffusers("WanTransformer3DModel", "huge"))
 
 
+@case("diffusers-config-key")
+def _(mp):
+    pytest.importorskip("diffusers")
+    from fv_compile.models.diffusers_zoo import from_diffusers
+
+    return _zoo(lambda: from_diffusers("WanTransformer3DModel", config={"num_layer": 1}), lambda e: "'num_layers'" in str(e))
+
+
+@case("diffusers-build")
+def _(mp):
+    pytest.importorskip("diffusers")
+    from fv_compile.models.diffusers_zoo import from_diffusers
+
+    return _zoo(lambda: from_diffusers("WanTransformer3DModel", config={"ffn_dim": -1}))
+
+
+@case("diffusers-inputs")
+def _(mp):
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.configuration_utils import register_to_config
+
+    from fv_compile.models.diffusers_zoo import from_diffusers
+
+    class ControlTransformer3DModel(diffusers.ModelMixin, diffusers.ConfigMixin):
+        @register_to_config
+        def __init__(self, in_channels: int = 4):
+            super().__init__()
+
+        def forward(self, hidden_states, control_hidden_states):
+            return hidden_states
+
+    mp.setattr(diffusers, "ControlTransformer3DModel", ControlTransformer3DModel, raising=False)
+    return _zoo(lambda: from_diffusers("ControlTransformer3DModel"), lambda e: "'control_hidden_states'" in str(e))
+
+
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_each_documented_error_says_its_message_and_changes_nothing(key, monkeypatch):
     model, trigger, *check = CASES[key](monkeypatch)
