@@ -87,7 +87,6 @@ def _variants(run):
 
 
 def test_writes_the_three_files_and_prints_the_table(run):
-    assert run["rc"] == 0
     out = run["out"]
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
@@ -249,3 +248,140 @@ def test_every_fv_compile_variant_is_verified_site_by_site(run):
     assert fv["verify"]["sites"] == 4 and fv["verify"]["failed"] == 0
     assert fv["verify"]["worst_rel_l2"] < (1e-5 if run["json"]["config"]["dtype"] == "float32" else 3e-2)
     assert "4/4 ok" in (run["out"] / "report.md").read_text()
+
+
+# -- exit status, timing outliers, dense STA, cold/warm compile, the CPU gap ------------------------
+
+
+def test_report_exits_nonzero_when_a_variant_fails(run):
+    assert run["rc"] == 1
+    assert f"1 variant(s) failed (fv_compile[{RAISING}])" in run["stderr"]
+    assert (run["out"] / "report.json").exists()  # the report is written all the same
+
+
+def test_timing_outliers_are_flagged_by_max_over_median_or_min():
+    from fv_compile.report.measure import LatencyStats, timing_outliers
+
+    flagged = timing_outliers(LatencyStats.of([1.38, 1.41, 1.40, 894.0]))
+    assert flagged is not None and "1 of 4 loops above 1.5x the median" in flagged
+    assert timing_outliers(LatencyStats.of([10.0, 10.4, 11.0])) is None
+    assert timing_outliers(LatencyStats.of([5.0, 10.0, 10.5])) is not None  # max/min > 2
+
+
+def test_a_noisy_variant_says_so_in_its_status_and_the_notes_state_the_rule(run):
+    from fv_compile.report.measure import TIMING_RULE, LatencyStats, timing_outliers
+    from fv_compile.report.render import report_notes, status_cell
+    from fv_compile.report.variants import VariantResult
+
+    noisy = VariantResult("torch.compile", "torch.compile", None)
+    noisy.latency = LatencyStats.of([1.38, 1.4, 894.0])
+    noisy.timing_flag = timing_outliers(noisy.latency)
+    assert status_cell(noisy) == "ok, noisy timing"
+    report = _report(run, [noisy])
+    (note,) = [n for n in report_notes(report) if n.startswith("Noisy timing")]
+    assert "**torch.compile**: max/median" in note and TIMING_RULE in note
+
+
+def _report(run, variants):
+    from fv_compile.report.run import EagerAttention, Report
+
+    data = run["json"]
+    return Report(data["config"], data["environment"], data["workload"], variants, EagerAttention())
+
+
+def test_the_report_says_fv_compile_ran_as_compiled_by_default(run):
+    fv = _variants(run)["fv_compile[auto]"]
+    assert fv["regional"] == "the repeated blocks in blocks"
+    assert run["json"]["config"]["regional"] == "auto"
+    assert "as a user gets it by default (regional='auto'): it compiled the repeated blocks in blocks" in (
+        run["out"] / "report.md"
+    ).read_text()
+
+
+def test_regional_off_compiles_the_whole_model():
+    from fv_compile.models import build_model
+    from fv_compile.report.variants import FV_COMPILE, VariantSpec, _build, _what_compiled
+
+    model = build_model("wan-tiny")
+    spec = VariantSpec(FV_COMPILE, "auto")
+    assert _what_compiled(spec, _build(spec, model, "eager", False), model) == "the whole model"
+    assert _what_compiled(spec, _build(spec, model, "eager", "auto"), model) == "the repeated blocks in blocks"
+
+
+def test_the_compile_column_separates_cold_from_warm(run):
+    markdown = (run["out"] / "report.md").read_text()
+    assert "| compile s (cold / warm) |" in markdown
+    fv = _variants(run)["fv_compile[auto]"]
+    assert fv["compile_s"] >= 0 and fv["cold_cache"] is None  # compiler="eager": no Inductor cache
+    assert fv["warm_compile_s"] is None and "compiler='eager' keeps no compile cache" in fv["warm_note"]
+
+
+def test_warm_compile_hits_the_caches_the_cold_compile_wrote(tmp_path):
+    """Inductor with its caches on, in a process of its own (the suite disables them), on a model
+    with no C++ kernel to build: the variant's cold compile starts from an empty cache, and its
+    warm compile is served by what the cold one wrote (fv_compile's site ids included)."""
+    import os
+
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    probe = os.path.join(os.path.dirname(__file__), "_warm_probe.py")
+    done = subprocess.run(
+        [sys.executable, probe, "fv_compile"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    fv = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fv["status"] == "ok", fv
+    assert fv["cold_cache"].startswith("an empty Inductor cache directory")
+    hits = fv["warm_cache_hits"]
+    assert (hits["fx_graph_hit"], hits["fx_graph_miss"], hits["aot_autograd_hit"]) == (1, 0, 1), hits
+    assert fv["warm_note"].startswith("FX graph cache 1 hit(s)")
+    assert 0 <= fv["warm_compile_s"] < fv["compile_s"]
+
+
+def test_the_cpu_report_says_why_fv_compile_trails_torch_compile_or_not(run):
+    (paragraph,) = run["json"]["analysis"]
+    fv, tc = _variants(run)["fv_compile[auto]"], _variants(run)["torch.compile"]
+    ratio = tc["latency"]["median_ms"] / fv["latency"]["median_ms"]
+    verdict = "trails" if round(ratio, 2) < 1 else "is on par with" if round(ratio, 2) == 1 else "does not trail"
+    assert paragraph.startswith(f"**fv_compile[auto] {verdict} plain torch.compile: {ratio:.2f}x**")
+    assert "fv_compile::attention op(s)" in paragraph and "aten::_scaled_dot_product" in paragraph
+    assert paragraph in (run["out"] / "report.md").read_text()
+
+
+def _gap_results(fv_ms, tc_ms, fv_eager_ms, overhead_ms):
+    from fv_compile.report.measure import AttentionShare, LatencyStats
+    from fv_compile.report.variants import VariantResult
+
+    tc = VariantResult("torch.compile", "torch.compile", None, latency=LatencyStats.of([tc_ms]))
+    tc.attention = AttentionShare(0.0, tc_ms, 0, "cpu", kernel_ms=0.0, compiled_ms=tc_ms - 0.5)
+    fv = VariantResult("fv_compile[auto]", "fv_compile", "auto", latency=LatencyStats.of([fv_ms]))
+    fv.regional = "the repeated blocks in blocks"
+    kernels = {"aten::_scaled_dot_product_flash_attention_for_cpu": 4}
+    fv.attention = AttentionShare(
+        20.0 + overhead_ms, fv_ms, 4, "cpu", kernel_ms=20.0, kernels=kernels, compiled_ms=fv_ms - fv_eager_ms
+    )
+    return [tc, fv]
+
+
+def test_the_cpu_gap_names_the_eager_code_between_blocks_when_that_is_what_it_measured():
+    from fv_compile.report.run import cpu_gap_analysis
+
+    (text,) = cpu_gap_analysis(_gap_results(fv_ms=100.0, tc_ms=89.0, fv_eager_ms=10.5, overhead_ms=0.4))
+    assert text.startswith("**fv_compile[auto] trails plain torch.compile: 0.89x** (+11.00 ms per step")
+    assert "The largest measured cause is the eager code outside compiled graphs (10.00 of the 11.00 ms" in text
+    assert "--regional off" in text
+
+
+def test_the_cpu_gap_names_the_op_overhead_when_that_is_what_it_measured():
+    from fv_compile.report.run import cpu_gap_analysis
+
+    (text,) = cpu_gap_analysis(_gap_results(fv_ms=100.0, tc_ms=89.0, fv_eager_ms=0.5, overhead_ms=9.0))
+    assert "The largest measured cause is the attention ops' overhead around their kernels (9.00 of" in text
+    assert "2250 us per op" in text
+
+
+def test_the_cpu_gap_says_when_fv_compile_stops_trailing():
+    from fv_compile.report.run import cpu_gap_analysis
+
+    (text,) = cpu_gap_analysis(_gap_results(fv_ms=80.0, tc_ms=89.0, fv_eager_ms=0.5, overhead_ms=0.4))
+    assert text.startswith("**fv_compile[auto] does not trail plain torch.compile: 1.11x**")
+    assert "largest measured cause" not in text

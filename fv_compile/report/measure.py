@@ -21,6 +21,18 @@ ATTENTION_OP = "fv_compile::attention"
 STEP_RANGE = "fv_compile.report::step"
 
 
+# A variant's timing is flagged as noisy past either ratio (see `timing_outliers`).
+NOISY_MAX_OVER_MEDIAN = 1.5
+NOISY_MAX_OVER_MIN = 2.0
+TIMING_RULE = (
+    f"a variant's timing is flagged as noisy when its slowest timed loop took more than "
+    f"{NOISY_MAX_OVER_MEDIAN:g}x its median loop (max/median > {NOISY_MAX_OVER_MEDIAN:g}) or more "
+    f"than {NOISY_MAX_OVER_MIN:g}x its fastest (max/min > {NOISY_MAX_OVER_MIN:g}); speedups use "
+    "medians, which one slow loop does not move, but a flagged variant's numbers deserve a rerun "
+    "(more --repeat, an idle machine)"
+)
+
+
 @dataclass
 class LatencyStats:
     """Per-step latency over the timed repeats, in milliseconds."""
@@ -35,6 +47,21 @@ class LatencyStats:
         return cls(
             statistics.median(samples_ms), min(samples_ms), max(samples_ms), list(samples_ms)
         )
+
+
+def timing_outliers(latency: LatencyStats) -> str | None:
+    """Why `latency` is noisy by `TIMING_RULE` ("max/median 11.8x, max/min 650x; 2 of 10 loops
+    above 1.5x the median"), or None when it is not."""
+    lat = latency
+    over_median = lat.max_ms / lat.median_ms if lat.median_ms > 0 else math.inf
+    over_min = lat.max_ms / lat.min_ms if lat.min_ms > 0 else math.inf
+    if over_median <= NOISY_MAX_OVER_MEDIAN and over_min <= NOISY_MAX_OVER_MIN:
+        return None
+    slow = sum(s > NOISY_MAX_OVER_MEDIAN * lat.median_ms for s in lat.samples_ms)
+    return (
+        f"max/median {over_median:.2g}x, max/min {over_min:.3g}x; {slow} of "
+        f"{len(lat.samples_ms)} loops above {NOISY_MAX_OVER_MEDIAN:g}x the median"
+    )
 
 
 @dataclass
@@ -59,16 +86,38 @@ class OutputError:
 
 @dataclass
 class AttentionShare:
-    """Time spent in attention during one profiled step, and how it was attributed."""
+    """One profiled step: the time spent in attention and how it was attributed, and where the
+    rest of the step went.
+
+    kernel_ms: of attention_ms, the time in the attention kernels the ops called (the outermost
+        ATen attention ops inside them; None when a backend's kernel is not an ATen op); the
+        rest is the ops' own overhead (dispatch, metadata, layout copies). kernels counts them by
+        name (`aten::_scaled_dot_product_flash_attention_for_cpu`).
+    compiled_ms: the time inside compiled graphs (Dynamo's "Torch-Compiled Region" ranges); the
+        step's remainder ran eagerly (the code between regionally compiled blocks, graph breaks).
+    """
 
     attention_ms: float
     step_ms: float
     calls: int
     method: str
+    kernel_ms: float | None = None
+    kernels: dict[str, int] = field(default_factory=dict)
+    compiled_ms: float | None = None
     share: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.share = self.attention_ms / self.step_ms if self.step_ms > 0 else math.nan
+
+    @property
+    def overhead_ms(self) -> float | None:
+        """Attention ops' time outside their kernels."""
+        return None if self.kernel_ms is None else max(0.0, self.attention_ms - self.kernel_ms)
+
+    @property
+    def eager_ms(self) -> float | None:
+        """The step's time outside compiled graphs."""
+        return None if self.compiled_ms is None else max(0.0, self.step_ms - self.compiled_ms)
 
 
 def synchronize(device: torch.device) -> None:
@@ -166,21 +215,66 @@ def profile_attention(step: Callable[[], Any], device: torch.device) -> Attentio
     events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
     attention = [e for e in events if e.name == ATTENTION_OP and not _inside(e, ATTENTION_OP)]
     steps = [e for e in events if e.name == STEP_RANGE]
+    regions = [e for e in events if _is_region(e.name) and not _inside(e, None, _is_region)]
+    kernels = [k for op in attention for k in _outermost(op, _is_attention_kernel)]
     if device.type == "cuda":
-        step_us = sum(e.device_time_total for e in steps)
-        attention_us = sum(e.device_time_total for e in attention)
+        def took(e):
+            return e.device_time_total
         method = "GPU kernel time under fv_compile::attention / GPU kernel time of the step"
     else:
-        step_us = sum(e.cpu_time_total for e in steps)
-        attention_us = sum(e.cpu_time_total for e in attention)
+        def took(e):
+            return e.cpu_time_total
         method = "CPU time of fv_compile::attention ops / CPU time of the step"
-    return AttentionShare(attention_us / 1e3, step_us / 1e3, len(attention), method)
+    names: dict[str, int] = {}
+    for k in kernels:
+        name = _kernel_name(k)
+        names[name] = names.get(name, 0) + 1
+    return AttentionShare(
+        sum(took(e) for e in attention) / 1e3,
+        sum(took(e) for e in steps) / 1e3,
+        len(attention),
+        method,
+        kernel_ms=sum(took(k) for k in kernels) / 1e3 if kernels or not attention else None,
+        kernels=names,
+        compiled_ms=sum(took(e) for e in regions) / 1e3,
+    )
 
 
-def _inside(event: Any, name: str) -> bool:
+# ATen's attention ops (SDPA and the kernels it dispatches to: flash, efficient, cuDNN, math)
+_KERNEL_WORDS = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
+
+
+def _is_attention_kernel(name: str) -> bool:
+    return name.startswith("aten::") and any(w in name for w in _KERNEL_WORDS)
+
+
+def _is_region(name: str) -> bool:
+    return name.startswith("Torch-Compiled Region")
+
+
+def _outermost(event: Any, match) -> list[Any]:
+    """The outermost descendants of `event` whose name `match`es."""
+    found = []
+    for child in event.cpu_children:
+        if match(child.name):
+            found.append(child)
+        else:
+            found += _outermost(child, match)
+    return found
+
+
+def _kernel_name(event: Any) -> str:
+    """The most specific attention op under `event` (SDPA's dispatch target when it has one)."""
+    for child in event.cpu_children:
+        if _is_attention_kernel(child.name):
+            return _kernel_name(child)
+    return event.name
+
+
+def _inside(event: Any, name: str | None, match=None) -> bool:
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name == name:
+        if (match(parent.name) if match is not None else parent.name == name):
             return True
         parent = parent.cpu_parent
     return False

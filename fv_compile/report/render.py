@@ -12,36 +12,54 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fv_compile.report.measure import TIMING_RULE
 from fv_compile.report.run import Report
 from fv_compile.report.variants import FV_COMPILE, VariantResult
 
+COMPILE_COLUMN = "compile s (cold / warm)"
+
 VARIANT_COLUMNS = [
     "variant", "status", "ms/step (median)", "min-max ms", "vs eager", "vs torch.compile",
-    "max abs err", "rel err", "cos sim", "compile s", "graphs", "recompiles",
-    "metadata variants", "peak mem", "attention share", "sites rewritten", "verified",
+    "max abs err", "rel err", "cos sim", COMPILE_COLUMN, "graphs", "recompiles",
+    "metadata variants", "peak mem", "attention share", "sites rewritten", "verified", "compiled",
 ]  # fmt: skip
 
 
 # The terminal gets the columns that decide adoption; report.md has them all.
 TERMINAL_COLUMNS = [
     "variant", "status", "ms/step (median)", "vs eager", "vs torch.compile", "rel err", "cos sim",
-    "compile s", "graphs", "recompiles", "peak mem", "attention share", "verified",
+    COMPILE_COLUMN, "graphs", "recompiles", "peak mem", "attention share", "verified",
 ]  # fmt: skip
+
+NOISY = "noisy timing"
+
+
+def status_cell(r: VariantResult) -> str:
+    """"ok", "ran dense", "FAILED (phase)"; ", noisy timing" when the timing is flagged; the
+    steps a sparse backend ran dense when only some did."""
+    if not r.ok:
+        return f"FAILED ({r.failed_during})"
+    text = r.status
+    if r.dense_steps and r.status == "ok" and r.latency is not None:
+        text += f" ({len(r.dense_steps)} step(s) dense)"
+    return text + (f", {NOISY}" if r.timing_flag else "")
 
 
 def variant_rows(report: Report) -> list[list[str]]:
     rows = []
     for r in report.variants:
         share = report.eager_attention.share if r.kind == "eager" else r.attention
+        if share is not None and r.kind != "eager" and not share.calls:
+            share = None  # no fv_compile::attention op to time (plain torch.compile)
         if not r.ok:
             rows.append(
-                [r.name, f"FAILED ({r.failed_during})"] + ["-"] * (len(VARIANT_COLUMNS) - 2)
+                [r.name, status_cell(r)] + ["-"] * (len(VARIANT_COLUMNS) - 2)
             )
             continue
         lat, err = r.latency, r.error_vs_eager
         rows.append([
             r.name,
-            "ok",
+            status_cell(r),
             f"{lat.median_ms:.2f}",
             f"{lat.min_ms:.2f}-{lat.max_ms:.2f}",
             _ratio(r.speedup_vs_eager),
@@ -57,6 +75,7 @@ def variant_rows(report: Report) -> list[list[str]]:
             "-" if share is None else f"{100 * share.share:.1f}%",
             _sites(r.explain),
             _verified(r.verify),
+            r.regional or "-",
         ])  # fmt: skip
     return rows
 
@@ -83,6 +102,39 @@ def terminal_table(report: Report) -> str:
     columns = [c for c in TERMINAL_COLUMNS if c != "peak mem" or report.environment["gpu"]]
     keep = [VARIANT_COLUMNS.index(c) for c in columns]
     return text_table(columns, [[row[i] for i in keep] for row in variant_rows(report)])
+
+
+def report_notes(report: Report) -> list[str]:
+    """What the table's cells cannot say: variants that ran dense, noisy timings (with the rule),
+    what the fv_compile variants compiled, warm compiles that missed the caches."""
+    notes = []
+    for r in report.variants:
+        if r.ok and r.dense_reason and r.dense_steps:
+            if r.status == "ran dense":
+                lead = "ran dense, not sparse: every step of the loop was full attention"
+            else:
+                lead = f"ran {len(r.dense_steps)} of {report.config.get('steps')} step(s) as full attention"
+            notes.append(f"**{r.name}** {lead}: {r.dense_reason}.")
+    noisy = [r for r in report.variants if r.ok and r.timing_flag]
+    if noisy:
+        notes.append(
+            "Noisy timing ("
+            + "; ".join(f"**{r.name}**: {r.timing_flag}" for r in noisy)
+            + f"). Rule: {TIMING_RULE}."
+        )
+    fv = [r for r in report.variants if r.kind == FV_COMPILE and r.ok and r.regional]
+    if fv:
+        regional = report.config.get("regional", "auto")
+        how = "by default (regional='auto')" if regional == "auto" else f"with regional={regional!r}"
+        notes.append(
+            f"fv_compile variants are fv_compile.compile(model, backend) as a user gets it {how}: "
+            f"it compiled {fv[0].regional}"
+            + ("; the code between the blocks runs eagerly." if "blocks" in fv[0].regional else ".")
+        )
+    for r in report.variants:
+        if r.ok and r.warm_note and r.warm_compile_s is not None and "no cache hits" in r.warm_note:
+            notes.append(f"**{r.name}** warm compile: {r.warm_note}.")
+    return notes
 
 
 def busy_cpu_note(report: Report) -> str | None:
@@ -123,6 +175,11 @@ def render_markdown(report: Report) -> str:
             for r in failed
         ]
         parts += ["", "Full tracebacks are in report.json.", ""]
+    if notes := report_notes(report):
+        parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if report.analysis:
+        parts += ["## fv_compile against plain torch.compile on this CPU", ""]
+        parts += [p + "\n" for p in report.analysis]
     parts += ["## Attention share of one step", "", _attention_table(report), ""]
     if report.eager_attention.error:
         parts += [
@@ -207,7 +264,7 @@ def _bar_label(r: VariantResult) -> str:
         return "failed"
     if r.kind == "eager":
         return "1.00x (ref)"
-    label = _ratio(r.speedup_vs_eager) + " vs eager"
+    label = _ratio(r.speedup_vs_eager) + " vs eager" + (" (ran dense)" if r.status == "ran dense" else "")
     if r.error_vs_eager is not None:
         label += f"\nrel err {r.error_vs_eager.rel_fro:.1e}"
     return label
@@ -215,7 +272,7 @@ def _bar_label(r: VariantResult) -> str:
 
 def _attention_table(report: Report) -> str:
     shares = [("eager (TORCH_SDPA sites, eager ops)", report.eager_attention.share)]
-    shares += [(r.name, r.attention) for r in report.variants]
+    shares += [(r.name, r.attention) for r in report.variants if r.attention and r.attention.calls]
     rows = [
         [name, f"{a.attention_ms:.2f}", f"{a.step_ms:.2f}", f"{100 * a.share:.1f}%", str(a.calls)]
         for name, a in shares
@@ -226,9 +283,14 @@ def _attention_table(report: Report) -> str:
 
 
 def _compile_cell(r: VariantResult) -> str:
+    """`cold / warm` seconds; warm is "-" where it was not measured (the note says why), and
+    marked "(miss)" when the second compile found nothing in the caches."""
     if r.compile_s is None:
         return "-"
-    return f"{r.compile_s:.1f}" + (" (cache)" if r.fx_graph_cache_hits else "")
+    warm = "-" if r.warm_compile_s is None else f"{r.warm_compile_s:.1f}"
+    if r.warm_compile_s is not None and r.warm_note and "no cache hits" in r.warm_note:
+        warm += " (miss)"
+    return f"{r.compile_s:.1f} / {warm}"
 
 
 def _sites(explain: dict[str, Any] | None) -> str:

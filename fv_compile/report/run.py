@@ -11,17 +11,20 @@ from typing import Any
 
 import torch
 
+from fv_compile.errors import FvCompileError
 from fv_compile.report.environment import collect_environment
-from fv_compile.report.measure import AttentionShare
+from fv_compile.report.measure import TIMING_RULE, AttentionShare
 from fv_compile.report.progress import Progress, make_progress
 from fv_compile.report.variants import (
     EAGER,
+    FV_COMPILE,
     TORCH_COMPILE,
     BackendSpec,
     TimingPlan,
     VariantResult,
     build_variants,
     default_backends,
+    has_repeated_blocks,
     probe_eager_attention,
     run_variant,
 )
@@ -41,6 +44,8 @@ class ReportConfig:
     height: int | None = None
     width: int | None = None
     grid: tuple[int, int, int] | None = None
+    # the model's size: zoo config fields or diffusers constructor arguments (`num_layers=4`)
+    config: dict[str, Any] = field(default_factory=dict)
     batch: int = 1
     dtype: str | None = None
     device: str | None = None
@@ -49,8 +54,11 @@ class ReportConfig:
     steps: int = 2
     warmup: int = 2
     repeat: int = 10
-    torch_compile: bool = True
-    regional: bool = False
+    torch_compile: bool = True  # plain torch.compile, and diffusers' compile_repeated_blocks
+    # fv_compile.compile's regional: "auto" (its default: the repeated blocks when they hold most
+    # weights), True (blocks), False (the whole model)
+    regional: bool | str = "auto"
+    warm_compile: bool = True  # compile each variant a second time, from the caches
     seed: int = 0
     fastvideo_args: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +82,13 @@ class Report:
     eager_attention: EagerAttention
     wall_s: float = 0.0
     methods: dict[str, str] = field(default_factory=dict)
+    # on a CPU, why each fv_compile variant trails plain torch.compile (or does not), from the
+    # measured numbers (`cpu_gap_analysis`)
+    analysis: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[VariantResult]:
+        return [r for r in self.variants if not r.ok]
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -84,8 +99,9 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {device}: CUDA is not available here (torch {torch.__version__})"
+        raise FvCompileError(
+            f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+            "use --device cpu"
         )
     return resolved
 
@@ -114,6 +130,7 @@ def run_report(
         preset=config.preset,
         video=(config.frames, config.height, config.width),
         grid=config.grid,
+        config=config.config,
         batch=config.batch,
         dtype=dtype,
         device=device,
@@ -122,7 +139,11 @@ def run_report(
     workload.fastvideo_overrides = dict(config.fastvideo_args)
     backends = config.backends if config.backends is not None else default_backends(device, dtype)
     plan = TimingPlan(config.steps, config.warmup, config.repeat)
-    specs = build_variants(backends, torch_compile=config.torch_compile)
+    specs = build_variants(
+        backends,
+        torch_compile=config.torch_compile,
+        repeated_blocks=config.torch_compile and has_repeated_blocks(workload.model),
+    )
     progress = make_progress() if progress is None else progress
     resolved = dataclasses.replace(
         config, device=str(device), dtype=str(dtype).removeprefix("torch."), backends=list(backends)
@@ -142,6 +163,7 @@ def run_report(
                 reference=reference,
                 progress=progress,
                 regional=config.regional,
+                warm_compile=config.warm_compile,
             )
             if spec.kind == EAGER:
                 reference = output
@@ -160,7 +182,8 @@ def run_report(
         variants=results,
         eager_attention=eager_attention,
         wall_s=time.perf_counter() - started,
-        methods=_methods(device, plan, config.compiler),
+        methods=_methods(device, plan, config),
+        analysis=cpu_gap_analysis(results, config.compiler) if device.type == "cpu" else [],
     )
 
 
@@ -192,38 +215,154 @@ def _eager_attention(workload: Any) -> EagerAttention:
     return EagerAttention(share=share, explain=report.to_dict(), explain_text=str(report))
 
 
+def cpu_gap_analysis(results: list[VariantResult], compiler: str = "inductor") -> list[str]:
+    """Per fv_compile variant, why it trails plain torch.compile on this CPU, or that it does not,
+    from what was measured: the medians, and one profiled step of each (the code outside
+    compiled graphs, the attention ops' time outside their kernels, which kernels ran)."""
+    base = next((r for r in results if r.kind == TORCH_COMPILE and r.latency), None)
+    if base is None or base.attention is None:
+        return []
+    out = []
+    for r in results:
+        if r.kind != FV_COMPILE or r.latency is None or r.attention is None:
+            continue
+        out.append(_gap_paragraph(r, base, compiler))
+    return out
+
+
+def _gap_paragraph(r: VariantResult, base: VariantResult, compiler: str) -> str:
+    ratio = base.latency.median_ms / r.latency.median_ms
+    gap = r.latency.median_ms - base.latency.median_ms
+    mine, theirs = r.attention, base.attention
+    trails = round(ratio, 2) < 1
+    verdict = "trails" if trails else "is on par with" if round(ratio, 2) == 1 else "does not trail"
+    head = (
+        f"**{r.name} {verdict} plain torch.compile: {ratio:.2f}x** ({gap:+.2f} ms per step; "
+        f"medians {r.latency.median_ms:.2f} vs {base.latency.median_ms:.2f} ms)."
+    )
+    if r.timing_flag or base.timing_flag:
+        head += " The timing of one of them is flagged as noisy: rerun before trusting the sign."
+    parts = [head, f"In one profiled step of each (step {mine.step_ms:.2f} vs {theirs.step_ms:.2f} ms):"]
+    eager_gap = None
+    if mine.eager_ms is not None and theirs.eager_ms is not None:
+        eager_gap = mine.eager_ms - theirs.eager_ms
+        where = (
+            "the code between its compiled blocks runs eagerly"
+            if r.regional and "blocks" in r.regional
+            else "graph breaks, Dynamo's guards"
+        )
+        parts.append(
+            f"code outside compiled graphs ran {mine.eager_ms:.2f} ms in {r.name} ({where}) "
+            f"against {theirs.eager_ms:.2f} ms in torch.compile ({eager_gap:+.2f} ms);"
+        )
+    overhead = mine.overhead_ms
+    if mine.calls and overhead is not None:
+        kernels = ", ".join(f"{name} x{n}" for name, n in sorted(mine.kernels.items())) or "none"
+        parts.append(
+            f"its {mine.calls} fv_compile::attention op(s) took {mine.attention_ms:.2f} ms, "
+            f"{mine.kernel_ms:.2f} ms of it in their kernels ({kernels}) and {overhead:.2f} ms "
+            f"around them ({1e3 * overhead / mine.calls:.0f} us per op: the custom op's dispatch, "
+            "metadata and layout copies)."
+        )
+        math_calls = sum(n for name, n in mine.kernels.items() if "math" in name)
+        if math_calls:
+            parts.append(
+                f"{math_calls} of the ops ran SDPA's math path (no fused CPU kernel for that "
+                "mask, dtype or layout): unfused matmul-softmax-matmul."
+            )
+    elif mine.calls:
+        parts.append(
+            f"its {mine.calls} fv_compile::attention op(s) took {mine.attention_ms:.2f} ms (their "
+            "backend's kernel is not an ATen op, so its overhead is not separated)."
+        )
+    if trails:
+        causes = []
+        if eager_gap is not None:
+            causes.append((eager_gap, "the eager code outside compiled graphs"))
+        if overhead is not None and mine.calls:
+            causes.append((overhead, "the attention ops' overhead around their kernels"))
+        if causes:
+            size, what = max(causes)
+            profiled_gap = mine.step_ms - theirs.step_ms
+            if size > 0 and profiled_gap > 0 and size >= 0.5 * profiled_gap:
+                parts.append(
+                    f"The largest measured cause is {what} ({size:.2f} of the {profiled_gap:.2f} "
+                    "ms the profiled steps differ by)"
+                    + (
+                        "; --regional off (fv_compile.compile(..., regional=False)) compiles it "
+                        "too, at a longer compile."
+                        if what.startswith("the eager") and r.regional and "blocks" in r.regional
+                        else "."
+                    )
+                )
+            else:
+                parts.append(
+                    "Neither accounts for most of the difference: the rest is inside the compiled "
+                    "graphs"
+                    + (
+                        " (Inductor fuses across an attention it inlines, not across the "
+                        "fv_compile::attention op)."
+                        if compiler == "inductor"
+                        else "."
+                    )
+                )
+    return " ".join(parts)
+
+
 def _summary(r: VariantResult) -> str:
     if not r.ok:
         return f"FAILED during {r.failed_during}: {r.error}"
     text = f"{r.latency.median_ms:.2f} ms/step"
+    if r.status != "ok":
+        text += f" ({r.status})"
     if r.compile_s is not None:
-        text += f", compile {r.compile_s:.1f} s"
+        text += f", compile {r.compile_s:.1f} s cold"
+    if r.warm_compile_s is not None:
+        text += f" / {r.warm_compile_s:.1f} s warm"
     if r.error_vs_eager is not None:
         text += f", rel err {r.error_vs_eager.rel_fro:.2e}"
     return text
 
 
-def _methods(device: torch.device, plan: TimingPlan, compiler: str) -> dict[str, str]:
+def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> dict[str, str]:
+    compiler = config.compiler
     clock = (
         "CUDA events around each loop"
         if device.type == "cuda"
         else "time.perf_counter around each loop"
     )
+    regional = {"auto": "regional='auto' (its default)", True: "regional=True", False: "regional=False"}
     return {
         "loop": (
             f"each variant runs a loop of {plan.steps} transformer call(s), call i inside "
             "fv_compile.forward_context(current_timestep=i), on the same inputs"
         ),
+        "variants": (
+            "torch.compile is torch.compile(model) of the whole model; compile_repeated_blocks "
+            "(diffusers models that have it) is model.compile_repeated_blocks(), diffusers' "
+            "regional compile; fv_compile[...] is fv_compile.compile(model, backend) as a user "
+            f"gets it, {regional.get(config.regional, repr(config.regional))}: the repeated "
+            "blocks compiled once when they hold most of the weights, else the whole model (the "
+            "variant's 'compiled' cell says which). All with "
+            f"backend/compiler={compiler!r}, dynamic=False"
+        ),
         "latency": (
             f"per step = loop time / {plan.steps}; {clock}; median, min and max over {plan.repeat} "
             f"timed loop(s) after {plan.warmup} untimed warm-up loop(s)"
         ),
+        "timing outliers": TIMING_RULE,
         "speedup": "ratio of median per-step latencies (baseline / variant)",
         "compile": (
-            "first loop's wall time minus the warm loop time (steps x median): Dynamo tracing, "
-            f"the fv_compile pass and the {compiler} compile. Later variants may reuse kernels "
-            "an earlier variant compiled (Inductor's caches), so their figure can be below a "
-            "fresh process's"
+            "cold: the first loop's wall time minus the warm loop time (steps x median): Dynamo "
+            f"tracing, the fv_compile pass and the {compiler} compile, each variant starting from "
+            "an empty Inductor cache directory with Inductor's in-memory caches cleared (so no "
+            "variant reuses another's kernels; one-time process start-up such as importing torch "
+            "is not in it). warm: the same variant compiled again in this process and timed the "
+            "same way, after torch._dynamo.reset() and clearing Inductor's in-memory caches, from "
+            "the on-disk FX graph and AOTAutograd caches the cold compile wrote (the hits are "
+            "recorded per variant): a warm start, less what a new process adds (imports, "
+            "first-use initialisation). n/a for compilers other than inductor and when Inductor's "
+            "caches are disabled"
         ),
         "graphs": (
             "Dynamo graphs captured (counters['stats']['unique_graphs']); recompiles are "
@@ -238,6 +377,12 @@ def _methods(device: torch.device, plan: TimingPlan, compiler: str) -> dict[str,
         "error": (
             "each step's output of the first loop against eager's, in float64: "
             "max |out - ref|, ||out - ref||_F / ||ref||_F, cosine similarity; worst over the steps"
+        ),
+        "ran dense": (
+            "a variant whose sites run a sparse backend is checked step by step: its metadata "
+            "builder is asked for each step of the loop, and a step whose metadata says dense "
+            "(STA: sta_dense_steps, or a window that covers the whole tile grid) ran full "
+            "attention; when every step did, the status is 'ran dense', not 'ok'"
         ),
         "attention share": (
             "torch.profiler on one step; attention = the fv_compile::attention ops (each found "

@@ -3,6 +3,8 @@ weights."""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from fv_compile.context import FastVideoArgs, ForwardBatch
+from fv_compile.errors import FvCompileError
 from fv_compile.models import PRESETS, build_model, example_inputs, latent_grid
 
 DIFFUSERS_PREFIX = "diffusers:"
@@ -22,7 +25,7 @@ TINY_DEFAULT_VIDEO = (9, 256, 256)
 Grid = tuple[int, int, int]
 
 
-class WorkloadError(ValueError):
+class WorkloadError(FvCompileError):
     """A model or size the report cannot build; the message says which values are valid."""
 
 
@@ -84,6 +87,7 @@ def load_workload(
     preset: str | None = None,
     video: tuple[int | None, int | None, int | None] = (None, None, None),
     grid: Grid | None = None,
+    config: dict[str, Any] | None = None,
     batch: int = 1,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -92,38 +96,46 @@ def load_workload(
     """Build `model` (a zoo preset or `diffusers:<Class>`) with seeded random weights, and inputs.
 
     video: pixel `(frames, height, width)`, any of them None for the preset's default; mapped to
-        the latent grid as the model's VAE would (`fv_compile.models.latent_grid`).
+        the latent grid as the model's VAE would (`fv_compile.models.latent_grid`; for diffusers
+        models the class's own VAE: 8x32 for LTX-Video).
     grid: the latent `(T, H, W)` directly; excludes `video`.
+    config: overrides of the model's size: fields of the zoo preset's config (`num_layers=4`),
+        or constructor arguments of the diffusers class.
     preset: only for diffusers models, the size preset of `from_diffusers` (default "tiny").
     """
     device = torch.device(device)
+    config = dict(config or {})
     sized = grid is not None or any(n is not None for n in video)
     if grid is not None and any(n is not None for n in video):
         raise WorkloadError("give either --grid or --frames/--height/--width, not both")
     if model.startswith(DIFFUSERS_PREFIX):
-        if sized:
-            raise WorkloadError(
-                "diffusers models run at the size their --preset fixes; "
-                "drop --grid/--frames/--height/--width"
-            )
         return _diffusers_workload(
-            model.removeprefix(DIFFUSERS_PREFIX), preset or "tiny", batch, dtype, device, seed
+            model.removeprefix(DIFFUSERS_PREFIX),
+            preset or "tiny",
+            video if sized and grid is None else None,
+            grid,
+            config,
+            batch,
+            dtype,
+            device,
+            seed,
         )
     if preset is not None:
         raise WorkloadError(
-            "--preset selects a diffusers model's size; zoo models are named by --model alone"
+            "--preset selects a diffusers model's size; zoo models are named by --model alone "
+            "(and resized with --config)"
         )
     if model not in PRESETS:
         raise WorkloadError(
             f"unknown model {model!r}; valid presets: {', '.join(PRESETS)}, "
             f"or {DIFFUSERS_PREFIX}<Class> for a diffusers transformer"
         )
-    config = PRESETS[model]
+    preset_config = _zoo_config(model, config)
     if not sized and model.endswith("-tiny"):
         grid = latent_grid(*TINY_DEFAULT_VIDEO)
     frames, height, width = video
     try:
-        net = build_model(model, dtype=dtype, device=device, seed=seed)
+        net = build_model(preset_config, dtype=dtype, device=device, seed=seed)
         args, kwargs = example_inputs(
             net, batch=batch, frames=frames, height=height, width=width, grid=grid, seed=seed
         )
@@ -131,7 +143,7 @@ def load_workload(
         raise WorkloadError(str(err)) from None
     latent = args[0]
     return Workload(
-        name=model,
+        name=model if not config else f"{model}({_overrides(config)})",
         model=net,
         args=args,
         kwargs=kwargs,
@@ -139,36 +151,79 @@ def load_workload(
         device=device,
         batch=batch,
         grid=tuple(latent.shape[2:]),
-        patch_size=tuple(config.patch_size),
+        patch_size=tuple(preset_config.patch_size),
         raw_latent_shape=tuple(latent.shape),
     )
 
 
+def _zoo_config(model: str, overrides: dict[str, Any]) -> Any:
+    base = PRESETS[model]
+    names = [f.name for f in dataclasses.fields(base)]
+    for key in overrides:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise WorkloadError(
+                f"--config {key}: {model} has no such field{hint}; its fields: {', '.join(names)}"
+            )
+    try:
+        return dataclasses.replace(base, **overrides)
+    except (TypeError, ValueError) as err:
+        raise WorkloadError(f"--config {_overrides(overrides)}: {err}") from None
+
+
+def _overrides(config: dict[str, Any]) -> str:
+    return ",".join(f"{k}={_value(v)}" for k, v in config.items())
+
+
+def _value(v: Any) -> str:
+    return "x".join(str(x) for x in v) if isinstance(v, (tuple, list)) else str(v)
+
+
 def _diffusers_workload(
-    class_name: str, preset: str, batch: int, dtype: torch.dtype, device: torch.device, seed: int
+    class_name: str,
+    preset: str,
+    video: tuple[int | None, int | None, int | None] | None,
+    grid: Grid | None,
+    config: dict[str, Any],
+    batch: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int,
 ) -> Workload:
     from fv_compile.models import from_diffusers
+    from fv_compile.models.diffusers_zoo import latent_layout
 
     try:
         net, args, kwargs = from_diffusers(
-            class_name, preset, batch=batch, dtype=dtype, device=device, seed=seed
+            class_name,
+            preset,
+            config=config,
+            grid=grid,
+            video=video,
+            batch=batch,
+            dtype=dtype,
+            device=device,
+            seed=seed,
         )
     except (ValueError, ImportError) as err:
         raise WorkloadError(str(err)) from None
     cfg = net.config
     latent = args[0]
-    if (
-        "CogVideoX" in class_name
-    ):  # CogVideoX takes [B, T, C, H, W]; backends expect [B, C, T, H, W]
+    layout = latent_layout(class_name)
+    if layout == "BTCHW":  # frames first (CogVideoX); backends expect [B, C, T, H, W]
         b, t, c, h, w = latent.shape
         raw = (b, c, t, h, w)
+    elif layout == "tokens":  # patchified [B, T*H*W, C] with the latent grid beside it (LTX-Video)
+        raw = (latent.shape[0], latent.shape[2], kwargs["num_frames"], kwargs["height"], kwargs["width"])
     else:
         raw = tuple(latent.shape)
     patch = cfg.patch_size
     if isinstance(patch, int):
         patch = (getattr(cfg, "patch_size_t", None) or 1, patch, patch)
+    name = f"{DIFFUSERS_PREFIX}{class_name}({preset}{',' if config else ''}{_overrides(config)})"
     return Workload(
-        name=f"{DIFFUSERS_PREFIX}{class_name}({preset})",
+        name=name,
         model=net,
         args=args,
         kwargs=kwargs,
