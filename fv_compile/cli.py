@@ -48,13 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fv-compile",
-        description="torch.compile for video diffusion transformers: see what fv_compile finds "
+        description="torch.compile for video diffusion transformers: see what fv_compile finds\n"
         "in a model (explain) and what it gains (report).",
         epilog="examples:\n"
         "  fv-compile explain --model wan-tiny\n"
         "  fv-compile explain --model diffusers:LTXVideoTransformer3DModel --verify\n"
-        "  fv-compile report --model diffusers:WanTransformer3DModel --config num_layers=4 "
-        "--frames 17 --height 128 --width 128\n"
+        "  fv-compile report --model diffusers:WanTransformer3DModel --config num_layers=4 \\\n"
+        "      --frames 17 --height 128 --width 128\n"
         "exit status: 0 ok; 1 a report variant or a verify check failed; 2 bad arguments",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
