@@ -261,23 +261,22 @@ def _check_size(args: argparse.Namespace) -> None:
         args.parser.error("give either --grid or --frames/--height/--width, not both")
 
 
+def _workload_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The model-and-input options `explain` and `report` share, as their configs name them."""
+    return {
+        "model": args.model, "preset": args.preset, "frames": args.frames, "height": args.height,
+        "width": args.width, "grid": args.grid, "config": dict(args.config), "batch": args.batch,
+        "dtype": args.dtype, "device": args.device, "seed": args.seed,
+    }  # fmt: skip
+
+
 def _run_explain(args: argparse.Namespace, command_line: list[str]) -> int:
     _check_size(args)
     parser: argparse.ArgumentParser = args.parser
     if args.backends is not None and len(args.backends) != 1:
         parser.error("--backend takes one backend or one role policy; report compares several")
     config = ExplainConfig(
-        model=args.model,
-        preset=args.preset,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        grid=args.grid,
-        config=dict(args.config),
-        batch=args.batch,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
+        **_workload_fields(args),
         backend=args.backends[0] if args.backends else "auto",
         fastvideo_args=dict(args.fastvideo_args),
         verify=args.verify,
@@ -313,16 +312,7 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
             file=sys.stderr,
         )
     config = ReportConfig(
-        model=args.model,
-        preset=args.preset,
-        frames=args.frames,
-        height=args.height,
-        width=args.width,
-        grid=args.grid,
-        config=dict(args.config),
-        batch=args.batch,
-        dtype=args.dtype,
-        device=args.device,
+        **_workload_fields(args),
         backends=args.backends,
         compiler=args.compiler,
         steps=args.steps,
@@ -331,7 +321,6 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
         torch_compile=not args.skip_torch_compile,
         regional=args.regional,
         warm_compile=not args.skip_warm_compile,
-        seed=args.seed,
         fastvideo_args=dict(args.fastvideo_args),
     )
     try:
