@@ -26,7 +26,7 @@ from fv_compile.context import (
 )
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import ExplainReport
-from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
+from fv_compile.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.verify import SiteCheck, TensorCheck
 from fv_compile.graph import find_attention_sites, rewrite_attention
 

@@ -34,7 +34,7 @@ from fv_compile.explain import (
     where,
 )
 from fv_compile.passes.attention_pass import attention_pass
-from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
+from fv_compile.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 from fv_compile.cache import with_source_key
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fv_compile.passes.site import REWRITTEN, AttentionSite, NonAttentionSoftmax
+from fv_compile.site import REWRITTEN, AttentionSite, NonAttentionSoftmax
 
 _COLUMNS = [
     ("site", lambda s: s.module_path or s.node),

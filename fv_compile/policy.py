@@ -9,7 +9,7 @@ from typing import Any
 from fv_compile.backends import registry
 from fv_compile.backends.abstract import AttentionBackend
 from fv_compile.errors import FvCompileError
-from fv_compile.passes.site import AttentionSite
+from fv_compile.site import AttentionSite
 
 AUTO = "auto"
 ROLES = ("self", "cross", "joint", "default")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fv_compile.passes.site import AttentionSite
+from fv_compile.site import AttentionSite
 
 
 def interpreting() -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    from fv_compile.passes.site import AttentionSite
+    from fv_compile.site import AttentionSite
 
 
 @dataclass

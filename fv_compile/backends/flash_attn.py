@@ -16,7 +16,7 @@ from typing import Any
 from fv_compile.backends._checks import common_limits
 from fv_compile.backends._dense import DenseBackend, DenseImpl
 from fv_compile.errors import MissingDependency
-from fv_compile.passes.site import AttentionSite
+from fv_compile.site import AttentionSite
 
 # (label, module, function), fastest first
 _CANDIDATES = (

@@ -9,7 +9,7 @@ from fv_compile.backends.abstract import AttentionBackend
 from fv_compile.errors import FvCompileError
 
 if TYPE_CHECKING:
-    from fv_compile.passes.site import AttentionSite
+    from fv_compile.site import AttentionSite
 
 # built-in backends load on first use, so importing fv_compile never imports triton or flash-attn
 _BUILTIN: dict[str, str] = {

@@ -41,7 +41,7 @@ from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_support
 from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
 from fv_compile.context import patch_size_of
 from fv_compile.errors import FvCompileError
-from fv_compile.passes.site import AttentionSite
+from fv_compile.site import AttentionSite
 from fv_compile.regional import current_block
 
 _KERNEL_HEAD_DIMS = (64, 128)

@@ -11,7 +11,7 @@ from typing import Any
 
 from fv_compile.backends._checks import common_limits, interpreting
 from fv_compile.backends._dense import DenseBackend, DenseImpl
-from fv_compile.passes.site import AttentionSite
+from fv_compile.site import AttentionSite
 
 
 class TritonAttentionImpl(DenseImpl):

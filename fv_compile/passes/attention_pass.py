@@ -18,7 +18,7 @@ from fv_compile.passes.find_sites import find_attention_sites
 from fv_compile.passes.rewrite import rewrite_site
 from fv_compile.passes.simplify_views import simplify_views
 from fv_compile.passes.subgraph import emitted_closure, lift
-from fv_compile.passes.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
+from fv_compile.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import SitePolicy
 
 # Backends whose output is dense attention: their backward by recomputation is exact.

@@ -23,7 +23,7 @@ from torch.fx import GraphModule, Node
 
 from fv_compile.passes import spellings as sp
 from fv_compile.passes.constants import constant_value
-from fv_compile.passes.site import AttentionSite, NonAttentionSoftmax
+from fv_compile.site import AttentionSite, NonAttentionSoftmax
 
 # A logit at or below this (at the softmax input, after every later scale) is blocked: exp() of it,
 # against any row maximum above -9.9e3, underflows to zero in float32 and below.

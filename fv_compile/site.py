@@ -1,7 +1,10 @@
-"""What the pass reports about each attention site and each softmax it judged not to be attention.
+"""The vocabulary every layer shares: what the pass reports about each attention site, and each
+softmax it judged not to be attention.
 
-These rows are public: `explain` prints them, site policies and backends' `supports` checks read
-them. Internal match details live in `find_sites.py`.
+These rows are public: `explain` prints them, site policies and backends' support checks read
+them. It sits at the bottom of the package so that the pass, the backends and the policy can all
+speak it without importing one another. The matcher's internal details live in
+`passes/find_sites.py`.
 """
 
 from __future__ import annotations
