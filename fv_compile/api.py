@@ -33,7 +33,7 @@ from fv_compile.explain import (
     uncaptured_attention,
     where,
 )
-from fv_compile.passes.attention_pass import attention_pass
+from fv_compile.lowering import lower_graph
 from fv_compile.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 from fv_compile.cache import with_source_key
@@ -107,7 +107,7 @@ class FvCompileBackend:
         self.graph_regions.append(set())
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
-        result = attention_pass(gm, self.policy, index, record=self.check is not None)
+        result = lower_graph(gm, self.policy, index, record=self.check is not None)
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
         if not self.analyze_only and self.check is None:

@@ -152,6 +152,35 @@ def derived_forward_context() -> ForwardContext | None:
     return None if resolve is None else resolve()
 
 
+# The regionally compiled block running now (fv_compile/regional.py sets it around each block's
+# call, outside the compiled code): every block runs the impls traced in the first one, so a
+# backend with per-layer settings reads the layer here, at run time.
+_REGION: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "fv_compile_running_block", default=None
+)
+
+
+def enter_region(path: str, index: int) -> contextvars.Token:
+    """Mark block `index` of the block list at `path` as running (undo with `leave_region`)."""
+    return _REGION.set((path, index))
+
+
+def leave_region(token: contextvars.Token) -> None:
+    _REGION.reset(token)
+
+
+def current_region() -> tuple[str, int] | None:
+    """`(path of the block list, index)` of the regionally compiled block running now."""
+    return _REGION.get()
+
+
+def current_block() -> int | None:
+    """The index, in its `nn.ModuleList`, of the regionally compiled block running now; None
+    outside regional blocks."""
+    region = _REGION.get()
+    return None if region is None else region[1]
+
+
 def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:
     """The DiT patch size from `fastvideo_args.patch_size` or FastVideo's
     `fastvideo_args.pipeline_config.dit_config.patch_size`."""

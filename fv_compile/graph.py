@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fv_compile.explain import ExplainReport
-from fv_compile.passes.attention_pass import attention_pass
+from fv_compile.lowering import lower_graph
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 
 
@@ -49,7 +49,7 @@ def rewrite_attention(
     `example_inputs` are real or fake tensors shaped like the module's inputs. `gm` is not modified.
     """
     _with_values(gm, example_inputs)
-    result = attention_pass(gm, SitePolicy(attention_backend, strict=strict))
+    result = lower_graph(gm, SitePolicy(attention_backend, strict=strict))
     return result.gm, ExplainReport(result.sites, result.non_attention, 1)
 
 

@@ -25,9 +25,7 @@ def dense_default(site: AttentionSite) -> str:
     it is installed and the site is long enough to profit, else SDPA (cuDNN on Hopper; it beat our
     Triton kernel on every shape measured)."""
     if site.device.startswith("cuda") and (site.kv_len or 0) >= _FLASH_MIN_KV:
-        from fv_compile.backends.flash_attn import FlashAttentionBackend
-
-        if FlashAttentionBackend.supports(site) is None:
+        if registry.get_backend("FLASH_ATTN").supports(site) is None:
             return "FLASH_ATTN"
     return "TORCH_SDPA"
 

@@ -10,8 +10,9 @@ hooks) holds for the glue too.
 
 Every block instance runs the same compiled code, so an attention impl cannot tell the layers
 apart from its module path (it was traced once, in the first block). `current_block()` says which
-block is running: each compiled block sets it around its call, outside the compiled region, so
-backends with per-layer settings (STA windows) read it at run time.
+block is running: each compiled block sets it (a context variable of `fv_compile.context`) around
+its call, outside the compiled region, so backends with per-layer settings (STA windows) read it
+at run time.
 """
 
 from __future__ import annotations
@@ -22,34 +23,35 @@ from typing import Any
 
 import torch
 
+from fv_compile.context import current_block, current_region, enter_region, leave_region
 from fv_compile.errors import FvCompileError
+from fv_compile.explain import AttentionCallCounter
 
-_running: list[tuple[str, int] | None] = [None]
+__all__ = [
+    "GlueWatch",
+    "RegionalCopy",
+    "block_lists",
+    "blocks_hold_most_weights",
+    "compile_blocks",
+    "current_block",
+    "current_region",
+]
+
 _glue_watch: list[Any] = []  # an active GlueWatch: paused while a compiled block runs
-
-
-def current_block() -> int | None:
-    """The index, in its `nn.ModuleList`, of the regionally compiled block running now; None
-    outside regional blocks."""
-    region = _running[0]
-    return None if region is None else region[1]
-
-
-def current_region() -> tuple[str, int] | None:
-    """`(path of the block list, index)` of the regionally compiled block running now."""
-    return _running[0]
 
 
 def _numbered(compiled: torch.nn.Module, path: str, index: int) -> torch.nn.Module:
     """Make `compiled` announce its place while it runs (reset even when it raises)."""
+    tokens = []  # one per call in progress: a block may (re-entrantly) run inside itself
 
     def enter(module, args):
-        _running[0] = (path, index)
+        tokens.append(enter_region(path, index))
         if _glue_watch:
             _glue_watch[-1].pause()
 
     def leave(module, args, output):
-        _running[0] = None
+        if tokens:
+            leave_region(tokens.pop())
         if _glue_watch:
             _glue_watch[-1].resume()
 
@@ -181,8 +183,6 @@ class GlueWatch:
     while a compiled block runs, so Dynamo never traces a block under it."""
 
     def __init__(self) -> None:
-        from fv_compile.explain import AttentionCallCounter
-
         self.counter = AttentionCallCounter()
         self._active = False
 

@@ -19,8 +19,8 @@ from fv_compile import ops
 from fv_compile.backends import registry
 from fv_compile.context import ForwardContext, current_forward_context, derived_forward_context
 from fv_compile.errors import FvCompileError
+from fv_compile.fx_graphs import copy_graph_module
 from fv_compile.metadata import MetadataLayout, flatten_metadata
-from fv_compile.passes.attention_pass import copy_graph_module
 
 GraphCompiler = Callable[[GraphModule, list[Any]], Callable[..., Any]]
 

@@ -21,7 +21,8 @@ from fv_compile import ops
 from fv_compile.backends import registry
 from fv_compile.context import current_forward_context
 from fv_compile.errors import FvCompileError
-from fv_compile.passes.attention_pass import SiteRewrite, copy_graph_module
+from fv_compile.fx_graphs import copy_graph_module
+from fv_compile.passes.attention_pass import SiteRewrite
 from fv_compile.runtime import context_metadata
 
 # relative L2 error a rewrite may show, by the dtype the site computes in: kernels differ from

@@ -7,7 +7,7 @@ import re
 import torch
 from torch._dynamo.testing import normalize_gm
 
-from fv_compile.passes.attention_pass import attention_pass
+from fv_compile.lowering import lower_graph
 from fv_compile.policy import SitePolicy
 
 _SITE_ARG = re.compile(r"(fv_compile\.attention\.default\(.*?), \d+, (\d+), ")
@@ -20,7 +20,7 @@ def rewrite(fn, *args, attention_backend="TORCH_SDPA"):
     captured = {}
 
     def backend(gm, example_inputs):
-        result = attention_pass(gm, SitePolicy(attention_backend))
+        result = lower_graph(gm, SitePolicy(attention_backend))
         captured["gm"] = result.gm
         captured["sites"] = result.sites
         captured["others"] = result.non_attention

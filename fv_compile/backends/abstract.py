@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-if TYPE_CHECKING:
-    from fv_compile.site import AttentionSite
+from fv_compile.site import AttentionSite
 
 
 @dataclass

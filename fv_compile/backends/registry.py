@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 from fv_compile.backends.abstract import AttentionBackend
 from fv_compile.errors import FvCompileError
-
-if TYPE_CHECKING:
-    from fv_compile.site import AttentionSite
+from fv_compile.site import AttentionSite
 
 # built-in backends load on first use, so importing fv_compile never imports triton or flash-attn
 _BUILTIN: dict[str, str] = {

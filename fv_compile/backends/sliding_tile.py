@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fv_compile.backends._checks import interpreting
+from fv_compile.backends._dense import sdpa_bshd
 from fv_compile.backends.abstract import (
     AttentionBackend,
     AttentionImpl,
@@ -39,10 +40,9 @@ from fv_compile.backends.kernels.fa4_block_sparse import (
 )
 from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_supports
 from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
-from fv_compile.context import patch_size_of
+from fv_compile.context import current_block, patch_size_of
 from fv_compile.errors import FvCompileError
 from fv_compile.site import AttentionSite
-from fv_compile.regional import current_block
 
 _KERNEL_HEAD_DIMS = (64, 128)
 
@@ -196,6 +196,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         site: AttentionSite | None = None,
         joint_text_len: int | None = None,
         joint_text_first: bool | None = None,
+        dense_fallback: AttentionImpl | None = None,
         **extra_impl_args: Any,
     ) -> None:
         if causal:
@@ -217,7 +218,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             self.text_first = bool(joint_text_first)
             self.role = None
         self._seen_len: int | None = None  # the last preprocessed length, when no site says it
-        self._dense = _dense_impl(site, num_heads, head_size, softmax_scale, num_kv_heads, prefix)
+        # the impl of this site's full-attention steps: the dense backend the lowering picked for
+        # the site (`auto`'s, the measured best), or SDPA when it was built without one
+        self._dense = dense_fallback
 
     def _text_len(self, md: SlidingTileMetadata, length: int | None = None) -> int:
         """The text tokens of this site, after checking that its length is the video grid plus
@@ -310,7 +313,10 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
     def forward(self, query, key, value, attn_metadata):
         md = attn_metadata
         if md.dense:
-            return self._dense.forward(query, key, value, md)
+            if self._dense is not None:
+                return self._dense.forward(query, key, value, md)
+            mask = getattr(md, "attn_mask", None)
+            return sdpa_bshd(query, key, value, attn_mask=mask, scale=self.scale, causal=False)
         volume = math.prod(md.tile)
         use_fa4 = md.kernel != "triton" and fa4_supports(query, volume)
         if md.kernel == "flash_attn" and not use_fa4:
@@ -403,19 +409,6 @@ def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: 
         text_rows = F.pad(text_ids.expand(hm, n_text, n_text), (0, width - n_text))
         counts = torch.cat([cnt, cnt.new_full((hm, n_text), n_text)], 1)
     return torch.cat([video_rows, text_rows], 1), counts, torch.cat([valid, text_valid])
-
-
-def _dense_impl(site, num_heads, head_size, scale, num_kv_heads, prefix) -> AttentionImpl:
-    """The impl that runs this site's full-attention steps: the dense backend `auto` would pick
-    for it (the measured best), or SDPA when the site is not known."""
-    from fv_compile.backends.registry import get_backend
-    from fv_compile.backends.sdpa import SDPAImpl
-    from fv_compile.passes.attention_pass import construct_impl
-    from fv_compile.policy import dense_default
-
-    if site is None:
-        return SDPAImpl(num_heads, head_size, scale, False, num_kv_heads, prefix)
-    return construct_impl(get_backend(dense_default(site)).get_impl_cls(), site)
 
 
 def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):

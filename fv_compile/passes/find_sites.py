@@ -87,13 +87,15 @@ class AttentionMatch:
 # --- entry point -------------------------------------------------------------------------------
 
 
-def find_attention_sites(
+def match_attention_sites(
     gm: GraphModule, graph_index: int = 0
 ) -> tuple[list[AttentionMatch], list[AttentionSite], list[NonAttentionSoftmax]]:
-    """All attention sites of `gm`: `(matches, skipped sites, softmaxes that are not attention)`.
+    """Every SDPA call and softmax of `gm`, judged: `(proven sites, attention sites left alone,
+    softmaxes that are not attention)`.
 
-    `gm`'s nodes must carry example values (Dynamo graphs do; see `propagate_fake_values`).
-    Nothing is modified.
+    `gm`'s nodes must carry example values (Dynamo graphs do; `fv_compile.rewrite_attention`
+    propagates them through a graph the user traced). Neither the graph nor its nodes' metadata
+    are modified.
     """
     matches: list[AttentionMatch] = []
     skipped: list[AttentionSite] = []

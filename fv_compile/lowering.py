@@ -1,0 +1,98 @@
+"""Lowering: the attention sites the pass proved, onto backends.
+
+The pass (`fv_compile.passes`) proves where attention is and rewrites each site to one
+`fv_compile::attention` node; it knows no backend. This module answers it, site by site: the
+policy picks the backend, the backend's impl is built with what it needs (the site row, a dense
+fallback for the steps it runs dense), the impl is registered with the op under the id the node
+carries; and once the graph is rewritten, the backends whose metadata builder must run before
+the graph does are collected.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.fx import GraphModule
+
+from fv_compile import ops
+from fv_compile.backends import registry
+from fv_compile.backends.abstract import AttentionBackend, AttentionImpl
+from fv_compile.errors import FvCompileError
+from fv_compile.passes.attention_pass import SiteRewrite, attention_pass
+from fv_compile.passes.find_sites import AttentionMatch
+from fv_compile.policy import SitePolicy, dense_default
+from fv_compile.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
+
+# Backends whose output is dense attention: their backward by recomputation is exact.
+_DENSE = {"TORCH_SDPA", "TRITON_ATTN", "FLASH_ATTN"}
+
+
+@dataclass
+class LoweredGraph:
+    """A traced graph with its attention sites rewritten onto backends."""
+
+    gm: GraphModule
+    sites: list[AttentionSite]
+    non_attention: list[NonAttentionSoftmax]
+    metadata_backends: list[str] = field(default_factory=list)  # backends whose builder runs
+    rewrites: list[SiteRewrite] = field(default_factory=list)  # when asked for (`record`)
+
+
+def lower_graph(
+    gm: GraphModule, policy: SitePolicy, graph_index: int = 0, *, record: bool = False
+) -> LoweredGraph:
+    """Rewrite every provable attention site of a copy of `gm` onto the backend `policy` picks for
+    it; `gm` itself is left untouched. With `record`, each rewritten site is also lifted out,
+    before and after (`SiteRewrite`), for `fv_compile.verify`."""
+    chosen: list[tuple[AttentionSite, str, type[AttentionBackend]]] = []
+
+    def lower(match: AttentionMatch) -> int | None:
+        site = match.site
+        name, cls = policy.choose(site)
+        site.backend = name
+        try:
+            impl = construct_impl(cls.get_impl_cls(), site)
+        except Exception as e:  # a backend refusing a site at construction is a skip, not a crash
+            if policy.strict:
+                raise FvCompileError(f"backend {name} refused site {site.module_path or site.node}: {e}") from e
+            site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
+            return None
+        chosen.append((site, name, cls))
+        return ops.register_site(
+            impl,
+            name,
+            site.scale,
+            site.causal,
+            exact=name in _DENSE,
+            empty_rows=match.empty_rows,
+            fill=match.fill,
+        )
+
+    result = attention_pass(gm, lower, graph_index, record=record)
+    metadata_backends: list[str] = []
+    for site, name, cls in chosen:
+        if site.status == REWRITTEN and registry.needs_metadata(cls) and name not in metadata_backends:
+            metadata_backends.append(name)
+    return LoweredGraph(result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites)
+
+
+def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite) -> Any:
+    """Build a site's impl as FastVideo's layers do. Impls that accept a `site` keyword (or any
+    keyword) also get the whole site row; impls with a `dense_fallback` parameter get the impl
+    of the dense backend `auto` picks for the site, to run the steps they run dense."""
+    kwargs: dict[str, Any] = dict(
+        num_heads=site.heads,
+        head_size=site.head_dim,
+        softmax_scale=site.scale,
+        causal=site.causal,
+        num_kv_heads=site.kv_heads,
+        prefix=f"{site.module_path}.impl" if site.module_path else "impl",
+    )
+    params = inspect.signature(impl_cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD or p.name == "site" for p in params.values()):
+        kwargs["site"] = site
+    if "dense_fallback" in params:
+        kwargs["dense_fallback"] = construct_impl(registry.get_backend(dense_default(site)).get_impl_cls(), site)
+    return impl_cls(**kwargs)
