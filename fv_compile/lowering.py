@@ -18,16 +18,12 @@ from torch.fx import GraphModule
 
 from fv_compile import ops
 from fv_compile.backends import registry
-from fv_compile.backends.abstract import AttentionBackend, AttentionImpl
+from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, capabilities
 from fv_compile.errors import FvCompileError
 from fv_compile.passes.attention_pass import SiteRewrite, attention_pass
 from fv_compile.passes.find_sites import AttentionMatch
 from fv_compile.policy import SitePolicy, dense_default
 from fv_compile.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
-
-# Backends whose output is dense attention: their backward by recomputation is exact.
-_DENSE = {"TORCH_SDPA", "TRITON_ATTN", "FLASH_ATTN"}
-
 
 @dataclass
 class LoweredGraph:
@@ -65,7 +61,7 @@ def lower_graph(
             name,
             site.scale,
             site.causal,
-            exact=name in _DENSE,
+            exact=capabilities(cls).differentiable,
             empty_rows=match.empty_rows,
             fill=match.fill,
         )

@@ -28,7 +28,7 @@ class SiteRuntime:
     backend: str
     scale: float
     causal: bool
-    differentiable: bool  # backward by dense recomputation is exact for this backend
+    differentiable: bool  # the backend declares it: backward by dense recomputation is exact
     preprocess: bool  # the impl overrides preprocess_qkv
     postprocess: bool  # the impl overrides postprocess_output
     # what eager gives a query row whose every key is blocked ("zero" | "nan" | "uniform"), None
@@ -236,7 +236,8 @@ def attention_backward(
     if not rt.differentiable:
         raise NotSupportedByBackend(
             f"backend {rt.backend} is forward-only: run the compiled model under torch.no_grad() "
-            "or choose a dense backend (TORCH_SDPA, TRITON_ATTN, FLASH_ATTN) to train"
+            "or choose a dense backend (TORCH_SDPA, TRITON_ATTN, FLASH_ATTN) to train; a backend "
+            "whose output is dense attention declares `differentiable = True`"
         )
     dt = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf, go = (x.to(dt) for x in (q, k, v, grad))

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fv_compile.backends import registry
-from fv_compile.backends.abstract import AttentionBackend
+from fv_compile.backends.abstract import AttentionBackend, capabilities, unsupported_reason
 from fv_compile.errors import FvCompileError
 from fv_compile.site import AttentionSite
 
@@ -25,7 +25,7 @@ def dense_default(site: AttentionSite) -> str:
     it is installed and the site is long enough to profit, else SDPA (cuDNN on Hopper; it beat our
     Triton kernel on every shape measured)."""
     if site.device.startswith("cuda") and (site.kv_len or 0) >= _FLASH_MIN_KV:
-        if registry.get_backend("FLASH_ATTN").supports(site) is None:
+        if unsupported_reason(registry.get_backend("FLASH_ATTN"), site) is None:
             return "FLASH_ATTN"
     return "TORCH_SDPA"
 
@@ -87,13 +87,13 @@ class SitePolicy:
         """The backend that will run `site`; records a fallback in `site.reason`."""
         name = self.requested(site)
         cls = registry.get_backend(name)
-        roles = getattr(cls, "serves_roles", None)
+        roles = capabilities(cls).roles
         if isinstance(self.spec, str) and roles is not None and site.role not in roles:
             # one sparse backend for "the model": it applies where it is meant to, dense elsewhere
             fallback = dense_default(site)
             site.reason = f"{name} serves {'/'.join(roles)} attention; {site.role} uses {fallback}"
             return fallback, registry.get_backend(fallback)
-        why = registry.unsupported_reason(cls, site)
+        why = unsupported_reason(cls, site)
         if why is None:
             return name, cls
         where = site.module_path or site.node

@@ -15,6 +15,15 @@ from typing import Any
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 
+SITE_ROLES = ("self", "cross", "joint")  # AttentionSite.role
+
+# The masks a site can have (`AttentionSite.mask_kind`), and a backend can declare it applies
+# (`AttentionBackend.mask_kinds`). A backend that takes MASK_BOOL takes key padding masks too.
+MASK_BOOL = "bool"  # boolean, True = attend, over any of batch, heads, queries, keys
+MASK_ADDITIVE = "additive"  # float, added to the logits
+MASK_KEY_PADDING = "key_padding"  # boolean, varying over batch and keys only
+MASK_KINDS = (MASK_BOOL, MASK_ADDITIVE, MASK_KEY_PADDING)
+
 
 @dataclass
 class AttentionSite:
@@ -36,7 +45,7 @@ class AttentionSite:
     kv_len: int | None = None
     scale: float | None = None
     causal: bool = False
-    mask: str | None = None  # None | "bool" | "additive"
+    mask: str | None = None  # None | MASK_BOOL | MASK_ADDITIVE
     mask_keys_only: bool = False  # the mask varies over batch and keys only (key padding)
     role: str = "self"  # self | cross | joint
     dtype: str = ""
@@ -50,6 +59,14 @@ class AttentionSite:
     joint_text_first: bool | None = None  # joint attention: text tokens precede the video ones
     # `fv_compile.verify`'s comparison of the rewrite with the traced code (a SiteCheck), if run
     check: Any = None
+
+    @property
+    def mask_kind(self) -> str | None:
+        """None, MASK_ADDITIVE, MASK_KEY_PADDING (a boolean mask over batch and keys only) or
+        MASK_BOOL (any other boolean mask)."""
+        if self.mask == MASK_BOOL and self.mask_keys_only:
+            return MASK_KEY_PADDING
+        return self.mask
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)

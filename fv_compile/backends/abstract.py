@@ -3,8 +3,14 @@
 A backend is a bundle of static factories. Its `AttentionImpl` runs one attention site; its
 `AttentionMetadataBuilder` turns the per-step state of a denoising loop (timestep, batch, args) into
 an `AttentionMetadata` that every site of the step shares. fv_compile calls these exactly as
-FastVideo's layers do, so a backend written for FastVideo plugs in unchanged; the optional hooks
-below (`supports`, `get_supported_head_sizes`) only make fallback decisions better.
+FastVideo's layers do, so a backend written for FastVideo plugs in unchanged.
+
+What a backend can run is declared on its class (`AttentionBackend`'s capability attributes:
+roles, head sizes, dtypes, devices, mask kinds, causal, differentiable) and read in one place,
+`capabilities()` / `unsupported_reason()` below. A FastVideo backend declares none of them and
+gets the defaults: conservative wherever a wrong guess would compute something other than the
+model (no masks, no causal cross-attention, forward only), open where the backend's own
+construction or FastVideo's `get_supported_head_sizes()` says more.
 
 Tensor layout at the boundary is `[batch, seq, heads, head_dim]`.
 """
@@ -12,12 +18,13 @@ Tensor layout at the boundary is `[batch, seq, heads, head_dim]`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
-from fv_compile.site import AttentionSite
+from fv_compile.site import MASK_ADDITIVE, MASK_BOOL, MASK_KEY_PADDING, AttentionSite
 
 
 @dataclass
@@ -87,13 +94,35 @@ class AttentionImpl(ABC, Generic[T]):
         """`[B, Sq, H, D]`, `[B, Sk, Hk, D]`, `[B, Sk, Hk, Dv]` -> `[B, Sq, H, Dv]`.
 
         A site's own mask reaches the impl as `attn_metadata.attn_mask`: boolean (True = attend)
-        or additive float, broadcastable to `[B, H, Sq, Sk]`; `None` when the site has none."""
+        or additive float, broadcastable to `[B, H, Sq, Sk]`; `None` when the site has none. Only
+        masks of the kinds the backend declares (`AttentionBackend.mask_kinds`) reach it."""
 
 
 class AttentionBackend(ABC):
-    """A registry entry: static factories only, never instantiated."""
+    """A registry entry: static factories and declared capabilities, never instantiated.
 
-    accept_output_buffer: bool = False
+    The capabilities say which sites the backend can run; the policy falls back to a dense
+    backend (or raises, with `strict=True`) for the others, and `explain` shows every reason.
+    `None` means "no limit"."""
+
+    # -- capabilities: read by `capabilities()` and nowhere else ---------------------------------
+    roles: ClassVar[Collection[str] | None] = None  # site roles it serves ("self", "cross", "joint")
+    # head dims it runs; None: FastVideo's `get_supported_head_sizes()` if defined, else any
+    head_sizes: ClassVar[Collection[int] | None] = None
+    dtypes: ClassVar[Collection[str] | None] = None  # e.g. ("bfloat16", "float16")
+    devices: ClassVar[Collection[str] | None] = None  # device types, e.g. ("cuda",)
+    # the site masks its impl applies (`attn_metadata.attn_mask`): MASK_BOOL, MASK_ADDITIVE,
+    # MASK_KEY_PADDING (a MASK_BOOL backend takes key padding too); () for none
+    mask_kinds: ClassVar[Collection[str]] = ()
+    causal: ClassVar[bool] = True  # top-left causal (SDPA's `is_causal`) with q length == kv length
+    causal_cross: ClassVar[bool] = False  # ... and top-left causal with q length != kv length
+    value_head_dim_differs: ClassVar[bool] = False  # v's head dim may differ from q's and k's
+    # needs `num_heads`, `num_kv_heads` known and `num_heads % num_kv_heads == 0`
+    needs_head_groups: ClassVar[bool] = True
+    # its output is dense attention, so fv_compile's backward (dense recomputation) is exact for it:
+    # a compiled model can train through it
+    differentiable: ClassVar[bool] = False
+    label: ClassVar[str | None] = None  # a short name for reasons (STA); None: get_name()
 
     @staticmethod
     @abstractmethod
@@ -113,9 +142,134 @@ class AttentionBackend(ABC):
 
     @staticmethod
     def supports(site: AttentionSite) -> str | None:
-        """None when this backend can run `site`, else the reason it cannot (shown by `explain`).
-        The default accepts everything; backends with limits override it."""
+        """What the declarations cannot say: None when the environment lets this backend run
+        `site` (its package is installed, its kernel runs on this device), else why not. The
+        default has nothing to add."""
         return None
+
+    @classmethod
+    def unsupported_reason(cls, site: AttentionSite) -> str | None:
+        """Every reason this backend cannot run `site`, joined; None when it can."""
+        return unsupported_reason(cls, site)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend class declares it can run (see `AttentionBackend`), defaults filled in."""
+
+    name: str
+    roles: tuple[str, ...] | None
+    head_sizes: Collection[int] | None
+    dtypes: frozenset[str] | None
+    devices: frozenset[str] | None
+    mask_kinds: frozenset[str]
+    causal: bool
+    causal_cross: bool
+    value_head_dim_differs: bool
+    needs_head_groups: bool
+    differentiable: bool
+
+    def unsupported_reasons(self, site: AttentionSite) -> list[str]:
+        """Every declared limit `site` breaks, phrased for `explain`."""
+        out = []
+        if self.roles is not None and site.role not in self.roles:
+            out.append(f"{site.role}-attention ({self.name} serves {'/'.join(self.roles)} attention)")
+        if self.head_sizes is not None and site.head_dim not in self.head_sizes:
+            out.append(f"head dim {site.head_dim} (supported: {describe_sizes(self.head_sizes)})")
+        if not self.value_head_dim_differs and site.value_head_dim != site.head_dim:
+            out.append(f"value head dim {site.value_head_dim} differs from qk head dim {site.head_dim}")
+        if self.dtypes is not None and site.dtype not in self.dtypes:
+            out.append(f"dtype {site.dtype} (supported: {', '.join(sorted(self.dtypes))})")
+        device = site.device.split(":")[0]
+        if self.devices is not None and device not in self.devices:
+            needs = " or ".join(d.upper() if d == "cuda" else d for d in sorted(self.devices))
+            out.append(f"device {site.device} (needs {needs})")
+        if site.causal and not self.causal:
+            out.append("causal attention")
+        elif site.causal and site.q_len != site.kv_len and not self.causal_cross:
+            out.append("causal with q length != kv length")
+        why = self._mask_reason(site)
+        if why is not None:
+            out.append(why)
+        if self.needs_head_groups and (site.heads is None or site.kv_heads is None or site.heads % site.kv_heads):
+            out.append("heads not divisible by kv heads")
+        return out
+
+    def _mask_reason(self, site: AttentionSite) -> str | None:
+        kind = site.mask_kind
+        if kind is None or kind in self.mask_kinds:
+            return None
+        if kind == MASK_KEY_PADDING and MASK_BOOL in self.mask_kinds:
+            return None
+        if not self.mask_kinds:
+            return f"{site.mask} attention mask"
+        takes = [_MASK_WORDS[k] for k in sorted(self.mask_kinds)]
+        if kind == MASK_ADDITIVE:  # against an additive one, say the masks it takes are boolean
+            takes = [t if t.startswith(("boolean", "additive")) else f"boolean {t}" for t in takes]
+        what = {MASK_BOOL: "boolean mask over queries or heads", MASK_ADDITIVE: "additive attention mask"}
+        return f"{what.get(kind, kind)} ({self.name} takes {' and '.join(takes)})"
+
+
+_MASK_WORDS = {
+    MASK_BOOL: "boolean masks",
+    MASK_ADDITIVE: "additive attention masks",
+    MASK_KEY_PADDING: "key padding masks",
+}
+
+
+def describe_sizes(sizes: Collection[int]) -> str:
+    """`64, 128`, or `multiples of 8 up to 256` for `range(8, 257, 8)`."""
+    if isinstance(sizes, range) and sizes.start == sizes.step and len(sizes) > 2:
+        return f"multiples of {sizes.step} up to {sizes[-1]}"
+    return ", ".join(str(s) for s in sizes)
+
+
+def capabilities(backend_cls: type) -> Capabilities:
+    """The capabilities `backend_cls` declares, the defaults of `AttentionBackend` for what it
+    does not (a FastVideo backend subclasses FastVideo's base, not ours)."""
+    base = AttentionBackend
+
+    def declared(attr: str) -> Any:
+        return getattr(backend_cls, attr, getattr(base, attr))
+
+    head_sizes = declared("head_sizes")
+    fastvideo_sizes = getattr(backend_cls, "get_supported_head_sizes", None)
+    if head_sizes is None and callable(fastvideo_sizes):
+        head_sizes = fastvideo_sizes()
+    roles, dtypes, devices = declared("roles"), declared("dtypes"), declared("devices")
+    name = declared("label") or _name_of(backend_cls)
+    return Capabilities(
+        name=name,
+        roles=None if roles is None else tuple(roles),
+        head_sizes=None if head_sizes is None else head_sizes if isinstance(head_sizes, range) else tuple(head_sizes),
+        dtypes=None if dtypes is None else frozenset(dtypes),
+        devices=None if devices is None else frozenset(devices),
+        mask_kinds=frozenset(declared("mask_kinds")),
+        causal=bool(declared("causal")),
+        causal_cross=bool(declared("causal_cross")),
+        value_head_dim_differs=bool(declared("value_head_dim_differs")),
+        needs_head_groups=bool(declared("needs_head_groups")),
+        differentiable=bool(declared("differentiable")),
+    )
+
+
+def _name_of(backend_cls: type) -> str:
+    try:
+        return str(backend_cls.get_name())
+    except Exception:
+        return backend_cls.__name__
+
+
+def unsupported_reason(backend_cls: type, site: AttentionSite) -> str | None:
+    """None if `backend_cls` can run `site`, else every reason it cannot, joined with "; ": its
+    environment's (`supports`) first, then each declared limit the site breaks."""
+    reasons = []
+    check = getattr(backend_cls, "supports", None)
+    env = check(site) if callable(check) else None
+    if env is not None:
+        reasons.append(env)
+    reasons += capabilities(backend_cls).unsupported_reasons(site)
+    return "; ".join(reasons) if reasons else None
 
 
 class AttentionLayer(Protocol):

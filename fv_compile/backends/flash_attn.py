@@ -12,8 +12,6 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-
-from fv_compile.backends._checks import common_limits
 from fv_compile.backends._dense import DenseBackend, DenseImpl
 from fv_compile.errors import MissingDependency
 from fv_compile.site import AttentionSite
@@ -58,6 +56,12 @@ class FlashAttentionImpl(DenseImpl):
 
 
 class FlashAttentionBackend(DenseBackend):
+    head_sizes = range(8, 257, 8)
+    dtypes = ("bfloat16", "float16")
+    devices = ("cuda",)
+    causal_cross = False  # flash-attn aligns causal bottom-right, SDPA top-left
+    differentiable = True
+
     @staticmethod
     def get_name() -> str:
         return "FLASH_ATTN"
@@ -70,14 +74,4 @@ class FlashAttentionBackend(DenseBackend):
     def supports(site: AttentionSite) -> str | None:
         if flash_kernel() is None:
             return "flash-attn is not installed: pip install flash-attn-4 (Hopper/Blackwell) or flash-attn"
-        if site.head_dim is None or site.head_dim % 8 or site.head_dim > 256:
-            return f"head dim {site.head_dim} (supported: multiples of 8 up to 256)"
-        return common_limits(
-            site,
-            head_dims=None,
-            dtypes=("bfloat16", "float16"),
-            cpu_ok=False,
-            masks=False,
-            causal_cross=False,  # flash-attn aligns causal bottom-right, SDPA top-left
-        )
-
+        return None

@@ -1,4 +1,5 @@
-"""Backend names (FastVideo's), lookup, user registration, and the per-site support check."""
+"""Backend names (FastVideo's), lookup and user registration. What a backend can run is
+declared on its class and read by `abstract.unsupported_reason`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import importlib
 
 from fv_compile.backends.abstract import AttentionBackend
 from fv_compile.errors import FvCompileError
-from fv_compile.site import AttentionSite
 
 # built-in backends load on first use, so importing fv_compile never imports triton or flash-attn
 _BUILTIN: dict[str, str] = {
@@ -79,14 +79,3 @@ def needs_metadata(backend_cls: type[AttentionBackend]) -> bool:
         return backend_cls.get_builder_cls() is not None
     except NotImplementedError:
         return False
-
-
-def unsupported_reason(backend_cls: type[AttentionBackend], site: AttentionSite) -> str | None:
-    """None if the backend can run the site, else why not."""
-    sizes = getattr(backend_cls, "get_supported_head_sizes", None)
-    if callable(sizes):
-        ok = sizes()
-        if ok is not None and site.head_dim not in ok:
-            return f"head dim {site.head_dim} not in supported {list(ok)}"
-    check = getattr(backend_cls, "supports", None)
-    return check(site) if callable(check) else None

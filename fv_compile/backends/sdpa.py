@@ -12,6 +12,7 @@ import torch
 
 from fv_compile.backends._dense import DenseBackend, DenseImpl, sdpa_bshd
 from fv_compile.backends.abstract import AttentionMetadata
+from fv_compile.site import MASK_ADDITIVE, MASK_BOOL
 
 
 @dataclass
@@ -32,6 +33,12 @@ class SDPAImpl(DenseImpl):
 
 
 class SDPABackend(DenseBackend):
+    mask_kinds = (MASK_BOOL, MASK_ADDITIVE)
+    causal_cross = True
+    value_head_dim_differs = True
+    needs_head_groups = False
+    differentiable = True
+
     @staticmethod
     def get_name() -> str:
         return "TORCH_SDPA"

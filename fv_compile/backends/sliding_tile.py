@@ -31,6 +31,7 @@ from fv_compile.backends.abstract import (
     AttentionMetadata,
     AttentionMetadataBuilder,
 )
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS
 from fv_compile.backends.kernels.fa4_block_sparse import (
     PIECE,
     fa4_block_lists,
@@ -42,10 +43,7 @@ from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_support
 from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
 from fv_compile.context import current_block, patch_size_of
 from fv_compile.errors import FvCompileError
-from fv_compile.site import AttentionSite
-
-_KERNEL_HEAD_DIMS = (64, 128)
-
+from fv_compile.site import MASK_KEY_PADDING, AttentionSite
 
 @dataclass
 class SlidingTileMetadata(AttentionMetadata):
@@ -416,7 +414,7 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_si
     `key_mask` `[B|1, L]`, only the keys it keeps)."""
     kernel_ok = (
         (q.is_cuda or interpreting())
-        and q.shape[-1] in _KERNEL_HEAD_DIMS
+        and q.shape[-1] in TRITON_HEAD_DIMS
         and block_size % 16 == 0
     )
     if kernel_ok:
@@ -461,7 +459,12 @@ def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_si
 
 
 class SlidingTileAttentionBackend(AttentionBackend):
-    serves_roles = ("self", "joint")
+    label = "STA"
+    roles = ("self", "joint")  # video self-attention, and the video part of joint attention
+    mask_kinds = (MASK_KEY_PADDING,)  # HunyuanVideo's text padding
+    causal = False
+    value_head_dim_differs = True
+    needs_head_groups = False
 
     @staticmethod
     def get_name() -> str:
@@ -481,14 +484,7 @@ class SlidingTileAttentionBackend(AttentionBackend):
 
     @staticmethod
     def supports(site: AttentionSite) -> str | None:
-        if site.role not in ("self", "joint"):
-            return f"{site.role}-attention (STA serves video self-attention)"
-        if site.causal:
-            return "causal attention"
-        if site.mask == "additive":
-            return "additive attention mask (STA takes boolean key padding masks)"
-        if site.mask is not None and not site.mask_keys_only:
-            return "boolean mask over queries or heads (STA takes key padding masks)"
-        if site.device.startswith("cuda") and site.head_dim not in _KERNEL_HEAD_DIMS:
-            return f"head dim {site.head_dim} (the kernel supports 64 and 128)"
+        # on the CPU a head dim the kernel does not compile for runs on the reference path
+        if site.device.startswith("cuda") and site.head_dim not in TRITON_HEAD_DIMS:
+            return f"head dim {site.head_dim} (the kernel supports {' and '.join(map(str, TRITON_HEAD_DIMS))})"
         return None

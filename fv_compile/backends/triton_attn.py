@@ -3,27 +3,29 @@
 The portable fast path, and the base of the block-sparse kernels. Head dims 64 and 128, bf16/fp16
 (fp32 for tests), causal (top-left, as SDPA), GQA, cross-attention. Sites with an attention mask go
 to a dense fallback. On the CPU it runs only under the Triton interpreter (`TRITON_INTERPRET=1`).
+The kernel (`kernels/flash_fwd.py`) imports Triton, so it loads on the first call, and a missing
+Triton is a fallback reason instead of an import error.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from fv_compile.backends._checks import common_limits, interpreting
+from fv_compile.backends._checks import interpreting
 from fv_compile.backends._dense import DenseBackend, DenseImpl
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS
 from fv_compile.site import AttentionSite
 
 
 class TritonAttentionImpl(DenseImpl):
     def __init__(self, num_heads: int, head_size: int, softmax_scale: float, *args: Any, **kw: Any):
-        from fv_compile.backends.kernels.flash_fwd import SUPPORTED_HEAD_DIMS
-
-        if head_size not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"TRITON_ATTN supports head dims {SUPPORTED_HEAD_DIMS}, got {head_size}")
+        if head_size not in TRITON_HEAD_DIMS:
+            raise ValueError(f"TRITON_ATTN supports head dims {TRITON_HEAD_DIMS}, got {head_size}")
         super().__init__(num_heads, head_size, softmax_scale, *args, **kw)
 
     def forward(self, query, key, value, attn_metadata):
-        from fv_compile.backends.kernels.flash_fwd import attention_fwd
+        from fv_compile.backends.kernels.flash_fwd import attention_fwd  # imports triton
 
         if getattr(attn_metadata, "attn_mask", None) is not None:
             raise ValueError("TRITON_ATTN does not take an attention mask")
@@ -31,6 +33,11 @@ class TritonAttentionImpl(DenseImpl):
 
 
 class TritonAttentionBackend(DenseBackend):
+    head_sizes = TRITON_HEAD_DIMS
+    dtypes = ("bfloat16", "float16", "float32")
+    causal_cross = True  # top-left aligned, as SDPA
+    differentiable = True
+
     @staticmethod
     def get_name() -> str:
         return "TRITON_ATTN"
@@ -40,20 +47,11 @@ class TritonAttentionBackend(DenseBackend):
         return TritonAttentionImpl
 
     @staticmethod
-    def get_supported_head_sizes() -> list[int]:
-        return [64, 128]
-
-    @staticmethod
     def supports(site: AttentionSite) -> str | None:
         try:
-            import triton  # noqa: F401
+            importlib.import_module("triton")
         except ImportError:
             return "triton is not installed (pip install triton)"
-        return common_limits(
-            site,
-            head_dims=(64, 128),
-            dtypes=("bfloat16", "float16", "float32"),
-            cpu_ok=interpreting(),
-            masks=False,
-            causal_cross=True,
-        )
+        if not site.device.startswith("cuda") and not interpreting():
+            return f"device {site.device} (needs CUDA)"
+        return None

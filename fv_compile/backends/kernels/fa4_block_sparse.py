@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fv_compile.backends.kernels import FA4_SPARSE_HEAD_DIMS
+
 PIECE = 128  # FA4's key tile on Hopper (and its sparse block size here)
 
 
@@ -57,7 +59,7 @@ def supports(q: torch.Tensor, block_size: int) -> bool:
     return (
         q.is_cuda
         and q.dtype in (torch.bfloat16, torch.float16)
-        and q.shape[-1] in (64, 128)
+        and q.shape[-1] in FA4_SPARSE_HEAD_DIMS
         and block_size % PIECE == 0
         and fa4_block_sparse() is not None
     )

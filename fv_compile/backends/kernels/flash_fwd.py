@@ -38,9 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS
+
 __all__ = ["attention_fwd", "SUPPORTED_HEAD_DIMS", "FlashConfig"]
 
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LOG2E = 1.4426950408889634
 
