@@ -306,7 +306,6 @@ def bench_shape(s, args, fa4):
     import torch.nn.functional as F
 
     from _timing import time_cuda
-    from fv_compile.backends.kernels import block_sparse_fwd as bsf
     from fv_compile.backends.kernels.block_sparse_fwd import BlockSparseConfig, block_sparse_attention_fwd
 
     dev = args.device
@@ -332,27 +331,28 @@ def bench_shape(s, args, fa4):
           f"density={lay['density']:.4f} issued/valid={res['issued_over_valid_128x128']:.3f}", flush=True)
 
     variants, kinds = {}, {}
+    launched = []  # the compiled kernels our variants launch (their registers, spills)
     variants["ours"] = lambda: block_sparse_attention_fwd(qp, kp, vp, idx, cnt, valid, block_size=lay["bs"],
-                                                          softmax_scale=scale)
+                                                          softmax_scale=scale, on_launch=launched.append)
     kinds["ours"] = "padded"
     for cfg in CONFIGS:
         c = BlockSparseConfig(*cfg)
         name = "ours" + str(cfg).replace(" ", "")
         variants[name] = (lambda c=c: block_sparse_attention_fwd(
-            qp, kp, vp, idx, cnt, valid, block_size=lay["bs"], softmax_scale=scale, config=c))
+            qp, kp, vp, idx, cnt, valid, block_size=lay["bs"], softmax_scale=scale, on_launch=launched.append, config=c))
         kinds[name] = "padded"
     # where the time goes: the same kernel with every block listed (density 1), and the dense
     # Triton kernel (flash_fwd) on the unpadded sequence
     all_idx = torch.arange(lay["NB"], dtype=torch.int32, device=dev).expand(1, lay["NB"], lay["NB"]).contiguous()
     all_cnt = torch.full((1, lay["NB"]), lay["NB"], dtype=torch.int32, device=dev)
     variants["ours-all-blocks"] = lambda: block_sparse_attention_fwd(
-        qp, kp, vp, all_idx, all_cnt, valid, block_size=lay["bs"], softmax_scale=scale)
+        qp, kp, vp, all_idx, all_cnt, valid, block_size=lay["bs"], softmax_scale=scale, on_launch=launched.append)
     kinds["ours-all-blocks"] = "padded-full"
     from fv_compile.backends.kernels.flash_fwd import attention_fwd
     variants["triton-dense"] = lambda: attention_fwd(q, k, v, softmax_scale=scale)
     kinds["triton-dense"] = "dense"
     variants["ours-ptr"] = lambda: block_sparse_attention_fwd(qp, kp, vp, idx, cnt, valid, block_size=lay["bs"],
-                                                              softmax_scale=scale, use_tma=False)
+                                                              softmax_scale=scale, on_launch=launched.append, use_tma=False)
     kinds["ours-ptr"] = "padded"
 
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -454,7 +454,7 @@ def bench_shape(s, args, fa4):
                   "ours-all-blocks": 4.0 * B * H * D * S * S}.get(name, sparse_flops)
             r["tflops"] = fl / (t["ms"] * 1e-3) / 1e12
             if name.startswith("ours"):
-                kern = bsf._last_compiled
+                kern = launched[-1] if launched else None
                 r["n_regs"], r["n_spills"] = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
             del o, o_r
         except Exception as e:  # noqa: BLE001

@@ -34,6 +34,7 @@ from fv_compile.explain import (
     where,
 )
 from fv_compile.lowering import lower_graph
+from fv_compile.ops import SiteOwner
 from fv_compile.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 from fv_compile.cache import with_source_key
@@ -114,14 +115,14 @@ class FvCompileBackend:
             self._warn_symbolic(result.sites)
         if self.check is not None:
             verifier = SiteVerifier(gm, result.rewrites, backward=self.check == "backward")
-            return self._counted(verifier, index)
+            return self._counted(verifier, index, result.owner)
         if self.analyze_only:
-            return self._counted(gm.forward, index)
+            return self._counted(gm.forward, index, result.owner)
         if not result.metadata_backends:
-            return self._counted(self.compile_graph(result.gm, example_inputs), index)
+            return self._counted(self.compile_graph(result.gm, example_inputs), index, result.owner)
         dispatch = MetadataDispatch(result.gm, result.metadata_backends, self.compile_graph)
         self.dispatches.append(dispatch)
-        return self._counted(dispatch, index)
+        return self._counted(dispatch, index, result.owner)
 
     def _warn_symbolic(self, sites: list[AttentionSite]) -> None:
         """Say once when a graph's sites were left alone for their symbolic shapes: asked for
@@ -142,7 +143,9 @@ class FvCompileBackend:
             stacklevel=_user_stacklevel(),
         )
 
-    def _counted(self, fn: Callable[..., Any], index: int) -> Callable[..., Any]:
+    def _counted(self, fn: Callable[..., Any], index: int, owner: SiteOwner) -> Callable[..., Any]:
+        """`fn`, counting its runs. The callable keeps `owner` (the graph's sites) alive: Dynamo
+        holds it as long as the compiled code can run, no longer."""
         runs, regions = self.graph_runs, self.graph_regions[index]
 
         def run(*args: Any) -> Any:
@@ -152,6 +155,7 @@ class FvCompileBackend:
                 regions.add(region)
             return fn(*args)
 
+        run.fv_site_owner = owner  # type: ignore[attr-defined]
         return run
 
     def _note_break(self, gm: torch.fx.GraphModule) -> None:
@@ -411,6 +415,7 @@ _on_model_code: weakref.WeakSet[DynamoEntry] = weakref.WeakSet()  # entries with
 def _release_entry(code: types.CodeType, backends: list[tuple[int, Any]]) -> None:
     from torch._C._dynamo.eval_frame import reset_code
 
+    _detach_guard_finalizers(code)
     reset_code(code)
     cached = torch._dynamo.eval_frame.cached_backends
     for key, value in backends:
@@ -419,6 +424,25 @@ def _release_entry(code: types.CodeType, backends: list[tuple[int, Any]]) -> Non
     if backends:
         _pending_release.append([value for _, value in backends])
         release_pending()
+
+
+def _detach_guard_finalizers(code: types.CodeType) -> None:
+    """Let the guards of `code`'s cache entries die with them. Dynamo registers a finalizer on
+    each object a guard matches by id (modules, functions: objects that live for the process),
+    to invalidate the entry if the object dies; each finalizer holds the guards' manager, so
+    every compile's guards would outlive its code. The code's entries go now: detach them."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        managers = {id(e.guard_manager) for e in _debug_get_cache_entry_list(code)}
+        if not managers:
+            return
+        for finalizer, info in list(weakref.finalize._registry.items()):  # type: ignore[attr-defined]
+            owner = getattr(getattr(info.func, "func", None), "__self__", None)
+            if owner is not None and id(getattr(owner, "guard_manager", None)) in managers:
+                finalizer.detach()
+    except Exception:  # a torch without these internals: the guards stay, as they always did
+        return
 
 
 def _in_compiled_call() -> bool:

@@ -10,7 +10,7 @@ no-op `CustomGraphPass` whose `uuid()` is a hash of fv_compile's source: any edi
 is a cache miss, an unchanged package in a new process is a hit.
 
 What cached code may bake in, and why a hit is still right in a new process: the rewritten graph
-names each site by an id from a per-process counter (`ops.register_site`), and the op resolves
+names each site by an id from a per-process counter (`ops.SiteOwner.register_site`), and the op resolves
 the id to its `AttentionImpl` at run time, in the process that runs it. The ids are part of the
 graph, hence of the key; a hit needs the same graph, which in a new process means the same ids,
 registered by the pass that produced this very graph in this process. The op's Python body never

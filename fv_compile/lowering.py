@@ -34,6 +34,9 @@ class LoweredGraph:
     non_attention: list[NonAttentionSoftmax]
     metadata_backends: list[str] = field(default_factory=list)  # backends whose builder runs
     rewrites: list[SiteRewrite] = field(default_factory=list)  # when asked for (`record`)
+    # the graph's sites stay registered while this is alive: `gm` holds it, and whatever runs
+    # the graphs compiled from `gm` (or the lifted `rewrites`) must hold it too
+    owner: ops.SiteOwner = field(default_factory=ops.SiteOwner)
 
 
 def lower_graph(
@@ -43,6 +46,7 @@ def lower_graph(
     it; `gm` itself is left untouched. With `record`, each rewritten site is also lifted out,
     before and after (`SiteRewrite`), for `fv_compile.verify`."""
     chosen: list[tuple[AttentionSite, str, type[AttentionBackend]]] = []
+    owner = ops.SiteOwner()
 
     def lower(match: AttentionMatch) -> int | None:
         site = match.site
@@ -56,22 +60,23 @@ def lower_graph(
             site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
             return None
         chosen.append((site, name, cls))
-        return ops.register_site(
+        return owner.register_site(
             impl,
             name,
             site.scale,
             site.causal,
-            exact=capabilities(cls).differentiable,
+            differentiable=capabilities(cls).differentiable,
             empty_rows=match.empty_rows,
             fill=match.fill,
         )
 
     result = attention_pass(gm, lower, graph_index, record=record)
+    result.gm.fv_site_owner = owner  # whoever holds the rewritten module keeps its sites
     metadata_backends: list[str] = []
     for site, name, cls in chosen:
         if site.status == REWRITTEN and registry.needs_metadata(cls) and name not in metadata_backends:
             metadata_backends.append(name)
-    return LoweredGraph(result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites)
+    return LoweredGraph(result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites, owner)
 
 
 def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite) -> Any:

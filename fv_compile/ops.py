@@ -5,11 +5,17 @@ with a fake implementation: opaque to Inductor (no graph break, no retracing of 
 CUDA-graph safe (everything that changes per step arrives as a tensor). `site` and `variant` are
 constants baked into the graph: `site` picks the `AttentionImpl` built for that site at compile
 time, `variant` the layout that rebuilds the backend's metadata object from the `metadata` tensors.
+
+Sites and variants are registered through a `SiteOwner`, which whoever runs the graph holds (the
+compiled model's graphs, a variant dispatch, a rewritten GraphModule): when the owner is freed,
+its entries leave the registry with it, so compiling model after model in one process does not
+keep every impl of every compile alive. Ids are never reused.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,54 +50,90 @@ class SiteMetadata(AttentionMetadata):
     attn_mask: torch.Tensor | None = None
 
 
+# site id -> what runs it; variant id -> the metadata layout of each backend (0: no metadata)
 _SITES: dict[int, SiteRuntime] = {}
 _VARIANTS: dict[int, dict[str, MetadataLayout]] = {0: {}}
 _site_ids = itertools.count(1)
 _variant_ids = itertools.count(1)
 
 
-def register_site(
-    impl: AttentionImpl,
-    backend: str,
-    scale: float,
-    causal: bool,
-    exact: bool,
-    empty_rows: str | None = None,
-    fill: float | None = None,
-) -> int:
-    if empty_rows not in (None, "zero", "nan", "uniform"):
-        raise ValueError(f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}")
-    if (empty_rows == "uniform") != (fill is not None):
-        raise ValueError("a finite fill value goes with empty_rows='uniform', and only with it")
-    cls = type(impl)
-    rt = SiteRuntime(
-        impl=impl,
-        backend=backend,
-        scale=scale,
-        causal=causal,
-        differentiable=exact,
-        preprocess=cls.preprocess_qkv is not AttentionImpl.preprocess_qkv,
-        postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
-        empty_rows=empty_rows,
-        fill=fill,
-    )
-    sid = next(_site_ids)
-    _SITES[sid] = rt
-    return sid
+class SiteOwner:
+    """Registers sites and graph variants, and keeps them registered while it is alive."""
+
+    def __init__(self) -> None:
+        self.sites: list[int] = []
+        self.variants: list[int] = []
+        weakref.finalize(self, _forget, self.sites, self.variants)
+
+    def register_site(
+        self,
+        impl: AttentionImpl,
+        backend: str,
+        scale: float,
+        causal: bool,
+        differentiable: bool,
+        empty_rows: str | None = None,
+        fill: float | None = None,
+    ) -> int:
+        """The id of a new site run by `impl`; `differentiable`: the backend declares its output
+        dense attention, so the op's backward (dense recomputation) is exact for it."""
+        if empty_rows not in (None, "zero", "nan", "uniform"):
+            raise ValueError(f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}")
+        if (empty_rows == "uniform") != (fill is not None):
+            raise ValueError("a finite fill value goes with empty_rows='uniform', and only with it")
+        cls = type(impl)
+        rt = SiteRuntime(
+            impl=impl,
+            backend=backend,
+            scale=scale,
+            causal=causal,
+            differentiable=differentiable,
+            preprocess=cls.preprocess_qkv is not AttentionImpl.preprocess_qkv,
+            postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
+            empty_rows=empty_rows,
+            fill=fill,
+        )
+        sid = next(_site_ids)
+        _SITES[sid] = rt
+        self.sites.append(sid)
+        return sid
+
+    def register_variant(self, layouts: dict[str, MetadataLayout]) -> int:
+        """The id of a graph variant whose sites rebuild their metadata with `layouts`."""
+        vid = next(_variant_ids)
+        _VARIANTS[vid] = dict(layouts)
+        self.variants.append(vid)
+        return vid
 
 
-def register_variant(layouts: dict[str, MetadataLayout]) -> int:
-    vid = next(_variant_ids)
-    _VARIANTS[vid] = dict(layouts)
-    return vid
+def _forget(sites: list[int], variants: list[int]) -> None:
+    for sid in sites:
+        _SITES.pop(sid, None)
+    for vid in variants:
+        _VARIANTS.pop(vid, None)
 
 
 def site_runtime(site: int) -> SiteRuntime:
-    return _SITES[site]
+    try:
+        return _SITES[site]
+    except KeyError:
+        raise FvCompileError(
+            f"attention site {site} is not registered: the compiled model (or rewritten graph) "
+            "that owned it was freed; keep it alive while its graphs, or their outputs' backward, run"
+        ) from None
+
+
+def _variant_layouts(variant: int) -> dict[str, MetadataLayout]:
+    try:
+        return _VARIANTS[variant]
+    except KeyError:
+        raise FvCompileError(
+            f"graph variant {variant} is not registered: the compiled model that owned it was freed"
+        ) from None
 
 
 def _metadata_for(rt: SiteRuntime, mask: torch.Tensor | None, variant: int, tensors) -> Any:
-    layout = _VARIANTS[variant].get(rt.backend)
+    layout = _variant_layouts(variant).get(rt.backend)
     if layout is None:
         return SiteMetadata(current_timestep=0, attn_mask=mask)
     md = layout.rebuild(list(tensors))
@@ -117,7 +159,7 @@ def attention(
     metadata: list[torch.Tensor],
 ) -> torch.Tensor:
     """`[B, Sq, H, D]`, `[B, Sk, Hk, D]`, `[B, Sk, Hk, Dv]` -> `[B, Sq, H, Dv]` (contiguous)."""
-    rt = _SITES[site]
+    rt = site_runtime(site)
     md = _metadata_for(rt, mask, variant, metadata)
     impl = rt.impl
     expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
@@ -232,7 +274,7 @@ def attention_backward(
     eager's gradients on blocked rows (a fill passes no gradient to the logits it replaced).
 
     Materialises the `[B, H, Sq, Sk]` weights, so it suits fine-tuning at moderate lengths."""
-    rt = _SITES[site]
+    rt = site_runtime(site)
     if not rt.differentiable:
         raise NotSupportedByBackend(
             f"backend {rt.backend} is forward-only: run the compiled model under torch.no_grad() "

@@ -70,6 +70,7 @@ class MetadataDispatch:
         self.backends = backends
         self.compile_graph = compile_graph
         self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}  # (layouts, tensor shapes) -> graph
+        self.owner = ops.SiteOwner()  # the variants' layouts, registered while the dispatch lives
         self.device = _graph_device(gm)
 
     def __call__(self, *args: Any) -> Any:
@@ -95,7 +96,7 @@ class MetadataDispatch:
         return fn(*args, *(t for ts in tensors for t in ts))
 
     def _compile_variant(self, key, tensors, args) -> Callable[..., Any]:
-        vid = ops.register_variant(dict(zip(self.backends, key)))
+        vid = self.owner.register_variant(dict(zip(self.backends, key)))
         gm = copy_graph_module(self.gm)
         graph = gm.graph
         inputs = {

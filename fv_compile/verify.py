@@ -187,11 +187,13 @@ def _with_metadata(gm: GraphModule) -> GraphModule:
             "fv_compile.verify inside `with fv_compile.forward_context(current_timestep=..., "
             "forward_batch=..., fastvideo_args=...):`"
         )
+    owner = ops.SiteOwner()
+    gm.fv_site_owner = owner  # the variants live as long as the module
     for n in needy:
         name = _backend(n)
         device = n.args[0].meta["example_value"].device
         layout, tensors = context_metadata(ctx, name, device)
-        vid = ops.register_variant({name: layout})
+        vid = owner.register_variant({name: layout})
         getters = []
         for t in tensors:
             attr = f"_fv_md_{len(list(gm.buffers()))}"

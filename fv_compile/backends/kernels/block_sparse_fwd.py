@@ -27,7 +27,8 @@ Two launches per call, both CUDA-graph safe (no host sync, no data-dependent sha
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -394,9 +395,6 @@ def _make_plan(kv_indices, kv_counts, block_valid, block_size, block_n) -> _Plan
     return _Plan(full, n_full, part, part_end, n_part)
 
 
-_last_compiled = None  # the last launched compiled kernel (benchmarks read its n_regs/n_spills)
-
-
 def block_sparse_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -411,6 +409,7 @@ def block_sparse_attention_fwd(
     config: BlockSparseConfig | None = None,
     use_tma: bool | None = None,
     key_mask: torch.Tensor | None = None,
+    on_launch: Callable[[Any], None] | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax(q k^T * softmax_scale) v over a tile-major layout.
 
@@ -426,7 +425,8 @@ def block_sparse_attention_fwd(
     key_mask: optional ``[1 or B, L]`` (bool or integer, nonzero = attend): keys it clears are
     masked as well (a key padding mask; listed blocks are then all run with a key mask).
     Returns ``[B, L, H, D]`` contiguous in q's dtype (or writes into ``out``).
-    ``config``/``use_tma`` override the tile config and memory path (tests, benchmarks).
+    ``config``/``use_tma`` override the tile config and memory path (tests, benchmarks);
+    ``on_launch`` is called with the launched compiled kernel (benchmarks read its registers).
     """
     _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask)
     B, L, H, D = q.shape
@@ -460,8 +460,7 @@ def block_sparse_attention_fwd(
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     extra = {"UPCAST": True} if upcast else {}
     grid = (L // config.block_m, B * H)
-    global _last_compiled
-    _last_compiled = _block_sparse_fwd_kernel[grid](
+    launched = _block_sparse_fwd_kernel[grid](
         q, k, v, out, block_valid,
         plan.full, plan.n_full, plan.part, plan.part_end, plan.n_part,
         km, stride_kmb,
@@ -479,4 +478,6 @@ def block_sparse_attention_fwd(
         num_warps=config.num_warps, num_stages=config.num_stages,
         **extra, **extra_km,
     )
+    if on_launch is not None:
+        on_launch(launched)
     return out

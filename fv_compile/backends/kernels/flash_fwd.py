@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -284,9 +285,6 @@ def _lookup(head_dim: int, causal: bool, dtype: torch.dtype, sk: int) -> FlashCo
 # --------------------------------------------------------------------------------------------
 
 
-_last_compiled = None  # the last launched compiled kernel (benchmarks read its n_regs/n_spills)
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -379,6 +377,7 @@ def attention_fwd(
     out: torch.Tensor | None = None,
     config: FlashConfig | None = None,
     use_tma: bool | None = None,
+    on_launch: Callable[[Any], None] | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * softmax_scale [+ masks]) v for BSHD tensors.
 
@@ -387,7 +386,8 @@ def attention_fwd(
     causal: top-left aligned (query i sees keys j <= i), as SDPA's ``is_causal``.
     kv_lengths: optional int32 ``[B]``; keys ``j >= kv_lengths[b]`` are masked. Rows with no
     valid key are 0. Returns ``[B, Sq, H, D]`` contiguous (or writes into ``out``).
-    ``config``/``use_tma`` override the tile config and the memory path (tests, benchmarks).
+    ``config``/``use_tma`` override the tile config and the memory path (tests, benchmarks);
+    ``on_launch`` is called with the launched compiled kernel (benchmarks read its registers).
     """
     _check_inputs(q, k, v, kv_lengths, out)
     if not (softmax_scale > 0.0 and math.isfinite(softmax_scale)):
@@ -442,12 +442,13 @@ def attention_fwd(
         else:
             config = _HEURISTIC_PTR[D]
     grid = (triton.cdiv(Sq, config.block_m), B * H)
-    global _last_compiled
-    _last_compiled = _attn_fwd_kernel[grid](
+    launched = _attn_fwd_kernel[grid](
         *args, **common,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma),
         TMA_QO=bool(config.tma_qo),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if on_launch is not None:
+        on_launch(launched)
     return out
