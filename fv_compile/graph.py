@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fv_compile.explain import ExplainReport
+from fv_compile.fx_graphs import copy_graph_module
 from fv_compile.lowering import lower_graph
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 
@@ -31,11 +32,14 @@ def _plain(value: Any) -> bool:
     return type(value) in (int, float, bool)
 
 
-def _with_values(gm: GraphModule, example_inputs: tuple[Any, ...]) -> None:
-    """Give every node the example value the matcher reads (Dynamo graphs already have them)."""
+def _with_values(gm: GraphModule, example_inputs: tuple[Any, ...]) -> GraphModule:
+    """A copy of `gm` whose every node has the example value the matcher reads (Dynamo graphs
+    have them already); `gm`'s own nodes are left as they were."""
+    gm = copy_graph_module(gm)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     _ValuesProp(gm, mode).propagate(*fakes)
+    return gm
 
 
 def rewrite_attention(
@@ -46,13 +50,17 @@ def rewrite_attention(
 ) -> tuple[GraphModule, ExplainReport]:
     """Rewrite the attention sites of a traced GraphModule; returns a new module and the report.
 
-    `example_inputs` are real or fake tensors shaped like the module's inputs. `gm` is not modified.
+    `example_inputs` are real or fake tensors shaped like the module's inputs. `gm` is not
+    modified (its graph, nodes and node metadata stay as they were); the new module shares its
+    parameters and submodules, and keeps the sites' impls alive as long as it lives.
     """
-    _with_values(gm, example_inputs)
-    result = lower_graph(gm, SitePolicy(attention_backend, strict=strict))
+    traced = _with_values(gm, example_inputs)
+    result = lower_graph(traced, SitePolicy(attention_backend, strict=strict))
     return result.gm, ExplainReport(result.sites, result.non_attention, 1)
 
 
 def find_attention_sites(gm: GraphModule, *example_inputs: Any) -> ExplainReport:
-    """What `rewrite_attention` would find and do, without keeping the rewritten module."""
+    """The report of `rewrite_attention(gm, *example_inputs)`: every attention site of a traced
+    GraphModule, what was done with it and why, and the softmaxes that are not attention. `gm`
+    is not modified and the rewritten module is dropped."""
     return rewrite_attention(gm, *example_inputs)[1]

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fv_compile.backends.abstract import AttentionImpl, AttentionMetadata
+from fv_compile.backends.abstract import AttentionImpl, SiteMetadata
 from fv_compile.errors import FvCompileError, NotSupportedByBackend
 from fv_compile.metadata import MetadataLayout
 
@@ -41,13 +41,6 @@ class SiteRuntime:
     # when no row can be; and for "uniform" the finite value blocked logits end at
     empty_rows: str | None = None
     fill: float | None = None
-
-
-@dataclass
-class SiteMetadata(AttentionMetadata):
-    """What a backend without a metadata builder receives: the site's own mask, if any."""
-
-    attn_mask: torch.Tensor | None = None
 
 
 # site id -> what runs it; variant id -> the metadata layout of each backend (0: no metadata)

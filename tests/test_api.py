@@ -248,6 +248,14 @@ def test_symbolic_trace_graphs_are_rewritten(net):
     assert "fv_compile.attention" not in gm.code
 
 
+def test_rewrite_attention_leaves_the_traced_module_as_it_was(net):
+    gm = torch.fx.symbolic_trace(net)
+    before = [(n.name, dict(n.meta)) for n in gm.graph.nodes]
+    fv_compile.rewrite_attention(gm, *inputs(), attention_backend="TORCH_SDPA")
+    fv_compile.find_attention_sites(gm, *inputs())
+    assert [(n.name, dict(n.meta)) for n in gm.graph.nodes] == before  # no example values written
+
+
 def test_gqa_causal_gradients_match_eager():
     def attn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata
+from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata, SiteMetadata
 
 
 class DenseImpl(AttentionImpl[AttentionMetadata]):
@@ -34,8 +34,8 @@ class DenseImpl(AttentionImpl[AttentionMetadata]):
 
 class DenseBackend(AttentionBackend):
     @staticmethod
-    def get_metadata_cls() -> type[AttentionMetadata]:
-        return AttentionMetadata
+    def get_metadata_cls() -> type[SiteMetadata]:
+        return SiteMetadata
 
     @staticmethod
     def get_builder_cls() -> None:  # type: ignore[override]

@@ -39,6 +39,14 @@ class AttentionMetadata:
     current_timestep: int
 
 
+@dataclass
+class SiteMetadata(AttentionMetadata):
+    """What the impl of a backend without a metadata builder receives: the site's own mask, if
+    any (`current_timestep` is 0: such a backend has no per-step state)."""
+
+    attn_mask: torch.Tensor | None = None
+
+
 T = TypeVar("T", bound=AttentionMetadata)
 
 
@@ -134,7 +142,9 @@ class AttentionBackend(ABC):
 
     @staticmethod
     @abstractmethod
-    def get_metadata_cls() -> type[AttentionMetadata]: ...
+    def get_metadata_cls() -> type[AttentionMetadata]:
+        """The class the builder's metadata is an instance of (fv_compile checks it when it
+        builds); `SiteMetadata` for a backend without a builder."""
 
     @staticmethod
     @abstractmethod

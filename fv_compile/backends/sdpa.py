@@ -6,18 +6,8 @@ every site form: masks, causal, GQA, cross-attention, any head size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
 from fv_compile.backends._dense import DenseBackend, DenseImpl, sdpa_bshd
-from fv_compile.backends.abstract import AttentionMetadata
 from fv_compile.site import MASK_ADDITIVE, MASK_BOOL
-
-
-@dataclass
-class SDPAMetadata(AttentionMetadata):
-    attn_mask: torch.Tensor | None = None
 
 
 class SDPAImpl(DenseImpl):
@@ -46,7 +36,3 @@ class SDPABackend(DenseBackend):
     @staticmethod
     def get_impl_cls() -> type[SDPAImpl]:
         return SDPAImpl
-
-    @staticmethod
-    def get_metadata_cls() -> type[SDPAMetadata]:
-        return SDPAMetadata

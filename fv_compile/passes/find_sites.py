@@ -16,7 +16,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -51,9 +51,133 @@ class MaskTerm:
     coef: float = 1.0  # additive: the factor the term reaches the softmax with
     fill: float | None = None  # attend/masked from a fill: the value blocked logits end at
     # how to bring the term from the view of the scores it was applied in to the scores' own
-    # shape, innermost first: ("regroup", view shape, scores shape) undoes a reshape of the
-    # leading dims; ("slice", index, full shape) places a term written into a slice
-    embed: list[tuple] = field(default_factory=list)
+    # shape, innermost first
+    embed: list[ScoresView] = field(default_factory=list)
+
+
+class RegroupedView(NamedTuple):
+    """The scores seen through a reshape that splits or merges their leading dims."""
+
+    view: tuple[int, ...]  # the shape the term was applied in
+    base: tuple[int, ...]  # the shape of the scores it is a reshape of
+
+
+class SliceView(NamedTuple):
+    """A slice of the scores, `scores[index]`, that a term was added into."""
+
+    index: Any  # a tuple of basic slices
+    full: tuple[int, ...]  # the shape of the scores
+
+
+ScoresView = RegroupedView | SliceView
+
+
+# --- the ops between the score contraction and the softmax, as the score walk finds them ------
+
+
+class Regroup(NamedTuple):
+    """A reshape of the scores that only splits (or only merges) dims."""
+
+    node: Node
+    src: tuple[int, ...]
+    dst: tuple[int, ...]
+    kind = "regroup"
+
+
+class Scale(NamedTuple):
+    """The scores times a compile-time number."""
+
+    node: Node
+    factor: float
+    kind = "scale"
+
+
+class NoOp(NamedTuple):
+    """What softmax cannot see: a cast, an identity, a detach that stops no gradient, a constant
+    (or row-max) shift of every logit of a row."""
+
+    node: Node
+    kind = "noop"
+
+
+class TensorScale(NamedTuple):
+    """The scores times a tensor or symbolic value (never proven: a reason to leave the site)."""
+
+    node: Node
+    kind = "tensor_scale"
+
+
+class Add(NamedTuple):
+    """The scores plus `sign * term` (a mask or bias term)."""
+
+    node: Node
+    term: Any
+    sign: float  # +1, -1, or add's alpha; NaN when alpha is not a number
+    kind = "add"
+
+
+class Fill(NamedTuple):
+    """Logits replaced by `value` where a condition says so: `masked_fill(cond, value)`
+    ("fill"), or `where(cond, scores, value)` ("where_keep") / `where(cond, value, scores)`
+    ("where_fill")."""
+
+    node: Node
+    cond: Any
+    value: Any
+    how: str
+
+    @property
+    def kind(self) -> str:
+        return self.how
+
+
+class EnterSlice(NamedTuple):
+    """The read of `scores[index]` an in-place slice update starts from."""
+
+    node: Node
+    index: Any
+    full: tuple[int, ...] | None
+    kind = "enter_slice"
+
+
+class ExitSlice(NamedTuple):
+    """The write of an updated slice back into the scores."""
+
+    node: Node
+    kind = "exit_slice"
+
+
+ScoreOp = Regroup | Scale | NoOp | TensorScale | Add | Fill | EnterSlice | ExitSlice
+
+
+class WalkStep(NamedTuple):
+    """Where the score walk may go from a node: the scores input it continues from, and the op
+    the node applies to them."""
+
+    source: Any
+    op: ScoreOp
+
+
+class ScoreContraction(NamedTuple):
+    """The product that made the scores, with every dim labelled (see the module doc)."""
+
+    q: Operand
+    k: Operand
+    score_labels: list[str]
+    sizes: dict[str, int]
+    form: str  # matmul | bmm | baddbmm | einsum
+    scale: float  # baddbmm's alpha, else 1
+    masks: list[MaskTerm]  # baddbmm's beta * input, when beta != 0
+
+
+class ValuePath(NamedTuple):
+    """The softmax's way forward to the value product."""
+
+    probs: Node  # the weights the value product reads
+    output: Node  # the value product
+    value: Node  # the value operand
+    chain: list[Node]  # the casts, no-op dropouts and transposes between softmax and product
+    perm: list[int]  # dim d of `probs` is dim perm[d] of the softmax
 
 
 @dataclass
@@ -223,18 +347,18 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
     sdim = dim % nd
 
     contraction = _score_contraction(s_raw, sdim)
-    a_op, b_op, score_labels, sizes, form, scale, masks = contraction
+    score_labels, sizes, masks = contraction.score_labels, contraction.sizes, contraction.masks
     if score_labels[sdim] != "j":
         raise NotAttention(f"softmax over dim {dim}, not the key axis of q @ k^T")
     probs_labels = [score_labels[d] for d in perm]
 
-    for path_node in [s_raw] + [o[1] for o in ops if o[1] not in walk.inplace]:
+    for path_node in [s_raw] + [op.node for op in ops if op.node not in walk.inplace]:
         _require_single_user(path_node, "scores", walk.own_readers)
     _require_single_user(x, "scores", walk.own_readers)
     for n in [sm] + post:
         _require_single_user(n, "attention weights")
 
-    folding = _ScoreOps(masks, scale)
+    folding = _ScoreOps(masks, contraction.scale)
     for op in ops:
         folding.apply(op)
     scale = folding.finish()
@@ -244,8 +368,8 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
         gm,
         sm,
         out,
-        Operand(a_op[0], a_op[1]),
-        Operand(b_op[0], b_op[1]),
+        contraction.q,
+        contraction.k,
         Operand(value_operand, v_labels),
         out_labels=out_labels,
         score_labels=score_labels,
@@ -253,7 +377,7 @@ def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
         scale=scale,
         masks=masks,
         causal=False,
-        form=form,
+        form=contraction.form,
         inplace=walk.inplace,
     )
 
@@ -269,8 +393,10 @@ class _ScoreWalk:
         self.inplace: list[Node] = []  # in-place ops on the scores, now part of the site
 
     def walk(
-        self, node: Any, ops: list[tuple], depth: int = 0, consumer: Node | None = None, stop=None
-    ):
+        self, node: Any, ops: list[ScoreOp], depth: int = 0, consumer: Node | None = None, stop=None
+    ) -> tuple[Node, list[ScoreOp]] | None:
+        """`(the score contraction, the ops from it to the softmax in forward order)`, walking
+        back from `node` (or `(stop, ops)` when the walk reaches `stop`); None if it cannot."""
         if not isinstance(node, Node) or depth > 24:
             return None
         if node is stop:
@@ -291,47 +417,47 @@ class _ScoreWalk:
                 return got
         return None
 
-    def _step(self, node: Node) -> list[tuple[Any, tuple]] | None:
-        """Where the walk may go from `node`: `[(its scores input, the op it applies)]`."""
+    def _step(self, node: Node) -> list[WalkStep] | None:
+        """Where the walk may go from `node`, most likely first; None where it cannot go on."""
         src = sp.is_reshape(node)
         if src is not None:
             shapes = _static_shape(src), _static_shape(node)
             if None not in shapes and (
                 regroup_dims(*shapes) is not None or regroup_dims(*reversed(shapes)) is not None  # type: ignore[arg-type]
             ):
-                return [(src, ("regroup", node, *shapes))]
+                return [WalkStep(src, Regroup(node, *shapes))]  # type: ignore[arg-type]
             return None
         r = sp.scalar_factor(node)
         if r is not None:
-            return [(r[0], ("scale", node, r[1]))]
+            return [WalkStep(r[0], Scale(node, r[1]))]
         c = sp.cast_input(node) or sp.identity_input(node) or _harmless_detach(node, "scores")
         if c is not None:
-            return [(c, ("noop", node))]
+            return [WalkStep(c, NoOp(node))]
         ts = sp.tensor_factor(node)
         if ts is not None:
-            return [(ts, ("tensor_scale", node))]
+            return [WalkStep(ts, TensorScale(node))]
         t = sp.additive_terms(node)
         if t is not None:
             a, b, sign = t
             if isinstance(b, Node) and sign == -1.0 and self._is_row_shift(b, a):
-                return [(a, ("noop", node))]  # s - s.amax(-1, keepdim=True): softmax-invariant
+                return [WalkStep(a, NoOp(node))]  # s - s.amax(-1, keepdim=True): softmax-invariant
             if not (isinstance(b, Node) and sp.is_tensor_node(b)):
-                return [(a, ("noop", node))]  # + a constant: softmax-invariant
-            steps = [(a, ("add", node, b, sign))]
+                return [WalkStep(a, NoOp(node))]  # + a constant: softmax-invariant
+            steps = [WalkStep(a, Add(node, b, sign))]
             if sign == 1.0:
-                steps.append((b, ("add", node, a, 1.0)))
+                steps.append(WalkStep(b, Add(node, a, 1.0)))
             return steps
         mf = sp.masked_fill_args(node)
         if mf is not None:
-            return [(mf[0], ("fill", node, mf[1], mf[2]))]
+            return [WalkStep(mf[0], Fill(node, mf[1], mf[2], "fill"))]
         w = sp.where_args(node)
         if w is not None:
             cond, a, b = w
             steps = []
             if isinstance(a, Node) and sp.is_tensor_node(a):
-                steps.append((a, ("where_keep", node, cond, b)))
+                steps.append(WalkStep(a, Fill(node, cond, b, "where_keep")))
             if isinstance(b, Node) and sp.is_tensor_node(b):
-                steps.append((b, ("where_fill", node, cond, a)))
+                steps.append(WalkStep(b, Fill(node, cond, a, "where_fill")))
             return steps
         return None
 
@@ -346,7 +472,7 @@ class _ScoreWalk:
         self.own_readers.update(chain)
         return True
 
-    def _inplace_ops(self, node: Node, consumer: Node | None) -> list[tuple]:
+    def _inplace_ops(self, node: Node, consumer: Node | None) -> list[ScoreOp]:
         """In-place ops on the scores `node` before `consumer` reads it, as the ops they apply
         (an unthreaded `s.masked_fill_(m, -inf)` leaves `s` as the softmax's input)."""
         # (a traced `s *= c` is the consumer itself: the walk goes through it as an op)
@@ -367,15 +493,15 @@ class _ScoreWalk:
                 raise Unsupported(f"the scores are written in place by `{u.name}`")
             if consumer is not None and order[u] > order[consumer]:
                 raise Unsupported(f"`{u.name}` writes into the scores after they are read")
-            step = [st for st in self._step(u) or [] if st[0] is node]
+            step = [st for st in self._step(u) or [] if st.source is node]
             if len(step) != 1:
                 raise Unsupported(f"the scores are written in place by `{u.name}`")
-            ops.append(step[0][1])
+            ops.append(step[0].op)
             self.inplace.append(u)
             self.own_readers.add(u)
         return ops
 
-    def _slice_update(self, u: Node, node: Node) -> list[tuple]:
+    def _slice_update(self, u: Node, node: Node) -> list[ScoreOp]:
         """`s[idx] = f(s[idx])` where f adds terms (through reshapes of the slice): the same as
         adding those terms, placed in the slice and zero elsewhere (decomposed relative
         position biases, as MViT writes them)."""
@@ -388,20 +514,20 @@ class _ScoreWalk:
         read, sub = found
         if not (_is_slice_read(read, node, index)) or len(read.users) != 1:
             raise Unsupported(f"`{u.name}` writes into a slice of the scores something not read from it")
-        if any(op[0] not in ("regroup", "add", "noop") for op in sub):
-            kinds = sorted({op[0] for op in sub} - {"regroup", "add", "noop"})
+        if any(not isinstance(op, Regroup | Add | NoOp) for op in sub):
+            kinds = sorted({op.kind for op in sub} - {"regroup", "add", "noop"})
             raise Unsupported(f"`{u.name}` does more than add to a slice of the scores ({kinds})")
         self.inplace.append(u)
         self.own_readers.update([u, read])
         self.own_readers.update(sub_walk.own_readers)
         self.inplace += sub_walk.inplace
         full = _static_shape(node)
-        return [("enter_slice", read, index, full), *sub, ("exit_slice", u)]
+        return [EnterSlice(read, index, full), *sub, ExitSlice(u)]
 
 
-def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node], list[int]]:
+def _walk_probs(sm: Node) -> ValuePath:
     """Follow the softmax forward to the value contraction through casts, no-op dropout and
-    transposes: `(probs, output, value, chain, perm)`; probs dim d is softmax dim perm[d]."""
+    transposes."""
     node, chain = sm, []
     labels = list(range(len(sp.shape_of(sm) or ())))
     for _ in range(8):
@@ -414,7 +540,7 @@ def _walk_probs(sm: Node) -> tuple[Node, Node, Node, list[Node], list[int]]:
             break
         u = users[0]
         if contractions:
-            return node, u, _value_operand(u, node), chain, labels  # type: ignore[return-value]
+            return ValuePath(node, u, _value_operand(u, node), chain, labels)  # type: ignore[arg-type]
         p = sp.permutation_of(u)
         if p is not None and p[0] is node:
             labels = [labels[d] for d in p[1]]
@@ -516,8 +642,8 @@ def _value_operand(node: Node, probs: Node) -> Node | None:
     return None
 
 
-def _score_contraction(s_raw: Node, sdim: int):
-    """Labels of a score contraction: `(q operand, k operand, score labels, sizes, form, scale, masks)`."""
+def _score_contraction(s_raw: Node, sdim: int) -> ScoreContraction:
+    """The score contraction `s_raw`, labelled; `sdim` is the softmax's dim of the scores."""
     ss = _static_shape(s_raw)
     masks: list[MaskTerm] = []
     scale = 1.0
@@ -551,8 +677,8 @@ def _score_contraction(s_raw: Node, sdim: int):
         if sa[-1] != sb[-2]:
             raise Unsupported("q and k^T feature sizes differ")
         if row == "j":
-            return (b, b_labels), (a, a_labels), score_labels, sizes, form, scale, masks
-        return (a, a_labels), (b, b_labels), score_labels, sizes, form, scale, masks
+            return ScoreContraction(Operand(b, b_labels), Operand(a, a_labels), score_labels, sizes, form, scale, masks)
+        return ScoreContraction(Operand(a, a_labels), Operand(b, b_labels), score_labels, sizes, form, scale, masks)
 
     eq, ops = sp.einsum_operands(s_raw)  # type: ignore[misc]
     if len(ops) != 2 or not all(isinstance(o, Node) for o in ops):
@@ -590,9 +716,9 @@ def _score_contraction(s_raw: Node, sdim: int):
     sizes = {name[c]: s for c, s in zip(out, ss)}
     sizes["d"] = sa[qs.index(dl)]
     score_labels = [name[c] for c in out]
-    return (
-        (qa, [name[c] for c in qs]),
-        (kb, [name[c] for c in ks]),
+    return ScoreContraction(
+        Operand(qa, [name[c] for c in qs]),
+        Operand(kb, [name[c] for c in ks]),
         score_labels,
         sizes,
         "einsum",
@@ -610,44 +736,41 @@ class _ScoreOps:
     def __init__(self, masks: list[MaskTerm], scale: float) -> None:
         self.masks = masks
         self.scale = scale
-        self.views: list[tuple] = []  # open views of the scores, outermost first
+        self.views: list[ScoresView] = []  # open views of the scores, outermost first
 
-    def apply(self, op: tuple) -> None:
-        kind = op[0]
-        if kind == "noop":
+    def apply(self, op: ScoreOp) -> None:
+        if isinstance(op, NoOp):
             return
-        if kind == "regroup":
-            _, _node, src, dst = op
+        if isinstance(op, Regroup):
             top = self.views[-1] if self.views else None
-            if top is not None and top[0] == "regroup" and top[1] == src and top[2] == dst:
+            if isinstance(top, RegroupedView) and top.view == op.src and top.base == op.dst:
                 self.views.pop()  # the view back to the shape before
             else:
-                self.views.append(("regroup", dst, src))
+                self.views.append(RegroupedView(view=op.dst, base=op.src))
             return
-        if kind == "enter_slice":
-            _, _read, index, full = op
-            self.views.append(("slice", index, full))
+        if isinstance(op, EnterSlice):
+            self.views.append(SliceView(op.index, op.full))  # type: ignore[arg-type]
             return
-        if kind == "exit_slice":
-            if not self.views or self.views[-1][0] != "slice":
-                raise Unsupported(f"`{op[1].name}` writes back into the scores in another shape")
+        if isinstance(op, ExitSlice):
+            if not self.views or not isinstance(self.views[-1], SliceView):
+                raise Unsupported(f"`{op.node.name}` writes back into the scores in another shape")
             self.views.pop()
             return
-        if kind == "scale":
-            c = op[2]
+        if isinstance(op, Scale):
+            c = op.factor
             if c <= 0:
                 raise Unsupported("scores are scaled by a non-positive factor")
-            if any(v[0] == "slice" for v in self.views):
+            if any(isinstance(v, SliceView) for v in self.views):
                 raise Unsupported("a slice of the scores is scaled (the site has no single scale)")
             for mt in self.masks:
                 if mt.kind == "additive":
                     mt.coef *= c
                 elif mt.fill is not None:
-                    mt.fill = _in_dtype(mt.fill * c, sp.dtype_of(op[1]))
+                    mt.fill = _in_dtype(mt.fill * c, sp.dtype_of(op.node))
             self.scale *= c
             return
-        if kind == "add":
-            term, sign = op[2], op[3]
+        if isinstance(op, Add):
+            term, sign = op.term, op.sign
             if math.isnan(sign):
                 raise Unsupported("add with a non-constant alpha")
             if not isinstance(term, Node):
@@ -658,22 +781,21 @@ class _ScoreOps:
             filled = [mt for mt in self.masks if mt.fill is not None and math.isfinite(mt.fill)]
             if filled:
                 raise Unsupported(
-                    f"`{op[1].name}` adds a tensor to logits already filled with {filled[0].fill:g}: "
+                    f"`{op.node.name}` adds a tensor to logits already filled with {filled[0].fill:g}: "
                     "the filled logits are no longer one value, so rows the fill blocks entirely "
                     "would differ"
                 )
-            self._record(MaskTerm(term, "additive", sign), op[1])
+            self._record(MaskTerm(term, "additive", sign), op.node)
             return
-        if kind in ("fill", "where_keep", "where_fill"):
-            cond, value = op[2], op[3]
-            if not isinstance(cond, Node):
+        if isinstance(op, Fill):
+            if not isinstance(op.cond, Node):
                 raise Unsupported("the mask of a fill is not a tensor")
-            fill = _in_dtype(_fill_value(value), sp.dtype_of(op[1]))
-            self._record(MaskTerm(cond, "attend" if kind == "where_keep" else "masked", fill=fill), op[1])
+            fill = _in_dtype(_fill_value(op.value), sp.dtype_of(op.node))
+            self._record(MaskTerm(op.cond, "attend" if op.how == "where_keep" else "masked", fill=fill), op.node)
             return
-        if kind == "tensor_scale":
-            raise Unsupported(f"scores are scaled by `{op[1].name}`, a tensor or symbolic value, not a number")
-        raise Unsupported(f"unexpected op {kind} on the scores")
+        if isinstance(op, TensorScale):
+            raise Unsupported(f"scores are scaled by `{op.node.name}`, a tensor or symbolic value, not a number")
+        raise Unsupported(f"unexpected op {op.kind} on the scores")
 
     def _record(self, term: MaskTerm, at: Node) -> None:
         if self.views:

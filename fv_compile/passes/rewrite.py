@@ -19,7 +19,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fv_compile.passes import spellings as sp
-from fv_compile.passes.find_sites import AttentionMatch, Operand, regroup_dims
+from fv_compile.passes.find_sites import AttentionMatch, Operand, RegroupedView, ScoresView, regroup_dims
 
 EMITTED = "fv_compile_emitted"
 
@@ -193,11 +193,11 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
     return total
 
 
-def _embed(em, node: Node, step: tuple, *, attend: bool) -> Node:
+def _embed(em, node: Node, step: ScoresView, *, attend: bool) -> Node:
     """A mask term applied to a view of the scores, brought to the scores' own shape."""
     shape = list(sp.shape_of(node))
-    if step[0] == "regroup":  # the term broadcasts to `view`, a reshape of the scores' `base`
-        _, view, base = step
+    if isinstance(step, RegroupedView):  # the term broadcasts to `view`, a reshape of the scores' `base`
+        view, base = step.view, step.base
         shape = [1] * (len(view) - len(shape)) + shape
         if len(shape) != len(sp.shape_of(node)):
             node = em.method("reshape", node, *shape)
@@ -217,7 +217,7 @@ def _embed(em, node: Node, step: tuple, *, attend: bool) -> Node:
             for d, group in enumerate(groups):  # type: ignore[arg-type]
                 merged += [base[g] if shape[d] != 1 else 1 for g in group]
         return em.method("reshape", node, *merged)
-    _, index, full = step  # a term written into `scores[index]`: neutral everywhere else
+    index, full = step.index, step.full  # a term written into `scores[index]`: neutral everywhere else
     sliced = list(torch.empty(full, device="meta")[index].shape)
     shape = [1] * (len(sliced) - len(shape)) + shape
     if shape != sliced:
