@@ -40,7 +40,7 @@ from fv_compile.policy import AUTO, PolicySpec, SitePolicy
 from fv_compile.cache import with_source_key
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
-from fv_compile.regional import GlueWatch, RegionalCopy, blocks_hold_most_weights, current_region
+from fv_compile.regional import GlueWatch, RegionalCopy, block_lists, blocks_hold_most_weights, current_region
 from fv_compile.runtime import MetadataDispatch
 from fv_compile.user_errors import translate as translate_error
 from fv_compile.verify import SiteVerifier
@@ -88,6 +88,8 @@ class FvCompileBackend:
         self.restarts: list[str] = []  # graph-break messages of frames Dynamo split (one per frame)
         self.skipped_frames: list[SkippedFrame] = []
         self._warned_symbolic = False
+        # the model's repeated block lists `[(path, length)]`, when known: they number its layers
+        self.block_lists: list[tuple[str, int]] = []
 
     def __call__(
         self,
@@ -108,7 +110,7 @@ class FvCompileBackend:
         self.graph_regions.append(set())
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
-        result = lower_graph(gm, self.policy, index, record=self.check is not None)
+        result = lower_graph(gm, self.policy, index, record=self.check is not None, block_lists=self.block_lists)
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
         if not self.analyze_only and self.check is None:
@@ -615,6 +617,7 @@ class CompiledModel(OptimizedModule):
         self._super_module_initialized = True
         self._orig_mod = model  # registers the model as the one child
         self._fv_backend = backend
+        backend.block_lists = [(path, len(blocks)) for path, blocks in block_lists(model)]
         self._entry = DynamoEntry(backend, **compile_kwargs)
         self._derive = DerivedContexts(model, fastvideo_args)
         self._cuda_graphs = _uses_cuda_graphs(backend.compiler, backend.mode, backend.options)
@@ -816,8 +819,8 @@ def compile(
         first call warns if attention runs there); other models compile whole. `True` requires
         blocks, `False` compiles the whole model. Sites of all blocks share the first block's
         impls, so a policy sees each block site once, with a path inside the block (`attn1`);
-        backends with per-layer settings (STA windows) learn the running block from
-        `fv_compile.regional.current_block()`.
+        backends with per-layer settings (STA windows) learn the running block's layer from
+        `fv_compile.regional.current_layer()` (blocks numbered list after list, in model order).
     fastvideo_args: run-wide backend settings (`fv_compile.FastVideoArgs(sta_window=...,
         sta_dense_steps=...)`) for calls made outside a `forward_context`, e.g. by a diffusers
         pipeline: the model then derives the step and the latent grid from each call (see
@@ -967,6 +970,7 @@ def verify(
 
 
 def _trace_once(backend: FvCompileBackend, model, args, kwargs, *, grad: bool) -> None:
+    backend.block_lists = [(path, len(blocks)) for path, blocks in block_lists(model)]
     entry = DynamoEntry(backend, dynamic=False)
     try:
         with torch.enable_grad() if grad else torch.no_grad():

@@ -88,12 +88,14 @@ class ForwardBatch:
 
 @dataclass
 class ForwardContext:
-    """One denoising step's inputs, plus the metadata already built for it (one per backend)."""
+    """One denoising step's inputs, plus the metadata already built for it (one per backend),
+    and what backends derive from that metadata for the step (`step_cache`)."""
 
     current_timestep: int
     forward_batch: Any
     fastvideo_args: Any
-    built: dict[str, Any] = field(default_factory=dict)
+    built: dict[Any, Any] = field(default_factory=dict)
+    cache: dict[Any, Any] = field(default_factory=dict)
 
 
 _CURRENT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar(
@@ -155,14 +157,15 @@ def derived_forward_context() -> ForwardContext | None:
 # The regionally compiled block running now (fv_compile/regional.py sets it around each block's
 # call, outside the compiled code): every block runs the impls traced in the first one, so a
 # backend with per-layer settings reads the layer here, at run time.
-_REGION: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+_REGION: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.ContextVar(
     "fv_compile_running_block", default=None
 )
 
 
-def enter_region(path: str, index: int) -> contextvars.Token:
-    """Mark block `index` of the block list at `path` as running (undo with `leave_region`)."""
-    return _REGION.set((path, index))
+def enter_region(path: str, index: int, layer: int) -> contextvars.Token:
+    """Mark block `index` of the block list at `path`, the model's `layer`-th block, as running
+    (undo with `leave_region`)."""
+    return _REGION.set((path, index, layer))
 
 
 def leave_region(token: contextvars.Token) -> None:
@@ -171,7 +174,8 @@ def leave_region(token: contextvars.Token) -> None:
 
 def current_region() -> tuple[str, int] | None:
     """`(path of the block list, index)` of the regionally compiled block running now."""
-    return _REGION.get()
+    region = _REGION.get()
+    return None if region is None else region[:2]
 
 
 def current_block() -> int | None:
@@ -179,6 +183,40 @@ def current_block() -> int | None:
     outside regional blocks."""
     region = _REGION.get()
     return None if region is None else region[1]
+
+
+def current_layer() -> int | None:
+    """The layer number of the regionally compiled block running now: its place among all the
+    model's blocks, list after list in model order (HunyuanVideo's `double_blocks.N` is layer N,
+    its `single_blocks.N` layer `len(double_blocks) + N`); None outside regional blocks."""
+    region = _REGION.get()
+    return None if region is None else region[2]
+
+
+def layer_number(module_path: str, block_lists: list[tuple[str, int]]) -> int | None:
+    """The layer number (as `current_layer`) of the block `module_path` lies in, given the
+    model's block lists `[(path, length)]` in model order; None outside them."""
+    offset = 0
+    for path, length in block_lists:
+        head = f"{path}."
+        if module_path.startswith(head):
+            index = module_path[len(head) :].split(".", 1)[0]
+            if index.isdigit() and int(index) < length:
+                return offset + int(index)
+        offset += length
+    return None
+
+
+def step_cache() -> dict[Any, Any] | None:
+    """The per-step cache of the forward context the running call belongs to (the caller's, or
+    the one the compiled model derived from its call), or None outside any. What a backend
+    stores here lives as long as the step: every site and CFG pass of the step shares it, and
+    the next step starts empty."""
+    ctx = _CURRENT.get()
+    if ctx is None:
+        resolve = _DERIVED.get()
+        ctx = None if resolve is None else resolve()
+    return None if ctx is None else ctx.cache
 
 
 def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ the graph does are collected.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.fx import GraphModule
 from fv_compile import ops
 from fv_compile.backends import registry
 from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, capabilities
+from fv_compile.context import layer_number
 from fv_compile.errors import FvCompileError
 from fv_compile.passes.attention_pass import SiteRewrite, attention_pass
 from fv_compile.passes.find_sites import AttentionMatch
@@ -40,11 +42,18 @@ class LoweredGraph:
 
 
 def lower_graph(
-    gm: GraphModule, policy: SitePolicy, graph_index: int = 0, *, record: bool = False
+    gm: GraphModule,
+    policy: SitePolicy,
+    graph_index: int = 0,
+    *,
+    record: bool = False,
+    block_lists: Sequence[tuple[str, int]] = (),
 ) -> LoweredGraph:
     """Rewrite every provable attention site of a copy of `gm` onto the backend `policy` picks for
     it; `gm` itself is left untouched. With `record`, each rewritten site is also lifted out,
-    before and after (`SiteRewrite`), for `fv_compile.verify`."""
+    before and after (`SiteRewrite`), for `fv_compile.verify`. `block_lists`, the model's
+    repeated block lists `[(path, length)]` in model order, number the layers of sites inside
+    them (for impls that take a `layer`)."""
     chosen: list[tuple[AttentionSite, str, type[AttentionBackend]]] = []
     owner = ops.SiteOwner()
 
@@ -53,7 +62,7 @@ def lower_graph(
         name, cls = policy.choose(site)
         site.backend = name
         try:
-            impl = construct_impl(cls.get_impl_cls(), site)
+            impl = construct_impl(cls.get_impl_cls(), site, layer_number(site.module_path, list(block_lists)))
         except Exception as e:  # a backend refusing a site at construction is a skip, not a crash
             if policy.strict:
                 raise FvCompileError(f"backend {name} refused site {site.module_path or site.node}: {e}") from e
@@ -79,10 +88,11 @@ def lower_graph(
     return LoweredGraph(result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites, owner)
 
 
-def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite) -> Any:
+def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite, layer: int | None = None) -> Any:
     """Build a site's impl as FastVideo's layers do. Impls that accept a `site` keyword (or any
     keyword) also get the whole site row; impls with a `dense_fallback` parameter get the impl
-    of the dense backend `auto` picks for the site, to run the steps they run dense."""
+    of the dense backend `auto` picks for the site, to run the steps they run dense; impls with a
+    `layer` parameter get the site's layer number when it is known (`context.layer_number`)."""
     kwargs: dict[str, Any] = dict(
         num_heads=site.heads,
         head_size=site.head_dim,
@@ -96,4 +106,6 @@ def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite) -> Any:
         kwargs["site"] = site
     if "dense_fallback" in params:
         kwargs["dense_fallback"] = construct_impl(registry.get_backend(dense_default(site)).get_impl_cls(), site)
+    if "layer" in params and layer is not None:
+        kwargs["layer"] = layer
     return impl_cls(**kwargs)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from fv_compile.context import current_block, current_region, enter_region, leave_region
+from fv_compile.context import current_block, current_layer, current_region, enter_region, leave_region
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import AttentionCallCounter
 
@@ -34,18 +34,19 @@ __all__ = [
     "blocks_hold_most_weights",
     "compile_blocks",
     "current_block",
+    "current_layer",
     "current_region",
 ]
 
 _glue_watch: list[Any] = []  # an active GlueWatch: paused while a compiled block runs
 
 
-def _numbered(compiled: torch.nn.Module, path: str, index: int) -> torch.nn.Module:
+def _numbered(compiled: torch.nn.Module, path: str, index: int, layer: int) -> torch.nn.Module:
     """Make `compiled` announce its place while it runs (reset even when it raises)."""
     tokens = []  # one per call in progress: a block may (re-entrantly) run inside itself
 
     def enter(module, args):
-        tokens.append(enter_region(path, index))
+        tokens.append(enter_region(path, index, layer))
         if _glue_watch:
             _glue_watch[-1].pause()
 
@@ -133,8 +134,10 @@ class RegionalCopy:
             where = f"{path}.{name}" if path else name
             if isinstance(child, torch.nn.ModuleList) and _repeated(child):
                 blocks = copy.copy(child)
+                first = sum(len(held) for _, _, held in self._lists)  # layers of the lists before
                 blocks._modules = {
-                    k: _numbered(compile_block(m), where, i) for i, (k, m) in enumerate(child._modules.items())
+                    k: _numbered(compile_block(m), where, i, first + i)
+                    for i, (k, m) in enumerate(child._modules.items())
                 }
                 replaced[name] = (child, blocks)
                 self.paths.append(where)

@@ -13,13 +13,8 @@ from torch._dynamo.utils import counters
 import fv_compile
 from fv_compile import FastVideoArgs, ForwardBatch
 from fv_compile.backends.kernels.fa4_block_sparse import fa4_block_sparse
-from fv_compile.backends.sliding_tile import (
-    SlidingTileAttentionImpl,
-    SlidingTileMetadataBuilder,
-    block_mask,
-    block_sparse_reference,
-    layer_index,
-)
+from fv_compile.backends.block_lists import block_mask, block_sparse_reference
+from fv_compile.backends.sliding_tile import SlidingTileAttentionImpl, SlidingTileMetadataBuilder, layer_index
 from fv_compile.backends.tiles import tile_geometry, tiles_per_axis, window_lists
 
 GRID, TILE = (5, 7, 9), (2, 4, 4)
@@ -398,3 +393,74 @@ def test_block_lists_are_built_once_per_step_and_layer(monkeypatch, per_layer):
         with torch.no_grad(), fv_compile.forward_context(step, fb, sta_args()):
             cm(x)
     assert built == ([0, 1, 2] * 2 if per_layer else [0, 0])
+
+
+class DoubleSingle(torch.nn.Module):
+    """HunyuanVideo's shape: a list of `double_blocks`, then a list of `single_blocks` of another
+    class; layer numbers run through both (single_blocks.0 is layer 2 here)."""
+
+    class Single(Block):
+        pass
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.double_blocks = torch.nn.ModuleList(Block(dim, heads) for _ in range(2))
+        self.single_blocks = torch.nn.ModuleList(self.Single(dim, heads) for _ in range(2))
+
+    def forward(self, x, masks=None):
+        for i, blk in enumerate([*self.double_blocks, *self.single_blocks]):
+            x = x + blk(x, None if masks is None else masks[i])
+        return x
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_layer_numbers_tell_double_blocks_from_single_blocks(regional):
+    model = DoubleSingle().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    layers = [(1, 1, 1), (3, 2, 3), (2, 1, 2), (1, 2, 1)]  # one window per layer, all four differ
+    fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=[[[w] for w in layers]])
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=regional)
+    with torch.no_grad(), fv_compile.forward_context(0, fb, sta_args()):
+        out = cm(x)
+    masks = [definition_mask(GRID, TILE, w) for w in layers]
+    torch.testing.assert_close(out, model(x, masks=masks), atol=1e-5, rtol=1e-5)
+
+
+def test_the_step_cache_belongs_to_the_forward_context(monkeypatch):
+    """Lists built in one step's context are that context's: a new context builds afresh even
+    for the same metadata, and nothing outlives the context at module level."""
+    built = []
+    original = SlidingTileAttentionImpl._build_lists
+
+    def counting(self, md, volume, text, fa4, layer):
+        built.append(layer)
+        return original(self, md, volume, text, fa4, layer)
+
+    monkeypatch.setattr(SlidingTileAttentionImpl, "_build_lists", counting)
+    md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
+    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125)
+    q = impl.preprocess_qkv(torch.randn(1, math.prod(GRID), 2, 64), md)
+    with fv_compile.forward_context(0) as ctx:
+        impl.forward(q, q, q, md)
+        impl.forward(q, q, q, md)
+    assert built == [0] and ctx.cache
+    with fv_compile.forward_context(0):
+        impl.forward(q, q, q, md)
+    assert built == [0, 0]
+    impl.forward(q, q, q, md)  # outside any context: built, never kept
+    impl.forward(q, q, q, md)
+    assert built == [0, 0, 0, 0]
+    import fv_compile.backends.sliding_tile as sta
+
+    assert not [k for k, v in vars(sta).items() if k.isupper() and isinstance(v, dict) and v]
+
+
+def test_a_changed_strategy_file_is_read_again(tmp_path):
+    path = tmp_path / "mask_strategy.json"
+    args = sta_args(mask_strategy_file_path=str(path))
+    lists = []
+    for window, pad in (((1, 1, 1), ""), ((2, 1, 2), " ")):  # (a size change, whatever the clock)
+        path.write_text(json.dumps({f"0_0_{h}": window for h in range(2)}) + pad)
+        md = SlidingTileMetadataBuilder().build(0, batch(), args)
+        lists.append(int(md.kv_counts.max()))
+    assert lists[0] < lists[1]

@@ -10,20 +10,25 @@ visits listed tiles.
 Metadata tensors (graph inputs): tile gather/scatter indices, valid tokens per tile, and per
 (layer, head) key-tile lists for the current step. Static fields (a graph variant each): the token
 grid, the tile, whether this step is dense.
+
+This file is the backend as FastVideo's API shapes it: metadata, builder, impl, backend. Its
+parts live by job beside it: `tiles.py` (tile geometry, windows as key-tile lists),
+`sta_windows.py` (the token grid, mask-strategy files, the window schedule per layer, head and
+step), `block_lists.py` (text blocks, attention over block lists and its reference), and the
+kernels (`kernels/block_sparse_fwd.py`, `kernels/fa4_block_sparse.py`). The dense steps run on
+the dense fallback the lowering hands the impl; lists derived once per step live in the forward
+context's step cache.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from fv_compile.backends._checks import interpreting
 from fv_compile.backends._dense import sdpa_bshd
 from fv_compile.backends.abstract import (
     AttentionBackend,
@@ -31,6 +36,7 @@ from fv_compile.backends.abstract import (
     AttentionMetadata,
     AttentionMetadataBuilder,
 )
+from fv_compile.backends.block_lists import block_sparse_attention, with_text_blocks
 from fv_compile.backends.kernels import TRITON_HEAD_DIMS
 from fv_compile.backends.kernels.fa4_block_sparse import (
     PIECE,
@@ -40,10 +46,12 @@ from fv_compile.backends.kernels.fa4_block_sparse import (
     has_ragged_tiles,
 )
 from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_supports
+from fv_compile.backends.sta_windows import step_windows, token_grid
 from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
-from fv_compile.context import current_block, patch_size_of
+from fv_compile.context import current_layer, patch_size_of, step_cache
 from fv_compile.errors import FvCompileError
 from fv_compile.site import MASK_KEY_PADDING, AttentionSite
+
 
 @dataclass
 class SlidingTileMetadata(AttentionMetadata):
@@ -57,71 +65,6 @@ class SlidingTileMetadata(AttentionMetadata):
     block_valid: torch.Tensor | None = None  # int32 [n_tiles]
     kv_indices: torch.Tensor | None = None  # int32 [L, Hm, n_tiles, K]
     kv_counts: torch.Tensor | None = None  # int32 [L, Hm, n_tiles]
-
-
-def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
-    """Token grid from the latent `(B, C, T, H, W)` and the DiT patch size."""
-    if raw_latent_shape is None or len(raw_latent_shape) != 5:
-        raise FvCompileError(
-            "SLIDING_TILE_ATTN needs the latent shape: pass "
-            "forward_batch=ForwardBatch(raw_latent_shape=latent.shape) ([B, C, T, H, W])"
-        )
-    t, h, w = (int(s) for s in raw_latent_shape[2:])
-    if t % patch[0] or h % patch[1] or w % patch[2]:
-        raise FvCompileError(
-            f"latent grid {(t, h, w)} is not divisible by patch size {patch}: pass the latent as the "
-            "model receives it, before patchify (ForwardBatch(raw_latent_shape=latent.shape)), and "
-            "the DiT's patch size (FastVideoArgs(patch_size=...))"
-        )
-    return (t // patch[0], h // patch[1], w // patch[2])
-
-
-def _load_strategy(path: str) -> dict[tuple[int, int, int], Grid]:
-    """FastVideo's mask-strategy JSON: `{"<step>_<layer>_<head>": [wt, wh, ww], ...}`."""
-    with open(path) as f:
-        raw = json.load(f)
-    out = {}
-    for key, window in raw.items():
-        step, layer, head = (int(x) for x in key.split("_"))
-        out[(step, layer, head)] = tuple(int(x) for x in window)
-    return out
-
-
-_STRATEGIES: dict[str, dict[tuple[int, int, int], Grid]] = {}
-
-
-def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> list[list[Grid]] | None:
-    """Windows `[layer][head]` (in tiles) for this step, or None for a full-attention step."""
-    if step < int(getattr(args, "sta_dense_steps", 0) or 0):
-        return None
-    windows: list[list[Grid]] | None = None
-    param = getattr(forward_batch, "STA_param", None)
-    path = getattr(args, "mask_strategy_file_path", None)
-    if param is not None:
-        per_step = param[min(step, len(param) - 1)]
-        windows = [[tuple(int(x) for x in w) for w in layer] for layer in per_step]
-    elif path:
-        if path not in _STRATEGIES:
-            _STRATEGIES[path] = _load_strategy(path)
-        table = _STRATEGIES[path]
-        layers = 1 + max(k[1] for k in table)
-        heads = 1 + max(k[2] for k in table)
-        steps = sorted({k[0] for k in table})
-        use = max((s for s in steps if s <= step), default=steps[0])
-        windows = [
-            [table.get((use, li, hi), n_tiles) for hi in range(heads)] for li in range(layers)
-        ]
-    elif getattr(args, "sta_window", None) is not None:
-        windows = [[tuple(int(x) for x in args.sta_window)]]
-    else:
-        raise FvCompileError(
-            "SLIDING_TILE_ATTN needs windows: set FastVideoArgs(sta_window=(wt, wh, ww)) (in tiles), "
-            "FastVideoArgs(mask_strategy_file_path=...), or ForwardBatch(STA_param=...); the "
-            "FastVideoArgs go to fv_compile.compile(..., fastvideo_args=...) or to forward_context"
-        )
-    if all(all(w[i] >= n_tiles[i] for i in range(3)) for layer in windows for w in layer):
-        return None
-    return windows
 
 
 _KERNELS = ("auto", "triton", "flash_attn")
@@ -168,7 +111,8 @@ class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
 
 
 def layer_index(prefix: str) -> int:
-    """The block number in a module path (`blocks.7.attn1.impl` -> 7); 0 when there is none."""
+    """The block number in a module path (`blocks.7.attn1.impl` -> 7); 0 when there is none.
+    What an impl built without a `layer` (FastVideo's layer construction) goes by."""
     found = re.findall(r"blocks\.(\d+)", prefix)
     return int(found[-1]) if found else 0
 
@@ -195,13 +139,16 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         joint_text_len: int | None = None,
         joint_text_first: bool | None = None,
         dense_fallback: AttentionImpl | None = None,
+        layer: int | None = None,
         **extra_impl_args: Any,
     ) -> None:
         if causal:
             raise FvCompileError("SLIDING_TILE_ATTN is non-causal: run causal attention on a dense backend")
         self.scale = softmax_scale
         self.prefix = prefix
-        self.layer = layer_index(prefix)
+        # the layer whose windows this site uses: the lowering numbers the model's blocks, list
+        # after list (so `single_blocks.0` follows the last of `double_blocks`); else the prefix
+        self.layer = layer_index(prefix) if layer is None else int(layer)
         if site is not None:
             joint = site.role == "joint"
             self.q_len: int | None = site.q_len
@@ -353,7 +300,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         """This layer's key-block lists with the text blocks added (as FA4 piece lists for the
         flash-attn-4 kernel), built once per step."""
         text = self._text_len(md)
-        running = current_block()  # under regional compilation every block runs this one impl
+        running = current_layer()  # under regional compilation every block runs this one impl
         layer = min(self.layer if running is None else running, md.kv_indices.shape[0] - 1)
         return _cached(
             f"lists:{layer}", md.kv_indices, (text, fa4, md.text_attends_all), lambda: self._build_lists(md, volume, text, fa4, layer)
@@ -371,91 +318,25 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         return lists
 
 
-_STEP_CACHE: dict[str, tuple[torch.Tensor, Any, Any]] = {}
-
-
 def _cached(name: str, source: torch.Tensor, key: Any, build):
-    """`build()`, reused while this step's metadata tensor `source` is the same object and `key`
-    is unchanged. Shared by every site: all of them receive the step's metadata tensors, so the
-    sites of one layer (or of every layer, with one window for all) build their lists once per
-    step. A CUDA graph must record the building, so nothing is reused while one is captured."""
+    """`build()`, reused for the rest of the step while this step's metadata tensor `source` is
+    the same object and `key` is unchanged. The cache is the forward context's (every site and
+    CFG pass of the step shares it; the next step starts afresh): the sites of one layer (or of
+    every layer, with one window for all) build their lists once per step. A CUDA graph must
+    record the building, so nothing is reused while one is captured; outside a forward context
+    nothing is reused."""
+    cache = step_cache()
     capturing = source.is_cuda and torch.cuda.is_current_stream_capturing()
-    hit = _STEP_CACHE.get(name)
+    hit = None if cache is None else cache.get((_CACHE_KEY, name))
     if not capturing and hit is not None and hit[0] is source and hit[1] == key:
         return hit[2]
     value = build()
-    _STEP_CACHE[name] = (source, key, value)
+    if cache is not None:
+        cache[(_CACHE_KEY, name)] = (source, key, value)
     return value
 
 
-def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: bool):
-    """Add `ceil(text / volume)` text blocks after the video tiles to block lists `[Hm, Q, K]`."""
-    hm, n_video, k = idx.shape
-    n_text = -(-text // volume)
-    total = n_video + n_text
-    dev = idx.device
-    text_ids = torch.arange(n_video, total, dtype=torch.int32, device=dev)
-    text_valid = (text - torch.arange(n_text, device=dev) * volume).clamp(0, volume).to(torch.int32)
-    width = total if text_attends_all else max(k, n_text)
-    video_rows = F.pad(idx, (0, width - k))
-    if text_attends_all:
-        at = cnt[..., None].long() + torch.arange(n_text, device=dev)
-        video_rows = video_rows.scatter(-1, at, text_ids.expand(hm, n_video, n_text))
-        text_rows = torch.arange(total, dtype=torch.int32, device=dev).expand(hm, n_text, width)
-        counts = torch.cat([cnt + n_text, cnt.new_full((hm, n_text), total)], 1)
-    else:
-        text_rows = F.pad(text_ids.expand(hm, n_text, n_text), (0, width - n_text))
-        counts = torch.cat([cnt, cnt.new_full((hm, n_text), n_text)], 1)
-    return torch.cat([video_rows, text_rows], 1), counts, torch.cat([valid, text_valid])
-
-
-def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):
-    """Attention over tile-major tensors visiting only the listed key blocks (and, with
-    `key_mask` `[B|1, L]`, only the keys it keeps)."""
-    kernel_ok = (
-        (q.is_cuda or interpreting())
-        and q.shape[-1] in TRITON_HEAD_DIMS
-        and block_size % 16 == 0
-    )
-    if kernel_ok:
-        from fv_compile.backends.kernels.block_sparse_fwd import block_sparse_attention_fwd
-
-        return block_sparse_attention_fwd(
-            q, k, v, kv_indices, kv_counts, block_valid, block_size=block_size, softmax_scale=scale,
-            key_mask=key_mask,
-        )
-    return block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask)
-
-
-def block_mask(kv_indices, kv_counts, block_valid, block_size: int) -> torch.Tensor:
-    """The boolean `[Hm, L, L]` token mask that block lists describe (True = attend)."""
-    hm, nq, _ = kv_indices.shape
-    nb = block_valid.shape[0]
-    listed = torch.zeros(hm, nq, nb + 1, dtype=torch.bool, device=kv_indices.device)
-    k_pos = torch.arange(kv_indices.shape[-1], device=kv_indices.device)
-    live = k_pos < kv_counts[..., None]
-    # entries past a row's count point at a spare column, so they can never clear a listed block
-    listed.scatter_(-1, torch.where(live, kv_indices.long(), nb), True)
-    listed = listed[..., :nb]
-    local = torch.arange(block_size, device=kv_indices.device)
-    key_ok = (local[None, :] < block_valid[:, None].to(local.device)).reshape(-1)
-    mask = listed.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
-    return mask & key_ok
-
-
-def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):
-    """Dense SDPA with the block lists' mask; rows without a key (padding) give 0."""
-    mask = block_mask(kv_indices, kv_counts, block_valid, block_size)[None]
-    if key_mask is not None:
-        mask = mask & key_mask[:, None, None, :]
-    h, hk = q.shape[2], k.shape[2]
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if hk != h:
-        kt, vt = kt.repeat_interleave(h // hk, 1), vt.repeat_interleave(h // hk, 1)
-    scores = (qt.float() @ kt.float().transpose(-2, -1)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.nan_to_num(scores.softmax(-1))
-    return (probs @ vt.float()).to(q.dtype).transpose(1, 2)
+_CACHE_KEY = "SLIDING_TILE_ATTN"  # this backend's entries in the step cache
 
 
 class SlidingTileAttentionBackend(AttentionBackend):

@@ -1,0 +1,82 @@
+"""Sliding tile attention's windows: the token grid of a call, FastVideo's mask-strategy files,
+and the window each layer and head uses at each denoising step (or none: a dense step).
+
+Windows are in tiles, `(wt, wh, ww)`; `tiles.window_lists` turns them into key-tile lists.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+from fv_compile.backends.tiles import Grid
+from fv_compile.errors import FvCompileError
+
+
+def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
+    """Token grid from the latent `(B, C, T, H, W)` and the DiT patch size."""
+    if raw_latent_shape is None or len(raw_latent_shape) != 5:
+        raise FvCompileError(
+            "SLIDING_TILE_ATTN needs the latent shape: pass "
+            "forward_batch=ForwardBatch(raw_latent_shape=latent.shape) ([B, C, T, H, W])"
+        )
+    t, h, w = (int(s) for s in raw_latent_shape[2:])
+    if t % patch[0] or h % patch[1] or w % patch[2]:
+        raise FvCompileError(
+            f"latent grid {(t, h, w)} is not divisible by patch size {patch}: pass the latent as the "
+            "model receives it, before patchify (ForwardBatch(raw_latent_shape=latent.shape)), and "
+            "the DiT's patch size (FastVideoArgs(patch_size=...))"
+        )
+    return (t // patch[0], h // patch[1], w // patch[2])
+
+
+def _load_strategy(path: str) -> dict[tuple[int, int, int], Grid]:
+    """FastVideo's mask-strategy JSON: `{"<step>_<layer>_<head>": [wt, wh, ww], ...}`."""
+    stat = os.stat(path)
+    return _parse_strategy(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_strategy(path: str, mtime_ns: int, size: int) -> dict[tuple[int, int, int], Grid]:
+    """The table of one version of a strategy file (a changed file is read again)."""
+    with open(path) as f:
+        raw = json.load(f)
+    out = {}
+    for key, window in raw.items():
+        step, layer, head = (int(x) for x in key.split("_"))
+        out[(step, layer, head)] = tuple(int(x) for x in window)
+    return out
+
+
+def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> list[list[Grid]] | None:
+    """Windows `[layer][head]` (in tiles) for this step, or None for a full-attention step."""
+    if step < int(getattr(args, "sta_dense_steps", 0) or 0):
+        return None
+    windows: list[list[Grid]] | None = None
+    param = getattr(forward_batch, "STA_param", None)
+    path = getattr(args, "mask_strategy_file_path", None)
+    if param is not None:
+        per_step = param[min(step, len(param) - 1)]
+        windows = [[tuple(int(x) for x in w) for w in layer] for layer in per_step]
+    elif path:
+        table = _load_strategy(path)
+        layers = 1 + max(k[1] for k in table)
+        heads = 1 + max(k[2] for k in table)
+        steps = sorted({k[0] for k in table})
+        use = max((s for s in steps if s <= step), default=steps[0])
+        windows = [
+            [table.get((use, li, hi), n_tiles) for hi in range(heads)] for li in range(layers)
+        ]
+    elif getattr(args, "sta_window", None) is not None:
+        windows = [[tuple(int(x) for x in args.sta_window)]]
+    else:
+        raise FvCompileError(
+            "SLIDING_TILE_ATTN needs windows: set FastVideoArgs(sta_window=(wt, wh, ww)) (in tiles), "
+            "FastVideoArgs(mask_strategy_file_path=...), or ForwardBatch(STA_param=...); the "
+            "FastVideoArgs go to fv_compile.compile(..., fastvideo_args=...) or to forward_context"
+        )
+    if all(all(w[i] >= n_tiles[i] for i in range(3)) for layer in windows for w in layer):
+        return None
+    return windows
