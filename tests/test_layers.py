@@ -27,6 +27,7 @@ LAYERS: list[list[str]] = [
     ["fv_compile.lowering"],  # sites -> backends: policy, impls, site registration, metadata
     ["fv_compile.policy", "fv_compile.runtime", "fv_compile.regional", "fv_compile.pipelines",
      "fv_compile.cache"],
+    ["fv_compile.user_errors"],  # what went wrong, phrased for the user
     ["fv_compile.explain", "fv_compile.ops"],  # the report rows; the op sites become
     ["fv_compile.passes.*"],  # pure FX: a graph in, sites and a graph out; knows no backend
     ["fv_compile.backends", "fv_compile.backends.registry"],  # names -> backend classes
@@ -45,7 +46,7 @@ LAYERS: list[list[str]] = [
 ]
 
 # the backend modules of the per-backend layer: none may import another
-BACKENDS = LAYERS[10]
+BACKENDS = LAYERS[11]
 assert "fv_compile.backends.sdpa" in BACKENDS
 
 _IMPORT_STRING = re.compile(r"^(fv_compile(?:\.\w+)*):\w+$")
