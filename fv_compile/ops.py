@@ -107,26 +107,11 @@ def _forget(sites: list[int], variants: list[int]) -> None:
 
 
 def site_runtime(site: int) -> SiteRuntime:
-    try:
-        return _SITES[site]
-    except KeyError:
-        raise FvCompileError(
-            f"attention site {site} is not registered: the compiled model (or rewritten graph) "
-            "that owned it was freed; keep it alive while its graphs, or their outputs' backward, run"
-        ) from None
-
-
-def _variant_layouts(variant: int) -> dict[str, MetadataLayout]:
-    try:
-        return _VARIANTS[variant]
-    except KeyError:
-        raise FvCompileError(
-            f"graph variant {variant} is not registered: the compiled model that owned it was freed"
-        ) from None
+    return _SITES[site]
 
 
 def _metadata_for(rt: SiteRuntime, mask: torch.Tensor | None, variant: int, tensors) -> Any:
-    layout = _variant_layouts(variant).get(rt.backend)
+    layout = _VARIANTS[variant].get(rt.backend)
     if layout is None:
         return SiteMetadata(current_timestep=0, attn_mask=mask)
     md = layout.rebuild(list(tensors))

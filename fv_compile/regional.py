@@ -18,6 +18,7 @@ at run time.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,14 +44,17 @@ _glue_watch: list[Any] = []  # an active GlueWatch: paused while a compiled bloc
 
 def _numbered(compiled: torch.nn.Module, path: str, index: int, layer: int) -> torch.nn.Module:
     """Make `compiled` announce its place while it runs (reset even when it raises)."""
-    tokens = []  # one per call in progress: a block may (re-entrantly) run inside itself
+    calls = threading.local()  # per thread, a token per call in progress (a block may nest)
 
     def enter(module, args):
-        tokens.append(enter_region(path, index, layer))
+        if not hasattr(calls, "tokens"):
+            calls.tokens = []
+        calls.tokens.append(enter_region(path, index, layer))
         if _glue_watch:
             _glue_watch[-1].pause()
 
     def leave(module, args, output):
+        tokens = getattr(calls, "tokens", None)
         if tokens:
             leave_region(tokens.pop())
         if _glue_watch:

@@ -57,16 +57,6 @@ def context_metadata(
                 f"(current_timestep={ctx.current_timestep}, forward_batch, fastvideo_args): give the "
                 "context what the builder reads, or fix the builder"
             ) from e
-        try:
-            expected = backend.get_metadata_cls()
-        except NotImplementedError:
-            expected = None
-        if isinstance(expected, type) and not isinstance(md, expected):
-            raise FvCompileError(
-                f"the metadata builder of attention backend {name} returned a "
-                f"{type(md).__name__}, but the backend's get_metadata_cls() says its metadata is a "
-                f"{expected.__name__}: return one, or make get_metadata_cls() name the class built"
-            )
         layout, tensors = flatten_metadata(md, device)
         tensors = [t.to(device, non_blocking=True) for t in tensors]
         ctx.built[key] = (layout, tensors)

@@ -166,27 +166,3 @@ def test_metadata_graph_inputs_are_placeholders(model):
     gm = variant.__self__
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     assert names[-2:] == ["fv_md_test_step_0", "fv_md_test_step_1"]
-
-
-@dataclass
-class OtherMetadata(AttentionMetadata):
-    pass
-
-
-class _WrongClassBackend(StepBackend):
-    @staticmethod
-    def get_name():
-        return "TEST_WRONG_METADATA_CLASS"
-
-    @staticmethod
-    def get_metadata_cls():
-        return OtherMetadata  # the builder builds a StepMetadata
-
-
-def test_metadata_of_another_class_than_get_metadata_cls_says_is_an_error():
-    fv_compile.register_backend("TEST_WRONG_METADATA_CLASS", _WrongClassBackend)
-    cm = fv_compile.compile(TwoSites().eval(), "TEST_WRONG_METADATA_CLASS", compiler="eager")
-    with torch.no_grad(), fv_compile.forward_context(0), pytest.raises(
-        fv_compile.FvCompileError, match="returned a StepMetadata, but the backend's get_metadata_cls"
-    ):
-        cm(torch.randn(2, 5, 16))

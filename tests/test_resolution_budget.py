@@ -175,14 +175,14 @@ def test_torch_compile_with_the_fv_compile_backend_rewrites_every_resolution_onl
     dynamic, monkeypatch
 ):
     traced: list[set[str]] = []  # per graph Dynamo handed to the backend: its sites' statuses
-    attention_pass = fv_compile.api.attention_pass
+    lower_graph = fv_compile.api.lower_graph
 
     def recording(gm, *args, **kwargs):
-        result = attention_pass(gm, *args, **kwargs)
+        result = lower_graph(gm, *args, **kwargs)
         traced.append({s.status for s in result.sites})
         return result
 
-    monkeypatch.setattr(fv_compile.api, "attention_pass", recording)
+    monkeypatch.setattr(fv_compile.api, "lower_graph", recording)
     model = VideoDiT().eval()
     opts = {"attention_backend": "TORCH_SDPA", "compiler": "eager"}
     compiled = torch.compile(model, backend="fv_compile", options=opts, dynamic=dynamic)

@@ -143,8 +143,8 @@ class AttentionBackend(ABC):
     @staticmethod
     @abstractmethod
     def get_metadata_cls() -> type[AttentionMetadata]:
-        """The class the builder's metadata is an instance of (fv_compile checks it when it
-        builds); `SiteMetadata` for a backend without a builder."""
+        """The class the builder's metadata is an instance of; `SiteMetadata`, what the impl
+        receives, for a backend without a builder."""
 
     @staticmethod
     @abstractmethod
