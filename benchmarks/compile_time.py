@@ -32,6 +32,24 @@ import tempfile
 import time
 
 
+def _compile_phases() -> dict[str, float]:
+    """Seconds spent in each phase torch times (Dynamo, AOTAutograd, Inductor, ...), summed
+    over every graph: what is left of the first call beside them is running it, kernel JIT
+    (flash-attn-4's CuTe kernels, Triton's) included."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: round(float(value), 3) for name, value in zip(names, values, strict=True)}
+
+
+def _fa4_cached_kernels() -> int:
+    """How many flash-attn-4 kernels sit in its persistent cache (fv_compile turns it on)."""
+    folder = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
+    if not folder or not os.path.isdir(folder):
+        return 0
+    return sum(name.endswith(".o") or name.endswith(".so") for _, _, files in os.walk(folder) for name in files)
+
+
 def child(args: argparse.Namespace) -> dict:
     import torch
     from torch._dynamo.utils import counters
@@ -63,9 +81,11 @@ def child(args: argparse.Namespace) -> dict:
 
     with torch.no_grad():
         t0 = time.perf_counter()
-        cm(latent, torch.tensor([999.0], device=device), text, **kwargs)
+        first_out = cm(latent, torch.tensor([999.0], device=device), text, **kwargs)
         sync()
         first_s = time.perf_counter() - t0
+        first_out = first_out[0] if isinstance(first_out, tuple) else getattr(first_out, "sample", first_out)
+        checksum = float(first_out.double().sum())
         graphs_after_first = cm._fv_backend.graphs
         t0 = time.perf_counter()
         for i in range(args.steps):
@@ -86,6 +106,9 @@ def child(args: argparse.Namespace) -> dict:
         "graphs_after_first_call": graphs_after_first,
         "recompiles_in_loop": cm._fv_backend.graphs - graphs_after_first,
         "metadata_variants": cm.variants_compiled,
+        "compile_phases_s": _compile_phases(),
+        "fa4_cached_kernels": _fa4_cached_kernels(),
+        "output_checksum": checksum,
         "aot_cache": {k: v for k, v in counters["aot_autograd"].items() if "cache" in k},
         "fx_cache": {k: v for k, v in counters["inductor"].items() if "cache" in k},
     }
@@ -133,7 +156,13 @@ def main() -> None:
                 rows.append(row)
                 print(f"regional={regional:5s} {run}: first call {row['first_call_s']:6.1f} s (process {wall:5.1f} s), "
                       f"{row['recompiles_in_loop']} recompiles and {row['metadata_variants']} variants over "
-                      f"{args.steps} steps, AOT {row['aot_cache']}, FX {row['fx_cache']}")
+                      f"{args.steps} steps, AOT {row['aot_cache']}, FX {row['fx_cache']}, "
+                      f"FA4 kernels cached {row['fa4_cached_kernels']}, output sum {row['output_checksum']:.6e}")
+                top = sorted(row["compile_phases_s"].items(), key=lambda kv: -kv[1])[:6]
+                print("    phases: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in top))
+            cold, warm = rows[-2]["output_checksum"], rows[-1]["output_checksum"]
+            if abs(cold - warm) > 1e-3 * max(1.0, abs(cold)):
+                raise SystemExit(f"regional={regional}: the warm process computed {warm}, the cold one {cold}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"preset": args.preset, "rows": rows}, f, indent=2)

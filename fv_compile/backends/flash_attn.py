@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fv_compile.backends._dense import DenseBackend, DenseImpl
+from fv_compile.backends.kernels.fa4_import import import_flash_attn_cute
 from fv_compile.errors import MissingDependency
 from fv_compile.site import AttentionSite
 
@@ -33,7 +34,8 @@ def flash_kernel() -> tuple[str, Callable[..., Any]] | None:
     """`(label, flash_attn_func)` of the fastest flash-attn installed, or None."""
     for label, module, name in _CANDIDATES:
         try:
-            fn = getattr(importlib.import_module(module), name)
+            loaded = import_flash_attn_cute() if module == "flash_attn.cute" else importlib.import_module(module)
+            fn = getattr(loaded, name)
         except Exception:
             continue
         return label, fn

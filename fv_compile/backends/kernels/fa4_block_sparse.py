@@ -22,13 +22,13 @@ can build it once per denoising step and reuse it for every layer.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from typing import Any, NamedTuple
 
 import torch
 
 from fv_compile.backends.kernels import FA4_SPARSE_HEAD_DIMS
+from fv_compile.backends.kernels.fa4_import import import_flash_attn_cute
 
 PIECE = 128  # FA4's key tile on Hopper (and its sparse block size here)
 
@@ -45,8 +45,8 @@ class Fa4BlockLists(NamedTuple):
 def fa4_block_sparse() -> tuple[Any, Any] | None:
     """`(flash_attn_func, BlockSparseTensorsTorch)` when flash-attn-4 with block sparsity imports."""
     try:
-        fn = importlib.import_module("flash_attn.cute").flash_attn_func
-        tensors = importlib.import_module("flash_attn.cute.block_sparsity").BlockSparseTensorsTorch
+        fn = import_flash_attn_cute().flash_attn_func
+        tensors = import_flash_attn_cute("block_sparsity").BlockSparseTensorsTorch
     except Exception:
         return None
     if "block_sparse_tensors" not in inspect.signature(fn).parameters:
