@@ -5,11 +5,12 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import fv_compile
 from fv_compile.backends.sdpa import SDPABackend, SDPAImpl
+
+from _two_block_net import TwoBlockNet  # this folder: the probe runs as a script
 
 
 class SpyImpl(SDPAImpl):
@@ -30,32 +31,9 @@ class SpyBackend(SDPABackend):
         return SpyImpl
 
 
-class Block(torch.nn.Module):
-    def __init__(self, dim=32, heads=4):
-        super().__init__()
-        self.heads = heads
-        self.qkv = torch.nn.Linear(dim, 3 * dim)
-
-    def forward(self, x):
-        b, s, c = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, c // self.heads).transpose(1, 3).unbind(2)
-        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, c)
-
-
-class Net(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        return x
-
-
 def sta_run() -> dict:
     """A model whose sites read per-step metadata: its graphs compile at run time, per variant."""
-    model = Net().eval()
+    model = TwoBlockNet().eval()
     x = torch.randn(1, 64, 32)
     args = fv_compile.FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1))
     batch = fv_compile.ForwardBatch(raw_latent_shape=(1, 4, 1, 8, 8))
@@ -73,7 +51,7 @@ def main() -> None:
         fv_compile.cache.source_key = lambda: key
     fv_compile.register_backend("TEST_CACHE_SPY", SpyBackend)
     torch.manual_seed(0)
-    model = Net().eval()
+    model = TwoBlockNet().eval()
     x = torch.randn(2, 16, 32)
     cm = fv_compile.compile(model, backend)
     with torch.no_grad():

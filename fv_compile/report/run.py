@@ -28,27 +28,14 @@ from fv_compile.report.variants import (
     probe_eager_attention,
     run_variant,
 )
-from fv_compile.report.workload import DEFAULT_MODEL, load_workload
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from fv_compile.report.workload import WorkloadSpec, resolve_device, resolve_dtype
 
 
 @dataclass
-class ReportConfig:
-    """What to measure. None for device, dtype and backends means: the defaults for this machine
-    (CUDA if available; bf16 on CUDA, fp32 on CPU; `auto` plus the dense backends that run here)."""
+class ReportConfig(WorkloadSpec):
+    """What to measure: a workload, and how. None for backends means `auto` plus the dense
+    backends that run on this machine."""
 
-    model: str = DEFAULT_MODEL
-    preset: str | None = None
-    frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    grid: tuple[int, int, int] | None = None
-    # the model's size: zoo config fields or diffusers constructor arguments (`num_layers=4`)
-    config: dict[str, Any] = field(default_factory=dict)
-    batch: int = 1
-    dtype: str | None = None
-    device: str | None = None
     backends: list[BackendSpec] | None = None
     compiler: str = "inductor"
     steps: int = 2
@@ -59,8 +46,6 @@ class ReportConfig:
     # weights), True (blocks), False (the whole model)
     regional: bool | str = "auto"
     warm_compile: bool = True  # compile each variant a second time, from the caches
-    seed: int = 0
-    fastvideo_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,24 +79,6 @@ class Report:
         return _plain(dataclasses.asdict(self))
 
 
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FvCompileError(
-            f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
-            "use --device cpu"
-        )
-    return resolved
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
-
-
 def run_report(
     config: ReportConfig, *, argv: list[str] | None = None, progress: Progress | None = None
 ) -> Report:
@@ -125,18 +92,7 @@ def run_report(
     # before anything runs, so the load average shows competition from other processes only
     environment = collect_environment(device, sys.argv if argv is None else argv)
     dtype = resolve_dtype(config.dtype, device)
-    workload = load_workload(
-        config.model,
-        preset=config.preset,
-        video=(config.frames, config.height, config.width),
-        grid=config.grid,
-        config=config.config,
-        batch=config.batch,
-        dtype=dtype,
-        device=device,
-        seed=config.seed,
-    )
-    workload.fastvideo_overrides = dict(config.fastvideo_args)
+    workload = config.build()
     backends = config.backends if config.backends is not None else default_backends(device, dtype)
     plan = TimingPlan(config.steps, config.warmup, config.repeat)
     specs = build_variants(

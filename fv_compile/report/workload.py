@@ -234,3 +234,64 @@ def _diffusers_workload(
         patch_size=tuple(patch),
         raw_latent_shape=raw,
     )
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FvCompileError(
+            f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+            "use --device cpu"
+        )
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+@dataclass
+class WorkloadSpec:
+    """Which model, at which size, on which inputs: what `fv-compile report` and `explain`
+    share. None for device and dtype means this machine's defaults (CUDA if available; bf16 on
+    CUDA, fp32 on CPU)."""
+
+    model: str = DEFAULT_MODEL
+    preset: str | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    grid: tuple[int, int, int] | None = None
+    # the model's size: zoo config fields or diffusers constructor arguments (`num_layers=4`)
+    config: dict[str, Any] = field(default_factory=dict)
+    batch: int = 1
+    dtype: str | None = None
+    device: str | None = None
+    seed: int = 0
+    fastvideo_args: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Workload:
+        """The model with seeded random weights and its inputs (`load_workload`), with the
+        spec's FastVideoArgs overrides. Raises FvCompileError (a WorkloadError) for a model or
+        size that cannot be built."""
+        device = resolve_device(self.device)
+        workload = load_workload(
+            self.model,
+            preset=self.preset,
+            video=(self.frames, self.height, self.width),
+            grid=self.grid,
+            config=self.config,
+            batch=self.batch,
+            dtype=resolve_dtype(self.dtype, device),
+            device=device,
+            seed=self.seed,
+        )
+        workload.fastvideo_overrides = dict(self.fastvideo_args)
+        return workload
