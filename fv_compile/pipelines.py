@@ -14,7 +14,7 @@ model makes the context itself, only when a backend asks for it (a dense model r
 * the step: the `step_index` diffusers pipelines pass to `transformer.cache_context(...)` around
   each call, else a per-loop counter driven by the `timestep` argument: a new, lower timestep is
   the next step, the same timestep the same step (the second CFG pass), a higher one starts a
-  new loop at step 0 (denoising timesteps decrease);
+  new loop at step 0 (denoising timesteps decrease); each thread counts its own loop;
 * the rest (`sta_window`, `sta_dense_steps`, `mask_strategy_file_path`, ...): the
   `fastvideo_args` given to `fv_compile.compile`.
 
@@ -28,6 +28,7 @@ import contextlib
 import contextvars
 import copy
 import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -136,9 +137,20 @@ class DerivedContexts:
             self._signature: inspect.Signature | None = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self._signature = None
-        self.clock = StepClock()
-        self._last: tuple[tuple[Any, ...], ForwardContext] | None = None
+        # each thread runs its own denoising loop: its own clock, its own last context
+        self._per_thread = threading.local()
         self.made = 0  # contexts made so far (one per step and latent shape)
+
+    def _loop(self) -> threading.local:
+        """The calling thread's loop: its step clock and the context of its last call."""
+        state = self._per_thread
+        if not hasattr(state, "clock"):
+            state.clock, state.last = StepClock(), None
+        return state
+
+    @property
+    def clock(self) -> StepClock:
+        return self._loop().clock
 
     def for_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], ForwardContext]:
         """A function returning this call's context, derived on its first use."""
@@ -168,10 +180,11 @@ class DerivedContexts:
                 )
             step = self.clock.step_of(timestep)
         key = (step, shape)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
+        loop = self._loop()
+        if loop.last is not None and loop.last[0] == key:
+            return loop.last[1]
         ctx = ForwardContext(step, ForwardBatch(raw_latent_shape=shape), self.fastvideo_args)
-        self._last = (key, ctx)
+        loop.last = (key, ctx)
         self.made += 1
         return ctx
 

@@ -174,3 +174,31 @@ def test_a_model_compiled_freed_and_compiled_again_compiles_afresh_and_leaks_no_
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # and the model itself runs as before, eagerly
         torch.testing.assert_close(model(x), want_dense)
+
+
+def test_threads_running_their_own_loops_on_one_model_count_their_own_steps():
+    """No forward context: the step comes from each call's timestep. Two loops on one compiled
+    model, in two threads, strictly interleaved: each counts 0, 1, 2 (one counter shared by the
+    threads would see thread B's 700 after A's 600 as a new loop, step 0)."""
+    from fv_compile.models import build_model, example_inputs
+
+    model = build_model("wan-tiny").eval()
+    args, kwargs = example_inputs(model)
+    latent, _, text = args
+    cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
+    loops = {"a": (900.0, 600.0, 300.0), "b": (950.0, 700.0, 400.0)}
+    turns = [threading.Semaphore(1), threading.Semaphore(0)]  # a, b, a, b, ...
+    steps: dict[str, list[int]] = {"a": [], "b": []}
+
+    def loop(name: str, me: int) -> None:
+        for t in loops[name]:
+            turns[me].acquire()
+            steps[name].append(cm._derive.for_call((latent, torch.tensor([t]), text), dict(kwargs))().current_timestep)
+            turns[1 - me].release()
+
+    threads = [threading.Thread(target=loop, args=(name, i)) for i, name in enumerate(loops)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert steps == {"a": [0, 1, 2], "b": [0, 1, 2]}
