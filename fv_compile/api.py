@@ -122,7 +122,12 @@ class FvCompileBackend:
             return self._counted(gm.forward, index, result.owner)
         if not result.metadata_backends:
             return self._counted(self.compile_graph(result.gm, example_inputs), index, result.owner)
-        dispatch = MetadataDispatch(result.gm, result.metadata_backends, self.compile_graph)
+        dispatch = MetadataDispatch(
+            result.gm,
+            result.metadata_backends,
+            self.compile_graph,
+            cuda_graphs=_uses_cuda_graphs(self.compiler, self.mode, self.options),
+        )
         self.dispatches.append(dispatch)
         return self._counted(dispatch, index, result.owner)
 

@@ -154,6 +154,21 @@ def derived_forward_context() -> ForwardContext | None:
     return None if resolve is None else resolve()
 
 
+# Off while a compiled model runs under CUDA graphs: the Python inside its graphs runs only to
+# warm up and record, with allocations in the graphs' private memory pool, and a tensor kept in
+# the step cache past the call would be a live pool allocation no graph output tracks (CUDA
+# graph trees refuse to go on). A replay reruns every recorded kernel anyway.
+_STEP_CACHE_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("fv_compile_step_cache_off", default=False)
+
+
+def set_step_cache_off(off: bool) -> contextvars.Token:
+    return _STEP_CACHE_OFF.set(off)
+
+
+def reset_step_cache_off(token: contextvars.Token) -> None:
+    _STEP_CACHE_OFF.reset(token)
+
+
 # The regionally compiled block running now (fv_compile/regional.py sets it around each block's
 # call, outside the compiled code): every block runs the impls traced in the first one, so a
 # backend with per-layer settings reads the layer here, at run time.
@@ -211,7 +226,9 @@ def step_cache() -> dict[Any, Any] | None:
     """The per-step cache of the forward context the running call belongs to (the caller's, or
     the one the compiled model derived from its call), or None outside any. What a backend
     stores here lives as long as the step: every site and CFG pass of the step shares it, and
-    the next step starts empty."""
+    the next step starts empty. None under CUDA graphs (see `_STEP_CACHE_OFF`)."""
+    if _STEP_CACHE_OFF.get():
+        return None
     ctx = _CURRENT.get()
     if ctx is None:
         resolve = _DERIVED.get()

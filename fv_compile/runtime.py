@@ -17,7 +17,13 @@ from torch.fx import GraphModule
 
 from fv_compile import ops
 from fv_compile.backends import registry
-from fv_compile.context import ForwardContext, current_forward_context, derived_forward_context
+from fv_compile.context import (
+    ForwardContext,
+    current_forward_context,
+    derived_forward_context,
+    reset_step_cache_off,
+    set_step_cache_off,
+)
 from fv_compile.errors import FvCompileError
 from fv_compile.fx_graphs import copy_graph_module
 from fv_compile.metadata import MetadataLayout, flatten_metadata
@@ -66,8 +72,11 @@ def context_metadata(
 class MetadataDispatch:
     """The callable Dynamo runs for a graph whose sites read backend metadata."""
 
-    def __init__(self, gm: GraphModule, backends: list[str], compile_graph: GraphCompiler) -> None:
+    def __init__(
+        self, gm: GraphModule, backends: list[str], compile_graph: GraphCompiler, *, cuda_graphs: bool = False
+    ) -> None:
         self.gm = gm
+        self.cuda_graphs = cuda_graphs  # the variants run under CUDA graphs: no step cache
         self.backends = backends
         self.compile_graph = compile_graph
         self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}  # (layouts, tensor shapes) -> graph
@@ -94,7 +103,13 @@ class MetadataDispatch:
         if fn is None:
             fn = self._compile_variant(tuple(layouts), tensors, args)
             self.variants[key] = fn
-        return fn(*args, *(t for ts in tensors for t in ts))
+        if not self.cuda_graphs:
+            return fn(*args, *(t for ts in tensors for t in ts))
+        token = set_step_cache_off(True)
+        try:
+            return fn(*args, *(t for ts in tensors for t in ts))
+        finally:
+            reset_step_cache_off(token)
 
     def _compile_variant(self, key, tensors, args) -> Callable[..., Any]:
         vid = self.owner.register_variant(dict(zip(self.backends, key)))

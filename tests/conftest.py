@@ -1,9 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
-os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
+# Inductor's caches stay on, as users have them (a forced off also turns off Dynamo's profile-
+# guided dynamic shapes in the processes that see it at import: pytest-xdist's workers), in a
+# folder of this run's own, which the workers inherit: no entry from another checkout or run.
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fv-compile-tests-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU through the interpreter; it must be on before any
     # @triton.jit function is defined, i.e. before the first kernel module is imported

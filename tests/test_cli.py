@@ -23,7 +23,8 @@ def _main(*argv):
     return rc, stdout.getvalue(), stderr.getvalue()
 
 
-QUICK = ["--compiler", "eager", "--steps", "1", "--warmup", "0", "--repeat", "1", "--no-plot"]
+# the CLI's behaviour, on the CPU wherever the suite runs (GPU figures come from benchmarks/)
+QUICK = ["--device", "cpu", "--compiler", "eager", "--steps", "1", "--warmup", "0", "--repeat", "1", "--no-plot"]
 
 
 # -- explain ---------------------------------------------------------------------------------------

@@ -94,3 +94,23 @@ def test_windows_that_change_size_between_steps_get_a_variant_per_width():
                 out = cm(x)
             torch.testing.assert_close(out, model(x, masks=per_layer_masks(windows[step], "cpu")), atol=1e-5, rtol=1e-5)
     assert cm.variants_compiled == 2
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", None])
+def test_sites_keep_no_step_cache_under_cuda_graphs(mode, monkeypatch):
+    """A tensor a backend keeps in the step cache while CUDA graphs warm up or record would be a
+    live allocation in their pool that no output tracks (CUDA graph trees stop there): under
+    CUDA graphs the sites see no step cache; without them they share the step's."""
+    from fv_compile.backends import sliding_tile
+
+    seen = []
+    real = sliding_tile.step_cache
+    monkeypatch.setattr(sliding_tile, "step_cache", lambda: seen.append(real()) or seen[-1])
+    model = VideoDiT(layers=2).eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=TILE, sta_window=(2, 1, 2))
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", mode=mode, regional=False)
+    with torch.no_grad(), fv_compile.forward_context(0, ForwardBatch(raw_latent_shape=(1, 4, *GRID)), args):
+        out = cm(x)
+    torch.testing.assert_close(out, model(x, masks=[definition_mask(GRID, TILE, (2, 1, 2))] * 2), atol=1e-5, rtol=1e-5)
+    assert seen and all((cache is None) == (mode is not None) for cache in seen)

@@ -20,7 +20,7 @@ from fv_compile.report.variants import default_backends
 
 RAISING = "REPORT_TEST_RAISES"
 ARGS = [
-    "report", "--model", "wan-tiny", "--grid", "2,8,8", "--compiler", "eager",
+    "report", "--model", "wan-tiny", "--grid", "2,8,8", "--compiler", "eager", "--device", "cpu",
     "--backends", f"auto,{RAISING}", "--steps", "2", "--warmup", "1", "--repeat", "2",
 ]  # fmt: skip
 
