@@ -24,8 +24,10 @@ how many metadata variants the loop compiled (STA with dense first steps: two).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -79,11 +81,19 @@ def child(args: argparse.Namespace) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
+    profiler = cProfile.Profile() if args.profile else None
     with torch.no_grad():
         t0 = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         first_out = cm(latent, torch.tensor([999.0], device=device), text, **kwargs)
         sync()
         first_s = time.perf_counter() - t0
+        if profiler is not None:
+            profiler.disable()
+            with open(f"{args.profile}.{args.run}.txt", "w") as f:
+                stats = pstats.Stats(profiler, stream=f).sort_stats("cumulative")
+                stats.print_stats(r"fv_compile|flash_attn|cutlass|_inductor|_functorch", 80)
         first_out = first_out[0] if isinstance(first_out, tuple) else getattr(first_out, "sample", first_out)
         checksum = float(first_out.double().sum())
         graphs_after_first = cm._fv_backend.graphs
@@ -127,6 +137,8 @@ def main() -> None:
     ap.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager compiler")
     ap.add_argument("--out")
+    ap.add_argument("--profile", help="write each process's first-call profile to PROFILE.<cold|warm>.txt")
+    ap.add_argument("--run", default="cold", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
@@ -146,6 +158,7 @@ def main() -> None:
                        "--device", args.device, "--compiler", args.compiler,
                        "--sta-dense-steps", str(args.sta_dense_steps)]
                 cmd += ["--cfg"] * args.cfg + ["--smoke"] * args.smoke + (["--sta", args.sta] if args.sta else [])
+                cmd += ["--run", run] + (["--profile", os.path.abspath(args.profile)] if args.profile else [])
                 t0 = time.perf_counter()
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 wall = time.perf_counter() - t0
