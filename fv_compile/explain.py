@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fv_compile.site import REWRITTEN, AttentionSite, NonAttentionSoftmax
+from fv_compile.site import (
+    MASK_ADDITIVE_KEY_PADDING,
+    MASK_KEY_PADDING,
+    REWRITTEN,
+    AttentionSite,
+    NonAttentionSoftmax,
+)
 
 _COLUMNS = [
     ("site", lambda s: s.module_path or s.node),
@@ -37,12 +43,20 @@ _COLUMNS = [
     ("Skv", lambda s: s.kv_len),
     ("scale", lambda s: f"{s.scale:.4g}" if s.scale is not None else None),
     ("causal", lambda s: "yes" if s.causal else "no"),
-    ("mask", lambda s: s.mask or "-"),
+    ("mask", lambda s: _mask_cell(s)),
     ("role", lambda s: s.role),
     ("backend", lambda s: s.backend or "-"),
     ("status", lambda s: s.status),
     ("reason", lambda s: s.reason or ""),
 ]
+
+
+def _mask_cell(site: AttentionSite) -> str:
+    """`bool`, `additive`, or `bool keys` / `additive keys` for key padding (over batch and keys
+    only: the masks the fast dense backends take)."""
+    if site.mask is None:
+        return "-"
+    return f"{site.mask} keys" if site.mask_kind in (MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING) else site.mask
 
 
 def _check_cell(site: AttentionSite) -> str:

@@ -23,7 +23,12 @@ _FLASH_MIN_KV = 2048
 def dense_default(site: AttentionSite) -> str:
     """The dense backend `auto` picks for a site, as the H200 benchmark decided: flash-attn-4 where
     it is installed and the site is long enough to profit, else SDPA (cuDNN on Hopper; it beat our
-    Triton kernel on every shape measured)."""
+    Triton kernel on every shape measured).
+
+    Key padded sites follow the same rule: flash-attn-4 runs them whenever it runs the site
+    (`supports` and the declared mask kinds decide), masked SDPA otherwise. The rule was measured
+    on unmasked sites; the masked rows (FA4 with its key gather vs masked SDPA, and TRITON_ATTN vs
+    masked SDPA where FA4 is absent) are to be measured (benchmarks/masked_attention.py)."""
     if site.device.startswith("cuda") and (site.kv_len or 0) >= _FLASH_MIN_KV:
         if unsupported_reason(registry.get_backend("FLASH_ATTN"), site) is None:
             return "FLASH_ATTN"

@@ -9,6 +9,7 @@ speak it without importing one another. The matcher's internal details live in
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -18,11 +19,47 @@ SKIPPED = "skipped"
 SITE_ROLES = ("self", "cross", "joint")  # AttentionSite.role
 
 # The masks a site can have (`AttentionSite.mask_kind`), and a backend can declare it applies
-# (`AttentionBackend.mask_kinds`). A backend that takes MASK_BOOL takes key padding masks too.
+# (`AttentionBackend.mask_kinds`). A backend that takes MASK_BOOL takes key padding masks too, and
+# one that takes MASK_ADDITIVE takes additive key padding masks.
 MASK_BOOL = "bool"  # boolean, True = attend, over any of batch, heads, queries, keys
 MASK_ADDITIVE = "additive"  # float, added to the logits
 MASK_KEY_PADDING = "key_padding"  # boolean, varying over batch and keys only
-MASK_KINDS = (MASK_BOOL, MASK_ADDITIVE, MASK_KEY_PADDING)
+# float, varying over batch and keys only, whose every value is proven (from the graph) to be 0
+# or one value that blocks (`blocking_limit`), with eager's fully blocked rows reproducible
+# (`AttentionSite.additive_padding_issue`): attention over the keys it keeps
+MASK_ADDITIVE_KEY_PADDING = "additive_key_padding"
+MASK_KINDS = (MASK_BOOL, MASK_ADDITIVE, MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING)
+KEY_PADDING_KINDS = (MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING)
+
+# A logit at or below this (at the softmax input, after every later scale) is blocked: exp() of it,
+# against any row maximum above -9.9e3, underflows to zero in float32 and below.
+VERY_NEGATIVE = -1.0e4
+
+
+def blocking_limit(scale: float) -> float:
+    """The largest logit (at the softmax input) a finite fill may end at and still count as
+    blocking: -1e4, and -1e4 in units of the unscaled q.k when the scores are scaled up (a
+    model that multiplies its scores by 3000 has logits of ~1e4, against which -1e4 competes)."""
+    return min(VERY_NEGATIVE, VERY_NEGATIVE * scale)
+
+
+# What eager gives a row whose every key an additive key padding mask blocks with one finite value
+# c: softmax(s + c) over all its keys. When c swamps every logit the blocking rule allows (finfo.min),
+# s + c rounds to c: uniform weights, the mean of v. A moderate c (-1e4) leaves s + c to rounding in
+# whatever dtype eager adds in, which a fast path cannot reproduce: such masks keep the masked path.
+EMPTY_UNIFORM = "uniform"
+
+
+def fully_blocked_rows(fill: float, scale: float) -> str | None:
+    """EMPTY_UNIFORM when every logit `s` the blocking rule assumes (`|s| <= -blocking_limit`)
+    gives `s + fill == fill` in float32 (and so in every narrower dtype), else None."""
+    import torch  # the site vocabulary imports no torch at module level
+
+    bound = -blocking_limit(scale)
+    c = torch.tensor(fill, dtype=torch.float32)
+    if math.isfinite(fill) and bool((c + bound == c) & (c - bound == c)):  # rounding is monotonic
+        return EMPTY_UNIFORM
+    return None
 
 
 @dataclass
@@ -47,6 +84,9 @@ class AttentionSite:
     causal: bool = False
     mask: str | None = None  # None | MASK_BOOL | MASK_ADDITIVE
     mask_keys_only: bool = False  # the mask varies over batch and keys only (key padding)
+    # an additive mask: every value it can take as the op receives it, proven from the graph (it
+    # is built from booleans and constants); None when they are not known at compile time
+    mask_values: tuple[float, ...] | None = None
     role: str = "self"  # self | cross | joint
     dtype: str = ""
     device: str = ""
@@ -62,15 +102,57 @@ class AttentionSite:
 
     @property
     def mask_kind(self) -> str | None:
-        """None, MASK_ADDITIVE, MASK_KEY_PADDING (a boolean mask over batch and keys only) or
-        MASK_BOOL (any other boolean mask)."""
+        """None, MASK_KEY_PADDING (a boolean mask over batch and keys only), MASK_BOOL (any other
+        boolean mask), MASK_ADDITIVE_KEY_PADDING (see `additive_padding_issue`) or MASK_ADDITIVE
+        (any other additive mask)."""
         if self.mask == MASK_BOOL and self.mask_keys_only:
             return MASK_KEY_PADDING
+        if self.mask == MASK_ADDITIVE and self.additive_padding_issue() is None:
+            return MASK_ADDITIVE_KEY_PADDING
         return self.mask
+
+    @property
+    def padding_fill(self) -> float | None:
+        """The one value an additive key padding mask blocks keys with (-inf or finite), or None
+        (no such mask, or it blocks no key)."""
+        if self.mask != MASK_ADDITIVE or self.mask_values is None:
+            return None
+        limit = blocking_limit(self.scale or 1.0)
+        blocks = {v for v in self.mask_values if v <= limit}
+        return blocks.pop() if len(blocks) == 1 else None
+
+    def additive_padding_issue(self) -> str | None:
+        """None when the site's additive mask is key padding: it varies over batch and keys only,
+        and every value it takes is 0 (attend) or one value that blocks (-inf, or finite and at
+        most `blocking_limit(scale)`) with which eager's fully blocked rows are reproducible
+        (`fully_blocked_rows`); else why not, phrased for `explain`. Attention under such a
+        mask is attention over the keys it keeps."""
+        if self.mask != MASK_ADDITIVE:
+            return "it is not additive"
+        if not self.mask_keys_only:
+            return "it varies over queries or heads"
+        if self.mask_values is None:
+            return "its values are not known at compile time (not built from booleans and constants)"
+        limit = blocking_limit(self.scale or 1.0)
+        odd = [v for v in self.mask_values if v != 0 and not v <= limit]
+        if odd:
+            return f"it takes the value {odd[0]:g}, neither 0 nor blocking (<= {limit:g})"
+        blocks = sorted({v for v in self.mask_values if v <= limit})
+        if len(blocks) > 1:
+            return f"it blocks with more than one value ({', '.join(f'{b:g}' for b in blocks)})"
+        if blocks and math.isfinite(blocks[0]) and fully_blocked_rows(blocks[0], self.scale or 1.0) is None:
+            return (
+                f"a row it blocks entirely gets softmax(logits + {blocks[0]:g}) in eager, which "
+                "rounding decides (a fast backend takes -inf, or a value like finfo.min that "
+                "swamps every logit)"
+            )
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
         row["check"] = self.check.to_dict() if self.check is not None else None
+        if self.mask_values is not None:  # strict JSON: -inf as a string
+            row["mask_values"] = [v if math.isfinite(v) else str(v) for v in self.mask_values]
         return row
 
 

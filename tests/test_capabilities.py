@@ -194,7 +194,8 @@ def test_every_reason_is_collected():
         *on_cpu,
         "head dim 96 (supported: 64, 128)",
         "value head dim 32 differs from qk head dim 96",
-        "additive attention mask",
+        "additive attention mask that is not key padding: it varies over queries or heads "
+        "(TRITON_ATTN takes boolean key padding masks and additive key padding masks)",
         "heads not divisible by kv heads",
     ]
     assert unsupported_reason(fv_compile.get_backend("TORCH_SDPA"), site) is None

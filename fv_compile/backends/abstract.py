@@ -24,7 +24,13 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
-from fv_compile.site import MASK_ADDITIVE, MASK_BOOL, MASK_KEY_PADDING, AttentionSite
+from fv_compile.site import (
+    MASK_ADDITIVE,
+    MASK_ADDITIVE_KEY_PADDING,
+    MASK_BOOL,
+    MASK_KEY_PADDING,
+    AttentionSite,
+)
 
 
 @dataclass
@@ -120,9 +126,11 @@ class AttentionBackend(ABC):
     dtypes: ClassVar[Collection[str] | None] = None  # e.g. ("bfloat16", "float16")
     devices: ClassVar[Collection[str] | None] = None  # device types, e.g. ("cuda",)
     # the site masks its impl applies (`attn_metadata.attn_mask`): MASK_BOOL, MASK_ADDITIVE,
-    # MASK_KEY_PADDING (a MASK_BOOL backend takes key padding too); () for none
+    # MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING (a MASK_BOOL backend takes key padding too, a
+    # MASK_ADDITIVE one additive key padding); () for none
     mask_kinds: ClassVar[Collection[str]] = ()
     causal: ClassVar[bool] = True  # top-left causal (SDPA's `is_causal`) with q length == kv length
+    mask_with_causal: ClassVar[bool] = True  # it applies its mask kinds together with causal too
     causal_cross: ClassVar[bool] = False  # ... and top-left causal with q length != kv length
     value_head_dim_differs: ClassVar[bool] = False  # v's head dim may differ from q's and k's
     # needs `num_heads`, `num_kv_heads` known and `num_heads % num_kv_heads == 0`
@@ -174,6 +182,7 @@ class Capabilities:
     devices: frozenset[str] | None
     mask_kinds: frozenset[str]
     causal: bool
+    mask_with_causal: bool
     causal_cross: bool
     value_head_dim_differs: bool
     needs_head_groups: bool
@@ -201,6 +210,8 @@ class Capabilities:
         why = self._mask_reason(site)
         if why is not None:
             out.append(why)
+        elif site.causal and site.mask is not None and not self.mask_with_causal:
+            out.append(f"causal attention with an attention mask ({self.name} takes masks without causal)")
         if self.needs_head_groups and (site.heads is None or site.kv_heads is None or site.heads % site.kv_heads):
             out.append("heads not divisible by kv heads")
         return out
@@ -211,20 +222,31 @@ class Capabilities:
             return None
         if kind == MASK_KEY_PADDING and MASK_BOOL in self.mask_kinds:
             return None
+        if kind == MASK_ADDITIVE_KEY_PADDING and MASK_ADDITIVE in self.mask_kinds:
+            return None
         if not self.mask_kinds:
             return f"{site.mask} attention mask"
-        takes = [_MASK_WORDS[k] for k in sorted(self.mask_kinds)]
-        if kind == MASK_ADDITIVE:  # against an additive one, say the masks it takes are boolean
+        order = sorted(self.mask_kinds, key=lambda k: (_MASK_ORDER.index(k) if k in _MASK_ORDER else 9, k))
+        takes = [_MASK_WORDS.get(k, k) for k in order]
+        if kind in (MASK_ADDITIVE, MASK_ADDITIVE_KEY_PADDING):  # say the other masks it takes are boolean
             takes = [t if t.startswith(("boolean", "additive")) else f"boolean {t}" for t in takes]
-        what = {MASK_BOOL: "boolean mask over queries or heads", MASK_ADDITIVE: "additive attention mask"}
-        return f"{what.get(kind, kind)} ({self.name} takes {' and '.join(takes)})"
+        what = {
+            MASK_BOOL: "boolean mask over queries or heads",
+            MASK_ADDITIVE: "additive attention mask",
+            MASK_ADDITIVE_KEY_PADDING: "additive key padding mask",
+        }.get(kind, kind)
+        if kind == MASK_ADDITIVE and MASK_ADDITIVE_KEY_PADDING in self.mask_kinds:
+            what += f" that is not key padding: {site.additive_padding_issue()}"  # say why not
+        return f"{what} ({self.name} takes {' and '.join(takes)})"
 
 
 _MASK_WORDS = {
     MASK_BOOL: "boolean masks",
     MASK_ADDITIVE: "additive attention masks",
     MASK_KEY_PADDING: "key padding masks",
+    MASK_ADDITIVE_KEY_PADDING: "additive key padding masks",
 }
+_MASK_ORDER = [MASK_BOOL, MASK_ADDITIVE, MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING]
 
 
 def describe_sizes(sizes: Collection[int]) -> str:
@@ -256,6 +278,7 @@ def capabilities(backend_cls: type) -> Capabilities:
         devices=None if devices is None else frozenset(devices),
         mask_kinds=frozenset(declared("mask_kinds")),
         causal=bool(declared("causal")),
+        mask_with_causal=bool(declared("mask_with_causal")),
         causal_cross=bool(declared("causal_cross")),
         value_head_dim_differs=bool(declared("value_head_dim_differs")),
         needs_head_groups=bool(declared("needs_head_groups")),

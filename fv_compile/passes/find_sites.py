@@ -23,11 +23,10 @@ from torch.fx import GraphModule, Node
 
 from fv_compile.passes import spellings as sp
 from fv_compile.passes.constants import constant_value
-from fv_compile.site import AttentionSite, NonAttentionSoftmax
+from fv_compile.passes.mask_values import combined_additive_values
+from fv_compile.site import VERY_NEGATIVE, AttentionSite, NonAttentionSoftmax, blocking_limit
 
-# A logit at or below this (at the softmax input, after every later scale) is blocked: exp() of it,
-# against any row maximum above -9.9e3, underflows to zero in float32 and below.
-_VERY_NEGATIVE = -1.0e4
+_VERY_NEGATIVE = VERY_NEGATIVE  # see fv_compile.site: the blocking rule is shared vocabulary
 
 
 class NotAttention(Exception):
@@ -834,13 +833,6 @@ def _in_dtype(value: float, dtype: torch.dtype | None) -> float:
     return torch.tensor(value, dtype=torch.float64).to(dtype).item()
 
 
-def blocking_limit(scale: float) -> float:
-    """The largest logit (at the softmax input) a finite fill may end at and still count as
-    blocking: -1e4, and -1e4 in units of the unscaled q.k when the scores are scaled up (a
-    model that multiplies its scores by 3000 has logits of ~1e4, against which -1e4 competes)."""
-    return min(_VERY_NEGATIVE, _VERY_NEGATIVE * scale)
-
-
 def _check_fills(masks: list[MaskTerm], scale: float) -> None:
     """Every fill must block at the softmax input: -inf, or at most `blocking_limit(scale)`."""
     limit = blocking_limit(scale)
@@ -988,6 +980,10 @@ def _finish(
     _check_no_mutation_inside(gm, nodes, out)
     _check_gradients_not_stopped_inside(nodes, out)
     mask_kinds = {"additive" if m.kind == "additive" else "bool" for m in masks}
+    keys_only = bool(masks) and _masks_keys_only(masks, score_labels, outer)
+    mask_values = None
+    if keys_only and "additive" in mask_kinds:  # what a key padding backend must know of it
+        mask_values = combined_additive_values([(m.node, m.kind, m.coef) for m in masks])
     site = AttentionSite(
         module_path=module_path(anchor),
         form=form,
@@ -1002,7 +998,8 @@ def _finish(
         scale=scale,
         causal=causal,
         mask=("additive" if "additive" in mask_kinds else "bool") if masks else None,
-        mask_keys_only=bool(masks) and _masks_keys_only(masks, score_labels, outer),
+        mask_keys_only=keys_only,
+        mask_values=mask_values,
         dtype=str(compute_dtype).replace("torch.", ""),
         device=str(sp.device_of(q.node)),
         node=anchor.name,
