@@ -374,16 +374,22 @@ def test_forcing_flash_attn_where_it_cannot_run_says_why():
         impl.forward(q, q, q, md)
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_block_lists_are_built_once_per_step_and_layer(monkeypatch, per_layer):
-    built = []
+@pytest.fixture
+def built(monkeypatch):
+    """The layers whose block lists the impls build, in order (a spy on `_build_lists`)."""
+    layers = []
     original = SlidingTileAttentionImpl._build_lists
 
     def counting(self, md, volume, text, fa4, layer):
-        built.append(layer)
+        layers.append(layer)
         return original(self, md, volume, text, fa4, layer)
 
     monkeypatch.setattr(SlidingTileAttentionImpl, "_build_lists", counting)
+    return layers
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_block_lists_are_built_once_per_step_and_layer(built, per_layer):
     model = VideoDiT(layers=3).eval()
     x = torch.randn(1, math.prod(GRID), 32)
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
@@ -426,17 +432,9 @@ def test_layer_numbers_tell_double_blocks_from_single_blocks(regional):
     torch.testing.assert_close(out, model(x, masks=masks), atol=1e-5, rtol=1e-5)
 
 
-def test_the_step_cache_belongs_to_the_forward_context(monkeypatch):
+def test_the_step_cache_belongs_to_the_forward_context(built):
     """Lists built in one step's context are that context's: a new context builds afresh even
     for the same metadata, and nothing outlives the context at module level."""
-    built = []
-    original = SlidingTileAttentionImpl._build_lists
-
-    def counting(self, md, volume, text, fa4, layer):
-        built.append(layer)
-        return original(self, md, volume, text, fa4, layer)
-
-    monkeypatch.setattr(SlidingTileAttentionImpl, "_build_lists", counting)
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
     impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125)
     q = impl.preprocess_qkv(torch.randn(1, math.prod(GRID), 2, 64), md)
