@@ -9,7 +9,7 @@ from typing import Any
 from fv_compile.backends import registry
 from fv_compile.backends.abstract import AttentionBackend, capabilities, unsupported_reason
 from fv_compile.errors import FvCompileError
-from fv_compile.site import AttentionSite
+from fv_compile.site import KEY_PADDING_KINDS, AttentionSite
 
 AUTO = "auto"
 ROLES = ("self", "cross", "joint", "default")
@@ -18,6 +18,10 @@ ROLES = ("self", "cross", "joint", "default")
 # Below this many keys cuDNN beat flash-attn-4 on the H200 (cross-attention to 512 text tokens:
 # cuDNN 562 TFLOP/s, FA4 483); above it FA4 led by 1.1-1.2x (docs/benchmarks.md).
 _FLASH_MIN_KV = 2048
+# A key padded site where flash-attn-4 is absent: at HunyuanVideo's 720p joint site (119,056 keys)
+# TRITON_ATTN ran 1.32x (B1) and 1.37x (B2) masked SDPA; shorter sites were not measured, so from
+# the order of that length on only (docs/benchmarks.md, key padded attention).
+_TRITON_MASKED_MIN_KV = 65536
 
 
 def dense_default(site: AttentionSite) -> str:
@@ -26,12 +30,16 @@ def dense_default(site: AttentionSite) -> str:
     Triton kernel on every shape measured).
 
     Key padded sites follow the same rule: flash-attn-4 runs them whenever it runs the site
-    (`supports` and the declared mask kinds decide), masked SDPA otherwise. The rule was measured
-    on unmasked sites; the masked rows (FA4 with its key gather vs masked SDPA, and TRITON_ATTN vs
-    masked SDPA where FA4 is absent) are to be measured (benchmarks/masked_attention.py)."""
-    if site.device.startswith("cuda") and (site.kv_len or 0) >= _FLASH_MIN_KV:
+    (`supports` and the declared mask kinds decide; 1.62x masked SDPA at the 720p HunyuanVideo
+    site). Where it does not, a very long key padded site goes to TRITON_ATTN (1.32-1.37x masked
+    SDPA there), any other to SDPA."""
+    kv_len = site.kv_len or 0
+    if site.device.startswith("cuda") and kv_len >= _FLASH_MIN_KV:
         if unsupported_reason(registry.get_backend("FLASH_ATTN"), site) is None:
             return "FLASH_ATTN"
+        if site.mask_kind in KEY_PADDING_KINDS and kv_len >= _TRITON_MASKED_MIN_KV:
+            if unsupported_reason(registry.get_backend("TRITON_ATTN"), site) is None:
+                return "TRITON_ATTN"
     return "TORCH_SDPA"
 
 

@@ -300,13 +300,24 @@ def test_auto_runs_long_key_padded_sites_on_flash_attn_4(monkeypatch):
     assert dense_default(_long_padded_site(mask="additive", mask_values=None)) == "TORCH_SDPA"
 
 
-def test_a_flash_attn_without_seqused_k_leaves_key_padded_sites_to_sdpa(monkeypatch):
+def test_a_flash_attn_without_seqused_k_leaves_key_padded_sites_to_triton_or_sdpa(monkeypatch):
     monkeypatch.setattr(flash_module, "flash_kernel", lambda: ("FA2", None))
     monkeypatch.setattr(flash_module, "flash_varlen_kernel", lambda: None)
     why = unsupported_reason(fv_compile.get_backend("FLASH_ATTN"), _long_padded_site())
     assert why == "a key padding mask needs flash-attn-4's seqused_k (FA2 is installed)"
-    assert dense_default(_long_padded_site()) == "TORCH_SDPA"
+    assert dense_default(_long_padded_site()) == "TRITON_ATTN"  # measured: 1.32x masked SDPA
     assert dense_default(_long_padded_site(mask=None, mask_keys_only=False)) == "FLASH_ATTN"
+
+
+def test_auto_gives_key_padded_sites_to_triton_only_where_measured(monkeypatch):
+    """Without flash-attn-4: TRITON_ATTN beat masked SDPA at 119,056 keys; shorter masked sites
+    (not measured) and unmasked ones (cuDNN beat it) stay on SDPA, and so does a head dim the
+    kernel does not compile for."""
+    monkeypatch.setattr(flash_module, "flash_kernel", lambda: None)
+    assert dense_default(_long_padded_site()) == "TRITON_ATTN"
+    assert dense_default(_long_padded_site(q_len=4096, kv_len=4096)) == "TORCH_SDPA"
+    assert dense_default(_long_padded_site(mask=None, mask_keys_only=False)) == "TORCH_SDPA"
+    assert dense_default(_long_padded_site(head_dim=96, value_head_dim=96)) == "TORCH_SDPA"
 
 
 # --- the reorder itself -------------------------------------------------------------------------
