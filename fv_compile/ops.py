@@ -141,14 +141,21 @@ def attention(
     md = _metadata_for(rt, mask, variant, metadata)
     impl = rt.impl
     expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
-    stacked = q.shape == k.shape == v.shape
-    if stacked and rt.preprocess:
+    # FastVideo stacks q, k and v for preprocess_qkv, so it calls it only when their shapes
+    # agree; an impl that takes them one by one (a token reorder) needs only the same tokens:
+    # GQA's k and v have fewer heads, and skipping the reorder there would run it on q, k, v in
+    # the wrong token order
+    if impl.stacked_preprocess:
+        reorder = q.shape == k.shape == v.shape
+    else:
+        reorder = q.shape[:2] == k.shape[:2] == v.shape[:2]
+    if reorder and rt.preprocess:
         if impl.stacked_preprocess:
             q, k, v = impl.preprocess_qkv(torch.cat([q, k, v], dim=0), md).chunk(3, dim=0)
         else:
             q, k, v = (impl.preprocess_qkv(x, md) for x in (q, k, v))
     out = impl.forward(q, k, v, md)
-    if stacked and rt.postprocess:
+    if reorder and rt.postprocess:
         out = impl.postprocess_output(out, md)
     if tuple(out.shape) != expected:
         raise FvCompileError(

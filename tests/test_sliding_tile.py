@@ -462,3 +462,24 @@ def test_a_changed_strategy_file_is_read_again(tmp_path):
         md = SlidingTileMetadataBuilder().build(0, batch(), args)
         lists.append(int(md.kv_counts.max()))
     assert lists[0] < lists[1]
+
+
+def test_gqa_sites_are_tiled_like_multi_head_ones():
+    """k and v with fewer heads than q (GQA) must be reordered into tiles too: the op used to
+    skip the per-tensor reorder whenever the shapes of q, k and v differed, and STA then ran its
+    block lists over raster-order tokens."""
+
+    class Gqa(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+
+    n = math.prod(GRID)
+    q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16)
+    cm = fv_compile.compile(Gqa(), "SLIDING_TILE_ATTN", compiler="eager", strict=True)
+    mask = definition_mask(GRID, TILE, (2, 1, 2))
+    with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
+        out = cm(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (site,) = cm.explain().sites
+    assert (site.heads, site.kv_heads, site.backend) == (2, 1, "SLIDING_TILE_ATTN")

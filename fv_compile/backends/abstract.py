@@ -94,7 +94,8 @@ class AttentionImpl(ABC, Generic[T]):
     def preprocess_qkv(self, qkv: torch.Tensor, attn_metadata: T) -> torch.Tensor:
         """Transform the stacked `[3B, S, H, D]` q/k/v of a self-attention site (e.g. reorder
         tokens into tiles), or each `[B, S, H, D]` tensor alone when `stacked_preprocess` is
-        False. Called only when q, k and v have the same shape."""
+        False. Called only when q, k and v have the same shape (with `stacked_preprocess` False:
+        the same batch and tokens; GQA's k and v may have fewer heads)."""
         return qkv
 
     def postprocess_output(self, output: torch.Tensor, attn_metadata: T) -> torch.Tensor:
