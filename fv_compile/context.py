@@ -161,12 +161,14 @@ def derived_forward_context() -> ForwardContext | None:
 _STEP_CACHE_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("fv_compile_step_cache_off", default=False)
 
 
-def set_step_cache_off(off: bool) -> contextvars.Token:
-    return _STEP_CACHE_OFF.set(off)
-
-
-def reset_step_cache_off(token: contextvars.Token) -> None:
-    _STEP_CACHE_OFF.reset(token)
+@contextlib.contextmanager
+def step_cache_off() -> Iterator[None]:
+    """Calls inside the block see no step cache (`step_cache()` is None)."""
+    token = _STEP_CACHE_OFF.set(True)
+    try:
+        yield
+    finally:
+        _STEP_CACHE_OFF.reset(token)
 
 
 # The regionally compiled block running now (fv_compile/regional.py sets it around each block's

@@ -8,6 +8,8 @@ compiled for the metadata's static fields, compiling it on first use.
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +23,7 @@ from fv_compile.context import (
     ForwardContext,
     current_forward_context,
     derived_forward_context,
-    reset_step_cache_off,
-    set_step_cache_off,
+    step_cache_off,
 )
 from fv_compile.errors import FvCompileError
 from fv_compile.fx_graphs import copy_graph_module
@@ -103,13 +104,8 @@ class MetadataDispatch:
         if fn is None:
             fn = self._compile_variant(tuple(layouts), tensors, args)
             self.variants[key] = fn
-        if not self.cuda_graphs:
+        with step_cache_off() if self.cuda_graphs else contextlib.nullcontext():
             return fn(*args, *(t for ts in tensors for t in ts))
-        token = set_step_cache_off(True)
-        try:
-            return fn(*args, *(t for ts in tensors for t in ts))
-        finally:
-            reset_step_cache_off(token)
 
     def _compile_variant(self, key, tensors, args) -> Callable[..., Any]:
         vid = self.owner.register_variant(dict(zip(self.backends, key)))
