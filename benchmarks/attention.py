@@ -34,9 +34,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import gemm_ceiling, time_cuda  # noqa: E402
+from fv_compile.backends.kernels.flash_fwd import FlashConfig, attention_fwd
 
-from fv_compile.backends.kernels.flash_fwd import FlashConfig, attention_fwd  # noqa: E402
+from _timing import gemm_ceiling, time_cuda
 
 SHAPES = [
     dict(name="wan1.3b-480p", B=1, H=12, Sq=32760, Sk=32760, D=128),
@@ -123,7 +123,7 @@ def load_fa4():
         try:
             m = __import__(mod, fromlist=["flash_attn_func"])
             return m.flash_attn_func, mod
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             err = f"{type(e).__name__}: {e}"
     return None, err
 
@@ -194,7 +194,7 @@ def bench_shape(s: dict, args, fa4, tuned: dict | None) -> dict:
             t = time_cuda(fn, target_s=args.target_s)
             r.update(t)
             r["tflops"] = fl / (t["ms"] * 1e-3) / 1e12
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         finally:
             ctx.__exit__(None, None, None)
@@ -239,7 +239,7 @@ def _compile_worker(job):
                       config=fc, use_tma=tma)
         torch.cuda.synchronize()
         return cfg, time.perf_counter() - t0, None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return cfg, time.perf_counter() - t0, f"{type(e).__name__}: {str(e)[:200]}"
 
 
@@ -263,7 +263,7 @@ def run_sweep(args) -> dict:
     jobs = [(s, cfg) for _, s, cfgs in SWEEP_CLASSES for cfg in cfgs]
     try:
         out["precompile"] = {str(k): v for k, v in precompile(jobs, args.workers).items()}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print("  precompile failed:", e, flush=True)
     for cname, s, cfgs in SWEEP_CLASSES:
         causal = bool(s.get("causal", False))
@@ -292,10 +292,10 @@ def run_sweep(args) -> dict:
                 kern = launched[-1] if launched else None
                 r["n_regs"] = getattr(kern, "n_regs", None)
                 r["n_spills"] = getattr(kern, "n_spills", None)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(r)
-            print(f"  sweep {cname:<18} {str(cfg):<36} " + (
+            print(f"  sweep {cname:<18} {cfg!s:<36} " + (
                 f"{r['tflops']:7.1f} TFLOP/s err {r['rel_err']:.1e} compile {r['compile_s']:.1f}s "
                 f"regs {r.get('n_regs')} spills {r.get('n_spills')}" if "tflops" in r else r["error"]), flush=True)
         # a config's score: the median over its repeats
@@ -347,7 +347,7 @@ def env_info() -> dict:
     import triton
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "sms": torch.cuda.get_device_properties(0).multi_processor_count,
         "torch": torch.__version__,

@@ -34,10 +34,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import time_cuda  # noqa: E402
+import fv_compile
+from fv_compile.models import from_diffusers
 
-import fv_compile  # noqa: E402
-from fv_compile.models import from_diffusers  # noqa: E402
+from _timing import time_cuda
 
 
 def triple(text: str) -> tuple[int, int, int]:

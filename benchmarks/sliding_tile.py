@@ -261,7 +261,7 @@ def load_fa4():
         from flash_attn.cute import flash_attn_func
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
         return (flash_attn_func, BlockSparseTensorsTorch), "flash_attn.cute"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return None, f"{type(e).__name__}: {str(e)[:200]}"
 
 
@@ -295,18 +295,22 @@ def small_check(device, interpret=False):
             bm = make_block_mask(lay, device, sub=128 if lay["bs"] % 128 == 0 else lay["bs"])
             fo = flex_attention(*(x.transpose(1, 2) for x in (qp, kp, vp)), block_mask=bm, scale=scale)
             res["flex_vs_sdpa_math_masked"] = rel(fo.transpose(1, 2)[:, lay["pos"].to(device)], ref)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         res["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return res
 
 
 def bench_shape(s, args, fa4):
+    import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
-    import torch.nn.functional as F
+
+    from fv_compile.backends.kernels.block_sparse_fwd import (
+        BlockSparseConfig,
+        block_sparse_attention_fwd,
+    )
 
     from _timing import time_cuda
-    from fv_compile.backends.kernels.block_sparse_fwd import BlockSparseConfig, block_sparse_attention_fwd
 
     dev = args.device
     t0 = time.perf_counter()
@@ -457,7 +461,7 @@ def bench_shape(s, args, fa4):
                 kern = launched[-1] if launched else None
                 r["n_regs"], r["n_spills"] = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
             del o, o_r
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         res["variants"][name] = r
         print(f"  {s['name']:<14} {name:<30} " + (
@@ -500,7 +504,7 @@ def env_info():
     import triton
 
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),

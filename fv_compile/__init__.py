@@ -7,7 +7,14 @@ FastVideo-style attention backend:
 """
 
 from fv_compile import ops as _ops  # registers the fv_compile::attention custom op
-from fv_compile.api import CompiledModel, FvCompileBackend, compile, explain, fv_compile_backend, verify
+from fv_compile.api import (
+    CompiledModel,
+    FvCompileBackend,
+    compile,
+    explain,
+    fv_compile_backend,
+    verify,
+)
 from fv_compile.api import register_dynamo_backend as _register_dynamo_backend
 from fv_compile.backends.abstract import (
     AttentionBackend,
@@ -26,9 +33,9 @@ from fv_compile.context import (
 )
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import ExplainReport
+from fv_compile.graph import find_attention_sites, rewrite_attention
 from fv_compile.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.verify import SiteCheck, TensorCheck
-from fv_compile.graph import find_attention_sites, rewrite_attention
 
 __version__ = "0.1.0"
 
@@ -51,6 +58,8 @@ __all__ = [
     "FvCompileError",
     "NonAttentionSoftmax",
     "PipelineConfig",
+    "SiteCheck",
+    "TensorCheck",
     "available_backends",
     "compile",
     "explain",
@@ -60,7 +69,5 @@ __all__ = [
     "get_backend",
     "register_backend",
     "rewrite_attention",
-    "SiteCheck",
-    "TensorCheck",
     "verify",
 ]

@@ -21,6 +21,7 @@ import torch
 from torch._dynamo.eval_frame import OptimizedModule
 from torch.utils import _pytree as pytree
 
+from fv_compile.cache import with_source_key
 from fv_compile.context import current_forward_context, reset_derived_context, set_derived_context
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import (
@@ -35,13 +36,18 @@ from fv_compile.explain import (
 )
 from fv_compile.lowering import lower_graph
 from fv_compile.ops import SiteOwner
-from fv_compile.site import AttentionSite, NonAttentionSoftmax
-from fv_compile.policy import AUTO, PolicySpec, SitePolicy
-from fv_compile.cache import with_source_key
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
-from fv_compile.regional import GlueWatch, RegionalCopy, block_lists, blocks_hold_most_weights, current_region
+from fv_compile.policy import AUTO, PolicySpec, SitePolicy
+from fv_compile.regional import (
+    GlueWatch,
+    RegionalCopy,
+    block_lists,
+    blocks_hold_most_weights,
+    current_region,
+)
 from fv_compile.runtime import MetadataDispatch
+from fv_compile.site import AttentionSite, NonAttentionSoftmax
 from fv_compile.user_errors import translate as translate_error
 from fv_compile.verify import SiteVerifier
 
@@ -902,7 +908,7 @@ def check_options(options: dict[str, Any] | None, *, own_keys: bool) -> None:
         return
     inductor = set(torch._inductor.list_options())
     for key in options:
-        if own_keys and key in OPTIONS or str(key).replace("-", "_") in inductor:
+        if (own_keys and key in OPTIONS) or str(key).replace("-", "_") in inductor:
             continue
         if key in OPTIONS:
             raise FvCompileError(

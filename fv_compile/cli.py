@@ -18,8 +18,8 @@ from typing import Any
 
 from fv_compile.api import COMPILERS
 from fv_compile.context import FastVideoArgs
-from fv_compile.models import PRESETS
 from fv_compile.errors import FvCompileError
+from fv_compile.models import PRESETS
 from fv_compile.report import ReportConfig, parse_backends, run_report, write_report
 from fv_compile.report.render import busy_cpu_note, can_plot, report_notes, terminal_table
 from fv_compile.report.run import Report

@@ -27,6 +27,7 @@ from fv_compile.passes.find_sites import AttentionMatch
 from fv_compile.policy import SitePolicy, dense_default
 from fv_compile.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
 
+
 @dataclass
 class LoweredGraph:
     """A traced graph with its attention sites rewritten onto backends."""

@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from fv_compile.context import current_block, current_layer, current_region, enter_region, leave_region
+from fv_compile.context import (
+    current_block,
+    current_layer,
+    current_region,
+    enter_region,
+    leave_region,
+)
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import AttentionCallCounter
 

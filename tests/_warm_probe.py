@@ -8,7 +8,13 @@ import sys
 import torch
 
 from fv_compile.report.progress import PlainProgress
-from fv_compile.report.variants import FV_COMPILE, TORCH_COMPILE, TimingPlan, VariantSpec, run_variant
+from fv_compile.report.variants import (
+    FV_COMPILE,
+    TORCH_COMPILE,
+    TimingPlan,
+    VariantSpec,
+    run_variant,
+)
 from fv_compile.report.workload import Workload
 
 from _two_block_net import TwoBlockNet  # this folder: the probe runs as a script

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fv_compile  # noqa: E402
-from fv_compile.backends.flash_attn import flash_kernel  # noqa: E402
+import fv_compile
+from fv_compile.backends.flash_attn import flash_kernel
 
 pytest.importorskip("triton")
 

@@ -10,7 +10,11 @@ import pytest
 from torch._inductor import config
 
 from fv_compile.backends.kernels import fa4_import
-from fv_compile.backends.kernels.fa4_import import CACHE_DIR, CACHE_ENABLED, persistent_cache_settings
+from fv_compile.backends.kernels.fa4_import import (
+    CACHE_DIR,
+    CACHE_ENABLED,
+    persistent_cache_settings,
+)
 
 
 @pytest.fixture

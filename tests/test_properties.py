@@ -853,7 +853,7 @@ def build(prog) -> tuple[object, str]:
     src = prog.source()
     ns = {"torch": torch, "F": F, "math": math}
     code = compile(src, f"<{type(prog).__name__} program>", "exec")
-    exec(code, ns)  # noqa: S102 - our own generated test program
+    exec(code, ns)  # our own generated test program
     return ns["program"], src
 
 

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fv_compile
 from fv_compile import FvCompileError

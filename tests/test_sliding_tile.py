@@ -12,9 +12,13 @@ from torch._dynamo.utils import counters
 
 import fv_compile
 from fv_compile import FastVideoArgs, ForwardBatch
-from fv_compile.backends.kernels.fa4_block_sparse import fa4_block_sparse
 from fv_compile.backends.block_lists import block_mask, block_sparse_reference
-from fv_compile.backends.sliding_tile import SlidingTileAttentionImpl, SlidingTileMetadataBuilder, layer_index
+from fv_compile.backends.kernels.fa4_block_sparse import fa4_block_sparse
+from fv_compile.backends.sliding_tile import (
+    SlidingTileAttentionImpl,
+    SlidingTileMetadataBuilder,
+    layer_index,
+)
 from fv_compile.backends.tiles import tile_geometry, tiles_per_axis, window_lists
 
 GRID, TILE = (5, 7, 9), (2, 4, 4)

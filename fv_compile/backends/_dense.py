@@ -10,7 +10,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, AttentionMetadata, SiteMetadata
+from fv_compile.backends.abstract import (
+    AttentionBackend,
+    AttentionImpl,
+    AttentionMetadata,
+    SiteMetadata,
+)
 
 
 class DenseImpl(AttentionImpl[AttentionMetadata]):

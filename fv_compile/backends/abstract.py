@@ -59,10 +59,10 @@ T = TypeVar("T", bound=AttentionMetadata)
 class AttentionMetadataBuilder(ABC, Generic[T]):
     """Builds a backend's metadata once per forward context."""
 
-    def __init__(self) -> None:  # noqa: B027 - builders are usually stateless
+    def __init__(self) -> None:  # builders are usually stateless
         pass
 
-    def prepare(self) -> None:  # noqa: B027
+    def prepare(self) -> None:
         """Reset per-request state; FastVideo calls it never, kept for API parity."""
 
     @abstractmethod

@@ -46,7 +46,9 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_si
         and block_size % 16 == 0
     )
     if kernel_ok:
-        from fv_compile.backends.kernels.block_sparse_fwd import block_sparse_attention_fwd  # imports triton
+        from fv_compile.backends.kernels.block_sparse_fwd import (
+            block_sparse_attention_fwd,  # imports triton
+        )
 
         return block_sparse_attention_fwd(
             q, k, v, kv_indices, kv_counts, block_valid, block_size=block_size, softmax_scale=scale,

@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import FeedForward, PatchEmbed3d, TimestepEmbedder, apply_rope, modulate, rope_3d, unpatchify
+from ._layers import (
+    FeedForward,
+    PatchEmbed3d,
+    TimestepEmbedder,
+    apply_rope,
+    modulate,
+    rope_3d,
+    unpatchify,
+)
 from .config import VideoDiTConfig
 
 

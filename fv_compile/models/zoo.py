@@ -11,7 +11,7 @@ from fv_compile.errors import FvCompileError, FvCompileTypeError
 
 from ._layers import init_weights
 from .cogvideox import CogVideoXConfig, CogVideoXModel
-from .config import VideoDiTConfig, Grid
+from .config import Grid, VideoDiTConfig
 from .hunyuan import HunyuanConfig, HunyuanVideoModel
 from .wan import WanConfig, WanModel
 

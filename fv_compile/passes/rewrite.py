@@ -19,7 +19,13 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fv_compile.passes import spellings as sp
-from fv_compile.passes.find_sites import AttentionMatch, Operand, RegroupedView, ScoresView, regroup_dims
+from fv_compile.passes.find_sites import (
+    AttentionMatch,
+    Operand,
+    RegroupedView,
+    ScoresView,
+    regroup_dims,
+)
 
 EMITTED = "fv_compile_emitted"
 

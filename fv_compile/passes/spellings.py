@@ -188,9 +188,7 @@ def explicit_einsum(eq: str, ranks: list[int]) -> str | None:
 
 def baddbmm_operands(node: Node) -> tuple[Any, Node, Node, Any, Any] | None:
     """`(input, batch1, batch2, beta, alpha)`."""
-    if _func(node, torch.baddbmm):
-        base = 0
-    elif _method(node, "baddbmm"):
+    if _func(node, torch.baddbmm) or _method(node, "baddbmm"):
         base = 0
     else:
         return None
@@ -227,7 +225,7 @@ def permutation_of(node: Node) -> tuple[Node, list[int]] | None:
         if not all(isinstance(d, int) for d in dims):
             return None
         return x, [d % nd for d in dims]
-    if _func(node, getattr) and node.args[1] in ("mT", "T") or _method(node, "t"):
+    if (_func(node, getattr) and node.args[1] in ("mT", "T")) or _method(node, "t"):
         x = node.args[0]
         perm = list(range(nd))
         if nd >= 2:
@@ -356,7 +354,7 @@ def row_reduction_input(node: Node, dim: int) -> Node | None:
     """x when node is a per-row statistic of x over `dim`, kept as a size-1 dim: x.amax(dim,
     keepdim=True), x.max(dim, keepdim=True).values / [0], x.logsumexp(dim, keepdim=True)
     (through a detach). Subtracting one from the scores leaves their softmax unchanged."""
-    if _func(node, operator.getitem) and node.args[1] == 0 or _func(node, getattr) and node.args[1] == "values":
+    if (_func(node, operator.getitem) and node.args[1] == 0) or (_func(node, getattr) and node.args[1] == "values"):
         src = node.args[0]
         if not isinstance(src, Node) or not (_method(src, "max") or _func(src, torch.max)):
             return None

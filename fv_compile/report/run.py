@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from fv_compile.errors import FvCompileError
 from fv_compile.report.environment import collect_environment
 from fv_compile.report.measure import TIMING_RULE, AttentionShare
 from fv_compile.report.progress import Progress, make_progress

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import B, E, S, Proj, assert_same_tensor, check, x_input
+from tests.adversarial._harness import B, E, Proj, S, assert_same_tensor, check, x_input
 
 H, D = 2, 8
 SCALE = 1.0 / math.sqrt(D)

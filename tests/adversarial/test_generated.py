@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.adversarial._harness import B, E, S, Proj, check, reset, x_input
+from tests.adversarial._harness import B, E, Proj, S, check, reset, x_input
 
 H, D = 4, 8
 

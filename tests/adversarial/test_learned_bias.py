@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import B, S, Proj, check, inv_sqrt, x_input
+from tests.adversarial._harness import B, Proj, S, check, inv_sqrt, x_input
 
 H, D = 2, 8
 SCALE = inv_sqrt(D)

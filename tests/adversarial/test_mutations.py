@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import B, E, S, Proj, assert_rewritten, check, inv_sqrt, x_input
+from tests.adversarial._harness import B, E, Proj, S, assert_rewritten, check, inv_sqrt, x_input
 
 H, D = 2, 8
 SCALE = inv_sqrt(D)

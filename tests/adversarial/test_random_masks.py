@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import B, S, Proj, assert_same_tree, check, x_input
+from tests.adversarial._harness import B, Proj, S, assert_same_tree, check, x_input
 
 H, D = 2, 8
 SCALE = 1.0 / math.sqrt(D)

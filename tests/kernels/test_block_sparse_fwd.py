@@ -16,7 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from fv_compile.backends.kernels.block_sparse_fwd import (  # noqa: E402
+from fv_compile.backends.kernels.block_sparse_fwd import (
     BlockSparseConfig,
     block_sparse_attention_fwd,
 )

@@ -14,7 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from fv_compile.backends.kernels.flash_fwd import FlashConfig, attention_fwd  # noqa: E402
+from fv_compile.backends.kernels.flash_fwd import FlashConfig, attention_fwd
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -42,7 +42,7 @@ from fv_compile.backends.kernels.flash_fwd import (
     _interpreting,
 )
 
-__all__ = ["block_sparse_attention_fwd", "BlockSparseConfig", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "BlockSparseConfig", "block_sparse_attention_fwd"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from fv_compile.backends.kernels import TRITON_HEAD_DIMS
 
-__all__ = ["attention_fwd", "SUPPORTED_HEAD_DIMS", "FlashConfig"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "FlashConfig", "attention_fwd"]
 
 SUPPORTED_HEAD_DIMS = TRITON_HEAD_DIMS
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
