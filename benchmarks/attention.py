@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -210,7 +211,8 @@ def bench_shape(s: dict, args, fa4, tuned: dict | None) -> dict:
         for name, o in outs.items():
             res["variants"][name]["rel_err_vs_fp32_rows"] = rel(o[:, :256], ref32)
         del ref32
-    del outs, q, k, v
+    del outs
+    q = k = v = None  # not del: the variants' closures share these names
     torch.cuda.empty_cache()
     return res
 
@@ -274,8 +276,9 @@ def run_sweep(args) -> dict:
         for cfg in list(cfgs) * args.sweep_repeat:
             fc, tma = _fc(cfg)
             launched = []  # the compiled kernel it launches (its registers, spills)
-            fn = lambda: attention_fwd(  # noqa: E731
-                q, k, v, softmax_scale=scale, causal=causal, config=fc, use_tma=tma, on_launch=launched.append
+            fn = functools.partial(
+                attention_fwd, q, k, v,
+                softmax_scale=scale, causal=causal, config=fc, use_tma=tma, on_launch=launched.append,
             )
             r = {"config": list(cfg)}
             try:
@@ -310,6 +313,7 @@ def run_sweep(args) -> dict:
             out["best"][cname] = list(best)
             out["classes"][cname + "_best_tflops"] = med[best]
             out.setdefault("medians", {})[cname] = {str(c): v for c, v in by_cfg.items()}
+        fn = None  # the last config's call holds q, k, v
         del q, k, v, ref
         torch.cuda.empty_cache()
     return out
@@ -426,7 +430,7 @@ def main() -> None:
         print()
         print(f"# sweep on {info['gpu']} torch {info['torch']} triton {info['triton']}; "
               f"GEMM {gemm['tflops']:.0f} TFLOP/s")
-        for cname, rows in sw["classes"].items():
+        for cname in sw["classes"]:
             if cname.endswith("_best_tflops"):
                 continue
             by_cfg = sw.get("medians", {}).get(cname, {})

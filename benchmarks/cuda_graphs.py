@@ -25,6 +25,7 @@ the host's launch cost per kernel, so the gain grows as the step shrinks: compar
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -105,7 +106,8 @@ def main() -> None:
     rows = []
     for name, options in variants:
         fn = model if options is None else fv_compile.compile(model, **options)
-        timing = time_cpu(lambda: call(fn)) if args.smoke else time_cuda(lambda: call(fn), warmup=3, min_reps=10)
+        run = functools.partial(call, fn)
+        timing = time_cpu(run) if args.smoke else time_cuda(run, warmup=3, min_reps=10)
         out = call(fn).float()
         err = ((out - reference).norm() / reference.norm()).item()
         row = {"variant": name, **timing, "rel_err": err}
@@ -115,7 +117,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:24s} {timing['ms']:9.2f} ms  (min {timing['min_ms']:.2f}, max {timing['max_ms']:.2f})  "
               f"first call {timing['first_call_s']:6.1f} s  rel err {err:.2e}")
-        del fn, out
+        del fn, run, out
         gc.collect()
         torch._dynamo.reset()
         if device == "cuda":

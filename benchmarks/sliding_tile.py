@@ -494,7 +494,8 @@ def bench_shape(s, args, fa4):
         res["ours_vs_fa4_all_valid_rows"] = rel(outs["ours"], outs["fa4-direct"])
     if "fv-fa4" in outs and "fa4-direct" in outs:
         res["fv_fa4_vs_fa4_direct_all_valid_rows"] = rel(outs["fv-fa4"], outs["fa4-direct"])
-    del outs, q, k, v, qp, kp, vp
+    del outs
+    q = k = v = qp = kp = vp = None  # not del: the variants' closures share these names
     if dev == "cuda":
         torch.cuda.empty_cache()
     return res
