@@ -61,9 +61,11 @@ def test_the_key_pass_takes_a_free_hook_and_leaves_the_users_passes_alone():
     assert opts["post_grad_custom_post_pass"] is mine
     assert isinstance(opts["post_grad_custom_pre_pass"], SourceKeyPass)
     hooks = ("post_grad_custom_post_pass", "post_grad_custom_pre_pass", "joint_custom_post_pass", "joint_custom_pre_pass")
-    with torch._inductor.config.patch({hook: mine for hook in hooks}):  # the user's global config
-        with pytest.warns(UserWarning, match="caches are off"):
-            opts = with_source_key({})
+    with (
+        torch._inductor.config.patch({hook: mine for hook in hooks}),  # the user's global config
+        pytest.warns(UserWarning, match="caches are off"),
+    ):
+        opts = with_source_key({})
     assert opts["force_disable_caches"] and all(hook not in opts for hook in hooks)
     with torch._inductor.config.patch({hook: mine for hook in hooks[1:]}):
         opts = with_source_key({"post_grad_custom_post_pass": [mine]})  # a list: one more pass in it

@@ -5,6 +5,7 @@ newcomer: a small dense backend that applies boolean masks at one head size, and
 """
 
 import warnings
+from typing import ClassVar
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from fv_compile.site import MASK_BOOL, AttentionSite
 
 
 class MaskedImpl(fv_compile.AttentionImpl):
-    calls: list = []
+    calls: ClassVar[list] = []
 
     def __init__(self, num_heads, head_size, softmax_scale, causal=False, num_kv_heads=None, prefix="", **kw):
         self.scale = softmax_scale

@@ -429,7 +429,7 @@ class TestNumerics(expecttest.TestCase):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
         keep = torch.ones(B, 1, 1, S, dtype=torch.bool)
         keep[0, ..., 4:] = False
-        _, sites, _, out = rewrite(sdpa_bool_mask, q, k, v, keep)
+        _, _sites, _, out = rewrite(sdpa_bool_mask, q, k, v, keep)
         assert_close(out, sdpa_bool_mask(q, k, v, keep))
 
     def test_einsum_with_k_first(self):

@@ -104,7 +104,7 @@ def test_attention_that_cannot_be_proven_is_skipped_with_reason(fn, reason):
 def test_mask_applied_after_softmax_is_not_attention():
     q, k, v = qkv()
     keep = (torch.rand(B, 1, S, S) > 0.5).float()
-    text, sites, others, out = rewrite(mask_after_softmax, q, k, v, keep)
+    text, _sites, _others, out = rewrite(mask_after_softmax, q, k, v, keep)
     assert "fv_compile.attention" not in text
     assert_close(out, mask_after_softmax(q, k, v, keep))
 
@@ -112,7 +112,7 @@ def test_mask_applied_after_softmax_is_not_attention():
 def test_fill_that_is_not_a_mask_is_skipped():
     q, k, v = qkv()
     masked = torch.rand(S, S) > 0.5
-    text, sites, _, out = rewrite(mild_fill, q, k, v, masked)
+    _text, sites, _, out = rewrite(mild_fill, q, k, v, masked)
     assert sites[0].status == "skipped" and "not -inf" in sites[0].reason
     assert_close(out, mild_fill(q, k, v, masked))
 
@@ -120,6 +120,6 @@ def test_fill_that_is_not_a_mask_is_skipped():
 def test_tensor_valued_scale_is_skipped():
     q, k, v = qkv()
     temp = torch.tensor(0.7)
-    text, sites, others, _ = rewrite(tensor_scale, q, k, v, temp)
+    text, sites, _others, _ = rewrite(tensor_scale, q, k, v, temp)
     assert "fv_compile.attention" not in text
     assert sites[0].status == "skipped" and "not a number" in sites[0].reason

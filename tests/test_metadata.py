@@ -3,6 +3,7 @@ recompile, static fields select cached graph variants, and the builder runs once
 
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class StepBuilder(AttentionMetadataBuilder):
 class StepImpl(AttentionImpl):
     """Dense attention times a per-step gain: the output shows which metadata arrived."""
 
-    seen_timesteps: list = []
+    seen_timesteps: ClassVar[list] = []
 
     def __init__(self, num_heads, head_size, softmax_scale, causal=False, num_kv_heads=None, prefix="", **kw):
         self.scale = softmax_scale

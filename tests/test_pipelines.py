@@ -128,7 +128,7 @@ def test_the_compiled_model_stands_in_for_the_module():
     assert model.some_flag == 3 and "some_flag" not in cm.__dict__
     with pytest.raises(FvCompileError, match="cannot be pickled"):
         pickle.dumps(cm)
-    with pytest.raises(FvCompileError, match="already an fv_compile.CompiledModel"):
+    with pytest.raises(FvCompileError, match=r"already an fv_compile\.CompiledModel"):
         fv_compile.compile(cm)
 
 
@@ -184,7 +184,7 @@ def test_step_clock_counts_timesteps_per_loop_and_cfg_passes_share_a_step():
     clock = StepClock()
     ts = torch.tensor([999.0, 800.0, 600.0])
     steps = []
-    for loop in range(2):
+    for _loop in range(2):
         for t in ts:
             timestep = t.expand(2)
             steps.append(clock.step_of(timestep))
@@ -239,7 +239,7 @@ def test_calls_without_what_a_backend_needs_say_how_to_fix_them():
 
     fva = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1))
     cm = fv_compile.compile(NoLatent(), "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=fva)
-    with torch.no_grad(), pytest.raises(FvCompileError, match="(?s)no timestep argument.*with fv_compile.forward_context"):
+    with torch.no_grad(), pytest.raises(FvCompileError, match=r"(?s)no timestep argument.*with fv_compile\.forward_context"):
         cm(torch.randn(1, 16, 8))
     with torch.no_grad(), pytest.raises(FvCompileError, match="SLIDING_TILE_ATTN needs the latent shape"):
         cm(torch.randn(1, 16, 8), timestep=torch.tensor([900.0]))  # a step, but no latent
@@ -253,5 +253,5 @@ def test_calls_without_what_a_backend_needs_say_how_to_fix_them():
 def test_sta_without_settings_says_where_they_go():
     cm = fv_compile.compile(tiny_transformer(), {"self": "SLIDING_TILE_ATTN"}, compiler="eager")
     latent, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([500]), torch.randn(1, 3, 16)
-    with torch.no_grad(), pytest.raises(FvCompileError, match="needs windows.*fv_compile.compile\\(\\.\\.\\., fastvideo_args="):
+    with torch.no_grad(), pytest.raises(FvCompileError, match=r"needs windows.*fv_compile\.compile\(\.\.\., fastvideo_args="):
         cm(latent, t, text)

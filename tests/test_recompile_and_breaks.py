@@ -209,9 +209,12 @@ def test_a_frame_dynamo_skips_is_announced_with_its_reason():
 
 def test_a_call_that_runs_no_compiled_graph_warns():
     cm = fv_compile.compile(Net().eval(), "TORCH_SDPA", compiler="eager", regional=False)
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        with pytest.warns(UserWarning, match="ran no compiled graph.*force_eager"):
-            cm(x_in())
+    with (
+        torch.no_grad(),
+        torch.compiler.set_stance("force_eager"),
+        pytest.warns(UserWarning, match="ran no compiled graph.*force_eager"),
+    ):
+        cm(x_in())
 
 
 # -- explain: what Dynamo did not capture -------------------------------------------------------

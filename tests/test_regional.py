@@ -46,7 +46,7 @@ def test_auto_compiles_blocks_when_they_hold_the_weights_and_the_whole_model_oth
 
 
 def test_regional_must_be_auto_true_or_false():
-    with pytest.raises(FvCompileError, match="regional must be 'auto'.*got 'yes'"):
+    with pytest.raises(FvCompileError, match=r"regional must be 'auto'.*got 'yes'"):
         fv_compile.compile(Net(), regional="yes")
     with pytest.raises(FvCompileError, match="no repeated blocks"):
         fv_compile.compile(Block(), regional=True)
@@ -90,7 +90,7 @@ def test_attributes_and_hooks_set_on_the_model_after_compiling_reach_the_glue():
     torch.testing.assert_close(run(cm, x, t), run(model, x, t), atol=1e-5, rtol=1e-5)
     assert seen == ["model", "model"]
     model.blocks[1] = Block()
-    with pytest.raises(FvCompileError, match="blocks of blocks changed after fv_compile.compile"):
+    with pytest.raises(FvCompileError, match=r"blocks of blocks changed after fv_compile\.compile"):
         run(cm, x, t)
 
 

@@ -45,7 +45,7 @@ def definition_mask(grid, tile, window) -> torch.Tensor:
 
 def raster_mask_from_lists(grid, tile, windows_layer):
     """The token mask our geometry + block lists describe, mapped back to raster order."""
-    tile_index, untile_index, valid = tile_geometry(grid, tile)
+    _tile_index, untile_index, valid = tile_geometry(grid, tile)
     idx, cnt = window_lists(tiles_per_axis(grid, tile), [windows_layer])
     mask = block_mask(idx[0], cnt[0], valid, math.prod(tile))
     return mask[:, untile_index][:, :, untile_index]
@@ -58,7 +58,7 @@ def test_block_lists_match_the_definition_on_an_odd_grid(window):
 
 
 def test_every_query_tile_sees_the_same_number_of_tiles():
-    idx, cnt = window_lists(tiles_per_axis(GRID, TILE), [[(2, 1, 2)]])
+    _idx, cnt = window_lists(tiles_per_axis(GRID, TILE), [[(2, 1, 2)]])
     assert (cnt == 2 * 1 * 2).all()
 
 
@@ -262,7 +262,7 @@ def test_impl_without_a_site_takes_the_text_length_it_is_told(text_first):
 def test_impl_without_a_site_never_guesses_text_from_surplus_tokens():
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
     impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="blocks.0.attn")
-    with pytest.raises(fv_compile.FvCompileError, match="320 tokens.*holds 315.*raw_latent_shape.*joint_text_len="):
+    with pytest.raises(fv_compile.FvCompileError, match=r"320 tokens.*holds 315.*raw_latent_shape.*joint_text_len="):
         impl.preprocess_qkv(torch.randn(1, math.prod(GRID) + 5, 2, 64), md)
     told = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=5)
     with pytest.raises(fv_compile.FvCompileError, match="5 text tokens \\+ 315 video = 320 expected"):
@@ -281,12 +281,16 @@ def test_stale_smaller_latent_shape_on_a_self_attention_site_is_an_error():
     model = VideoDiT().eval()
     x = torch.randn(1, math.prod(GRID), 32)
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
-    with torch.no_grad(), fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))):
-        with pytest.raises(
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))),
+        pytest.raises(
             fv_compile.FvCompileError,
-            match="self-attention site has 315 tokens, all of them video.*holds 252.*raw_latent_shape=latent.shape",
-        ):
-            cm(x)
+            match=r"self-attention site has 315 tokens, all of them video.*holds 252"
+            r".*raw_latent_shape=latent\.shape",
+        ),
+    ):
+        cm(x)
     assert all(s.role == "self" and s.joint_text_len is None for s in cm.explain().sites)
 
 
@@ -295,9 +299,12 @@ def test_stale_latent_shape_on_a_joint_site_is_an_error(text_first):
     model = VideoDiT(text_first=text_first).eval()
     x, text = torch.randn(1, math.prod(GRID), 32), torch.randn(1, 5, 32)
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
-    with torch.no_grad(), fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))):
-        with pytest.raises(fv_compile.FvCompileError, match="joint site has 320 tokens, 5 of them text.*holds 252"):
-            cm(x, text)
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))),
+        pytest.raises(fv_compile.FvCompileError, match=r"joint site has 320 tokens, 5 of them text.*holds 252"),
+    ):
+        cm(x, text)
 
 
 @pytest.mark.gpu
@@ -354,9 +361,12 @@ def test_masks_that_vary_over_queries_stay_dense():
     x = torch.randn(1, n, 32)
     mask = torch.rand(n, n) > 0.5
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
-    with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
-        with pytest.warns(UserWarning, match="mask over queries or heads"):
-            out = cm(x, masks=[mask, mask])
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))),
+        pytest.warns(UserWarning, match="mask over queries or heads"),
+    ):
+        out = cm(x, masks=[mask, mask])
     torch.testing.assert_close(out, model(x, masks=[mask, mask]), atol=1e-5, rtol=1e-5)
     site = cm.explain().sites[0]
     assert site.backend == "TORCH_SDPA" and "STA takes key padding masks" in site.reason
@@ -365,7 +375,7 @@ def test_masks_that_vary_over_queries_stay_dense():
 def test_a_site_shorter_than_the_video_grid_is_a_clear_error():
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
     impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="refiner.attn")
-    with pytest.raises(ValueError, match="refiner.attn: 16 tokens.*not video attention"):
+    with pytest.raises(ValueError, match=r"refiner\.attn: 16 tokens.*not video attention"):
         impl.preprocess_qkv(torch.randn(1, 16, 2, 64), md)
 
 
@@ -374,7 +384,7 @@ def test_forcing_flash_attn_where_it_cannot_run_says_why():
     md.kernel = "flash_attn"  # as if flash-attn-4 were installed: the call itself cannot use it
     impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125)
     q = impl.preprocess_qkv(torch.randn(1, math.prod(GRID), 2, 64), md)
-    with pytest.raises(ValueError, match="tile \\(2, 4, 4\\) = 32 tokens.*sta_kernel='auto'"):
+    with pytest.raises(ValueError, match=r"tile \(2, 4, 4\) = 32 tokens.*sta_kernel='auto'"):
         impl.forward(q, q, q, md)
 
 

@@ -96,7 +96,7 @@ class WritesInsideTheSite(torch.nn.Module):
 
 def test_a_write_between_the_score_and_value_products_leaves_the_site_alone():
     q, x, _ = qkv(2, 4, 6, D)
-    out, ref, cm, _ = run_both(WritesInsideTheSite(), q, x.clone())
+    out, _ref, cm, _ = run_both(WritesInsideTheSite(), q, x.clone())
     (site,) = cm.explain().sites
     assert site.status == "skipped" and "in place" in site.reason
     x2 = x.clone()
@@ -115,7 +115,7 @@ class MutatedConstantMask(torch.nn.Module):
 
 
 def test_a_constant_mask_written_in_place_is_not_folded_away():
-    out, ref, cm, _ = run_both(MutatedConstantMask(), *qkv(2, 4, 6, D))
+    out, ref, _cm, _ = run_both(MutatedConstantMask(), *qkv(2, 4, 6, D))
     torch.testing.assert_close(out, ref)
 
 
@@ -253,7 +253,7 @@ class SdpaBoolMask(torch.nn.Module):
 
 def test_fully_masked_rows_of_sdpa_stay_as_sdpa_gives_them():
     q, k, v = qkv(2, 4, 6, D)
-    out, ref, cm, _ = run_both(SdpaBoolMask(), q, k, v, _keep_with_empty_rows())
+    out, ref, _cm, _ = run_both(SdpaBoolMask(), q, k, v, _keep_with_empty_rows())
     torch.testing.assert_close(out, ref, equal_nan=True)
     assert torch.equal(out.isnan(), ref.isnan())
 
@@ -328,7 +328,7 @@ def _float64_reference(q, k, v):
 
 def test_an_explicit_float32_attention_stays_float32():
     q, k, v = qkv(2, 4, 16, D, dtype=torch.bfloat16)
-    out, ref, cm, _ = run_both(Float32Attention(), q, k, v)
+    out, _ref, cm, _ = run_both(Float32Attention(), q, k, v)
     (site,) = cm.explain().sites
     assert site.status == "rewritten" and site.dtype == "float32"
     want = _float64_reference(q, k, v)

@@ -332,7 +332,7 @@ def _match_sdpa(gm: GraphModule, node: Node) -> AttentionMatch:
 
 
 def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
-    x, dim, sm_dtype = sp.softmax_dim(sm)  # type: ignore[misc]
+    x, dim, _sm_dtype = sp.softmax_dim(sm)  # type: ignore[misc]
     walk = _ScoreWalk(dim)
     found = walk.walk(x, [], 0, sm)
     if found is None:
@@ -1236,9 +1236,11 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
     single = sp.is_expand(op.node) or _tiled(op.node)
     if single is not None:  # one kv head broadcast to all heads (MQA): k.expand(B, H, S, D)
         s_x, s_o = _static_shape(single), _static_shape(op.node)
-        if s_x is not None and s_o is not None and len(s_x) == len(s_o) and s_x[hd] == 1:
-            if all(a in (1, b) for a, b in zip(s_x, s_o)):
-                return Operand(single, op.labels), s_o[hd]
+        if (
+            s_x is not None and s_o is not None and len(s_x) == len(s_o) and s_x[hd] == 1
+            and all(a in (1, b) for a, b in zip(s_x, s_o))
+        ):
+            return Operand(single, op.labels), s_o[hd]
     expand = sp.is_reshape(op.node)
     unsq = sp.is_expand(expand) if expand is not None else None
     x = sp.is_unsqueeze_like(unsq) if unsq is not None else None
@@ -1288,13 +1290,17 @@ def _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale=1.0):
         full = attend.expand(*attend.shape[:-2], sq, sk) if attend.dim() >= 2 else attend
         if bool(full.all()):
             continue
-        if attend.dim() >= 2 and bool((full == torch.ones(sq, sk, dtype=torch.bool).tril()).all()):
-            if score_labels[-2:] == ["i", "j"] and _static_shape(mt.node)[-2:] == (sq, sk):
-                if _blocks_with_a_finite_value(val, mt):
-                    finite_causal.append((mt, attend))
-                else:
-                    causal = True
-                continue
+        if (
+            attend.dim() >= 2
+            and bool((full == torch.ones(sq, sk, dtype=torch.bool).tril()).all())
+            and score_labels[-2:] == ["i", "j"]
+            and _static_shape(mt.node)[-2:] == (sq, sk)
+        ):
+            if _blocks_with_a_finite_value(val, mt):
+                finite_causal.append((mt, attend))
+            else:
+                causal = True
+            continue
         kept.append(mt)
         patterns.append(attend)
     if finite_causal:

@@ -56,10 +56,9 @@ class _Emitter:
                 node.meta[key] = self.before.meta[key]
         vals = map_arg(args, sp.value_of)
         with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
-            if op == "call_method":
-                value = getattr(vals[0], target)(*vals[1:])
-            else:
-                value = target(*vals, **kwargs)
+            value = (
+                getattr(vals[0], target)(*vals[1:]) if op == "call_method" else target(*vals, **kwargs)
+            )
         node.meta["example_value"] = value
         node.meta["val"] = value
         return node

@@ -411,9 +411,11 @@ def is_reshape(node: Node) -> Node | None:
     """x for x.view(...), x.reshape(...), torch.reshape(x, ...)."""
     if _method(node, "view", "reshape") or _func(node, torch.reshape):
         x = node.args[0]
-        if node.op == "call_method" and node.target == "view" and len(node.args) == 2:
-            if isinstance(node.args[1], torch.dtype):
-                return None
+        if (
+            node.op == "call_method" and node.target == "view" and len(node.args) == 2
+            and isinstance(node.args[1], torch.dtype)
+        ):
+            return None  # x.view(dtype): a reinterpretation, not a reshape
         return x if isinstance(x, Node) else None
     return None
 
@@ -429,9 +431,11 @@ def is_unsqueeze_like(node: Node) -> Node | None:
     """x when node only inserts size-1 dims into x (unsqueeze, x[:, None], ...)."""
     if _method(node, "unsqueeze") or _func(node, torch.unsqueeze):
         return node.args[0]
-    if _func(node, operator.getitem) and isinstance(node.args[1], tuple):
-        if all(i is None or i == slice(None) or i is Ellipsis for i in node.args[1]):
-            return node.args[0]
+    if (
+        _func(node, operator.getitem) and isinstance(node.args[1], tuple)
+        and all(i is None or i == slice(None) or i is Ellipsis for i in node.args[1])
+    ):
+        return node.args[0]
     return None
 
 

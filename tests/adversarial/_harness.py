@@ -166,20 +166,18 @@ def _loss(out, finite_masks):
     eager produced a non-finite value are left out (their NaN is compared in the forward check)."""
     leaves, _ = tree_flatten(out)
     total = 0.0
-    k = 0
-    for leaf in leaves:
+    for k, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
             g = torch.Generator().manual_seed(1000 + k)
             w = torch.randn(leaf.shape, generator=g).to(leaf.dtype)
             total = total + (torch.where(finite_masks[k], leaf, torch.zeros((), dtype=leaf.dtype)) * w).float().sum()
-        k += 1
     return total
 
 
 def _finite_masks(out):
     leaves, _ = tree_flatten(out)
-    return [torch.isfinite(l.detach()) if isinstance(l, torch.Tensor) and l.is_floating_point() else None
-            for l in leaves]
+    return [torch.isfinite(x.detach()) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
+            for x in leaves]
 
 
 def check(

@@ -64,7 +64,7 @@ def masked_fill_finfo_garbage(q, k, v, pad):
                          ids=lambda f: f.__name__)
 def test_replacement_mask_over_garbage_key_slots(fn, kind):
     q, k, v, pad = garbage_keys(kind)
-    _, _, [(out_c, out_e)] = check(Fn(fn), q, k, v, pad)
+    _, _, [(_out_c, out_e)] = check(Fn(fn), q, k, v, pad)
     assert torch.isfinite(out_e).all(), "test premise: eager's replacement hides the garbage"
 
 

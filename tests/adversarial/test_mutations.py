@@ -553,7 +553,7 @@ def test_mutation_next_to_site_matches_eager(name):
 
 def test_inplace_buffer_update_survives_rewrite_of_neighbouring_site():
     m = BufAddBeforeSdpa()
-    cm, rep, _ = check(m, x_input(), calls=2)
+    _cm, rep, _ = check(m, x_input(), calls=2)
     assert_rewritten(rep, 1)
     assert torch.equal(m.buf, torch.full((3,), 2.0)), f"buffer after 2 calls: {m.buf}"
 

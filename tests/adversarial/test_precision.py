@@ -161,7 +161,7 @@ CAST_BACK = [HFStyleSoftmaxUpcastTypeAs, UpcastSdpaCastBack, UpcastHandwrittenCa
 @pytest.mark.parametrize("cls", CAST_BACK, ids=lambda c: c.__name__)
 def test_attention_cast_back_to_bf16_within_bf16_tolerance(cls):
     q, k, v = bf16_qkv(4)
-    _, _, [(out_c, out_e)] = check(cls(), q, k, v)
+    _, _, [(out_c, _out_e)] = check(cls(), q, k, v)
     assert out_c.dtype == torch.bfloat16
 
 

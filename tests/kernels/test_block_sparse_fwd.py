@@ -303,11 +303,11 @@ def test_rejects_length_not_multiple_of_block_size():
 
 def test_rejects_bad_index_dtypes_and_shapes():
     q, k, v, idx, cnt, valid = _args()
-    with pytest.raises(ValueError, match="kv_indices.*int32"):
+    with pytest.raises(ValueError, match=r"kv_indices.*int32"):
         _call(q, k, v, idx.long(), cnt, valid)
-    with pytest.raises(ValueError, match="kv_counts.*int32"):
+    with pytest.raises(ValueError, match=r"kv_counts.*int32"):
         _call(q, k, v, idx, cnt.long(), valid)
-    with pytest.raises(ValueError, match="block_valid.*int32"):
+    with pytest.raises(ValueError, match=r"block_valid.*int32"):
         _call(q, k, v, idx, cnt, valid.long())
     with pytest.raises(ValueError, match="kv_indices"):
         _call(q, k, v, idx[:, :1], cnt, valid)  # wrong n_blocks

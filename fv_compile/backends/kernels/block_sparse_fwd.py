@@ -355,9 +355,10 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softm
         raise ValueError(f"kv_counts must be [Hm={Hm}, n_blocks={n_blocks}], got {tuple(kv_counts.shape)}")
     if tuple(block_valid.shape) != (n_blocks,):
         raise ValueError(f"block_valid must be [n_blocks={n_blocks}], got {tuple(block_valid.shape)}")
-    if out is not None:
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-            raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
+    if out is not None and (
+        out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1
+    ):
+        raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or key_mask.dim() != 2 or key_mask.shape[0] not in (1, B) \
                 or key_mask.shape[1] != L:

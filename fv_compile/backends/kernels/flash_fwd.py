@@ -343,8 +343,8 @@ def _check_inputs(q, k, v, kv_lengths, out):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
-    B, Sq, H, D = q.shape
-    Bk, Sk, Hk, Dk = k.shape
+    B, _Sq, H, D = q.shape
+    Bk, _Sk, Hk, Dk = k.shape
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}")
     if Dk != D or v.shape[-1] != D:
@@ -361,9 +361,10 @@ def _check_inputs(q, k, v, kv_lengths, out):
                              f"got {kv_lengths.dtype} {tuple(kv_lengths.shape)}")
         if kv_lengths.device != q.device:
             raise ValueError("kv_lengths must be on q's device")
-    if out is not None:
-        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
-            raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
+    if out is not None and (
+        out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1
+    ):
+        raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
 
 
 def attention_fwd(
