@@ -167,7 +167,8 @@ def main() -> None:
                     raise SystemExit(f"{regional}/{run} failed")
                 row = {"run": run, "process_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
                 rows.append(row)
-                print(f"regional={regional:5s} {run}: first call {row['first_call_s']:6.1f} s (process {wall:5.1f} s), "
+                print(f"regional={regional:5s} {run}: first call {row['first_call_s']:6.1f} s "
+                      f"(process {wall:5.1f} s), "
                       f"{row['recompiles_in_loop']} recompiles and {row['metadata_variants']} variants over "
                       f"{args.steps} steps, AOT {row['aot_cache']}, FX {row['fx_cache']}, "
                       f"FA4 kernels cached {row['fa4_cached_kernels']}, output sum {row['output_checksum']:.6e}")

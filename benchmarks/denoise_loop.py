@@ -147,12 +147,15 @@ def main() -> None:
     eager = next((r["loop_s"] for r in rows if r["variant"] == "eager"), None)
     regional = next((r["loop_s"] for r in rows if r["variant"] == "diffusers-regional"), None)
     print(f"\n{args.size} {args.frames}x{args.height}x{args.width}, {args.steps} steps, CFG, {device} {dtype}")
-    print(f"{'variant':20s} {'loop s':>8s} {'s/step':>7s} {'vs eager':>9s} {'vs diffusers':>12s} {'first loop s':>13s} {'rel err':>9s} {'recompiles':>10s}")
+    print(f"{'variant':20s} {'loop s':>8s} {'s/step':>7s} {'vs eager':>9s} {'vs diffusers':>12s} "
+          f"{'first loop s':>13s} {'rel err':>9s} {'recompiles':>10s}")
     for r in rows:
         vs_e = f"{eager / r['loop_s']:.2f}x" if eager else "-"
         vs_d = f"{regional / r['loop_s']:.2f}x" if regional else "-"
         first = f"{r['first_loop_s']:.1f}" if r["first_loop_s"] is not None else "-"
-        print(f"{r['variant']:20s} {r['loop_s']:8.1f} {r['loop_s'] / args.steps:7.3f} {vs_e:>9s} {vs_d:>12s} {first:>13s} {r['rel_err_vs_first']:9.2e} {r.get('recompiles_in_timed_loop', '-'):>10}")
+        print(f"{r['variant']:20s} {r['loop_s']:8.1f} {r['loop_s'] / args.steps:7.3f} {vs_e:>9s} "
+              f"{vs_d:>12s} {first:>13s} {r['rel_err_vs_first']:9.2e} "
+              f"{r.get('recompiles_in_timed_loop', '-'):>10}")
     for r in failed:
         print(f"{r['variant']:20s} FAILED: {r['error'][:200]}")
     if args.json:

@@ -81,7 +81,8 @@ def main() -> None:
                  ratio_pipelined=direct_p / through_p, rel_err=err, kernel=label,
                  compiler=args.compiler, direct_rounds=direct_ms, op_rounds=op_ms)
         )
-    print(f"{'shape':24} {'FA4 direct':>12} {'via fv_compile':>15} {'ratio':>7} {'pipelined ratio':>16} {'rel err':>9}")
+    print(f"{'shape':24} {'FA4 direct':>12} {'via fv_compile':>15} {'ratio':>7} "
+          f"{'pipelined ratio':>16} {'rel err':>9}")
     for r in rows:
         print(f"{r['shape']:24} {r['direct_tflops']:9.1f} TF {r['op_tflops']:12.1f} TF {r['ratio']:7.3f} "
               f"{r['ratio_pipelined']:16.3f} {r['rel_err']:9.2e}")

@@ -514,12 +514,14 @@ def env_info():
 
 def print_table(results, info, small):
     print()
-    print(f"# {info['date']}  {info['gpu']}  torch {info['torch']}  triton {info['triton']}  cuDNN {info['cudnn']}")
+    print(f"# {info['date']}  {info['gpu']}  torch {info['torch']}  triton {info['triton']}  "
+          f"cuDNN {info['cudnn']}")
     print(f"# small-grid check vs SDPA math + dense bool mask: {json.dumps(small)}")
     for r in results:
         vs = r["variants"]
         cu = vs.get("cudnn-dense", {}).get("tflops")
-        print(f"\n## {r['shape']['name']}: S={r['S']} (padded L={r['L']}), H={r['shape']['H']}, D={r['shape']['D']}, "
+        print(f"\n## {r['shape']['name']}: S={r['S']} (padded L={r['L']}), "
+              f"H={r['shape']['H']}, D={r['shape']['D']}, "
               f"tiles {r['tiles']}, window {r['window_tiles']}, density {r['density']:.4f} "
               f"(sparsity {1 - r['density']:.3f}); issued/valid work at 128x128 sub-tiles "
               f"{r['issued_over_valid_128x128']:.3f}")
@@ -528,7 +530,8 @@ def print_table(results, info, small):
         if "ours_vs_fa4_all_valid_rows" in r:
             print(f"ours vs fa4 (all valid rows): rel err {r['ours_vs_fa4_all_valid_rows']:.2e}")
         if "fv_fa4_vs_fa4_direct_all_valid_rows" in r:
-            print(f"fv-fa4 vs fa4-direct (all valid rows): rel err {r['fv_fa4_vs_fa4_direct_all_valid_rows']:.2e}")
+            err = r["fv_fa4_vs_fa4_direct_all_valid_rows"]
+            print(f"fv-fa4 vs fa4-direct (all valid rows): rel err {err:.2e}")
         if "fv-fa4" in vs and "fa4-direct" in vs and "ms" in vs["fv-fa4"] and "ms" in vs["fa4-direct"]:
             print(f"fv-fa4 / fa4-direct throughput: {vs['fa4-direct']['ms'] / vs['fv-fa4']['ms']:.3f}")
         hdr = (f"| {'variant':<30} | {'ms':>9} | {'TFLOP/s':>8} | {'x cuDNN TF':>10} | {'speedup':>8} | "
@@ -543,7 +546,8 @@ def print_table(results, info, small):
             ratio = f"{v['tflops'] / cu:.3f}" if cu else "n/a"
             rs = f"{v.get('n_regs')}/{v.get('n_spills')}" if "n_regs" in v else ""
             print(f"| {name:<30} | {v['ms']:9.3f} | {v['tflops']:8.1f} | {ratio:>10} | "
-                  f"{v.get('speedup_vs_cudnn_dense', float('nan')):7.2f}x | {v['err_vs_fp32_sampled']:8.1e} | {rs:>10} |")
+                  f"{v.get('speedup_vs_cudnn_dense', float('nan')):7.2f}x | "
+                  f"{v['err_vs_fp32_sampled']:8.1e} | {rs:>10} |")
 
 
 def main():

@@ -275,7 +275,8 @@ def render(results: list[dict], seen) -> str:
     for r in results:
         other = "; ".join(f"`{p}`: {why}" for p, why in r["non_attention"]) or "none"
         lines.append(
-            f"| {r['name']} | {_fmt(r['anchor_kinds']) or '0'} | {r['anchors_total'] - r['present']} | {other} |"
+            f"| {r['name']} | {_fmt(r['anchor_kinds']) or '0'} | "
+            f"{r['anchors_total'] - r['present']} | {other} |"
         )
     lines += ["", "### Sites", ""]
     for r in results:

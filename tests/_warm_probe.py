@@ -30,7 +30,8 @@ def main() -> None:
         spec, workload, TimingPlan(1, 0, 1), compiler="inductor", reference=None, progress=PlainProgress(sys.stderr)
     )
     print(json.dumps({k: getattr(result, k) for k in (
-        "status", "error", "compile_s", "cold_cache", "warm_compile_s", "warm_cache_hits", "warm_note", "regional"
+        "status", "error", "compile_s", "cold_cache", "warm_compile_s", "warm_cache_hits",
+        "warm_note", "regional",
     )}))  # fmt: skip
 
 

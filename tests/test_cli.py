@@ -144,7 +144,10 @@ def _sta_workload(**fastvideo):
 def test_a_window_that_covers_the_grid_makes_every_step_dense():
     steps, reason = dense_steps(["SLIDING_TILE_ATTN"], _sta_workload(sta_window=(1, 1, 1)), 2)
     assert steps == [0, 1]
-    assert "sta_window (1, 1, 1) covers the whole grid of (1, 1, 1) tiles (token grid (2, 4, 4) in tiles of (6, 8, 8))" in reason
+    assert (
+        "sta_window (1, 1, 1) covers the whole grid of (1, 1, 1) tiles "
+        "(token grid (2, 4, 4) in tiles of (6, 8, 8))"
+    ) in reason
 
 
 def test_a_window_smaller_than_the_grid_is_sparse_after_the_dense_steps():

@@ -440,7 +440,10 @@ def _(mp):
 @case("option-unknown/torch-compile")
 def _(mp):
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
-    trigger = lambda: fv_compile.fv_compile_backend(gm, [], options={"attention_backnd": "TORCH_SDPA"})  # noqa: E731
+
+    def trigger():
+        return fv_compile.fv_compile_backend(gm, [], options={"attention_backnd": "TORCH_SDPA"})
+
     return Net(), trigger, lambda e: "did you mean 'attention_backend'" in str(e) and "compiler, strict" in str(e)
 
 

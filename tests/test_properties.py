@@ -31,9 +31,10 @@ Budget: a fixed seed (`derandomize=True`, no example database) and 648 random pr
 (see the N_* constants), plus a deterministic one-factor-at-a-time sweep (`ONE_FACTOR`, ~270
 programs) that runs every form the generators know, each changed alone from a plain base program:
 hypothesis' choices also draw on constants collected from the loaded modules, so which rare
-combinations the random programs reach varies with the test selection, while the sweep does not. Every example resets Dynamo, so the recompile limit is never reached and each
-example costs one fresh Dynamo trace (~0.1 s with the eager compiler); the file runs in ~3 min
-on 2 CPU cores. `test_one_factor_sweep_reaches_every_form` fails if a form drops out of the sweep;
+combinations the random programs reach varies with the test selection, while the sweep does not.
+Every example resets Dynamo, so the recompile limit is never reached and each example costs one
+fresh Dynamo trace (~0.1 s with the eager compiler); the file runs in ~3 min on 2 CPU cores.
+`test_one_factor_sweep_reaches_every_form` fails if a form drops out of the sweep;
 scripts/coverage.py tabulates what is generated (docs/coverage.md).
 
 KNOWN_BUGS lists matcher bugs the generators steer around while open (none now: the two this file
@@ -449,9 +450,15 @@ def _mask_line(kind: str, i: int, Sq: int, Sk: int, spelling: str = "op") -> str
         "where_inf": f's = torch.where(keep{i}, s, float("-inf"))',
         "where_drop": f's = torch.where(drop{i}, float("-inf"), s)',
         "causal_tril": f's = s.masked_fill(~torch.ones({Sq}, {Sk}, dtype=torch.bool).tril(), float("-inf"))',
-        "causal_triu": f's = s.masked_fill(torch.triu(torch.ones({Sq}, {Sk}, dtype=torch.bool), diagonal=1), float("-inf"))',
+        "causal_triu": (
+            f"s = s.masked_fill(torch.triu(torch.ones({Sq}, {Sk}, dtype=torch.bool), diagonal=1), "
+            'float("-inf"))'
+        ),
         "causal_add": f's = s + torch.full(({Sq}, {Sk}), float("-inf")).triu(1)',
-        "causal_arange": f's = s.masked_fill(torch.arange({Sk})[None, :] > torch.arange({Sq})[:, None], float("-inf"))',
+        "causal_arange": (
+            f"s = s.masked_fill(torch.arange({Sk})[None, :] > torch.arange({Sq})[:, None], "
+            'float("-inf"))'
+        ),
     }[kind]
 
 

@@ -367,5 +367,6 @@ class SlidingTileAttentionBackend(AttentionBackend):
     def supports(site: AttentionSite) -> str | None:
         # on the CPU a head dim the kernel does not compile for runs on the reference path
         if site.device.startswith("cuda") and site.head_dim not in TRITON_HEAD_DIMS:
-            return f"head dim {site.head_dim} (the kernel supports {' and '.join(map(str, TRITON_HEAD_DIMS))})"
+            supported = " and ".join(map(str, TRITON_HEAD_DIMS))
+            return f"head dim {site.head_dim} (the kernel supports {supported})"
         return None
