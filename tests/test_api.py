@@ -249,6 +249,25 @@ def test_symbolic_trace_graphs_are_rewritten(net):
     assert "fv_compile.attention" not in gm.code
 
 
+def test_symbolic_trace_bias_scaled_by_a_traced_number_is_rewritten():
+    """symbolic_trace records `alpha=q.shape[-1] ** -0.5` as a node holding a number; reading the
+    sign of the bias term once called float() on that node and raised TypeError."""
+
+    class BiasScaledByHeadDim(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            s = torch.add(q @ k.transpose(-2, -1), bias, alpha=q.shape[-1] ** -0.5)
+            return s.softmax(-1) @ v
+
+    q, k, v = (torch.randn(2, 4, 6, 8) for _ in range(3))
+    bias = torch.randn(1, 4, 6, 6)
+    model = BiasScaledByHeadDim()
+    new, report = fv_compile.rewrite_attention(
+        torch.fx.symbolic_trace(model), q, k, v, bias, attention_backend="TORCH_SDPA"
+    )
+    assert [s.status for s in report.sites] == ["rewritten"]
+    torch.testing.assert_close(new(q, k, v, bias), model(q, k, v, bias), atol=1e-5, rtol=1e-5)
+
+
 def test_rewrite_attention_leaves_the_traced_module_as_it_was(net):
     gm = torch.fx.symbolic_trace(net)
     before = [(n.name, dict(n.meta)) for n in gm.graph.nodes]

@@ -342,11 +342,11 @@ def additive_terms(node: Node) -> tuple[Any, Any, float] | None:
     if _func(node, operator.add, operator.iadd, torch.add) or _method(
         node, "add", "add_", "__add__", "__radd__"
     ):
-        alpha = node.kwargs.get("alpha", 1)
-        return node.args[0], node.args[1], float(alpha) if as_number(alpha) is not None else math.nan
+        alpha = as_number(node.kwargs.get("alpha", 1))  # a traced number is a Node: as_number reads it
+        return node.args[0], node.args[1], alpha if alpha is not None else math.nan
     if _func(node, operator.sub, operator.isub, torch.sub) or _method(node, "sub", "sub_", "__sub__"):
-        alpha = node.kwargs.get("alpha", 1)
-        return node.args[0], node.args[1], -float(alpha) if as_number(alpha) is not None else math.nan
+        alpha = as_number(node.kwargs.get("alpha", 1))
+        return node.args[0], node.args[1], -alpha if alpha is not None else math.nan
     return None
 
 
