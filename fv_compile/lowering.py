@@ -70,6 +70,7 @@ def lower_graph(
             site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
             return None
         chosen.append((site, name, cls))
+        assert site.scale is not None, "the matcher sets the scale of every site it proves"
         return owner.register_site(
             impl,
             name,
@@ -81,7 +82,9 @@ def lower_graph(
         )
 
     result = attention_pass(gm, lower, graph_index, record=record)
-    result.gm.fv_site_owner = owner  # whoever holds the rewritten module keeps its sites
+    # whoever holds the rewritten module keeps its sites (a plain attribute: Module.__setattr__'s
+    # stub admits only tensors and modules)
+    result.gm.fv_site_owner = owner  # type: ignore[assignment]
     metadata_backends: list[str] = []
     for site, name, cls in chosen:
         if site.status == REWRITTEN and registry.needs_metadata(cls) and name not in metadata_backends:

@@ -188,10 +188,14 @@ def _with_metadata(gm: GraphModule) -> GraphModule:
             "forward_batch=..., fastvideo_args=...):`"
         )
     owner = ops.SiteOwner()
-    gm.fv_site_owner = owner  # the variants live as long as the module
+    # the variants live as long as the module (a plain attribute: Module.__setattr__'s stub
+    # admits only tensors and modules)
+    gm.fv_site_owner = owner  # type: ignore[assignment]
     for n in needy:
         name = _backend(n)
-        device = n.args[0].meta["example_value"].device
+        q = n.args[0]
+        assert isinstance(q, Node)
+        device = q.meta["example_value"].device
         layout, tensors = context_metadata(ctx, name, device)
         vid = owner.register_variant({name: layout})
         getters = []
@@ -206,4 +210,6 @@ def _with_metadata(gm: GraphModule) -> GraphModule:
 
 
 def _backend(node: Node) -> str:
-    return ops.site_runtime(node.args[4]).backend
+    site = node.args[4]  # fv_compile::attention(q, k, v, mask, site, variant, tensors)
+    assert isinstance(site, int)
+    return ops.site_runtime(site).backend

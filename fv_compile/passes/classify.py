@@ -22,11 +22,11 @@ def classify_role(match: AttentionMatch) -> None:
     """Fill `match.site.role` (and the text split of joint attention)."""
     site = match.site
     seq_cat = _token_concat(match.q.node, site.q_len)
-    if seq_cat is not None and site.q_len == site.kv_len:
-        site.role = "joint"
+    if seq_cat is not None and site.q_len is not None and site.q_len == site.kv_len:
+        site.role = "joint"  # (a concat along the tokens was found: q_len is a static size)
         pieces = seq_cat
         video = max(pieces)
-        site.joint_text_len = site.q_len - video  # type: ignore[operator]
+        site.joint_text_len = site.q_len - video
         site.joint_text_first = pieces.index(video) != 0
         return
     if site.q_len != site.kv_len:
@@ -57,7 +57,10 @@ def _is_linear(node: Node) -> bool:
     if node.op == "call_function" and node.target in _LINEAR:
         return True
     if node.op == "call_module":
-        mod = node.graph.owning_module.get_submodule(node.target)  # type: ignore[union-attr]
+        owner = node.graph.owning_module
+        if owner is None or not isinstance(node.target, str):  # a bare Graph has no submodules
+            return False
+        mod = owner.get_submodule(node.target)
         return isinstance(mod, torch.nn.Linear)
     return False
 
@@ -90,7 +93,7 @@ def _token_concat(node: Node, seq_len: int | None) -> list[int] | None:
             if shape is not None and isinstance(dim, int) and isinstance(tensors, list | tuple):
                 d = dim % len(shape)
                 if len(shape) >= 3 and d != len(shape) - 1 and shape[d] == seq_len:
-                    sizes = [sp.shape_of(t)[d] for t in tensors if sp.shape_of(t) is not None]
+                    sizes = [ts[d] for t in tensors if (ts := sp.shape_of(t)) is not None]
                     if len(sizes) == len(tensors) and len(sizes) >= 2:
                         return sizes
         cur = _main_input(cur)

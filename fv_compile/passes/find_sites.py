@@ -16,7 +16,8 @@ import math
 import operator
 import re
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.fx import GraphModule, Node
@@ -80,7 +81,10 @@ class Regroup(NamedTuple):
     node: Node
     src: tuple[int, ...]
     dst: tuple[int, ...]
-    kind = "regroup"
+
+    @property
+    def kind(self) -> str:
+        return "regroup"
 
 
 class Scale(NamedTuple):
@@ -88,7 +92,10 @@ class Scale(NamedTuple):
 
     node: Node
     factor: float
-    kind = "scale"
+
+    @property
+    def kind(self) -> str:
+        return "scale"
 
 
 class NoOp(NamedTuple):
@@ -96,14 +103,20 @@ class NoOp(NamedTuple):
     (or row-max) shift of every logit of a row."""
 
     node: Node
-    kind = "noop"
+
+    @property
+    def kind(self) -> str:
+        return "noop"
 
 
 class TensorScale(NamedTuple):
     """The scores times a tensor or symbolic value (never proven: a reason to leave the site)."""
 
     node: Node
-    kind = "tensor_scale"
+
+    @property
+    def kind(self) -> str:
+        return "tensor_scale"
 
 
 class Add(NamedTuple):
@@ -112,7 +125,10 @@ class Add(NamedTuple):
     node: Node
     term: Any
     sign: float  # +1, -1, or add's alpha; NaN when alpha is not a number
-    kind = "add"
+
+    @property
+    def kind(self) -> str:
+        return "add"
 
 
 class Fill(NamedTuple):
@@ -136,14 +152,20 @@ class EnterSlice(NamedTuple):
     node: Node
     index: Any
     full: tuple[int, ...] | None
-    kind = "enter_slice"
+
+    @property
+    def kind(self) -> str:
+        return "enter_slice"
 
 
 class ExitSlice(NamedTuple):
     """The write of an updated slice back into the scores."""
 
     node: Node
-    kind = "exit_slice"
+
+    @property
+    def kind(self) -> str:
+        return "exit_slice"
 
 
 ScoreOp = Regroup | Scale | NoOp | TensorScale | Add | Fill | EnterSlice | ExitSlice
@@ -224,6 +246,7 @@ def match_attention_sites(
     skipped: list[AttentionSite] = []
     others: list[NonAttentionSoftmax] = []
     for node in list(gm.graph.nodes):
+        matcher: Callable[[GraphModule, Node], AttentionMatch]
         if sp.is_sdpa(node):
             matcher = _match_sdpa
         elif sp.softmax_dim(node) is not None:
@@ -420,11 +443,13 @@ class _ScoreWalk:
         """Where the walk may go from `node`, most likely first; None where it cannot go on."""
         src = sp.is_reshape(node)
         if src is not None:
-            shapes = _static_shape(src), _static_shape(node)
-            if None not in shapes and (
-                regroup_dims(*shapes) is not None or regroup_dims(*reversed(shapes)) is not None  # type: ignore[arg-type]
+            before, after = _static_shape(src), _static_shape(node)
+            if (
+                before is not None
+                and after is not None
+                and (regroup_dims(before, after) is not None or regroup_dims(after, before) is not None)
             ):
-                return [WalkStep(src, Regroup(node, *shapes))]  # type: ignore[arg-type]
+                return [WalkStep(src, Regroup(node, before, after))]
             return None
         r = sp.scalar_factor(node)
         if r is not None:
@@ -464,10 +489,11 @@ class _ScoreWalk:
         nd = len(_static_shape(a) or ())
         if not nd or sp.row_reduction_input(b, self.dim % nd) is not a:
             return False
-        chain, n = [], b
-        while n is not a:  # getitem / values -> max -> detach -> a
+        chain: list[Node] = []
+        n = b
+        while n is not a:  # getitem / values -> max -> detach -> a: nodes, as row_reduction_input saw
             chain.append(n)
-            n = n.args[0]
+            n = cast(Node, n.args[0])
         self.own_readers.update(chain)
         return True
 
@@ -527,7 +553,8 @@ class _ScoreWalk:
 def _walk_probs(sm: Node) -> ValuePath:
     """Follow the softmax forward to the value contraction through casts, no-op dropout and
     transposes."""
-    node, chain = sm, []
+    node = sm
+    chain: list[Node] = []
     labels = list(range(len(sp.shape_of(sm) or ())))
     for _ in range(8):
         users = list(node.users)
@@ -538,8 +565,9 @@ def _walk_probs(sm: Node) -> ValuePath:
                 raise Unsupported(f"attention weights `{node.name}` are also used by {others}")
             break
         u = users[0]
-        if contractions:
-            return ValuePath(node, u, _value_operand(u, node), chain, labels)  # type: ignore[arg-type]
+        value = _value_operand(u, node)
+        if value is not None:  # u is the contraction
+            return ValuePath(node, u, value, chain, labels)
         p = sp.permutation_of(u)
         if p is not None and p[0] is node:
             labels = [labels[d] for d in p[1]]
@@ -968,6 +996,7 @@ def _finish(
 
     _check_fills(masks, scale)
     masks, causal, nonempty = _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale)
+    empty_rows: str | None
     empty_rows, fill = _empty_row_semantics(masks, form == "sdpa")
     if causal and fill is not None:
         raise Unsupported(
@@ -1180,13 +1209,13 @@ def _is_exact_upcast(src: torch.dtype | None, dst: torch.dtype | None) -> bool:
 def _unmerge_all(q, k, v, label, sizes, upcasts: bool):
     """Recover `[B, H]` from a `[B*H, S, D]` layout when q, k and v all came from the same split."""
     splits = [_unmerge(x, label, sizes[label]) for x in (q, k, v)]
-    if any(s is None for s in splits) or len({s[1] for s in splits}) != 1:  # type: ignore[index]
+    if any(s is None for s in splits) or len({s[1] for s in splits}) != 1:
         return None
-    n1, n2 = splits[0][1]  # type: ignore[index]
+    n1, n2 = splits[0][1]
     outer, inner = f"{label}_0", f"{label}_1"
     sizes[outer], sizes[inner] = n1, n2
     ops = []
-    for node, _split, labels in splits:  # type: ignore[misc]
+    for node, _split, labels in splits:
         ops.append(_strip(Operand(node, labels), 1.0, allow_scale=False, upcasts=upcasts)[0])
     return tuple(ops), [outer, inner]
 
@@ -1273,7 +1302,9 @@ def _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale=1.0):
     A causal mask written with a finite value (-1e9, finfo.min) folds into `causal` only when
     it is the site's only mask: next to another mask, a row both block entirely would hold
     those finite logits, which decide eager's result there."""
-    kept, patterns, finite_causal = [], [], []
+    kept: list[MaskTerm] = []
+    patterns: list[torch.Tensor | None] = []
+    finite_causal: list[tuple[MaskTerm, torch.Tensor]] = []
     for mt in masks:
         if mt.embed:  # applied to a view or slice of the scores: checked when recorded
             kept.append(mt)
@@ -1310,11 +1341,12 @@ def _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale=1.0):
                 patterns.append(attend)
         else:
             causal = True
-    nonempty = bool(kept) and all(p is not None for p in patterns)
+    known = [p for p in patterns if p is not None]
+    nonempty = bool(kept) and len(known) == len(patterns)
     if nonempty:
         shape = [sizes[lab] for lab in score_labels]
         combined = torch.ones(shape, dtype=torch.bool)
-        for p in patterns:
+        for p in known:
             combined = combined & p
         if causal:
             combined = combined & torch.ones(sizes["i"], sizes["j"], dtype=torch.bool).tril()

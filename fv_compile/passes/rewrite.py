@@ -103,6 +103,14 @@ def rewrite_site(
     return op
 
 
+def _shape(node: Node) -> tuple[int, ...]:
+    """The shape of a node of a matched site or of one emitted for it: static, as the matcher
+    proved for the site and shape propagation keeps for what the pass emits."""
+    shape = sp.shape_of(node)
+    assert shape is not None, f"{node.name} has no static shape"
+    return shape
+
+
 def _cast(em, node: Node, dtype: torch.dtype | None) -> Node:
     if dtype is None or sp.dtype_of(node) == dtype:
         return node
@@ -111,7 +119,7 @@ def _cast(em, node: Node, dtype: torch.dtype | None) -> Node:
 
 def _to_bshd(em, op: Operand, seq, feat, outer, head, sizes, *, full_head: bool) -> Node:
     node, labels = op.node, list(op.labels)
-    shape = list(sp.shape_of(node))
+    shape = list(_shape(node))
     target = outer + [seq] + ([head] if head else []) + [feat]
     present = [lab for lab in target if lab in labels]
     perm = [labels.index(lab) for lab in present]
@@ -146,7 +154,7 @@ def _from_bshd(em, op: Node, match: AttentionMatch) -> Node:
     if not outer:
         node = em.method("squeeze", node, 0)
     elif len(outer) > 1:
-        node = em.method("reshape", node, *[sizes[b] for b in outer], *sp.shape_of(node)[1:])
+        node = em.method("reshape", node, *[sizes[b] for b in outer], *_shape(node)[1:])
     current = outer + ["i"] + ([head] if head else []) + ["e"]
     want = list(match.out_labels)
     if match.merged is not None:
@@ -157,7 +165,7 @@ def _from_bshd(em, op: Node, match: AttentionMatch) -> Node:
     if perm != list(range(len(perm))):
         node = em.method("permute", node, *perm)
     if match.merged is not None:
-        node = em.method("reshape", node, *sp.shape_of(match.output))
+        node = em.method("reshape", node, *_shape(match.output))
     dtype = sp.dtype_of(match.output)
     if dtype is not None and dtype != sp.dtype_of(node):
         node = em.method("to", node, dtype)
@@ -169,7 +177,7 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
     if not match.masks:
         return None
     # terms applied to the same view of the scores are combined there, then placed once
-    groups: dict[tuple, tuple[list[tuple], list[Node]]] = {}
+    groups: dict[tuple, tuple[list[ScoresView], list[Node]]] = {}
     for term in match.masks:
         node = replaced.get(term.node, term.node)
         if term.kind == "masked":
@@ -200,35 +208,37 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
 
 def _embed(em, node: Node, step: ScoresView, *, attend: bool) -> Node:
     """A mask term applied to a view of the scores, brought to the scores' own shape."""
-    shape = list(sp.shape_of(node))
+    shape = list(_shape(node))
     if isinstance(step, RegroupedView):  # the term broadcasts to `view`, a reshape of the scores' `base`
         view, base = step.view, step.base
         shape = [1] * (len(view) - len(shape)) + shape
-        if len(shape) != len(sp.shape_of(node)):
+        if len(shape) != len(_shape(node)):
             node = em.method("reshape", node, *shape)
         if len(view) >= len(base):  # the view split dims of the scores: merge them back
             groups = regroup_dims(tuple(base), tuple(view))
+            assert groups is not None, "the score walk records a view only of a regrouping reshape"
             full = list(shape)
-            for group in groups:  # type: ignore[union-attr]
+            for group in groups:
                 if any(shape[d] != 1 for d in group):
                     for d in group:
                         full[d] = view[d]
             if full != shape:
                 node = em.method("expand", node, *full)
-            merged = [math.prod(full[d] for d in g) for g in groups]  # type: ignore[union-attr]
+            merged = [math.prod(full[d] for d in g) for g in groups]
         else:  # the view merged dims of the scores: split them again
             groups = regroup_dims(tuple(view), tuple(base))
+            assert groups is not None, "the score walk records a view only of a regrouping reshape"
             merged = []
-            for d, group in enumerate(groups):  # type: ignore[arg-type]
+            for d, group in enumerate(groups):
                 merged += [base[g] if shape[d] != 1 else 1 for g in group]
         return em.method("reshape", node, *merged)
-    index, full = step.index, step.full  # a term written into `scores[index]`: neutral everywhere else
-    sliced = list(torch.empty(full, device="meta")[index].shape)
+    index, scores_shape = step.index, step.full  # a term written into `scores[index]`: neutral elsewhere
+    sliced = list(torch.empty(scores_shape, device="meta")[index].shape)
     shape = [1] * (len(sliced) - len(shape)) + shape
     if shape != sliced:
         node = em.method("expand", node, *sliced)
     neutral = True if attend else 0.0
-    return _placed(em, node, list(index), list(full), neutral)
+    return _placed(em, node, list(index), list(scores_shape), neutral)
 
 
 def _placed(em, src: Node, index: list, full: list[int], neutral: Any) -> Node:
@@ -272,15 +282,15 @@ def _keys_no_query_attends(em, match: AttentionMatch, replaced: dict[Node, Node]
         attend = node if attend is None else em.function(torch.logical_and, attend, node)
     used = em.method("any", attend, 2, True)  # [B|1, H|1, 1, Sk]
     heads, kv_heads = match.site.heads or 1, match.site.kv_heads or 1
-    h = sp.shape_of(used)[1]
+    h = _shape(used)[1]
     if h != 1 and kv_heads != heads:  # a kv head is used if any of its query heads uses it
-        b, sk = sp.shape_of(used)[0], sp.shape_of(used)[-1]
+        b, sk = _shape(used)[0], _shape(used)[-1]
         used = em.method("any", em.method("reshape", used, b, kv_heads, heads // kv_heads, 1, sk), 2)
     return em.function(torch.logical_not, em.method("permute", used, 0, 3, 1, 2))
 
 
 def _mask_to_bhss(em, node: Node, match: AttentionMatch) -> Node:
-    shape = list(sp.shape_of(node))
+    shape = list(_shape(node))
     labels = list(match.score_labels[len(match.score_labels) - len(shape) :])
     if match.merged is not None and match.merged[0] in labels:
         merged, parts = match.merged

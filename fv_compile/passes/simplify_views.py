@@ -26,14 +26,14 @@ def simplify_views(gm: GraphModule) -> list[Node]:
         if p is not None and isinstance(p[0], Node) and p[0].meta.get(EMITTED):
             inner = sp.permutation_of(p[0])
             if inner is not None:
-                src, p1 = inner
+                permuted, p1 = inner
                 composed = [p1[i] for i in p[1]]
-                _replace(graph, node, src, "permute", composed)
+                _replace(graph, node, permuted, "permute", composed)
                 bypassed.append(node)
             continue
         src = sp.is_reshape(node)
         if src is not None and src.meta.get(EMITTED):
-            base = sp.is_reshape(src) or src if _is_emitted_reshape(src) else src
+            base = (sp.is_reshape(src) or src) if _is_emitted_reshape(src) else src
             if sp.shape_of(node) == sp.shape_of(base):
                 node.replace_all_uses_with(base)
                 bypassed.append(node)
@@ -43,7 +43,8 @@ def simplify_views(gm: GraphModule) -> list[Node]:
                 cont.meta.update(src.meta)
                 node.replace_input_with(src, cont)
             elif node.target == "view" or base is not src:
-                shape = list(sp.shape_of(node))
+                shape = sp.shape_of(node)
+                assert shape is not None, "a view of an emitted node has the static shape of a site"
                 with graph.inserting_before(node):
                     new = graph.call_method("reshape", (base, *shape))
                 new.meta.update(node.meta)

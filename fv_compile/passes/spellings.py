@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,6 +56,12 @@ def _method(node: Node, *names: str) -> bool:
 
 def _func(node: Node, *targets: Any) -> bool:
     return node.op == "call_function" and any(node.target is t for t in targets)
+
+
+def _tensor_input(node: Node) -> Node | None:
+    """The op's first argument (self, for a method) when it is a traced value, as a tensor is."""
+    x = node.args[0]
+    return x if isinstance(x, Node) else None
 
 
 def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
@@ -144,7 +151,7 @@ def einsum_operands(node: Node) -> tuple[str, list[Any]] | None:
     if not isinstance(eq, str):
         return None
     eq = eq.replace(" ", "")
-    ranks = [len(shape_of(o)) if shape_of(o) is not None else -1 for o in ops]
+    ranks = [len(shape) if (shape := shape_of(o)) is not None else -1 for o in ops]
     if ("..." in eq or "->" not in eq) and -1 not in ranks:
         eq = explicit_einsum(eq, ranks) or eq
     return eq, ops
@@ -211,7 +218,7 @@ def permutation_of(node: Node) -> tuple[Node, list[int]] | None:
         node, torch.transpose, torch.swapaxes, torch.swapdims
     ):
         x, d0, d1 = node.args[0], arg(node, 1, "dim0"), arg(node, 2, "dim1")
-        if not isinstance(d0, int) or not isinstance(d1, int):
+        if not isinstance(x, Node) or not isinstance(d0, int) or not isinstance(d1, int):
             return None
         perm = list(range(nd))
         d0, d1 = d0 % nd, d1 % nd
@@ -219,14 +226,16 @@ def permutation_of(node: Node) -> tuple[Node, list[int]] | None:
         return x, perm
     if _method(node, "permute") or _func(node, torch.permute):
         x = node.args[0]
-        dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+        dims: Sequence[Any] = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], list | tuple):
             dims = dims[0]
-        if not all(isinstance(d, int) for d in dims):
+        if not isinstance(x, Node) or not all(isinstance(d, int) for d in dims):
             return None
         return x, [d % nd for d in dims]
     if (_func(node, getattr) and node.args[1] in ("mT", "T")) or _method(node, "t"):
         x = node.args[0]
+        if not isinstance(x, Node):
+            return None
         perm = list(range(nd))
         if nd >= 2:
             perm[-1], perm[-2] = perm[-2], perm[-1]
@@ -266,7 +275,7 @@ def dropout_input(node: Node) -> Node | None:
     else:
         return None
     if training is False or p == 0 or p == 0.0:
-        return node.args[0]
+        return _tensor_input(node)
     return None
 
 
@@ -299,10 +308,11 @@ def scalar_factor(node: Node) -> tuple[Node, float] | None:
         node, "mul", "mul_", "__mul__", "__rmul__"
     ):
         a, b = node.args[0], node.args[1]
-        if isinstance(a, Node) and as_number(b) is not None:
-            return a, as_number(b)  # type: ignore[return-value]
-        if isinstance(b, Node) and as_number(a) is not None:
-            return b, as_number(a)  # type: ignore[return-value]
+        ca, cb = as_number(a), as_number(b)
+        if isinstance(a, Node) and cb is not None:
+            return a, cb
+        if isinstance(b, Node) and ca is not None:
+            return b, ca
         return None
     if _func(node, operator.truediv, operator.itruediv, torch.div, torch.true_divide) or _method(
         node, "div", "div_", "__truediv__", "true_divide"
@@ -386,7 +396,8 @@ def inplace_target(node: Node) -> Node | None:
 def masked_fill_args(node: Node) -> tuple[Node, Any, Any] | None:
     """`(x, mask, value)` for x.masked_fill(mask, value), torch.masked_fill and x.masked_fill_."""
     if _method(node, "masked_fill", "masked_fill_") or _func(node, torch.masked_fill):
-        return node.args[0], arg(node, 1, "mask"), arg(node, 2, "value")
+        x = node.args[0]
+        return (x, arg(node, 1, "mask"), arg(node, 2, "value")) if isinstance(x, Node) else None
     return None
 
 
@@ -430,12 +441,12 @@ def is_expand(node: Node) -> Node | None:
 def is_unsqueeze_like(node: Node) -> Node | None:
     """x when node only inserts size-1 dims into x (unsqueeze, x[:, None], ...)."""
     if _method(node, "unsqueeze") or _func(node, torch.unsqueeze):
-        return node.args[0]
+        return _tensor_input(node)
     if (
         _func(node, operator.getitem) and isinstance(node.args[1], tuple)
         and all(i is None or i == slice(None) or i is Ellipsis for i in node.args[1])
     ):
-        return node.args[0]
+        return _tensor_input(node)
     return None
 
 
