@@ -42,7 +42,7 @@ class VideoDiTConfig:
     def hidden_dim(self) -> int:
         return self.num_heads * self.head_dim
 
-    def token_grid(self, grid: Grid) -> Grid:
+    def token_grid(self, grid: tuple[int, ...]) -> Grid:
         """Token grid after patching; rejects latent grids the patch does not tile."""
         if len(grid) != 3 or any(n % p or n <= 0 for n, p in zip(grid, self.patch_size)):
             raise FvCompileError(f"latent grid {tuple(grid)} is not a positive multiple of patch {self.patch_size}")

@@ -42,7 +42,7 @@ _Inputs = tuple[tuple[torch.Tensor, ...], dict[str, Any]]
 
 
 def _wan_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Generator) -> _Inputs:
-    cfg = model.config
+    cfg: Any = model.config  # diffusers' FrozenDict: its keys read as attributes
     latent = torch.randn(batch, cfg.in_channels, *spec.grid, generator=gen)
     timestep = torch.randint(0, 1000, (batch,), generator=gen)
     text = torch.randn(batch, spec.text_len, cfg.text_dim, generator=gen)
@@ -52,7 +52,7 @@ def _wan_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Generator)
 def _cogvideox_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Generator) -> _Inputs:
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
-    cfg = model.config
+    cfg: Any = model.config  # diffusers' FrozenDict: its keys read as attributes
     frames, height, width = spec.grid
     latent = torch.randn(batch, frames, cfg.in_channels, height, width, generator=gen)  # frames first
     text = torch.randn(batch, spec.text_len, cfg.text_embed_dim, generator=gen)
@@ -71,7 +71,7 @@ def _cogvideox_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Gene
 
 
 def _hunyuan_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Generator) -> _Inputs:
-    cfg = model.config
+    cfg: Any = model.config  # diffusers' FrozenDict: its keys read as attributes
     latent = torch.randn(batch, cfg.in_channels, *spec.grid, generator=gen)
     timestep = torch.randint(0, 1000, (batch,), generator=gen)
     text = torch.randn(batch, spec.text_len, cfg.text_embed_dim, generator=gen)
@@ -200,7 +200,8 @@ _LTX_FRAME_RATE = 25.0
 def _generic_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Generator) -> _Inputs:
     """Inputs from the names of forward's parameters: the latent, text embeddings, a timestep, a
     text mask (a quarter padded), pooled text, guidance; optional parameters left at defaults."""
-    cls, cfg = type(model), model.config
+    cls = type(model)
+    cfg: Any = model.config  # diffusers' FrozenDict
     family = _family(cls.__name__)
     frames, height, width = spec.grid
     channels = cfg.get("in_channels")
@@ -260,7 +261,7 @@ def vae_compression(class_name: str) -> tuple[int, int]:
     return _family(class_name).vae
 
 
-def _init_parameters(model_cls: type) -> dict[str, Any]:
+def _init_parameters(model_cls: type[Any]) -> dict[str, Any]:
     return {
         name: p.default
         for name, p in inspect.signature(model_cls.__init__).parameters.items()
@@ -289,15 +290,20 @@ def _check_overrides(model_cls: type, overrides: dict[str, Any]) -> None:
         )
 
 
-def _patch(config: dict[str, Any]) -> Grid:
+def _patch(config: dict[str, Any]) -> tuple[int, ...]:
+    """(t, h, w) patch of a config; a patch_size tuple is taken as given (its last three)."""
     patch = config.get("patch_size") or 1
     if isinstance(patch, (tuple, list)):
-        return tuple(int(p) for p in patch)[-3:]  # type: ignore[return-value]
+        return tuple(int(p) for p in patch)[-3:]
     return (int(config.get("patch_size_t") or 1), int(patch), int(patch))
 
 
 def _grid(
-    spec: _Spec, family: _Family, grid: Grid | None, video: tuple[int | None, ...] | None, patch: Grid
+    spec: _Spec,
+    family: _Family,
+    grid: Grid | None,
+    video: tuple[int | None, ...] | None,
+    patch: tuple[int, ...],
 ) -> Grid:
     """The latent grid: `grid`, else the pixel `video` (None entries: the preset's own size)
     through the class's VAE; checked against the patch."""
@@ -308,10 +314,10 @@ def _grid(
         frames, height, width = spec.grid
         defaults = ((frames - 1) * t + 1, height * s, width * s)  # the pixel size of the preset's grid
         grid = latent_grid(*(d if n is None else n for n, d in zip(video, defaults)), temporal=t, spatial=s)
-    grid = tuple(spec.grid if grid is None else grid)
-    if len(grid) != 3 or any(n % p or n <= 0 for n, p in zip(grid, patch)):
-        raise FvCompileError(f"latent grid {grid} is not a positive multiple of patch {patch}")
-    return grid  # type: ignore[return-value]
+    latent = tuple(spec.grid if grid is None else grid)
+    if len(latent) != 3 or any(n % p or n <= 0 for n, p in zip(latent, patch)):
+        raise FvCompileError(f"latent grid {latent} is not a positive multiple of patch {patch}")
+    return latent[0], latent[1], latent[2]
 
 
 def _import_diffusers() -> Any:
@@ -330,7 +336,8 @@ def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Modul
     A plain ``model.to(dtype)`` would also cast e.g. Wan's time embedder and
     norms, which no real checkpoint runs in low precision.
     """
-    keep = model._keep_in_fp32_modules or []
+    pinned: Any = model._keep_in_fp32_modules  # ModelMixin's: None or a list of module names
+    keep: list[str] = pinned or []
     for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
         if tensor.is_floating_point() and not any(m in name.split(".") for m in keep):
             tensor.data = tensor.data.to(dtype)
@@ -370,13 +377,15 @@ def from_diffusers(
     (``return_dict=False``). ``device="meta"`` builds without allocating, for
     shape and FLOP tools.
     """
-    diffusers = None
     specs = _SPECS.get(class_name)
     if specs is None:
+        model_cls = None
         if class_name.endswith("Transformer3DModel"):
             diffusers = _import_diffusers()
-        model_cls = getattr(diffusers, class_name, None) if diffusers is not None else None
-        if not (isinstance(model_cls, type) and issubclass(model_cls, diffusers.ModelMixin)):
+            candidate = getattr(diffusers, class_name, None)
+            if isinstance(candidate, type) and issubclass(candidate, diffusers.ModelMixin):
+                model_cls = candidate
+        if model_cls is None:
             raise FvCompileError(
                 f"unsupported diffusers class {class_name!r}; supported: {', '.join(_SPECS)}, or any "
                 "other diffusers video transformer (a class named *Transformer3DModel)"
@@ -390,7 +399,7 @@ def from_diffusers(
     else:
         raise FvCompileError(f"unknown {class_name} preset {preset_or_config!r}; valid: {', '.join(specs)}")
 
-    model_cls = getattr(diffusers or _import_diffusers(), class_name)
+    model_cls = getattr(_import_diffusers(), class_name)
     overrides = {**(preset_or_config if isinstance(preset_or_config, dict) else {}), **(config or {})}
     _check_overrides(model_cls, overrides)
     family = _family(class_name)

@@ -104,7 +104,8 @@ def build_model(
 
 def _resolve_grid(
     cfg: VideoDiTConfig, frames: int | None, height: int | None, width: int | None, grid: Grid | None
-) -> Grid:
+) -> tuple[int, ...]:
+    """The latent grid asked for; a caller's `grid` as given, for `token_grid` to check."""
     video = (frames, height, width)
     if grid is not None:
         if any(n is not None for n in video):
@@ -151,10 +152,12 @@ def example_inputs(
     default to the model's when a model is given, else float32 on CPU. Values
     are drawn on the CPU, so a seed gives the same inputs on every device.
     """
+    cfg: VideoDiTConfig
     if isinstance(model_or_preset, nn.Module):
-        cfg = model_or_preset.config
-        if not isinstance(cfg, VideoDiTConfig):
+        config = model_or_preset.config
+        if not isinstance(config, VideoDiTConfig):
             raise FvCompileTypeError(f"{type(model_or_preset).__name__} is not a model from build_model")
+        cfg = config
         param = next(model_or_preset.parameters())
         dtype = param.dtype if dtype is None else dtype
         device = param.device if device is None else device
