@@ -49,6 +49,7 @@ def context_metadata(
     if key not in ctx.built:
         backend = registry.get_backend(name)
         builder_cls = backend.get_builder_cls()
+        assert builder_cls is not None, f"{name} has no metadata builder: no site of it needs one"
         try:
             md = builder_cls().build(
                 current_timestep=ctx.current_timestep,

@@ -43,7 +43,7 @@ class DenseBackend(AttentionBackend):
         return SiteMetadata
 
     @staticmethod
-    def get_builder_cls() -> None:  # type: ignore[override]
+    def get_builder_cls() -> None:
         return None
 
 

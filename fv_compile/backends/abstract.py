@@ -157,7 +157,8 @@ class AttentionBackend(ABC):
 
     @staticmethod
     @abstractmethod
-    def get_builder_cls() -> type[AttentionMetadataBuilder]: ...
+    def get_builder_cls() -> type[AttentionMetadataBuilder] | None:
+        """The metadata builder class; None for a backend that needs no per-step metadata."""
 
     @staticmethod
     def supports(site: AttentionSite) -> str | None:
@@ -287,7 +288,7 @@ def capabilities(backend_cls: type) -> Capabilities:
     )
 
 
-def _name_of(backend_cls: type) -> str:
+def _name_of(backend_cls: type[Any]) -> str:  # ours or FastVideo's: duck-typed
     try:
         return str(backend_cls.get_name())
     except Exception:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -86,7 +86,8 @@ def sparse_kernel_choice(args: Any) -> str:
 class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
     def build(self, current_timestep, forward_batch, fastvideo_args) -> SlidingTileMetadata:
         grid = token_grid(getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args))
-        tile = tuple(int(x) for x in getattr(fastvideo_args, "sta_tile_size", (6, 8, 8)))
+        # the user's (t, h, w); a tile of another length fails where it is unpacked
+        tile = cast(Grid, tuple(int(x) for x in getattr(fastvideo_args, "sta_tile_size", (6, 8, 8))))
         n_tiles = tiles_per_axis(grid, tile)
         text_all = bool(getattr(fastvideo_args, "sta_text_attends_all", True))
         kernel = sparse_kernel_choice(fastvideo_args)
@@ -154,7 +155,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             self.q_len: int | None = site.q_len
             self.text_len = int(site.joint_text_len or 0) if joint else 0
             self.text_first = bool(joint and site.joint_text_first)
-            self.role = site.role
+            self.role: str | None = site.role
         else:
             if joint_text_len is not None and (isinstance(joint_text_len, bool) or int(joint_text_len) < 0):
                 raise FvCompileError(f"joint_text_len must be a token count >= 0, got {joint_text_len!r}")
@@ -235,19 +236,21 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         """`(gather, scatter, is_token)`: the site's row for every tile-major slot (video tiles,
         then text padded to whole tiles), every site row's slot, and which slots hold a token."""
         text = self._text_len(md, length)
-        return _cached("order", md.tile_index, (text, self.text_first), lambda: self._build_order(md, text))
+        tile_index = _sparse_layout(md.tile_index)
+        return _cached("order", tile_index, (text, self.text_first), lambda: self._build_order(md, text))
 
     def _build_order(self, md: SlidingTileMetadata, text: int):
-        n, slots = math.prod(md.grid), md.tile_index.shape[0]
+        tile_index, untile_index = _sparse_layout(md.tile_index), _sparse_layout(md.untile_index)
+        n, slots = math.prod(md.grid), tile_index.shape[0]
         video_at, text_at = (text, 0) if self.text_first else (0, n)
-        dev = md.tile_index.device
-        video = torch.where(md.tile_index < n, md.tile_index + video_at, video_at)
+        dev = tile_index.device
+        video = torch.where(tile_index < n, tile_index + video_at, video_at)
         pad = torch.full(((-text) % math.prod(md.tile),), video_at, dtype=torch.long, device=dev)
         gather = torch.cat([video, torch.arange(text, device=dev) + text_at, pad])
         words = torch.arange(slots, slots + text, device=dev)
-        parts = [words, md.untile_index] if self.text_first else [md.untile_index, words]
+        parts = [words, untile_index] if self.text_first else [untile_index, words]
         is_token = torch.cat([
-            md.tile_index < n,
+            tile_index < n,
             torch.ones(text, dtype=torch.bool, device=dev),
             torch.zeros(pad.shape[0], dtype=torch.bool, device=dev),
         ])
@@ -272,15 +275,15 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
                 "use sta_kernel='auto' to run the Triton kernel where FA4 cannot"
             )
         key_mask = self._key_mask(md)
-        if key_mask is None:
-            lists = self._block_lists(md, volume, use_fa4)
-        else:  # the lists' FA4 form depends on the mask: built per call from the step's tile lists
-            lists = self._block_lists(md, volume, False)
-            if use_fa4:
-                lists = fa4_block_lists(*lists, volume, True, key_mask)
+        if key_mask is None and use_fa4:
+            fa4_lists = self._block_lists(md, volume, True)
+            return fa4_block_sparse_attention(query, key, value, fa4_lists, self.scale)
+        # the step's tile lists; with a key mask, FA4's form of them depends on it: built per call
+        index, counts, valid = self._block_lists(md, volume, False)
         if use_fa4:
-            return fa4_block_sparse_attention(query, key, value, lists, self.scale)
-        return block_sparse_attention(query, key, value, *lists, volume, self.scale, key_mask)
+            fa4_lists = fa4_block_lists(index, counts, valid, volume, True, key_mask)
+            return fa4_block_sparse_attention(query, key, value, fa4_lists, self.scale)
+        return block_sparse_attention(query, key, value, index, counts, valid, volume, self.scale, key_mask)
 
     def _key_mask(self, md: SlidingTileMetadata) -> torch.Tensor | None:
         """The site's key padding mask (`[B|1, 1, 1, S]`, True = attend) in tile-major slot order,
@@ -301,21 +304,30 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         flash-attn-4 kernel), built once per step."""
         text = self._text_len(md)
         running = current_layer()  # under regional compilation every block runs this one impl
-        layer = min(self.layer if running is None else running, md.kv_indices.shape[0] - 1)
+        kv_indices = _sparse_layout(md.kv_indices)
+        layer = min(self.layer if running is None else running, kv_indices.shape[0] - 1)
         return _cached(
-            f"lists:{layer}", md.kv_indices, (text, fa4, md.text_attends_all), lambda: self._build_lists(md, volume, text, fa4, layer)
+            f"lists:{layer}", kv_indices, (text, fa4, md.text_attends_all), lambda: self._build_lists(md, volume, text, fa4, layer)
         )
 
     def _build_lists(self, md: SlidingTileMetadata, volume: int, text: int, fa4: bool, layer: int):
-        lists = (md.kv_indices[layer], md.kv_counts[layer], md.block_valid)
+        kv_indices, kv_counts = _sparse_layout(md.kv_indices), _sparse_layout(md.kv_counts)
+        lists = (kv_indices[layer], kv_counts[layer], _sparse_layout(md.block_valid))
         if text:
             lists = with_text_blocks(*lists, text, volume, md.text_attends_all)
-        lists = tuple(t.contiguous() for t in lists)
+        index, counts, valid = (t.contiguous() for t in lists)
         if fa4:
             # which tiles end inside a 128-row piece is known on the host: no device sync
             ragged = has_ragged_tiles(tile_geometry(md.grid, md.tile)[2]) or text % PIECE != 0
-            lists = fa4_block_lists(*lists, volume, ragged)
-        return lists
+            return fa4_block_lists(index, counts, valid, volume, ragged)
+        return index, counts, valid
+
+
+def _sparse_layout(tensor: torch.Tensor | None) -> torch.Tensor:
+    """A tensor of a sparse step's tile layout (SlidingTileMetadata leaves them None only on
+    dense steps, which never reach the tile code)."""
+    assert tensor is not None, "a sparse step's metadata holds its tile layout"
+    return tensor
 
 
 def _cached(name: str, source: torch.Tensor, key: Any, build):

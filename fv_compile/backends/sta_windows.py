@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 from fv_compile.backends.tiles import Grid
 from fv_compile.errors import FvCompileError
@@ -32,6 +32,12 @@ def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
     return (t // patch[0], h // patch[1], w // patch[2])
 
 
+def _window(values: Any) -> Grid:
+    """A window `(wt, wh, ww)` as the user wrote it, in ints (typed a triple: one of another
+    length fails where it is indexed, as it always has)."""
+    return cast(Grid, tuple(int(x) for x in values))
+
+
 def _load_strategy(path: str) -> dict[tuple[int, int, int], Grid]:
     """FastVideo's mask-strategy JSON: `{"<step>_<layer>_<head>": [wt, wh, ww], ...}`."""
     stat = os.stat(path)
@@ -46,7 +52,7 @@ def _parse_strategy(path: str, mtime_ns: int, size: int) -> dict[tuple[int, int,
     out = {}
     for key, window in raw.items():
         step, layer, head = (int(x) for x in key.split("_"))
-        out[(step, layer, head)] = tuple(int(x) for x in window)
+        out[(step, layer, head)] = _window(window)
     return out
 
 
@@ -59,7 +65,7 @@ def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> lis
     path = getattr(args, "mask_strategy_file_path", None)
     if param is not None:
         per_step = param[min(step, len(param) - 1)]
-        windows = [[tuple(int(x) for x in w) for w in layer] for layer in per_step]
+        windows = [[_window(w) for w in layer] for layer in per_step]
     elif path:
         table = _load_strategy(path)
         layers = 1 + max(k[1] for k in table)
@@ -70,7 +76,7 @@ def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> lis
             [table.get((use, li, hi), n_tiles) for hi in range(heads)] for li in range(layers)
         ]
     elif getattr(args, "sta_window", None) is not None:
-        windows = [[tuple(int(x) for x in args.sta_window)]]
+        windows = [[_window(args.sta_window)]]
     else:
         raise FvCompileError(
             "SLIDING_TILE_ATTN needs windows: set FastVideoArgs(sta_window=(wt, wh, ww)) (in tiles), "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import cast
 
 import torch
 
@@ -17,7 +18,7 @@ Grid = tuple[int, int, int]
 
 
 def tiles_per_axis(grid: Grid, tile: Grid) -> Grid:
-    return tuple(math.ceil(g / t) for g, t in zip(grid, tile))  # type: ignore[return-value]
+    return cast(Grid, tuple(math.ceil(g / t) for g, t in zip(grid, tile)))  # one per axis
 
 
 @functools.lru_cache(maxsize=32)

@@ -426,11 +426,11 @@ def attention_fwd(
 
     if (config is None and use_tma and not interpret and q.dtype != torch.float32
             and os.environ.get("FV_FLASH_AUTOTUNE", "0") == "1"):
-        def grid(meta):
+        def autotuned_grid(meta):
             return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
 
         common["SK_BUCKET"] = _sk_bucket(Sk)  # part of the autotune key only
-        _attn_fwd_autotuned[grid](*args, **common, WARP_SPECIALIZE=False)
+        _attn_fwd_autotuned[autotuned_grid](*args, **common, WARP_SPECIALIZE=False)
         return out
 
     if config is None:
