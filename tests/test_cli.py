@@ -116,12 +116,17 @@ def test_report_exits_zero_when_every_variant_runs(ltx_report):
 
 def test_compile_repeated_blocks_leaves_the_users_model_uncompiled():
     pytest.importorskip("diffusers")
-    from fv_compile.report.variants import REPEATED_BLOCKS, VariantSpec, _build, _drop
+    from fv_compile.report.variants import (
+        REPEATED_BLOCKS,
+        VariantSpec,
+        _build,
+        _undo_in_place_compile,
+    )
 
     model = load_workload("diffusers:LTXVideoTransformer3DModel").model
     _build(VariantSpec(REPEATED_BLOCKS), model, "eager", "auto")
     assert any(m._compiled_call_impl is not None for m in model.modules())
-    _drop(None, model)
+    _undo_in_place_compile(model)
     assert all(m._compiled_call_impl is None for m in model.modules())
 
 

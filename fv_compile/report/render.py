@@ -57,6 +57,7 @@ def variant_rows(report: Report) -> list[list[str]]:
             )
             continue
         lat, err = r.latency, r.error_vs_eager
+        assert lat is not None, "a variant that did not fail was timed"
         rows.append([
             r.name,
             status_cell(r),
@@ -122,14 +123,14 @@ def report_notes(report: Report) -> list[str]:
             + "; ".join(f"**{r.name}**: {r.timing_flag}" for r in noisy)
             + f"). Rule: {TIMING_RULE}."
         )
-    fv = [r for r in report.variants if r.kind == FV_COMPILE and r.ok and r.regional]
-    if fv:
+    compiled = [r.regional for r in report.variants if r.kind == FV_COMPILE and r.ok and r.regional]
+    if compiled:
         regional = report.config.get("regional", "auto")
         how = "by default (regional='auto')" if regional == "auto" else f"with regional={regional!r}"
         notes.append(
             f"fv_compile variants are fv_compile.compile(model, backend) as a user gets it {how}: "
-            f"it compiled {fv[0].regional}"
-            + ("; the code between the blocks runs eagerly." if "blocks" in fv[0].regional else ".")
+            f"it compiled {compiled[0]}"
+            + ("; the code between the blocks runs eagerly." if "blocks" in compiled[0] else ".")
         )
     for r in report.variants:
         if r.ok and r.warm_note and r.warm_compile_s is not None and "no cache hits" in r.warm_note:

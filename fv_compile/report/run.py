@@ -186,9 +186,11 @@ def cpu_gap_analysis(results: list[VariantResult], compiler: str = "inductor") -
 
 
 def _gap_paragraph(r: VariantResult, base: VariantResult, compiler: str) -> str:
+    mine, theirs = r.attention, base.attention
+    assert r.latency is not None and base.latency is not None, "cpu_gap_analysis passes timed ones"
+    assert mine is not None and theirs is not None, "and profiled ones"
     ratio = base.latency.median_ms / r.latency.median_ms
     gap = r.latency.median_ms - base.latency.median_ms
-    mine, theirs = r.attention, base.attention
     trails = round(ratio, 2) < 1
     verdict = "trails" if trails else "is on par with" if round(ratio, 2) == 1 else "does not trail"
     head = (
@@ -267,6 +269,7 @@ def _gap_paragraph(r: VariantResult, base: VariantResult, compiler: str) -> str:
 def _summary(r: VariantResult) -> str:
     if not r.ok:
         return f"FAILED during {r.failed_during}: {r.error}"
+    assert r.latency is not None, "a variant that did not fail was timed"
     text = f"{r.latency.median_ms:.2f} ms/step"
     if r.status != "ok":
         text += f" ({r.status})"

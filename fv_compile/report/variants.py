@@ -212,7 +212,9 @@ def _probe_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
         compiled = fv_compile.compile(_ProbeAttention(), name, compiler="eager", strict=True)
         with torch.no_grad(), fv_compile.forward_context():
             compiled(q, k, v)
-        return compiled.explain().sites[0].backend
+        ran = compiled.explain().sites[0].backend
+        assert ran is not None, "a strict compile gives its site a backend or raises"
+        return ran
     finally:
         torch._dynamo.reset()
 
@@ -234,11 +236,9 @@ def build_variants(
 def has_repeated_blocks(model: torch.nn.Module) -> bool:
     """Whether `model` is a diffusers model with `compile_repeated_blocks` and blocks to compile."""
     names = getattr(model, "_repeated_blocks", None)
-    return (
-        callable(getattr(model, "compile_repeated_blocks", None))
-        and bool(names)
-        and any(type(m).__name__ in names for m in model.modules())
-    )
+    if not names or not callable(getattr(model, "compile_repeated_blocks", None)):
+        return False
+    return any(type(m).__name__ in names for m in model.modules())
 
 
 def run_variant(
@@ -314,7 +314,8 @@ def run_variant(
                 progress.phase("profiling one step")
                 result.attention = profile_attention(lambda: call_step(model, workload, 0), device)
                 _record_compile_stats(result, spec, model)  # before the warm compile's and verify's
-                model = _drop(model, workload.model)
+                _undo_in_place_compile(workload.model)
+                model = None  # the compiled variant, forgotten
                 _release(device)
 
                 if warm_compile:
@@ -343,7 +344,8 @@ def run_variant(
             if model is not None:
                 _record_compile_stats(result, spec, model)
         finally:
-            model = _drop(model, workload.model)  # before the next variant compiles
+            _undo_in_place_compile(workload.model)
+            model = None  # the compiled variant, forgotten before the next one compiles
             _release(device)
     return result, first_output
 
@@ -390,7 +392,8 @@ def measure_warm_compile(
             "aot_autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
         }
     finally:
-        model = _drop(model, workload.model)
+        _undo_in_place_compile(workload.model)
+        model = None
         _release(workload.device)
     result.warm_compile_s = max(0.0, first - plan.steps * result.latency.median_ms / 1e3)
     hits = result.warm_cache_hits
@@ -482,7 +485,7 @@ def dense_steps(
     dense, mds = [], []
     for step in range(steps):
         built = [
-            get_backend(n).get_builder_cls()().build(
+            _builder(n)().build(
                 current_timestep=step,
                 forward_batch=workload.forward_batch(),
                 fastvideo_args=workload.fastvideo_args(),
@@ -495,6 +498,15 @@ def dense_steps(
     if not dense:
         return [], None
     return dense, _dense_reason(dense, mds, workload, steps, sparse)
+
+
+def _builder(name: str) -> Any:
+    """The metadata builder class of backend `name`, one that has one (`needs_metadata`)."""
+    from fv_compile.backends.registry import get_backend
+
+    builder_cls = get_backend(name).get_builder_cls()
+    assert builder_cls is not None, f"{name} has no metadata builder"
+    return builder_cls
 
 
 def _dense_reason(dense: list[int], mds: list[Any], workload: Workload, steps: int, names: list[str]) -> str:
@@ -609,19 +621,20 @@ def _build(
         return model
     if spec.kind == TORCH_COMPILE:  # what a user types: the whole model
         return torch.compile(model, backend=compiler, dynamic=False)
-    if spec.kind == REPEATED_BLOCKS:  # diffusers' regional compile: in place, undone by _drop
-        model.compile_repeated_blocks(backend=compiler, dynamic=False)
+    if spec.kind == REPEATED_BLOCKS:  # diffusers' regional compile: in place, undone later
+        compile_repeated_blocks: Any = model.compile_repeated_blocks  # diffusers' ModelMixin's
+        compile_repeated_blocks(backend=compiler, dynamic=False)
         return model
     # what a user gets from fv_compile.compile(model, backend): regional="auto" unless asked
+    assert spec.backend is not None, "an fv_compile variant names its backend"
     return fv_compile.compile(model, spec.backend, compiler=compiler, regional=regional)
 
 
-def _drop(compiled: Any, model: torch.nn.Module) -> None:
-    """Forget a compiled variant; undo diffusers' in-place `compile_repeated_blocks`."""
+def _undo_in_place_compile(model: torch.nn.Module) -> None:
+    """Undo diffusers' in-place `compile_repeated_blocks`, if a variant ran it."""
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
-    return None
 
 
 def _what_compiled(spec: VariantSpec, compiled: Any, model: torch.nn.Module) -> str | None:

@@ -7,7 +7,7 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -142,6 +142,7 @@ def load_workload(
     except ValueError as err:
         raise WorkloadError(str(err)) from None
     latent = args[0]
+    t, h, w = latent.shape[2:]  # [B, C, T, H, W]
     return Workload(
         name=model if not config else f"{model}({_overrides(config)})",
         model=net,
@@ -150,7 +151,7 @@ def load_workload(
         dtype=dtype,
         device=device,
         batch=batch,
-        grid=tuple(latent.shape[2:]),
+        grid=(t, h, w),
         patch_size=tuple(preset_config.patch_size),
         raw_latent_shape=tuple(latent.shape),
     )
@@ -208,7 +209,7 @@ def _diffusers_workload(
         )
     except (ValueError, ImportError) as err:
         raise WorkloadError(str(err)) from None
-    cfg = net.config
+    cfg: Any = net.config  # diffusers' FrozenDict
     latent = args[0]
     layout = latent_layout(class_name)
     if layout == "BTCHW":  # frames first (CogVideoX); backends expect [B, C, T, H, W]
@@ -230,8 +231,8 @@ def _diffusers_workload(
         dtype=dtype,
         device=device,
         batch=batch,
-        grid=tuple(raw[2:]),
-        patch_size=tuple(patch),
+        grid=(raw[2], raw[3], raw[4]),
+        patch_size=cast(Grid, tuple(patch)),  # the config's (t, h, w)
         raw_latent_shape=raw,
     )
 
