@@ -168,7 +168,7 @@ class FvCompileBackend:
                 regions.add(region)
             return fn(*args)
 
-        run.fv_site_owner = owner  # type: ignore[attr-defined]
+        run.fv_site_owner = owner  # type: ignore[attr-defined]  # a function attribute, on purpose
         return run
 
     def _note_break(self, gm: torch.fx.GraphModule) -> None:
@@ -384,7 +384,8 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 
 def _user_stacklevel() -> int:
     """The `stacklevel` that points a warning at the first frame outside fv_compile and torch."""
-    level, frame = 2, sys._getframe(2)
+    level = 2
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith((_PACKAGE_DIR, _TORCH_DIR)):
         frame, level = frame.f_back, level + 1
     return level
@@ -450,6 +451,7 @@ def _detach_guard_finalizers(code: types.CodeType) -> None:
         managers = {id(e.guard_manager) for e in _debug_get_cache_entry_list(code)}
         if not managers:
             return
+        # weakref.finalize's registry is private: typeshed does not declare it
         for finalizer, info in list(weakref.finalize._registry.items()):  # type: ignore[attr-defined]
             owner = getattr(getattr(info.func, "func", None), "__self__", None)
             if owner is not None and id(getattr(owner, "guard_manager", None)) in managers:
@@ -602,11 +604,12 @@ class CompiledModel(OptimizedModule):
 
     # The wrapper's own attributes. They are class attributes so that setting them stays here:
     # any other attribute set on the wrapper is set on the model (OptimizedModule's rule).
-    _fv_backend: FvCompileBackend | None = None
-    _entry: DynamoEntry | None = None
+    # __init__ replaces each None default: the annotation is what a constructed wrapper holds.
+    _fv_backend: FvCompileBackend = None  # type: ignore[assignment]
+    _entry: DynamoEntry = None  # type: ignore[assignment]
     _compiled: Any = None
-    _regional: RegionalCopy | None = None
-    _derive: DerivedContexts | None = None
+    _regional: RegionalCopy | None = None  # None unless compiled regionally
+    _derive: DerivedContexts = None  # type: ignore[assignment]
     _cuda_graphs: bool = False
     _glue_checked: bool = False
     _super_module_initialized: bool = False
@@ -646,7 +649,7 @@ class CompiledModel(OptimizedModule):
     # -- standing in for the model --------------------------------------------------------------
 
     @property
-    def training(self) -> bool:  # type: ignore[override]
+    def training(self) -> bool:
         return self._orig_mod.training
 
     @training.setter
@@ -686,7 +689,7 @@ class CompiledModel(OptimizedModule):
             (k[len(_PREFIX) :] if k.startswith(_PREFIX) else k, v) for k, v in state_dict.items()
         )
         if meta is not None:
-            own._metadata = meta  # type: ignore[attr-defined]
+            own._metadata = meta  # type: ignore[attr-defined]  # torch's state-dict convention
         return self._orig_mod.load_state_dict(own, strict=strict, assign=assign)
 
     def __reduce__(self):
@@ -709,10 +712,11 @@ class CompiledModel(OptimizedModule):
             token = set_derived_context(self._derive.for_call(args, kwargs))
         _calls.depth += 1
         try:
-            if self._regional is None:
+            regional = self._regional
+            if regional is None:
                 out = self._compiled(*args, **kwargs)
             else:
-                out = self._regional_call(args, kwargs)
+                out = self._regional_call(regional, args, kwargs)
         except Exception as error:  # Dynamo's and torch's words for a few user errors: ours
             said = translate_error(error, self._orig_mod, args, kwargs)
             if said is None:
@@ -726,8 +730,8 @@ class CompiledModel(OptimizedModule):
             out = _cuda_graph_owned_outputs(out)
         return out
 
-    def _regional_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        self._regional.sync()
+    def _regional_call(self, regional: RegionalCopy, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        regional.sync()
         calls = self._entry.calls
         if self._glue_checked:
             out = self._compiled(*args, **kwargs)

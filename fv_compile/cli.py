@@ -367,7 +367,8 @@ def _model(text: str) -> str:
 
 
 def _regional(text: str) -> bool | str:
-    value = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}.get(text.lower())
+    choices: dict[str, bool | str] = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    value = choices.get(text.lower())
     if value is None:
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
     return value
@@ -392,7 +393,7 @@ def _grid(text: str) -> tuple[int, int, int]:
             "expected the latent grid as T,H,W (three positive integers, e.g. 3,32,32), "
             f"got {text!r}"
         )
-    return grid  # type: ignore[return-value]
+    return grid
 
 
 def _dtype(text: str) -> str:

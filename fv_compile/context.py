@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -243,7 +243,7 @@ def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:
     `fastvideo_args.pipeline_config.dit_config.patch_size`."""
     flat = getattr(fastvideo_args, "patch_size", None)
     if flat is not None:
-        return tuple(int(p) for p in flat)  # type: ignore[return-value]
+        return cast(tuple[int, int, int], tuple(int(p) for p in flat))  # the user's (t, h, w)
     try:
         nested = fastvideo_args.pipeline_config.dit_config.patch_size
     except AttributeError:
@@ -253,4 +253,4 @@ def patch_size_of(fastvideo_args: Any) -> tuple[int, int, int]:
             "the DiT patch size is unknown: set FastVideoArgs(patch_size=(1, 2, 2)) or "
             "fastvideo_args.pipeline_config.dit_config.patch_size"
         )
-    return tuple(int(p) for p in nested)  # type: ignore[return-value]
+    return cast(tuple[int, int, int], tuple(int(p) for p in nested))

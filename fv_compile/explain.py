@@ -17,6 +17,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -330,7 +331,7 @@ class AttentionCallCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = SDPA if func in _SDPA_FUNCS else SOFTMAX if func in _SOFTMAX_FUNCS else None
         if kind is not None:
-            frame = sys._getframe(1)
+            frame: FrameType | None = sys._getframe(1)
             while frame is not None and (
                 frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
             ):

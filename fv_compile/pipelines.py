@@ -75,9 +75,9 @@ def model_patch_size(model: torch.nn.Module) -> tuple[int, int, int] | None:
         return (int(pt), patch, patch)
     patch = tuple(int(p) for p in patch)
     if len(patch) == 3:
-        return patch  # type: ignore[return-value]
+        return patch
     if len(patch) == 2:
-        return (1, *patch)  # type: ignore[return-value]
+        return (1, *patch)
     return None
 
 
@@ -99,7 +99,7 @@ class StepClock:
     def __init__(self) -> None:
         self.step = 0
         self.value: float | None = None
-        self._tensor: weakref.ref | None = None
+        self._tensor: weakref.ref[torch.Tensor] | None = None
         self._version = -1
 
     def forget(self) -> None:
@@ -210,9 +210,9 @@ class DerivedContexts:
                 b, t, c = b, c, t  # [B, T, C, H, W] (CogVideoX)
             return (b, c, t, h, w)
         if isinstance(latent, torch.Tensor) and latent.dim() == 3:
-            sizes = [arguments.get(n) for n in ("num_frames", "height", "width")]
-            if all(isinstance(s, int) for s in sizes):  # patchified tokens (LTX-Video)
-                return (latent.shape[0], latent.shape[2], *sizes)
+            frames, height, width = (arguments.get(n) for n in ("num_frames", "height", "width"))
+            if isinstance(frames, int) and isinstance(height, int) and isinstance(width, int):
+                return (latent.shape[0], latent.shape[2], frames, height, width)  # tokens (LTX-Video)
         return None
 
 

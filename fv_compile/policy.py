@@ -81,9 +81,12 @@ class SitePolicy:
 
     def requested(self, site: AttentionSite) -> str:
         spec = self.spec
-        if isinstance(spec, dict):
-            name = spec.get(site.role, spec.get("default", AUTO))
-        elif callable(spec) and not isinstance(spec, str):
+        if isinstance(spec, str):
+            name = spec
+        elif isinstance(spec, dict):
+            by_role: dict[str, str] = spec  # the constructor checked every name
+            name = by_role.get(site.role, by_role.get("default", AUTO))
+        else:  # a callable (the constructor let nothing else through)
             try:
                 name = spec(site)
             except Exception as e:
@@ -94,8 +97,6 @@ class SitePolicy:
                     "backend name for each"
                 ) from e
             self._check_name(name)
-        else:
-            name = spec
         return dense_default(site) if name.lower() == AUTO else name.upper()
 
     def choose(self, site: AttentionSite) -> tuple[str, type[AttentionBackend]]:

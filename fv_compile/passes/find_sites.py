@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 import operator
 import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -66,7 +66,7 @@ class SliceView(NamedTuple):
     """A slice of the scores, `scores[index]`, that a term was added into."""
 
     index: Any  # a tuple of basic slices
-    full: tuple[int, ...]  # the shape of the scores
+    full: tuple[int, ...] | None  # the shape of the scores (static, at a rewritten site)
 
 
 ScoresView = RegroupedView | SliceView
@@ -355,7 +355,9 @@ def _match_sdpa(gm: GraphModule, node: Node) -> AttentionMatch:
 
 
 def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
-    x, dim, _sm_dtype = sp.softmax_dim(sm)  # type: ignore[misc]
+    softmax = sp.softmax_dim(sm)
+    assert softmax is not None, "find_attention_sites calls this for softmaxes only"
+    x, dim, _sm_dtype = softmax
     walk = _ScoreWalk(dim)
     found = walk.walk(x, [], 0, sm)
     if found is None:
@@ -680,7 +682,8 @@ def _score_contraction(s_raw: Node, sdim: int) -> ScoreContraction:
         if mm is not None:
             a, b, form = mm
         else:
-            inp, a, b, beta, alpha = bad  # type: ignore[misc]
+            assert bad is not None
+            inp, a, b, beta, alpha = bad
             form = "baddbmm"
             if sp.as_number(alpha) is None or sp.as_number(beta) is None:
                 raise Unsupported("baddbmm alpha/beta are not compile-time numbers")
@@ -707,7 +710,9 @@ def _score_contraction(s_raw: Node, sdim: int) -> ScoreContraction:
             return ScoreContraction(Operand(b, b_labels), Operand(a, a_labels), score_labels, sizes, form, scale, masks)
         return ScoreContraction(Operand(a, a_labels), Operand(b, b_labels), score_labels, sizes, form, scale, masks)
 
-    eq, ops = sp.einsum_operands(s_raw)  # type: ignore[misc]
+    einsum = sp.einsum_operands(s_raw)
+    assert einsum is not None, "the score walk stops only at a matmul, a baddbmm or an einsum"
+    eq, ops = einsum
     if len(ops) != 2 or not all(isinstance(o, Node) for o in ops):
         raise Unsupported(f"einsum {eq} has {len(ops)} operands, not two tensors (q and k)")
     if "..." in eq or "->" not in eq:
@@ -776,7 +781,7 @@ class _ScoreOps:
                 self.views.append(RegroupedView(view=op.dst, base=op.src))
             return
         if isinstance(op, EnterSlice):
-            self.views.append(SliceView(op.index, op.full))  # type: ignore[arg-type]
+            self.views.append(SliceView(op.index, op.full))
             return
         if isinstance(op, ExitSlice):
             if not self.views or not isinstance(self.views[-1], SliceView):
@@ -909,7 +914,9 @@ def _value_contraction(out: Node, probs: Node, value: Node, score_labels, sizes)
         sizes["e"] = sv[-1]
         _check_sizes(v_labels, sv, sizes, "value")
         return out_labels, v_labels
-    eq, ops = sp.einsum_operands(out)  # type: ignore[misc]
+    einsum = sp.einsum_operands(out)
+    assert einsum is not None, "_value_operand finds only a matmul or an einsum"
+    eq, ops = einsum
     if "..." in eq or "->" not in eq:
         raise Unsupported(f"value einsum {eq}: its `...` or output could not be spelled out")
     lhs, o = eq.split("->")
@@ -1068,7 +1075,8 @@ def _check_gradients_not_stopped_inside(nodes: list[Node], out: Node) -> None:
         n
         for n in nodes
         if sp.is_tensor_node(n)
-        and sp.dtype_of(n).is_floating_point  # type: ignore[union-attr]
+        and (dtype := sp.dtype_of(n)) is not None
+        and dtype.is_floating_point
         and not sp.requires_grad(n)
         and _takes_grad_from_inputs(n)
     ]
@@ -1090,11 +1098,13 @@ def _strip_operands(raw, scale: float, *, upcasts: bool):
     return q, k, v, scale
 
 
-_PRECISION = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+_PRECISION: dict[torch.dtype | None, int] = {
+    torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3
+}
 
 
 def _wider(a: torch.dtype | None, b: torch.dtype | None) -> bool:
-    return _PRECISION.get(a, 0) > _PRECISION.get(b, 0)  # type: ignore[arg-type]
+    return _PRECISION.get(a, 0) > _PRECISION.get(b, 0)
 
 
 def _widest(dtypes) -> torch.dtype:
@@ -1430,7 +1440,7 @@ def _check_sizes(labels, shape, sizes: dict[str, int], what: str, divisible=None
             raise Unsupported(f"{what} dim `{lab}` is broadcast")
 
 
-def _require_single_user(node: Node, what: str, own: set[Node] = frozenset()) -> None:  # type: ignore[assignment]
+def _require_single_user(node: Node, what: str, own: Collection[Node] = frozenset()) -> None:
     """`node` feeds the site only: one user, not counting the site's own readers of it (a
     value written back into a slice of the scores has its writer as its only user)."""
     users = [u for u in node.users if u not in own]

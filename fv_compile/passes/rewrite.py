@@ -233,6 +233,7 @@ def _embed(em, node: Node, step: ScoresView, *, attend: bool) -> Node:
                 merged += [base[g] if shape[d] != 1 else 1 for g in group]
         return em.method("reshape", node, *merged)
     index, scores_shape = step.index, step.full  # a term written into `scores[index]`: neutral elsewhere
+    assert scores_shape is not None, "a rewritten site's scores have a static shape"
     sliced = list(torch.empty(scores_shape, device="meta")[index].shape)
     shape = [1] * (len(sliced) - len(shape)) + shape
     if shape != sliced:
