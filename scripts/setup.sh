@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv with the CPU build of torch pinned, and fv_compile with its test and report extras.
+# Create .venv with the CPU build of torch pinned, fv_compile with its test and report extras,
+# and the linters scripts/lint.sh runs, pinned so that every checkout lints alike.
 #
 # Quiet: pip's output goes to .venv/setup.log and is shown only when a step fails. Fast when
 # nothing changed: .venv/.setup-stamp holds a hash of pyproject.toml, this script (the pins live
@@ -8,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH=torch==2.13.0
+LINTERS=(ruff==0.17.6 mypy==2.4.1)
 STAMP=.venv/.setup-stamp
 LOG=.venv/setup.log
 
@@ -47,5 +49,5 @@ fi
 rm -f "$STAMP"
 # torch first and pinned: anything that asks for a newer torch must not pull a multi-GB CUDA build
 step .venv/bin/python -m pip install -q "$TORCH"
-step .venv/bin/python -m pip install -q "triton" -e ".[test,report]" "$TORCH"
+step .venv/bin/python -m pip install -q "triton" -e ".[test,report]" "$TORCH" "${LINTERS[@]}"
 stamp >"$STAMP"
