@@ -4,7 +4,7 @@ dense SDPA, FlexAttention and (when importable) flash-attn-4 block-sparse, on on
 Run on a CUDA machine (not a test):
 
     python benchmarks/sliding_tile.py --out sta.json
-    python benchmarks/sliding_tile.py --smoke          # CPU: check the layout/mask logic (interpreter)
+    TRITON_INTERPRET=1 python benchmarks/sliding_tile.py --smoke   # no GPU: the layout/mask logic
 
 The mask: the video token grid is cut into tiles of (6, 8, 8) = 384 tokens, tile-major (tile ``n``
 holds rows ``[384n, 384n + 384)``; border tiles are padded: their first ``block_valid[n]`` rows are
@@ -560,21 +560,27 @@ def main():
     ap.add_argument("--target-s", type=float, default=0.3, help="seconds of timed calls per variant")
     ap.add_argument("--rounds", type=int, default=1,
                     help="timing rounds, round-robin over the variants; the median round is reported")
-    ap.add_argument("--smoke", action="store_true", help="CPU: layout/mask logic under the interpreter")
+    ap.add_argument("--smoke", action="store_true",
+                    help="the layout/mask logic and a small kernel check; without CUDA, in Triton's "
+                    "interpreter (TRITON_INTERPRET=1)")
     ap.add_argument("--dry-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from fv_compile.backends.kernels import interpreting
+
+    cpu = not torch.cuda.is_available()
+    if (args.dry_cpu or (args.smoke and cpu)) and not interpreting():
+        ap.error("on the CPU the kernels run in Triton's interpreter: set TRITON_INTERPRET=1")
+    if cpu and not (args.smoke or args.dry_cpu):
+        ap.error("a GPU benchmark: needs CUDA (--smoke checks the layout and mask logic without)")
     args.device = "cuda"
     if args.dry_cpu:  # run bench_shape's code paths on a tiny grid under the interpreter
-        os.environ["TRITON_INTERPRET"] = "1"
         args.device = "cpu"
         s = dict(name="dry", grid=(5, 6, 7), tile=(2, 4, 4), text=40, H=2, D=64, window=(2, 1, 2))
         info = {"date": "-", "gpu": "cpu", "torch": torch.__version__, "triton": "-", "cudnn": "-"}
         print_table([bench_shape(s, args, load_fa4()[0])], info, {})
         return
 
-    if args.smoke or not torch.cuda.is_available():
-        if not torch.cuda.is_available():
-            os.environ["TRITON_INTERPRET"] = "1"
+    if args.smoke:
         for s in SHAPES:
             lay = sta_layout(s["grid"], TILE, s["window"], text=s["text"])
             print(f"{s['name']}: S={lay['S']} L={lay['L']} blocks={lay['NB']} tiles={lay['tiles']} "

@@ -13,8 +13,9 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fv-compile-tests-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 if not torch.cuda.is_available():
-    # Triton kernels run on the CPU through the interpreter; it must be on before any
-    # @triton.jit function is defined, i.e. before the first kernel module is imported
+    # The one place the tests turn on Triton's interpreter, so that the kernels run on the CPU;
+    # a machine with CUDA runs them for real. Triton reads it when an @triton.jit function is
+    # defined: pytest loads this file before any test module imports a kernel module.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -1,14 +1,9 @@
 """The dense backends through the whole pass: TRITON_ATTN (under the Triton interpreter on CPU)
 and FLASH_ATTN (which needs flash-attn; without it, a clear fallback or error)."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fv_compile
 from fv_compile.backends.flash_attn import flash_kernel

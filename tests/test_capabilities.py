@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import fv_compile
-from fv_compile.backends._checks import interpreting
 from fv_compile.backends.abstract import capabilities, unsupported_reason
+from fv_compile.backends.kernels import interpreting
 from fv_compile.site import MASK_BOOL, AttentionSite
 
 

@@ -34,10 +34,9 @@ LAYERS: list[list[str]] = [
     # one file per backend; a backend never imports another one
     ["fv_compile.backends.sdpa", "fv_compile.backends.flash_attn", "fv_compile.backends.triton_attn",
      "fv_compile.backends.sliding_tile"],
-    # what backends share (_dense, _checks), and sliding tile attention's parts by job: tile
+    # what dense backends share (_dense), and sliding tile attention's parts by job: tile
     # geometry, windows per layer and step, block lists and attention over them
-    ["fv_compile.backends._dense", "fv_compile.backends._checks", "fv_compile.backends.sta_windows",
-     "fv_compile.backends.block_lists"],
+    ["fv_compile.backends._dense", "fv_compile.backends.sta_windows", "fv_compile.backends.block_lists"],
     ["fv_compile.backends.tiles"],
     ["fv_compile.backends.abstract"],  # FastVideo's API and the declared capabilities
     ["fv_compile.backends.kernels.*"],  # Triton kernels, flash-attn-4 adapters

@@ -11,23 +11,19 @@ flash-attn-4) and skip without them.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import fv_compile  # noqa: E402
-from fv_compile.backends import flash_attn as flash_module  # noqa: E402
-from fv_compile.backends.abstract import capabilities, unsupported_reason  # noqa: E402
-from fv_compile.backends.flash_attn import flash_varlen_kernel  # noqa: E402
-from fv_compile.backends.kernels.key_padding import KeyPadding, kept_keys, keys_first  # noqa: E402
-from fv_compile.policy import dense_default  # noqa: E402
-from fv_compile.site import (  # noqa: E402
+import fv_compile
+from fv_compile.backends import flash_attn as flash_module
+from fv_compile.backends.abstract import capabilities, unsupported_reason
+from fv_compile.backends.flash_attn import flash_varlen_kernel
+from fv_compile.backends.kernels.key_padding import KeyPadding, kept_keys, keys_first
+from fv_compile.policy import dense_default
+from fv_compile.site import (
     MASK_ADDITIVE_KEY_PADDING,
     MASK_KEY_PADDING,
     AttentionSite,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fv_compile.backends._checks import interpreting
-from fv_compile.backends.kernels import TRITON_HEAD_DIMS
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS, interpreting
 
 
 def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: bool):

@@ -15,9 +15,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fv_compile.backends._checks import interpreting
 from fv_compile.backends._dense import DenseBackend, DenseImpl
-from fv_compile.backends.kernels import TRITON_HEAD_DIMS
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS, interpreting
 from fv_compile.backends.kernels.key_padding import KeyPadding, key_padded_attention
 from fv_compile.site import MASK_ADDITIVE_KEY_PADDING, MASK_KEY_PADDING, AttentionSite
 

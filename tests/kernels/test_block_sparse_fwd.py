@@ -1,20 +1,18 @@
-"""Correctness of the block-sparse flash-attention forward (fv_compile/backends/kernels/block_sparse_fwd.py).
+"""Correctness of the block-sparse flash-attention forward
+(fv_compile/backends/kernels/block_sparse_fwd.py).
 
-Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set below before
-triton is imported), so shapes stay tiny. Every launch writes into an output poisoned with NaN,
-and the padding rows of q/k/v hold garbage (inf/NaN), so an unwritten element or a padded key that
-leaks fails the check. The reference is float64 dense attention on the CPU with the boolean mask
-built straight from the definition (block lists x valid rows).
+Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before any kernel is defined), so shapes stay tiny. Every launch writes
+into an output poisoned with NaN, and the padding rows of q/k/v hold garbage (inf/NaN), so an
+unwritten element or a padded key that leaks fails the check. The reference is float64 dense
+attention on the CPU with the boolean mask built straight from the definition (block lists x
+valid rows).
 """
 
 import math
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from fv_compile.backends.kernels.block_sparse_fwd import (
     BlockSparseConfig,

@@ -1,18 +1,15 @@
 """Correctness of the Triton flash-attention forward (fv_compile/backends/kernels/flash_fwd.py).
 
-Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set below before
-triton is imported), so shapes stay tiny. Every launch writes into an output poisoned with NaN,
-so an element the kernel never wrote fails the check. The reference is float64 on the CPU.
+Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, which
+tests/conftest.py sets before any kernel is defined), so shapes stay tiny. Every launch writes
+into an output poisoned with NaN, so an element the kernel never wrote fails the check. The
+reference is float64 on the CPU.
 """
 
 import math
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from fv_compile.backends.kernels.flash_fwd import FlashConfig, attention_fwd
 

@@ -34,12 +34,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fv_compile.backends.kernels import interpreting
 from fv_compile.backends.kernels.flash_fwd import (
     _LOG2E,
     _SUPPORTED_DTYPES,
     SUPPORTED_HEAD_DIMS,
     _choose_tma,
-    _interpreting,
 )
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "BlockSparseConfig", "block_sparse_attention_fwd"]
@@ -438,7 +438,7 @@ def block_sparse_attention_fwd(
     if out.numel() == 0:
         return out
 
-    interpret = _interpreting()
+    interpret = interpreting()
     use_tma = _choose_tma(use_tma, interpret, q, k, v, out)
     if config is None:
         if interpret:

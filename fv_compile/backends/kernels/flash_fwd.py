@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fv_compile.backends.kernels import TRITON_HEAD_DIMS
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS, interpreting
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "FlashConfig", "attention_fwd"]
 
@@ -285,10 +285,6 @@ def _lookup(head_dim: int, causal: bool, dtype: torch.dtype, sk: int) -> FlashCo
 # --------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _tma_allocator(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -400,7 +396,7 @@ def attention_fwd(
     if out.numel() == 0:
         return out
 
-    interpret = _interpreting()
+    interpret = interpreting()
     use_tma = _choose_tma(use_tma, interpret, q, k, v, out)
     if kv_lengths is not None and kv_lengths.dtype != torch.int32:
         kv_lengths = kv_lengths.to(torch.int32)
