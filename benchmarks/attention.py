@@ -27,6 +27,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -337,7 +338,8 @@ def measure_first_calls() -> dict:
     res = {}
     for mode in ("heuristic", "autotune"):
         env = dict(os.environ)
-        env["TRITON_CACHE_DIR"] = f"/tmp/triton-fresh-{mode}-{os.getpid()}"
+        # an empty kernel cache, so that the first call compiles
+        env["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"triton-fresh-{mode}-{os.getpid()}")
         env["FV_FLASH_AUTOTUNE"] = "1" if mode == "autotune" else "0"
         p = subprocess.run([sys.executable, __file__, "--first-call", mode], env=env,
                            capture_output=True, text=True, timeout=300)

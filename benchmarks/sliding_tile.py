@@ -255,8 +255,8 @@ def rel(a, b):
 
 
 def load_fa4():
-    if os.path.isdir("/tmp/site") and "/tmp/site" not in sys.path:
-        sys.path.append("/tmp/site")
+    """flash-attn-4's block-sparse entry points, from wherever the environment puts them (an
+    install outside site-packages goes on PYTHONPATH: docs/kernel-notes.md)."""
     try:
         from flash_attn.cute import flash_attn_func
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch

@@ -41,8 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    command_line = list(sys.argv) if argv is None else ["fv-compile", *argv]
-    return args.run(args, command_line)
+    return args.run(args, recorded_command(argv))
+
+
+def recorded_command(argv: Sequence[str] | None) -> list[str]:
+    """The command as a report records it: `fv-compile` and its arguments, whatever started the
+    program (`python -m fv_compile` puts the absolute path of __main__.py in sys.argv[0])."""
+    return ["fv-compile", *(sys.argv[1:] if argv is None else argv)]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,9 @@
 """Write docs/coverage.md: which attention sites fv_compile finds and rewrites in each model.
 
-    .venv/bin/python scripts/coverage.py            # writes docs/coverage.md
-    .venv/bin/python scripts/coverage.py --stdout   # prints it instead
+    python scripts/coverage.py            # writes docs/coverage.md
+    python scripts/coverage.py --stdout   # prints it instead
+
+(with the Python that has fv_compile and its test extras, e.g. the one scripts/setup.sh makes).
 
 For each model (the zoo's tiny presets, plus diffusers' Wan, CogVideoX and HunyuanVideo when
 diffusers is installed) the table compares
@@ -38,7 +40,7 @@ from fv_compile.models import build_model, example_inputs
 
 ZOO = ["wan-tiny", "hunyuan-tiny", "cogvideox-tiny"]
 DIFFUSERS = ["WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel"]
-COMMAND = ".venv/bin/python scripts/coverage.py"
+COMMAND = "python scripts/coverage.py"
 
 _SOFTMAX_FNS = {F.softmax, torch.softmax, torch.special.softmax, torch.nn.functional.softmax}
 _SDPA_FNS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fv_compile.cli import main
+from fv_compile.cli import main, recorded_command
 from fv_compile.report.variants import dense_steps
 from fv_compile.report.workload import load_workload
 
@@ -25,6 +25,12 @@ def _main(*argv):
 
 # the CLI's behaviour, on the CPU wherever the suite runs (GPU figures come from benchmarks/)
 QUICK = ["--device", "cpu", "--compiler", "eager", "--steps", "1", "--warmup", "0", "--repeat", "1", "--no-plot"]
+
+
+def test_the_recorded_command_names_no_path_of_this_machine(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/opt/env/lib/fv_compile/__main__.py", "report", "--steps", "1"])
+    assert recorded_command(None) == ["fv-compile", "report", "--steps", "1"]
+    assert recorded_command(["explain"]) == ["fv-compile", "explain"]
 
 
 # -- explain ---------------------------------------------------------------------------------------
