@@ -44,11 +44,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import time_cuda  # noqa: E402
+import fv_compile
+from fv_compile.backends.flash_attn import flash_kernel, flash_varlen_kernel
+from fv_compile.backends.kernels.key_padding import keys_first
 
-import fv_compile  # noqa: E402
-from fv_compile.backends.flash_attn import flash_kernel, flash_varlen_kernel  # noqa: E402
-from fv_compile.backends.kernels.key_padding import keys_first  # noqa: E402
+from _timing import time_cuda
 
 HUNYUAN_720P = 119056  # 30 x 45 x 80 latent patches + 256 text tokens: 720p x 129 frames
 SHAPES = [
@@ -200,7 +200,7 @@ def main() -> None:
         print(f"{'hunyuanvideo step':22} {r['variant']:22} {r['ms']:9.1f} {'':8} {'':9} rel {r['rel_err']:.1e}")
     if args.json:
         meta = dict(
-            when=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+            when=datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
             gpu=torch.cuda.get_device_name(), torch=torch.__version__,
             flash_attn=(flash_kernel() or ("none",))[0], compiler=args.compiler,
         )

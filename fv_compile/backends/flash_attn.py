@@ -24,7 +24,12 @@ from fv_compile.backends._dense import DenseBackend, DenseImpl
 from fv_compile.backends.kernels.fa4_import import import_flash_attn_cute
 from fv_compile.backends.kernels.key_padding import KeyPadding, key_padded_attention
 from fv_compile.errors import MissingDependency
-from fv_compile.site import KEY_PADDING_KINDS, MASK_ADDITIVE_KEY_PADDING, MASK_KEY_PADDING, AttentionSite
+from fv_compile.site import (
+    KEY_PADDING_KINDS,
+    MASK_ADDITIVE_KEY_PADDING,
+    MASK_KEY_PADDING,
+    AttentionSite,
+)
 
 # (label, module, function), fastest first
 _CANDIDATES = (

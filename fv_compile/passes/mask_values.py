@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch.fx import Node
+from torch.fx.node import Target
 
 from fv_compile.passes import spellings as sp
 from fv_compile.passes.constants import constant_value
@@ -79,7 +80,9 @@ def combined_additive_values(terms: list[tuple[Any, str, float]]) -> tuple[float
             return None
         if "additive" not in order:
             order.append("additive")
-    parts = {"additive": additive, "bool": torch.tensor([0.0, float("-inf")])} if has_bool else {"additive": additive}
+    parts: dict[str, Values] = {"bool": torch.tensor([0.0, float("-inf")])} if has_bool else {}
+    if additive is not None:  # (order names "additive" only then)
+        parts["additive"] = additive
     total = None
     for name in order:
         part = parts[name]
@@ -121,10 +124,14 @@ def _node_values(node: Node, memo: dict[Node, Values | None]) -> Values | None:
     if name in _MOVES_VALUES or sp.is_view(node):
         return _checked(_values(args[0], memo), dtype)
     if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.stack):
-        parts = [_values(t, memo) for t in args[0]]
-        if any(p is None for p in parts):
+        tensors = args[0]
+        if not isinstance(tensors, list | tuple):
             return None
-        return _checked(torch.cat([p.to(dtype) for p in parts]), dtype)  # type: ignore[union-attr]
+        parts = [_values(t, memo) for t in tensors]
+        known = [p for p in parts if p is not None]
+        if len(known) != len(parts):
+            return None
+        return _checked(torch.cat([p.to(dtype) for p in known]), dtype)
     if name in _CASTS:
         return _checked(_values(args[0], memo), dtype)
     if name in _FILLED:
@@ -141,7 +148,7 @@ def _node_values(node: Node, memo: dict[Node, Values | None]) -> Values | None:
     if filled is not None:
         a, b = _values(filled[0], memo), _values(filled[2], memo)
         return None if a is None or b is None else _checked(torch.cat([a.to(dtype), b.to(dtype)]), dtype)
-    fn = node.target if node.op == "call_function" and node.target in _OPERATORS else None
+    fn: Target | None = node.target if node.op == "call_function" and node.target in _OPERATORS else None
     if fn is None and name in _ARITHMETIC:
         fn = getattr(torch.Tensor, name) if node.op == "call_method" else node.target
     if fn is None:
@@ -175,13 +182,13 @@ def _evaluate(fn: Any, node: Node, memo: dict[Node, Values | None]) -> Values | 
     # the tensor arguments that are not 0-d: at most two, combined as an outer product
     results = []
     for combo in _product(choices):
-        full = [j for j in tensor_args if combo[j].dim() == 1]
+        call_args = list(combo)
+        full = [j for j in tensor_args if call_args[j].dim() == 1]
         if len(full) == 2:
-            combo = list(combo)
-            combo[full[0]] = combo[full[0]][:, None]
-            combo[full[1]] = combo[full[1]][None, :]
+            call_args[full[0]] = call_args[full[0]][:, None]
+            call_args[full[1]] = call_args[full[1]][None, :]
         try:
-            results.append(torch.as_tensor(fn(*combo, **node.kwargs)).flatten())
+            results.append(torch.as_tensor(fn(*call_args, **node.kwargs)).flatten())
         except Exception:
             return None
     return torch.cat(results) if results else None

@@ -61,7 +61,8 @@ def kept_keys(mask: torch.Tensor, kv_len: int, padding: KeyPadding) -> torch.Ten
     """bool `[B|1, kv_len]`: the keys `mask` (`[B|1, 1, 1, Sk|1]`) keeps."""
     if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
         raise ValueError(
-            f"a key padding mask is [B|1, 1, 1, Sk] (it varies over batch and keys only), got {tuple(mask.shape)}"
+            "a key padding mask is [B|1, 1, 1, Sk] (it varies over batch and keys only), got "
+            f"{tuple(mask.shape)}"
         )
     if mask.dtype == torch.bool:
         keep = mask[:, 0, 0]
