@@ -10,8 +10,14 @@ from collections.abc import Callable
 import torch
 
 
-def time_cuda(fn: Callable[[], object], *, warmup: int = 2, min_reps: int = 5, max_reps: int = 100,
-              target_s: float = 0.4) -> dict:
+def time_cuda(
+    fn: Callable[[], object],
+    *,
+    warmup: int = 2,
+    min_reps: int = 5,
+    max_reps: int = 100,
+    target_s: float = 0.4,
+) -> dict:
     """Median milliseconds of ``fn`` timed with CUDA events, one event pair per call.
 
     The first call (compilation, handle creation) and ``warmup`` more are not timed. The
@@ -56,7 +62,9 @@ def gemm_ceiling(n: int = 8192, dtype=torch.bfloat16) -> dict:
     best = None
     # both operand layouts (cuBLAS may pick different kernels); the faster is the ceiling
     for layout, bb in (("nn", b), ("nt", b.t())):
-        t = time_cuda(functools.partial(torch.mm, a, bb, out=c), warmup=10, min_reps=20, target_s=0.5)
+        t = time_cuda(
+            functools.partial(torch.mm, a, bb, out=c), warmup=10, min_reps=20, target_s=0.5
+        )
         t["tflops"] = 2 * n**3 / (t["ms"] * 1e-3) / 1e12
         t["layout"] = layout
         if best is None or t["tflops"] > best["tflops"]:

@@ -65,22 +65,64 @@ SDPA_BACKENDS = {
 # ---------------------------------------------------------------------------------------------
 _F = False
 SWEEP_CLASSES = [
-    ("d128-long", dict(B=1, H=12, Sq=32760, Sk=32760, D=128), [
-        (128, 64, 4, 2, _F, True), (128, 128, 8, 3, _F, True), (128, 64, 4, 2, _F, True, False),
-        (128, 128, 8, 3, _F, True, False), (64, 64, 4, 3, _F, True), (128, 64, 4, 2, _F, False)]),
-    ("d128-long-causal", dict(B=1, H=12, Sq=32760, Sk=32760, D=128, causal=True), [
-        (128, 128, 8, 3, _F, True), (128, 64, 4, 2, _F, True), (64, 64, 4, 3, _F, True),
-        (128, 128, 8, 3, _F, True, False)]),
-    ("d128-mid", dict(B=2, H=24, Sq=4096, Sk=4096, D=128), [
-        (64, 64, 4, 3, _F, True), (128, 64, 4, 2, _F, True), (128, 128, 8, 3, _F, True),
-        (64, 64, 4, 2, _F, True)]),
-    ("d64-long", dict(B=1, H=16, Sq=16384, Sk=16384, D=64), [
-        (128, 128, 4, 3, _F, True), (128, 128, 4, 2, _F, True), (128, 64, 4, 2, _F, True),
-        (128, 128, 4, 4, _F, True), (128, 128, 4, 3, _F, True, False)]),
-    ("d128-cross", dict(B=1, H=12, Sq=32760, Sk=512, D=128), [
-        (256, 64, 8, 2, _F, True), (64, 64, 4, 3, _F, True), (128, 64, 4, 2, _F, True),
-        (64, 64, 4, 2, _F, True), (256, 64, 8, 2, _F, True, False), (64, 64, 4, 2, _F, True, False),
-        (128, 64, 4, 2, _F, True, False), (128, 64, 4, 2, _F, False), (64, 64, 4, 2, _F, False)]),
+    (
+        "d128-long",
+        dict(B=1, H=12, Sq=32760, Sk=32760, D=128),
+        [
+            (128, 64, 4, 2, _F, True),
+            (128, 128, 8, 3, _F, True),
+            (128, 64, 4, 2, _F, True, False),
+            (128, 128, 8, 3, _F, True, False),
+            (64, 64, 4, 3, _F, True),
+            (128, 64, 4, 2, _F, False),
+        ],
+    ),
+    (
+        "d128-long-causal",
+        dict(B=1, H=12, Sq=32760, Sk=32760, D=128, causal=True),
+        [
+            (128, 128, 8, 3, _F, True),
+            (128, 64, 4, 2, _F, True),
+            (64, 64, 4, 3, _F, True),
+            (128, 128, 8, 3, _F, True, False),
+        ],
+    ),
+    (
+        "d128-mid",
+        dict(B=2, H=24, Sq=4096, Sk=4096, D=128),
+        [
+            (64, 64, 4, 3, _F, True),
+            (128, 64, 4, 2, _F, True),
+            (128, 128, 8, 3, _F, True),
+            (64, 64, 4, 2, _F, True),
+        ],
+    ),
+    (
+        "d64-long",
+        dict(B=1, H=16, Sq=16384, Sk=16384, D=64),
+        [
+            (128, 128, 4, 3, _F, True),
+            (128, 128, 4, 2, _F, True),
+            (128, 64, 4, 2, _F, True),
+            (128, 128, 4, 4, _F, True),
+            (128, 128, 4, 3, _F, True, False),
+        ],
+    ),
+    (
+        "d128-cross",
+        dict(B=1, H=12, Sq=32760, Sk=512, D=128),
+        [
+            (256, 64, 8, 2, _F, True),
+            (64, 64, 4, 3, _F, True),
+            (128, 64, 4, 2, _F, True),
+            (64, 64, 4, 2, _F, True),
+            (256, 64, 8, 2, _F, True, False),
+            (64, 64, 4, 2, _F, True, False),
+            (128, 64, 4, 2, _F, True, False),
+            (128, 64, 4, 2, _F, False),
+            (64, 64, 4, 2, _F, False),
+        ],
+    ),
 ]
 
 
@@ -98,8 +140,12 @@ def flops(s: dict) -> float:
 def make_inputs(s: dict, dtype=torch.bfloat16, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(s["B"], s["Sq"], s["H"], s["D"], device="cuda", dtype=dtype, generator=g)
-    k = torch.randn(s["B"], s["Sk"], s.get("Hk", s["H"]), s["D"], device="cuda", dtype=dtype, generator=g)
-    v = torch.randn(s["B"], s["Sk"], s.get("Hk", s["H"]), s["D"], device="cuda", dtype=dtype, generator=g)
+    k = torch.randn(
+        s["B"], s["Sk"], s.get("Hk", s["H"]), s["D"], device="cuda", dtype=dtype, generator=g
+    )
+    v = torch.randn(
+        s["B"], s["Sk"], s.get("Hk", s["H"]), s["D"], device="cuda", dtype=dtype, generator=g
+    )
     return q, k, v
 
 
@@ -161,21 +207,26 @@ def bench_shape(s: dict, args, fa4, tuned: dict | None) -> dict:
     res = {"shape": s, "variants": {}}
     variants = {
         "ours": lambda: attention_fwd(q, k, v, softmax_scale=scale, causal=causal),
-        "ours-ptr": lambda: attention_fwd(q, k, v, softmax_scale=scale, causal=causal, use_tma=False),
+        "ours-ptr": lambda: attention_fwd(
+            q, k, v, softmax_scale=scale, causal=causal, use_tma=False
+        ),
     }
     if tuned:
         cfg = tuned.get(class_of(s))
         if cfg is not None:
             fc, tma = _fc(cfg)
-            variants["ours-tuned"] = lambda: attention_fwd(q, k, v, softmax_scale=scale, causal=causal,
-                                                           config=fc, use_tma=tma)
+            variants["ours-tuned"] = lambda: attention_fwd(
+                q, k, v, softmax_scale=scale, causal=causal, config=fc, use_tma=tma
+            )
     contexts = {}
     for name, bk in SDPA_BACKENDS.items():
         variants[name], contexts[name] = sdpa_call(bk, q, k, v, scale, causal)
     if fa4 is not None:
+
         def fa4_fn():
             o = fa4(q, k, v, softmax_scale=scale, causal=causal)
             return o[0] if isinstance(o, tuple) else o
+
         variants["fa4"] = fa4_fn
 
     outs = {}
@@ -201,9 +252,14 @@ def bench_shape(s: dict, args, fa4, tuned: dict | None) -> dict:
         finally:
             ctx.__exit__(None, None, None)
         res["variants"][name] = r
-        print(f"  {s['name']:<20} {name:<16} " + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s"
-              if "ms" in r else r["error"]), flush=True)
-    ref_name = "sdpa-cudnn" if "sdpa-cudnn" in outs else ("sdpa-flash" if "sdpa-flash" in outs else None)
+        print(
+            f"  {s['name']:<20} {name:<16} "
+            + (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s" if "ms" in r else r["error"]),
+            flush=True,
+        )
+    ref_name = (
+        "sdpa-cudnn" if "sdpa-cudnn" in outs else ("sdpa-flash" if "sdpa-flash" in outs else None)
+    )
     if ref_name:
         for name, o in outs.items():
             res["variants"][name]["rel_err_vs_" + ref_name] = rel(o, outs[ref_name])
@@ -238,8 +294,15 @@ def _compile_worker(job):
     t0 = time.perf_counter()
     try:
         q, k, v = make_inputs(s)
-        attention_fwd(q, k, v, softmax_scale=s["D"] ** -0.5, causal=bool(s.get("causal", False)),
-                      config=fc, use_tma=tma)
+        attention_fwd(
+            q,
+            k,
+            v,
+            softmax_scale=s["D"] ** -0.5,
+            causal=bool(s.get("causal", False)),
+            config=fc,
+            use_tma=tma,
+        )
         torch.cuda.synchronize()
         return cfg, time.perf_counter() - t0, None
     except Exception as e:
@@ -256,8 +319,10 @@ def precompile(jobs, workers: int) -> dict:
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
         for cfg, dt, err in ex.map(_compile_worker, jobs):
             res[tuple(cfg)] = (dt, err)
-    print(f"  precompiled {len(jobs)} configs with {workers} processes in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    print(
+        f"  precompiled {len(jobs)} configs with {workers} processes in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     return res
 
 
@@ -278,8 +343,15 @@ def run_sweep(args) -> dict:
             fc, tma = _fc(cfg)
             launched = []  # the compiled kernel it launches (its registers, spills)
             fn = functools.partial(
-                attention_fwd, q, k, v,
-                softmax_scale=scale, causal=causal, config=fc, use_tma=tma, on_launch=launched.append,
+                attention_fwd,
+                q,
+                k,
+                v,
+                softmax_scale=scale,
+                causal=causal,
+                config=fc,
+                use_tma=tma,
+                on_launch=launched.append,
             )
             r = {"config": list(cfg)}
             try:
@@ -299,9 +371,16 @@ def run_sweep(args) -> dict:
             except Exception as e:
                 r["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(r)
-            print(f"  sweep {cname:<18} {cfg!s:<36} " + (
-                f"{r['tflops']:7.1f} TFLOP/s err {r['rel_err']:.1e} compile {r['compile_s']:.1f}s "
-                f"regs {r.get('n_regs')} spills {r.get('n_spills')}" if "tflops" in r else r["error"]), flush=True)
+            print(
+                f"  sweep {cname:<18} {cfg!s:<36} "
+                + (
+                    f"{r['tflops']:7.1f} TFLOP/s err {r['rel_err']:.1e} compile {r['compile_s']:.1f}s "
+                    f"regs {r.get('n_regs')} spills {r.get('n_spills')}"
+                    if "tflops" in r
+                    else r["error"]
+                ),
+                flush=True,
+            )
         # a config's score: the median over its repeats
         by_cfg = {}
         for r in rows:
@@ -331,7 +410,9 @@ def first_call_child(mode: str) -> None:
     t0 = time.perf_counter()
     attention_fwd(q, k, v, softmax_scale=s["D"] ** -0.5)
     torch.cuda.synchronize()
-    print(json.dumps({"mode": mode, "first_call_s": first, "second_call_s": time.perf_counter() - t0}))
+    print(
+        json.dumps({"mode": mode, "first_call_s": first, "second_call_s": time.perf_counter() - t0})
+    )
 
 
 def measure_first_calls() -> dict:
@@ -339,10 +420,17 @@ def measure_first_calls() -> dict:
     for mode in ("heuristic", "autotune"):
         env = dict(os.environ)
         # an empty kernel cache, so that the first call compiles
-        env["TRITON_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"triton-fresh-{mode}-{os.getpid()}")
+        env["TRITON_CACHE_DIR"] = os.path.join(
+            tempfile.gettempdir(), f"triton-fresh-{mode}-{os.getpid()}"
+        )
         env["FV_FLASH_AUTOTUNE"] = "1" if mode == "autotune" else "0"
-        p = subprocess.run([sys.executable, __file__, "--first-call", mode], env=env,
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, __file__, "--first-call", mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         res[mode] = json.loads(line[-1]) if line else {"error": p.stderr[-500:]}
         print("  first call", mode, res[mode], flush=True)
@@ -367,12 +455,19 @@ def print_table(results: list[dict], gemm: dict, info: dict, gemm_end: dict | No
     cols = ["ours", "ours-tuned", "ours-ptr", "sdpa-cudnn", "fa4", "sdpa-flash", "sdpa-efficient"]
     cols = [c for c in cols if any(c in r["variants"] for r in results)]
     print()
-    print(f"# {info['date']}  {info['gpu']}  torch {info['torch']}  triton {info['triton']}  "
-          f"cuDNN {info['cudnn']}  bf16 GEMM 8192^3: {gemm['tflops']:.0f} TFLOP/s"
-          + (f" (start) / {gemm_end['tflops']:.0f} (end)" if gemm_end else ""))
-    print("TFLOP/s (median); [fraction of the GEMM ceiling for ours and cuDNN]; rel err of ours vs cuDNN")
-    hdr = (f"| {'shape':<20} | " + " | ".join(f"{c:>14}" for c in cols)
-           + " | ours/cuDNN | ours/GEMM | cuDNN/GEMM | ours err |")
+    print(
+        f"# {info['date']}  {info['gpu']}  torch {info['torch']}  triton {info['triton']}  "
+        f"cuDNN {info['cudnn']}  bf16 GEMM 8192^3: {gemm['tflops']:.0f} TFLOP/s"
+        + (f" (start) / {gemm_end['tflops']:.0f} (end)" if gemm_end else "")
+    )
+    print(
+        "TFLOP/s (median); [fraction of the GEMM ceiling for ours and cuDNN]; rel err of ours vs cuDNN"
+    )
+    hdr = (
+        f"| {'shape':<20} | "
+        + " | ".join(f"{c:>14}" for c in cols)
+        + " | ours/cuDNN | ours/GEMM | cuDNN/GEMM | ours err |"
+    )
     print(hdr)
     print("|" + "|".join("-" * len(c) for c in hdr.strip("|").split("|")) + "|")
     g = gemm["tflops"]
@@ -382,26 +477,40 @@ def print_table(results: list[dict], gemm: dict, info: dict, gemm_end: dict | No
         for c in cols:
             v = r["variants"].get(c, {})
             cells.append(f"{v['tflops']:14.1f}" if "tflops" in v else f"{'n/a':>14}")
-        o, cu = r["variants"].get("ours", {}).get("tflops"), r["variants"].get("sdpa-cudnn", {}).get("tflops")
+        o, cu = (
+            r["variants"].get("ours", {}).get("tflops"),
+            r["variants"].get("sdpa-cudnn", {}).get("tflops"),
+        )
         ratio = f"{o / cu:.3f}" if o and cu else "n/a"
         og = f"{o / g:.3f}" if o else "n/a"
         cg = f"{cu / g:.3f}" if cu else "n/a"
         err = r["variants"].get("ours", {}).get("rel_err_vs_sdpa-cudnn", float("nan"))
-        print(f"| {s['name']:<20} | " + " | ".join(cells) + f" | {ratio:>10} | {og:>9} | {cg:>10} | {err:8.1e} |")
+        print(
+            f"| {s['name']:<20} | "
+            + " | ".join(cells)
+            + f" | {ratio:>10} | {og:>9} | {cg:>10} | {err:8.1e} |"
+        )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", help="write all numbers as JSON here")
     ap.add_argument("--quick", action="store_true", help="a shorter subset of shapes")
     ap.add_argument("--sweep", action="store_true", help="sweep tile configs of our kernel instead")
     ap.add_argument("--sweep-out", help="with --sweep: write the best config per class here")
     ap.add_argument("--tuned", help="JSON from --sweep-out: add an ours-tuned variant")
-    ap.add_argument("--first-calls", action="store_true",
-                    help="also time the first call (compile) with the heuristic and with autotune")
+    ap.add_argument(
+        "--first-calls",
+        action="store_true",
+        help="also time the first call (compile) with the heuristic and with autotune",
+    )
     ap.add_argument("--no-fa4", action="store_true")
     ap.add_argument("--only", help="comma-separated shape names")
-    ap.add_argument("--target-s", type=float, default=0.4, help="seconds of timed calls per variant")
+    ap.add_argument(
+        "--target-s", type=float, default=0.4, help="seconds of timed calls per variant"
+    )
     ap.add_argument("--workers", type=int, default=12, help="processes compiling sweep configs")
     ap.add_argument("--sweep-repeat", type=int, default=2, help="times each sweep config is timed")
     ap.add_argument("--first-call", help=argparse.SUPPRESS)
@@ -430,14 +539,19 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1)
         print()
-        print(f"# sweep on {info['gpu']} torch {info['torch']} triton {info['triton']}; "
-              f"GEMM {gemm['tflops']:.0f} TFLOP/s")
+        print(
+            f"# sweep on {info['gpu']} torch {info['torch']} triton {info['triton']}; "
+            f"GEMM {gemm['tflops']:.0f} TFLOP/s"
+        )
         for cname in sw["classes"]:
             if cname.endswith("_best_tflops"):
                 continue
             by_cfg = sw.get("medians", {}).get(cname, {})
             ranked = sorted(by_cfg.items(), key=lambda kv: -sorted(kv[1])[len(kv[1]) // 2])
-            print(f"{cname}: " + ", ".join(f"{c}=" + "/".join(f"{x:.0f}" for x in v) for c, v in ranked))
+            print(
+                f"{cname}: "
+                + ", ".join(f"{c}=" + "/".join(f"{x:.0f}" for x in v) for c, v in ranked)
+            )
         return
 
     fa4, fa4_mod = (None, "disabled") if args.no_fa4 else load_fa4()

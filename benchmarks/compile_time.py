@@ -49,7 +49,11 @@ def _fa4_cached_kernels() -> int:
     folder = os.environ.get("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR")
     if not folder or not os.path.isdir(folder):
         return 0
-    return sum(name.endswith(".o") or name.endswith(".so") for _, _, files in os.walk(folder) for name in files)
+    return sum(
+        name.endswith(".o") or name.endswith(".so")
+        for _, _, files in os.walk(folder)
+        for name in files
+    )
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -62,7 +66,9 @@ def child(args: argparse.Namespace) -> dict:
     device = args.device
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     t0 = time.perf_counter()
-    model, inputs, kwargs = from_diffusers("WanTransformer3DModel", args.preset, dtype=dtype, device=device)
+    model, inputs, kwargs = from_diffusers(
+        "WanTransformer3DModel", args.preset, dtype=dtype, device=device
+    )
     build_s = time.perf_counter() - t0
     regional = (args.regional or ["auto"])[-1]
     options: dict = {"regional": {"auto": "auto", "false": False, "true": True}[regional.lower()]}
@@ -94,7 +100,11 @@ def child(args: argparse.Namespace) -> dict:
             with open(f"{args.profile}.{args.run}.txt", "w") as f:
                 stats = pstats.Stats(profiler, stream=f).sort_stats("cumulative")
                 stats.print_stats(r"fv_compile|flash_attn|cutlass|_inductor|_functorch", 80)
-        first_out = first_out[0] if isinstance(first_out, tuple) else getattr(first_out, "sample", first_out)
+        first_out = (
+            first_out[0]
+            if isinstance(first_out, tuple)
+            else getattr(first_out, "sample", first_out)
+        )
         checksum = float(first_out.double().sum())
         graphs_after_first = cm._fv_backend.graphs
         t0 = time.perf_counter()
@@ -127,7 +137,11 @@ def child(args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="wan2.1-1.3b")
-    ap.add_argument("--regional", action="append", help="auto | false | true (repeatable; default auto and false)")
+    ap.add_argument(
+        "--regional",
+        action="append",
+        help="auto | false | true (repeatable; default auto and false)",
+    )
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--cfg", action="store_true", help="two calls per step, as a pipeline with CFG")
     ap.add_argument("--sta", help="SLIDING_TILE_ATTN window wt,wh,ww on self-attention")
@@ -137,7 +151,9 @@ def main() -> None:
     ap.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager compiler")
     ap.add_argument("--out")
-    ap.add_argument("--profile", help="write each process's first-call profile to PROFILE.<cold|warm>.txt")
+    ap.add_argument(
+        "--profile", help="write each process's first-call profile to PROFILE.<cold|warm>.txt"
+    )
     ap.add_argument("--run", default="cold", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -150,33 +166,66 @@ def main() -> None:
     rows = []
     for regional in args.regional or ["auto", "false"]:
         with tempfile.TemporaryDirectory(prefix="fv-compile-cache-") as cache:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
-                   "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}
+            env = {
+                **os.environ,
+                "TORCHINDUCTOR_CACHE_DIR": cache,
+                "TRITON_CACHE_DIR": os.path.join(cache, "triton"),
+                "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0",
+            }
             for run in ("cold", "warm"):
-                cmd = [sys.executable, os.path.abspath(__file__), "--child", "--regional", regional,
-                       "--preset", args.preset, "--steps", str(args.steps), "--tile", args.tile,
-                       "--device", args.device, "--compiler", args.compiler,
-                       "--sta-dense-steps", str(args.sta_dense_steps)]
-                cmd += ["--cfg"] * args.cfg + ["--smoke"] * args.smoke + (["--sta", args.sta] if args.sta else [])
-                cmd += ["--run", run] + (["--profile", os.path.abspath(args.profile)] if args.profile else [])
+                cmd = [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    "--regional",
+                    regional,
+                    "--preset",
+                    args.preset,
+                    "--steps",
+                    str(args.steps),
+                    "--tile",
+                    args.tile,
+                    "--device",
+                    args.device,
+                    "--compiler",
+                    args.compiler,
+                    "--sta-dense-steps",
+                    str(args.sta_dense_steps),
+                ]
+                cmd += (
+                    ["--cfg"] * args.cfg
+                    + ["--smoke"] * args.smoke
+                    + (["--sta", args.sta] if args.sta else [])
+                )
+                cmd += ["--run", run] + (
+                    ["--profile", os.path.abspath(args.profile)] if args.profile else []
+                )
                 t0 = time.perf_counter()
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
                 wall = time.perf_counter() - t0
                 if done.returncode != 0:
                     sys.stderr.write(done.stderr[-4000:])
                     raise SystemExit(f"{regional}/{run} failed")
-                row = {"run": run, "process_s": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
+                row = {
+                    "run": run,
+                    "process_s": wall,
+                    **json.loads(done.stdout.strip().splitlines()[-1]),
+                }
                 rows.append(row)
-                print(f"regional={regional:5s} {run}: first call {row['first_call_s']:6.1f} s "
-                      f"(process {wall:5.1f} s), "
-                      f"{row['recompiles_in_loop']} recompiles and {row['metadata_variants']} variants over "
-                      f"{args.steps} steps, AOT {row['aot_cache']}, FX {row['fx_cache']}, "
-                      f"FA4 kernels cached {row['fa4_cached_kernels']}, output sum {row['output_checksum']:.6e}")
+                print(
+                    f"regional={regional:5s} {run}: first call {row['first_call_s']:6.1f} s "
+                    f"(process {wall:5.1f} s), "
+                    f"{row['recompiles_in_loop']} recompiles and {row['metadata_variants']} variants over "
+                    f"{args.steps} steps, AOT {row['aot_cache']}, FX {row['fx_cache']}, "
+                    f"FA4 kernels cached {row['fa4_cached_kernels']}, output sum {row['output_checksum']:.6e}"
+                )
                 top = sorted(row["compile_phases_s"].items(), key=lambda kv: -kv[1])[:6]
                 print("    phases: " + ", ".join(f"{name} {sec:.1f}s" for name, sec in top))
             cold, warm = rows[-2]["output_checksum"], rows[-1]["output_checksum"]
             if abs(cold - warm) > 1e-3 * max(1.0, abs(cold)):
-                raise SystemExit(f"regional={regional}: the warm process computed {warm}, the cold one {cold}")
+                raise SystemExit(
+                    f"regional={regional}: the warm process computed {warm}, the cold one {cold}"
+                )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"preset": args.preset, "rows": rows}, f, indent=2)

@@ -59,18 +59,32 @@ def time_cpu(fn, reps: int = 3) -> dict:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return {"ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "reps": reps, "first_call_s": first}
+    return {
+        "ms": times[len(times) // 2],
+        "min_ms": times[0],
+        "max_ms": times[-1],
+        "reps": reps,
+        "first_call_s": first,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="wan2.1-1.3b", help="WanTransformer3DModel preset of fv_compile.models")
-    ap.add_argument("--grid", type=triple, help="latent grid T,H,W (default: the preset's, 480p x 81 frames)")
+    ap.add_argument(
+        "--preset", default="wan2.1-1.3b", help="WanTransformer3DModel preset of fv_compile.models"
+    )
+    ap.add_argument(
+        "--grid", type=triple, help="latent grid T,H,W (default: the preset's, 480p x 81 frames)"
+    )
     ap.add_argument("--attention", default="auto", help="attention backend of the dense variants")
-    ap.add_argument("--sta", type=triple, help="also run SLIDING_TILE_ATTN with this window (in tiles)")
+    ap.add_argument(
+        "--sta", type=triple, help="also run SLIDING_TILE_ATTN with this window (in tiles)"
+    )
     ap.add_argument("--tile", type=triple, default=(6, 8, 8), help="STA tile in tokens")
     ap.add_argument("--out", help="write the results as JSON")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, eager compiler: check the script")
+    ap.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny model, eager compiler: check the script"
+    )
     args = ap.parse_args()
     if args.smoke:
         args.preset, device, dtype, compiler = "tiny", "cpu", torch.float32, "eager"
@@ -79,11 +93,17 @@ def main() -> None:
     else:
         device, dtype, compiler = "cuda", torch.bfloat16, "inductor"
 
-    model, inputs, kwargs = from_diffusers("WanTransformer3DModel", args.preset, dtype=dtype, device=device)
+    model, inputs, kwargs = from_diffusers(
+        "WanTransformer3DModel", args.preset, dtype=dtype, device=device
+    )
     if args.grid is not None:
         latent = inputs[0]
-        inputs = (torch.randn(latent.shape[0], latent.shape[1], *args.grid, device=device, dtype=latent.dtype),
-                  *inputs[1:])
+        inputs = (
+            torch.randn(
+                latent.shape[0], latent.shape[1], *args.grid, device=device, dtype=latent.dtype
+            ),
+            *inputs[1:],
+        )
     grid = tuple(inputs[0].shape[2:])
     tokens = grid[0] * (grid[1] // 2) * (grid[2] // 2)
     print(f"{args.preset}: latent grid {grid}, {tokens} video tokens, torch {torch.__version__}")
@@ -94,7 +114,10 @@ def main() -> None:
 
     variants = [("eager", None)]
     dense = dict(attention_backend=args.attention, compiler=compiler)
-    variants += [("fv_compile", dense), ("fv_compile+cudagraphs", {**dense, "mode": "reduce-overhead"})]
+    variants += [
+        ("fv_compile", dense),
+        ("fv_compile+cudagraphs", {**dense, "mode": "reduce-overhead"}),
+    ]
     if args.sta:
         sta = dict(
             attention_backend={"self": "SLIDING_TILE_ATTN", "default": args.attention},
@@ -115,8 +138,10 @@ def main() -> None:
             row["regions"] = fn.regions
             row["cuda_graphs"] = fn.cuda_graphs
         rows.append(row)
-        print(f"{name:24s} {timing['ms']:9.2f} ms  (min {timing['min_ms']:.2f}, max {timing['max_ms']:.2f})  "
-              f"first call {timing['first_call_s']:6.1f} s  rel err {err:.2e}")
+        print(
+            f"{name:24s} {timing['ms']:9.2f} ms  (min {timing['min_ms']:.2f}, max {timing['max_ms']:.2f})  "
+            f"first call {timing['first_call_s']:6.1f} s  rel err {err:.2e}"
+        )
         del fn, run, out
         gc.collect()
         torch._dynamo.reset()
@@ -130,9 +155,17 @@ def main() -> None:
             print(f"CUDA graphs on {base}: {gain:.3f}x")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "grid": grid, "torch": torch.__version__,
-                       "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows},
-                      f, indent=2)
+            json.dump(
+                {
+                    "preset": args.preset,
+                    "grid": grid,
+                    "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    "rows": rows,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

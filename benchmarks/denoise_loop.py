@@ -42,7 +42,9 @@ def build_pipeline(size: str, device: str, dtype: torch.dtype):
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
     )
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler
+    )
 
 
 def run_loop(pipe, steps: int, args, embeds) -> torch.Tensor:
@@ -83,7 +85,9 @@ def measure(name, pipe, base, args, embeds, window, device, reference) -> dict:
         transformer = fv_compile.compile(base)
     elif name == "fv-sta":
         fv_args = fv_compile.FastVideoArgs(sta_window=window, sta_dense_steps=args.sta_dense_steps)
-        transformer = fv_compile.compile(base, {"self": "SLIDING_TILE_ATTN"}, fastvideo_args=fv_args)
+        transformer = fv_compile.compile(
+            base, {"self": "SLIDING_TILE_ATTN"}, fastvideo_args=fv_args
+        )
         warm_steps = args.sta_dense_steps + 1  # compiles the dense and the sparse variant
     elif name != "eager":
         raise SystemExit(f"unknown variant {name!r}")
@@ -124,7 +128,9 @@ def main() -> None:
     base = pipe.transformer
     text_dim = base.config.text_dim
     g = torch.Generator().manual_seed(1)
-    embeds = [torch.randn(1, args.text_len, text_dim, generator=g).to(device, dtype) for _ in range(2)]
+    embeds = [
+        torch.randn(1, args.text_len, text_dim, generator=g).to(device, dtype) for _ in range(2)
+    ]
     window = tuple(int(x) for x in args.sta_window.split(","))
 
     run_loop(pipe, 2, args, embeds)  # the process's first loop pays one-time costs: not a variant's
@@ -146,21 +152,36 @@ def main() -> None:
 
     eager = next((r["loop_s"] for r in rows if r["variant"] == "eager"), None)
     regional = next((r["loop_s"] for r in rows if r["variant"] == "diffusers-regional"), None)
-    print(f"\n{args.size} {args.frames}x{args.height}x{args.width}, {args.steps} steps, CFG, {device} {dtype}")
-    print(f"{'variant':20s} {'loop s':>8s} {'s/step':>7s} {'vs eager':>9s} {'vs diffusers':>12s} "
-          f"{'first loop s':>13s} {'rel err':>9s} {'recompiles':>10s}")
+    print(
+        f"\n{args.size} {args.frames}x{args.height}x{args.width}, {args.steps} steps, CFG, {device} {dtype}"
+    )
+    print(
+        f"{'variant':20s} {'loop s':>8s} {'s/step':>7s} {'vs eager':>9s} {'vs diffusers':>12s} "
+        f"{'first loop s':>13s} {'rel err':>9s} {'recompiles':>10s}"
+    )
     for r in rows:
         vs_e = f"{eager / r['loop_s']:.2f}x" if eager else "-"
         vs_d = f"{regional / r['loop_s']:.2f}x" if regional else "-"
         first = f"{r['first_loop_s']:.1f}" if r["first_loop_s"] is not None else "-"
-        print(f"{r['variant']:20s} {r['loop_s']:8.1f} {r['loop_s'] / args.steps:7.3f} {vs_e:>9s} "
-              f"{vs_d:>12s} {first:>13s} {r['rel_err_vs_first']:9.2e} "
-              f"{r.get('recompiles_in_timed_loop', '-'):>10}")
+        print(
+            f"{r['variant']:20s} {r['loop_s']:8.1f} {r['loop_s'] / args.steps:7.3f} {vs_e:>9s} "
+            f"{vs_d:>12s} {first:>13s} {r['rel_err_vs_first']:9.2e} "
+            f"{r.get('recompiles_in_timed_loop', '-'):>10}"
+        )
     for r in failed:
         print(f"{r['variant']:20s} FAILED: {r['error'][:200]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "device": device, "torch": torch.__version__, "rows": rows + failed}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "device": device,
+                    "torch": torch.__version__,
+                    "rows": rows + failed,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -49,10 +49,18 @@ def bench(fn, reps: int = 20) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
-    ap.add_argument("--compiler", default="eager", choices=["eager", "aot_eager", "inductor"],
-                    help="what runs the rewritten graph on the fv_compile side")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="alternate direct / through-the-op timings this many times; medians are over rounds")
+    ap.add_argument(
+        "--compiler",
+        default="eager",
+        choices=["eager", "aot_eager", "inductor"],
+        help="what runs the rewritten graph on the fv_compile side",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="alternate direct / through-the-op timings this many times; medians are over rounds",
+    )
     args = ap.parse_args()
     label, fa = flash_kernel()
     rows = []
@@ -65,8 +73,11 @@ def main() -> None:
             out = cm(q, k, v)
             ref = fa(q, k, v, softmax_scale=scale, causal=False)[0]
             for _ in range(args.rounds):  # interleaved: clock drift hits both sides alike
-                direct_ms.append(bench(functools.partial(fa, q, k, v, softmax_scale=scale, causal=False)))
+                direct_ms.append(
+                    bench(functools.partial(fa, q, k, v, softmax_scale=scale, causal=False))
+                )
                 op_ms.append(bench(functools.partial(cm, q, k, v)))
+
         def med(xs, i):
             return sorted(x[i] for x in xs)[len(xs) // 2]
 
@@ -75,20 +86,39 @@ def main() -> None:
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         flops = 4 * b * h * s * s * d
         rows.append(
-            dict(shape=f"B{b} H{h} S{s} D{d}", direct_ms=direct, op_ms=through,
-                 direct_tflops=flops / direct / 1e9, op_tflops=flops / through / 1e9,
-                 ratio=direct / through, direct_pipelined_ms=direct_p, op_pipelined_ms=through_p,
-                 ratio_pipelined=direct_p / through_p, rel_err=err, kernel=label,
-                 compiler=args.compiler, direct_rounds=direct_ms, op_rounds=op_ms)
+            dict(
+                shape=f"B{b} H{h} S{s} D{d}",
+                direct_ms=direct,
+                op_ms=through,
+                direct_tflops=flops / direct / 1e9,
+                op_tflops=flops / through / 1e9,
+                ratio=direct / through,
+                direct_pipelined_ms=direct_p,
+                op_pipelined_ms=through_p,
+                ratio_pipelined=direct_p / through_p,
+                rel_err=err,
+                kernel=label,
+                compiler=args.compiler,
+                direct_rounds=direct_ms,
+                op_rounds=op_ms,
+            )
         )
-    print(f"{'shape':24} {'FA4 direct':>12} {'via fv_compile':>15} {'ratio':>7} "
-          f"{'pipelined ratio':>16} {'rel err':>9}")
+    print(
+        f"{'shape':24} {'FA4 direct':>12} {'via fv_compile':>15} {'ratio':>7} "
+        f"{'pipelined ratio':>16} {'rel err':>9}"
+    )
     for r in rows:
-        print(f"{r['shape']:24} {r['direct_tflops']:9.1f} TF {r['op_tflops']:12.1f} TF {r['ratio']:7.3f} "
-              f"{r['ratio_pipelined']:16.3f} {r['rel_err']:9.2e}")
+        print(
+            f"{r['shape']:24} {r['direct_tflops']:9.1f} TF {r['op_tflops']:12.1f} TF {r['ratio']:7.3f} "
+            f"{r['ratio_pipelined']:16.3f} {r['rel_err']:9.2e}"
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump(
+                {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "rows": rows},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

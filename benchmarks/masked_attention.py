@@ -61,7 +61,9 @@ class MaskedSdpa(torch.nn.Module):
     """BSHD in, BHSD for SDPA, BSHD out: how a model calls attention with a key mask."""
 
     def forward(self, q, k, v, mask):
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
         return o.transpose(1, 2)
 
 
@@ -73,7 +75,9 @@ def _time(fn, big: bool) -> dict:
 def bench_shape(shape: dict, compiler: str) -> list[dict]:
     b, h, s, d = shape["B"], shape["H"], shape["S"], shape["D"]
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q, k, v = (
+        torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3)
+    )
     kept = [s - p for p in shape["padded"]]
     keep = torch.arange(s, device="cuda")[None, :] < torch.tensor(kept, device="cuda")[:, None]
     mask = keep[:, None, None, :]
@@ -89,16 +93,37 @@ def bench_shape(shape: dict, compiler: str) -> list[dict]:
     def row(variant: str, fn, out=None, note: str = "") -> None:
         t = _time(fn, big)
         err = None if out is None else float((out.float() - ref.float()).abs().max())
-        rows.append(dict(shape=shape["name"], variant=variant, B=b, H=h, S=s, D=d, kept=kept,
-                         ms=t["ms"], tflops=flops / (t["ms"] * 1e-3) / 1e12, max_abs_err=err,
-                         first_call_s=t["first_call_s"], reps=t["reps"], note=note))
-        print(f"  {shape['name']:22} {variant:22} {t['ms']:9.2f} ms  {rows[-1]['tflops']:6.1f} TF/s  "
-              f"err {'-' if err is None else f'{err:.2e}'}  {note}", flush=True)
+        rows.append(
+            dict(
+                shape=shape["name"],
+                variant=variant,
+                B=b,
+                H=h,
+                S=s,
+                D=d,
+                kept=kept,
+                ms=t["ms"],
+                tflops=flops / (t["ms"] * 1e-3) / 1e12,
+                max_abs_err=err,
+                first_call_s=t["first_call_s"],
+                reps=t["reps"],
+                note=note,
+            )
+        )
+        print(
+            f"  {shape['name']:22} {variant:22} {t['ms']:9.2f} ms  {rows[-1]['tflops']:6.1f} TF/s  "
+            f"err {'-' if err is None else f'{err:.2e}'}  {note}",
+            flush=True,
+        )
 
     with torch.no_grad():
         row("sdpa-masked", lambda: model(q, k, v, mask), ref)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.CUDNN_ATTENTION):
-            row("sdpa-cudnn-unmasked", lambda: model(q, k, v, None), note="all keys, no mask: not the same result")
+            row(
+                "sdpa-cudnn-unmasked",
+                lambda: model(q, k, v, None),
+                note="all keys, no mask: not the same result",
+            )
         row("key-gather", lambda: keys_first(k, v, keep), note="the reorder alone")
 
         found = flash_kernel()
@@ -121,9 +146,17 @@ def bench_shape(shape: dict, compiler: str) -> list[dict]:
                     o = varlen(q, kg, vg, seqused_k=counts, softmax_scale=scale, causal=False)
                     return o[0] if isinstance(o, tuple) else o
 
-                row("fa4-direct-kept", fa4_direct, fa4_direct(), note="seqused_k on keys gathered beforehand")
+                row(
+                    "fa4-direct-kept",
+                    fa4_direct,
+                    fa4_direct(),
+                    note="seqused_k on keys gathered beforehand",
+                )
         else:
-            print(f"  {shape['name']:22} flash-attn-4 with seqused_k not importable: FA4 rows skipped", flush=True)
+            print(
+                f"  {shape['name']:22} flash-attn-4 with seqused_k not importable: FA4 rows skipped",
+                flush=True,
+            )
 
         for backend in ("FLASH_ATTN", "TRITON_ATTN"):
             if backend == "FLASH_ATTN" and varlen is None:
@@ -133,7 +166,12 @@ def bench_shape(shape: dict, compiler: str) -> list[dict]:
             out = cm(q, k, v, mask)
             (site,) = cm.explain().sites
             assert site.backend == backend and site.mask_kind == "key_padding", site
-            row(backend, lambda cm=cm: cm(q, k, v, mask), out, note=f"through fv_compile::attention ({compiler})")
+            row(
+                backend,
+                lambda cm=cm: cm(q, k, v, mask),
+                out,
+                note=f"through fv_compile::attention ({compiler})",
+            )
     return rows
 
 
@@ -145,8 +183,12 @@ def bench_model(args) -> list[dict]:
     frames, height, width = args.model_video
     config = {"num_layers": args.model_layers[0], "num_single_layers": args.model_layers[1]}
     model, inputs, kwargs = from_diffusers(
-        "HunyuanVideoTransformer3DModel", "hunyuanvideo", config=config, video=(frames, height, width),
-        dtype=torch.bfloat16, device="cuda",
+        "HunyuanVideoTransformer3DModel",
+        "hunyuanvideo",
+        config=config,
+        video=(frames, height, width),
+        dtype=torch.bfloat16,
+        device="cuda",
     )
     model.eval()
     rows = []
@@ -162,13 +204,30 @@ def bench_model(args) -> list[dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = fn(*inputs, **kwargs)[0]
-                t = time_cuda(lambda fn=fn: fn(*inputs, **kwargs), warmup=1, min_reps=3, max_reps=10, target_s=2.0)
+                t = time_cuda(
+                    lambda fn=fn: fn(*inputs, **kwargs),
+                    warmup=1,
+                    min_reps=3,
+                    max_reps=10,
+                    target_s=2.0,
+                )
             err = float((out.float() - ref.float()).norm() / ref.float().norm())
             sites = fn.explain().sites if name != "eager" else []
             on = sorted({s.backend for s in sites if s.role == "joint"})
-            rows.append(dict(shape=f"hunyuanvideo-step {frames}x{height}x{width} L{config}", variant=name,
-                             ms=t["ms"], rel_err=err, joint_sites_on=on, first_call_s=t["first_call_s"]))
-            print(f"  model step {name:14} {t['ms']:9.1f} ms  rel err {err:.2e}  joint sites on {on}", flush=True)
+            rows.append(
+                dict(
+                    shape=f"hunyuanvideo-step {frames}x{height}x{width} L{config}",
+                    variant=name,
+                    ms=t["ms"],
+                    rel_err=err,
+                    joint_sites_on=on,
+                    first_call_s=t["first_call_s"],
+                )
+            )
+            print(
+                f"  model step {name:14} {t['ms']:9.1f} ms  rel err {err:.2e}  joint sites on {on}",
+                flush=True,
+            )
     return rows
 
 
@@ -176,10 +235,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", metavar="PATH", help="write every row as JSON")
     ap.add_argument("--compiler", default="inductor", choices=["eager", "aot_eager", "inductor"])
-    ap.add_argument("--seq", type=int, default=None, help="sequence length instead of 119056 (a smoke run)")
+    ap.add_argument(
+        "--seq", type=int, default=None, help="sequence length instead of 119056 (a smoke run)"
+    )
     ap.add_argument("--model", action="store_true", help="also time a diffusers HunyuanVideo step")
-    ap.add_argument("--model-video", type=int, nargs=3, default=(33, 480, 832), metavar=("F", "H", "W"))
-    ap.add_argument("--model-layers", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE"))
+    ap.add_argument(
+        "--model-video", type=int, nargs=3, default=(33, 480, 832), metavar=("F", "H", "W")
+    )
+    ap.add_argument(
+        "--model-layers", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE")
+    )
     args = ap.parse_args()
 
     shapes = [dict(sh, S=args.seq) if args.seq else sh for sh in SHAPES]
@@ -190,19 +255,27 @@ def main() -> None:
     model_rows = bench_model(args) if args.model else []
 
     print()
-    print(f"{'shape':22} {'variant':22} {'ms':>9} {'TFLOP/s':>8} {'vs masked':>9} {'max abs err':>11}")
+    print(
+        f"{'shape':22} {'variant':22} {'ms':>9} {'TFLOP/s':>8} {'vs masked':>9} {'max abs err':>11}"
+    )
     base = {r["shape"]: r["ms"] for r in rows if r["variant"] == "sdpa-masked"}
     for r in rows:
         err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.2e}"
-        print(f"{r['shape']:22} {r['variant']:22} {r['ms']:9.2f} {r['tflops']:8.1f} "
-              f"{base[r['shape']] / r['ms']:8.2f}x {err:>11}")
+        print(
+            f"{r['shape']:22} {r['variant']:22} {r['ms']:9.2f} {r['tflops']:8.1f} "
+            f"{base[r['shape']] / r['ms']:8.2f}x {err:>11}"
+        )
     for r in model_rows:
-        print(f"{'hunyuanvideo step':22} {r['variant']:22} {r['ms']:9.1f} {'':8} {'':9} rel {r['rel_err']:.1e}")
+        print(
+            f"{'hunyuanvideo step':22} {r['variant']:22} {r['ms']:9.1f} {'':8} {'':9} rel {r['rel_err']:.1e}"
+        )
     if args.json:
         meta = dict(
             when=datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-            gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-            flash_attn=(flash_kernel() or ("none",))[0], compiler=args.compiler,
+            gpu=torch.cuda.get_device_name(),
+            torch=torch.__version__,
+            flash_attn=(flash_kernel() or ("none",))[0],
+            compiler=args.compiler,
         )
         with open(args.json, "w") as f:
             json.dump({**meta, "rows": rows, "model_rows": model_rows}, f, indent=1)

@@ -60,8 +60,13 @@ SHAPES = [
     dict(name="hunyuan-720p", grid=(30, 48, 80), text=256, H=24, D=128, window=(3, 3, 4)),
 ]
 CONFIGS = [  # (block_m, block_n, num_warps, num_stages[, warp_specialize]) tried for ours (TMA path)
-    (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2, True), (128, 128, 8, 3, True),
-    (128, 128, 8, 2, False, True), (128, 128, 8, 3, False, True),  # + index prefetch
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2, True),
+    (128, 128, 8, 3, True),
+    (128, 128, 8, 2, False, True),
+    (128, 128, 8, 3, False, True),  # + index prefetch
 ]
 
 
@@ -108,10 +113,12 @@ def sta_layout(grid, tile, window, text=0):
         for j in range(n[1]):
             for k in range(n[2]):
                 s = [min(max(c - wd // 2, 0), nd - wd) for c, wd, nd in zip((i, j, k), win, n)]
-                lst = [(a * n[1] + b) * n[2] + c
-                       for a in range(s[0], s[0] + win[0])
-                       for b in range(s[1], s[1] + win[1])
-                       for c in range(s[2], s[2] + win[2])]
+                lst = [
+                    (a * n[1] + b) * n[2] + c
+                    for a in range(s[0], s[0] + win[0])
+                    for b in range(s[1], s[1] + win[1])
+                    for c in range(s[2], s[2] + win[2])
+                ]
                 lists.append(lst + text_blocks)
     for _ in range(n_text):
         lists.append(list(range(NB)))
@@ -119,14 +126,28 @@ def sta_layout(grid, tile, window, text=0):
     idx = torch.zeros(1, NB, max_kv, dtype=torch.int32)
     cnt = torch.zeros(1, NB, dtype=torch.int32)
     for qb, lst in enumerate(lists):
-        idx[0, qb, :len(lst)] = torch.tensor(lst, dtype=torch.int32)
+        idx[0, qb, : len(lst)] = torch.tensor(lst, dtype=torch.int32)
         cnt[0, qb] = len(lst)
     S = int(pos.numel())
     # work on valid tokens: sum_qb valid_q * sum_kb valid_k
     vl = valid.long()
     pairs = sum(int(vl[qb]) * int(vl[torch.tensor(lst)].sum()) for qb, lst in enumerate(lists))
-    return dict(bs=bs, NB=NB, S=S, L=NB * bs, valid=valid, pos=pos, lists=lists, idx=idx, cnt=cnt,
-                tiles=n, window=win, n_video=n_video, pairs=pairs, density=pairs / S**2)
+    return dict(
+        bs=bs,
+        NB=NB,
+        S=S,
+        L=NB * bs,
+        valid=valid,
+        pos=pos,
+        lists=lists,
+        idx=idx,
+        cnt=cnt,
+        tiles=n,
+        window=win,
+        n_video=n_video,
+        pairs=pairs,
+        density=pairs / S**2,
+    )
 
 
 def issued_pairs(lay, block_m=128, block_n=128):
@@ -134,7 +155,10 @@ def issued_pairs(lay, block_m=128, block_n=128):
     bs, valid = lay["bs"], lay["valid"].long()
     per_kb = ((valid // block_n) + ((valid % block_n) > 0).long()) * block_n
     live_m = torch.stack([(torch.arange(0, bs, block_m) < int(v)).sum() for v in valid]) * block_m
-    return sum(int(live_m[qb]) * int(per_kb[torch.tensor(lst)].sum()) for qb, lst in enumerate(lay["lists"]))
+    return sum(
+        int(live_m[qb]) * int(per_kb[torch.tensor(lst)].sum())
+        for qb, lst in enumerate(lay["lists"])
+    )
 
 
 def dense_token_mask(lay):
@@ -173,7 +197,7 @@ def flex_block_lists(lay, sub=128):
         idx = torch.zeros(1, 1, NQ, m, dtype=torch.int32)
         num = torch.zeros(1, 1, NQ, dtype=torch.int32)
         for i, x in enumerate(ls):
-            idx[0, 0, i, :len(x)] = torch.tensor(x, dtype=torch.int32)
+            idx[0, 0, i, : len(x)] = torch.tensor(x, dtype=torch.int32)
             num[0, 0, i] = len(x)
         return num, idx
 
@@ -200,7 +224,9 @@ def make_block_mask(lay, device, sub=128):
 
     kw = dict(BLOCK_SIZE=sub, mask_mod=mask_mod, seq_lengths=(L, L))
     try:
-        return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kw)
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, full_num, full_idx, compute_q_blocks=False, **kw
+        )
     except TypeError:
         return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kw)
 
@@ -260,6 +286,7 @@ def load_fa4():
     try:
         from flash_attn.cute import flash_attn_func
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
         return (flash_attn_func, BlockSparseTensorsTorch), "flash_attn.cute"
     except Exception as e:
         return None, f"{type(e).__name__}: {str(e)[:200]}"
@@ -277,23 +304,41 @@ def small_check(device, interpret=False):
         tile, grid, text, H, D, dtype = TILE, (9, 14, 20), 100, 4, 128, torch.bfloat16
     lay = sta_layout(grid, tile, (2, 1, 2), text=text)
     g = torch.Generator(device=device).manual_seed(1)
-    q, k, v = (torch.randn(1, lay["S"], H, D, device=device, dtype=dtype, generator=g) for _ in range(3))
-    scale = D ** -0.5
+    q, k, v = (
+        torch.randn(1, lay["S"], H, D, device=device, dtype=dtype, generator=g) for _ in range(3)
+    )
+    scale = D**-0.5
     qp, kp, vp = (to_padded(x, lay) for x in (q, k, v))
-    o = block_sparse_attention_fwd(qp, kp, vp, lay["idx"].to(device), lay["cnt"].to(device),
-                                   lay["valid"].to(device), block_size=lay["bs"], softmax_scale=scale)
+    o = block_sparse_attention_fwd(
+        qp,
+        kp,
+        vp,
+        lay["idx"].to(device),
+        lay["cnt"].to(device),
+        lay["valid"].to(device),
+        block_size=lay["bs"],
+        softmax_scale=scale,
+    )
     o = o[:, lay["pos"].to(device)]
     mask = dense_token_mask(lay).to(device)
-    ref = F.scaled_dot_product_attention(*(x.float().transpose(1, 2) for x in (q, k, v)),
-                                         attn_mask=mask, scale=scale).transpose(1, 2)
-    res = {"grid": grid, "tile": tile, "text": text, "density": lay["density"],
-           "ours_vs_sdpa_math_masked": rel(o, ref)}
+    ref = F.scaled_dot_product_attention(
+        *(x.float().transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=scale
+    ).transpose(1, 2)
+    res = {
+        "grid": grid,
+        "tile": tile,
+        "text": text,
+        "density": lay["density"],
+        "ours_vs_sdpa_math_masked": rel(o, ref),
+    }
     try:  # flex on the same padded layout (eager on the CPU)
         from torch.nn.attention.flex_attention import flex_attention
 
         if lay["bs"] % 128 == 0 or interpret:
             bm = make_block_mask(lay, device, sub=128 if lay["bs"] % 128 == 0 else lay["bs"])
-            fo = flex_attention(*(x.transpose(1, 2) for x in (qp, kp, vp)), block_mask=bm, scale=scale)
+            fo = flex_attention(
+                *(x.transpose(1, 2) for x in (qp, kp, vp)), block_mask=bm, scale=scale
+            )
             res["flex_vs_sdpa_math_masked"] = rel(fo.transpose(1, 2)[:, lay["pos"].to(device)], ref)
     except Exception as e:
         res["flex_error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -316,47 +361,103 @@ def bench_shape(s, args, fa4):
     t0 = time.perf_counter()
     lay = sta_layout(s["grid"], s.get("tile", TILE), s["window"], text=s["text"])
     H, D, B = s["H"], s["D"], 1
-    scale = D ** -0.5
+    scale = D**-0.5
     S, L = lay["S"], lay["L"]
     sparse_flops = 4.0 * B * H * D * lay["pairs"]
     dense_flops = 4.0 * B * H * D * S * S
-    res = {"shape": {k: v for k, v in s.items()}, "S": S, "L": L, "NB": lay["NB"], "tiles": lay["tiles"],
-           "window_tiles": lay["window"], "density": lay["density"], "max_kv": int(lay["cnt"].max()),
-           "issued_over_valid_128x128": issued_pairs(lay, 128, 128) / lay["pairs"],
-           "issued_over_valid_128x64": issued_pairs(lay, 128, 64) / lay["pairs"],
-           "variants": {}}
+    res = {
+        "shape": {k: v for k, v in s.items()},
+        "S": S,
+        "L": L,
+        "NB": lay["NB"],
+        "tiles": lay["tiles"],
+        "window_tiles": lay["window"],
+        "density": lay["density"],
+        "max_kv": int(lay["cnt"].max()),
+        "issued_over_valid_128x128": issued_pairs(lay, 128, 128) / lay["pairs"],
+        "issued_over_valid_128x64": issued_pairs(lay, 128, 64) / lay["pairs"],
+        "variants": {},
+    }
     g = torch.Generator(device=dev).manual_seed(0)
-    q, k, v = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q, k, v = (
+        torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3)
+    )
     qp, kp, vp = (to_padded(x, lay) for x in (q, k, v))
     pos = lay["pos"].to(dev)
     idx, cnt, valid = lay["idx"].to(dev), lay["cnt"].to(dev), lay["valid"].to(dev)
     res["setup_s"] = time.perf_counter() - t0
-    print(f"  {s['name']}: S={S} L={L} blocks={lay['NB']} tiles={lay['tiles']} window={lay['window']} "
-          f"density={lay['density']:.4f} issued/valid={res['issued_over_valid_128x128']:.3f}", flush=True)
+    print(
+        f"  {s['name']}: S={S} L={L} blocks={lay['NB']} tiles={lay['tiles']} window={lay['window']} "
+        f"density={lay['density']:.4f} issued/valid={res['issued_over_valid_128x128']:.3f}",
+        flush=True,
+    )
 
     variants, kinds = {}, {}
     launched = []  # the compiled kernels our variants launch (their registers, spills)
-    variants["ours"] = lambda: block_sparse_attention_fwd(qp, kp, vp, idx, cnt, valid, block_size=lay["bs"],
-                                                          softmax_scale=scale, on_launch=launched.append)
+    variants["ours"] = lambda: block_sparse_attention_fwd(
+        qp,
+        kp,
+        vp,
+        idx,
+        cnt,
+        valid,
+        block_size=lay["bs"],
+        softmax_scale=scale,
+        on_launch=launched.append,
+    )
     kinds["ours"] = "padded"
     for cfg in CONFIGS:
         c = BlockSparseConfig(*cfg)
         name = "ours" + str(cfg).replace(" ", "")
-        variants[name] = (lambda c=c: block_sparse_attention_fwd(
-            qp, kp, vp, idx, cnt, valid, block_size=lay["bs"], softmax_scale=scale, on_launch=launched.append, config=c))
+        variants[name] = lambda c=c: block_sparse_attention_fwd(
+            qp,
+            kp,
+            vp,
+            idx,
+            cnt,
+            valid,
+            block_size=lay["bs"],
+            softmax_scale=scale,
+            on_launch=launched.append,
+            config=c,
+        )
         kinds[name] = "padded"
     # where the time goes: the same kernel with every block listed (density 1), and the dense
     # Triton kernel (flash_fwd) on the unpadded sequence
-    all_idx = torch.arange(lay["NB"], dtype=torch.int32, device=dev).expand(1, lay["NB"], lay["NB"]).contiguous()
+    all_idx = (
+        torch.arange(lay["NB"], dtype=torch.int32, device=dev)
+        .expand(1, lay["NB"], lay["NB"])
+        .contiguous()
+    )
     all_cnt = torch.full((1, lay["NB"]), lay["NB"], dtype=torch.int32, device=dev)
     variants["ours-all-blocks"] = lambda: block_sparse_attention_fwd(
-        qp, kp, vp, all_idx, all_cnt, valid, block_size=lay["bs"], softmax_scale=scale, on_launch=launched.append)
+        qp,
+        kp,
+        vp,
+        all_idx,
+        all_cnt,
+        valid,
+        block_size=lay["bs"],
+        softmax_scale=scale,
+        on_launch=launched.append,
+    )
     kinds["ours-all-blocks"] = "padded-full"
     from fv_compile.backends.kernels.flash_fwd import attention_fwd
+
     variants["triton-dense"] = lambda: attention_fwd(q, k, v, softmax_scale=scale)
     kinds["triton-dense"] = "dense"
-    variants["ours-ptr"] = lambda: block_sparse_attention_fwd(qp, kp, vp, idx, cnt, valid, block_size=lay["bs"],
-                                                              softmax_scale=scale, on_launch=launched.append, use_tma=False)
+    variants["ours-ptr"] = lambda: block_sparse_attention_fwd(
+        qp,
+        kp,
+        vp,
+        idx,
+        cnt,
+        valid,
+        block_size=lay["bs"],
+        softmax_scale=scale,
+        on_launch=launched.append,
+        use_tma=False,
+    )
     kinds["ours-ptr"] = "padded"
 
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -364,6 +465,7 @@ def bench_shape(s, args, fa4):
     def cudnn():
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             return F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+
     variants["cudnn-dense"] = cudnn
     kinds["cudnn-dense"] = "bhsd-dense"
 
@@ -388,14 +490,26 @@ def bench_shape(s, args, fa4):
         # direct: flash-attn-4 on 128-row lists built here independently (flex_block_lists), the
         # key-validity mask_mod on the partial blocks when there are any
         kv_num, kv_idx, full_num, full_idx = (t.to(dev) for t in flex_block_lists(lay))
-        bst = BST(mask_block_cnt=kv_num, mask_block_idx=kv_idx, full_block_cnt=full_num,
-                  full_block_idx=full_idx, block_size=(128, 128))
-        key_tok = ((torch.arange(L) % bs) < lay["valid"].long().repeat_interleave(bs)).to(torch.int32)
-        extra = dict(mask_mod=_key_table_mask_mod(), aux_tensors=[key_tok[None].to(dev)]) if ragged else {}
+        bst = BST(
+            mask_block_cnt=kv_num,
+            mask_block_idx=kv_idx,
+            full_block_cnt=full_num,
+            full_block_idx=full_idx,
+            block_size=(128, 128),
+        )
+        key_tok = ((torch.arange(L) % bs) < lay["valid"].long().repeat_interleave(bs)).to(
+            torch.int32
+        )
+        extra = (
+            dict(mask_mod=_key_table_mask_mod(), aux_tensors=[key_tok[None].to(dev)])
+            if ragged
+            else {}
+        )
 
         def fa4_direct():
             o = fa4_fn(qp, kp, vp, softmax_scale=scale, block_sparse_tensors=bst, **extra)
             return o[0] if isinstance(o, tuple) else o
+
         variants["fa4-direct"] = fa4_direct
         kinds["fa4-direct"] = "padded"
         # fv: SLIDING_TILE_ATTN's flash-attn-4 path: our tile lists converted on the device (once
@@ -404,7 +518,8 @@ def bench_shape(s, args, fa4):
         variants["fv-fa4"] = lambda: fa4_block_sparse_attention(qp, kp, vp, fv_lists, scale)
         kinds["fv-fa4"] = "padded"
         variants["fv-fa4+convert"] = lambda: fa4_block_sparse_attention(
-            qp, kp, vp, fa4_block_lists(idx, cnt, valid, bs, ragged), scale)
+            qp, kp, vp, fa4_block_lists(idx, cnt, valid, bs, ragged), scale
+        )
         kinds["fv-fa4+convert"] = "padded"
         res["fa4_partial_blocks"] = int(kv_num.sum())
         res["fa4_ragged"] = ragged
@@ -417,10 +532,12 @@ def bench_shape(s, args, fa4):
     if args.variants:
         keep = args.variants.split(";")
         variants = {n: f for n, f in variants.items() if n in keep}
+
     # warp-specialized configs last: a compiler failure there must not cost the other rows
     def _ws(name):
         parts = name.split(",")
         return len(parts) > 4 and parts[4].startswith("True")
+
     variants = dict(sorted(variants.items(), key=lambda kv: _ws(kv[0])))
     outs = {}
     for name, fn in variants.items():
@@ -454,19 +571,32 @@ def bench_shape(s, args, fa4):
                 fn()
                 t = {"ms": (time.perf_counter() - t1) * 1e3}
             r.update(t)
-            fl = {"cudnn-dense": dense_flops, "triton-dense": dense_flops,
-                  "ours-all-blocks": 4.0 * B * H * D * S * S}.get(name, sparse_flops)
+            fl = {
+                "cudnn-dense": dense_flops,
+                "triton-dense": dense_flops,
+                "ours-all-blocks": 4.0 * B * H * D * S * S,
+            }.get(name, sparse_flops)
             r["tflops"] = fl / (t["ms"] * 1e-3) / 1e12
             if name.startswith("ours"):
                 kern = launched[-1] if launched else None
-                r["n_regs"], r["n_spills"] = getattr(kern, "n_regs", None), getattr(kern, "n_spills", None)
+                r["n_regs"], r["n_spills"] = (
+                    getattr(kern, "n_regs", None),
+                    getattr(kern, "n_spills", None),
+                )
             del o, o_r
         except Exception as e:
             r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
         res["variants"][name] = r
-        print(f"  {s['name']:<14} {name:<30} " + (
-            f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s err {r['err_vs_fp32_sampled']:.1e} "
-            f"first {r['first_call_s']:.1f}s" if "ms" in r else r["error"]), flush=True)
+        print(
+            f"  {s['name']:<14} {name:<30} "
+            + (
+                f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s err {r['err_vs_fp32_sampled']:.1e} "
+                f"first {r['first_call_s']:.1f}s"
+                if "ms" in r
+                else r["error"]
+            ),
+            flush=True,
+        )
     if dev == "cuda" and args.rounds > 1:
         # more rounds, round-robin over the variants that ran: drift in clocks or the machine hits
         # every variant alike; each variant's figure is the median over all its rounds
@@ -474,15 +604,22 @@ def bench_shape(s, args, fa4):
         for _ in range(args.rounds - 1):
             for name in timed:
                 res["variants"][name].setdefault("ms_rounds", [res["variants"][name]["ms"]]).append(
-                    time_cuda(variants[name], target_s=args.target_s, max_reps=50)["ms"])
+                    time_cuda(variants[name], target_s=args.target_s, max_reps=50)["ms"]
+                )
         for name in timed:
             r = res["variants"][name]
             r["ms"] = sorted(r["ms_rounds"])[len(r["ms_rounds"]) // 2]
-            fl = {"cudnn-dense": dense_flops, "triton-dense": dense_flops,
-                  "ours-all-blocks": 4.0 * B * H * D * S * S}.get(name, sparse_flops)
+            fl = {
+                "cudnn-dense": dense_flops,
+                "triton-dense": dense_flops,
+                "ours-all-blocks": 4.0 * B * H * D * S * S,
+            }.get(name, sparse_flops)
             r["tflops"] = fl / (r["ms"] * 1e-3) / 1e12
-            print(f"  {s['name']:<14} {name:<30} rounds " + " ".join(f"{m:.3f}" for m in r["ms_rounds"]),
-                  flush=True)
+            print(
+                f"  {s['name']:<14} {name:<30} rounds "
+                + " ".join(f"{m:.3f}" for m in r["ms_rounds"]),
+                flush=True,
+            )
     if "cudnn-dense" in res["variants"] and "ms" in res["variants"]["cudnn-dense"]:
         base = res["variants"]["cudnn-dense"]["ms"]
         for r in res["variants"].values():
@@ -507,62 +644,94 @@ def env_info():
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
     }
 
 
 def print_table(results, info, small):
     print()
-    print(f"# {info['date']}  {info['gpu']}  torch {info['torch']}  triton {info['triton']}  "
-          f"cuDNN {info['cudnn']}")
+    print(
+        f"# {info['date']}  {info['gpu']}  torch {info['torch']}  triton {info['triton']}  "
+        f"cuDNN {info['cudnn']}"
+    )
     print(f"# small-grid check vs SDPA math + dense bool mask: {json.dumps(small)}")
     for r in results:
         vs = r["variants"]
         cu = vs.get("cudnn-dense", {}).get("tflops")
-        print(f"\n## {r['shape']['name']}: S={r['S']} (padded L={r['L']}), "
-              f"H={r['shape']['H']}, D={r['shape']['D']}, "
-              f"tiles {r['tiles']}, window {r['window_tiles']}, density {r['density']:.4f} "
-              f"(sparsity {1 - r['density']:.3f}); issued/valid work at 128x128 sub-tiles "
-              f"{r['issued_over_valid_128x128']:.3f}")
+        print(
+            f"\n## {r['shape']['name']}: S={r['S']} (padded L={r['L']}), "
+            f"H={r['shape']['H']}, D={r['shape']['D']}, "
+            f"tiles {r['tiles']}, window {r['window_tiles']}, density {r['density']:.4f} "
+            f"(sparsity {1 - r['density']:.3f}); issued/valid work at 128x128 sub-tiles "
+            f"{r['issued_over_valid_128x128']:.3f}"
+        )
         if "ours_vs_flex_all_valid_rows" in r:
-            print(f"ours vs flex (all valid rows, real shape): rel err {r['ours_vs_flex_all_valid_rows']:.2e}")
+            print(
+                f"ours vs flex (all valid rows, real shape): rel err {r['ours_vs_flex_all_valid_rows']:.2e}"
+            )
         if "ours_vs_fa4_all_valid_rows" in r:
             print(f"ours vs fa4 (all valid rows): rel err {r['ours_vs_fa4_all_valid_rows']:.2e}")
         if "fv_fa4_vs_fa4_direct_all_valid_rows" in r:
             err = r["fv_fa4_vs_fa4_direct_all_valid_rows"]
             print(f"fv-fa4 vs fa4-direct (all valid rows): rel err {err:.2e}")
-        if "fv-fa4" in vs and "fa4-direct" in vs and "ms" in vs["fv-fa4"] and "ms" in vs["fa4-direct"]:
-            print(f"fv-fa4 / fa4-direct throughput: {vs['fa4-direct']['ms'] / vs['fv-fa4']['ms']:.3f}")
-        hdr = (f"| {'variant':<30} | {'ms':>9} | {'TFLOP/s':>8} | {'x cuDNN TF':>10} | {'speedup':>8} | "
-               f"{'err fp32':>8} | regs/spill |")
+        if (
+            "fv-fa4" in vs
+            and "fa4-direct" in vs
+            and "ms" in vs["fv-fa4"]
+            and "ms" in vs["fa4-direct"]
+        ):
+            print(
+                f"fv-fa4 / fa4-direct throughput: {vs['fa4-direct']['ms'] / vs['fv-fa4']['ms']:.3f}"
+            )
+        hdr = (
+            f"| {'variant':<30} | {'ms':>9} | {'TFLOP/s':>8} | {'x cuDNN TF':>10} | {'speedup':>8} | "
+            f"{'err fp32':>8} | regs/spill |"
+        )
         print(hdr)
         print("|" + "|".join("-" * len(c) for c in hdr.strip("|").split("|")) + "|")
         for name, v in vs.items():
             if "ms" not in v:
-                print(f"| {name:<30} | {'n/a':>9} | {'':>8} | {'':>10} | {'':>8} | {'':>8} | "
-                      f"{v.get('error', '')[:60]}")
+                print(
+                    f"| {name:<30} | {'n/a':>9} | {'':>8} | {'':>10} | {'':>8} | {'':>8} | "
+                    f"{v.get('error', '')[:60]}"
+                )
                 continue
             ratio = f"{v['tflops'] / cu:.3f}" if cu else "n/a"
             rs = f"{v.get('n_regs')}/{v.get('n_spills')}" if "n_regs" in v else ""
-            print(f"| {name:<30} | {v['ms']:9.3f} | {v['tflops']:8.1f} | {ratio:>10} | "
-                  f"{v.get('speedup_vs_cudnn_dense', float('nan')):7.2f}x | "
-                  f"{v['err_vs_fp32_sampled']:8.1e} | {rs:>10} |")
+            print(
+                f"| {name:<30} | {v['ms']:9.3f} | {v['tflops']:8.1f} | {ratio:>10} | "
+                f"{v.get('speedup_vs_cudnn_dense', float('nan')):7.2f}x | "
+                f"{v['err_vs_fp32_sampled']:8.1e} | {rs:>10} |"
+            )
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", help="write all numbers as JSON here")
     ap.add_argument("--only", help="comma-separated shape names")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--variants", help="';'-separated variant names to run (default: all)")
     ap.add_argument("--no-fa4", action="store_true")
-    ap.add_argument("--target-s", type=float, default=0.3, help="seconds of timed calls per variant")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="timing rounds, round-robin over the variants; the median round is reported")
-    ap.add_argument("--smoke", action="store_true",
-                    help="the layout/mask logic and a small kernel check; without CUDA, in Triton's "
-                    "interpreter (TRITON_INTERPRET=1)")
+    ap.add_argument(
+        "--target-s", type=float, default=0.3, help="seconds of timed calls per variant"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="timing rounds, round-robin over the variants; the median round is reported",
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the layout/mask logic and a small kernel check; without CUDA, in Triton's "
+        "interpreter (TRITON_INTERPRET=1)",
+    )
     ap.add_argument("--dry-cpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from fv_compile.backends.kernels import interpreting
@@ -583,10 +752,12 @@ def main():
     if args.smoke:
         for s in SHAPES:
             lay = sta_layout(s["grid"], TILE, s["window"], text=s["text"])
-            print(f"{s['name']}: S={lay['S']} L={lay['L']} blocks={lay['NB']} tiles={lay['tiles']} "
-                  f"window={lay['window']} max_kv={int(lay['cnt'].max())} density={lay['density']:.4f} "
-                  f"issued/valid 128x128={issued_pairs(lay) / lay['pairs']:.3f} "
-                  f"128x64={issued_pairs(lay, 128, 64) / lay['pairs']:.3f}")
+            print(
+                f"{s['name']}: S={lay['S']} L={lay['L']} blocks={lay['NB']} tiles={lay['tiles']} "
+                f"window={lay['window']} max_kv={int(lay['cnt'].max())} density={lay['density']:.4f} "
+                f"issued/valid 128x128={issued_pairs(lay) / lay['pairs']:.3f} "
+                f"128x64={issued_pairs(lay, 128, 64) / lay['pairs']:.3f}"
+            )
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         print("small check:", small_check(dev, interpret=dev == "cpu"))
         return

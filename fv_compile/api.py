@@ -76,7 +76,9 @@ class FvCompileBackend:
         """check: "forward" or "backward" makes each graph run as traced while every rewritten
         site is checked against its replacement on the same inputs (`fv_compile.verify`)."""
         if compiler not in COMPILERS:
-            raise FvCompileError(f"compiler must be one of {', '.join(COMPILERS)}; got {compiler!r}")
+            raise FvCompileError(
+                f"compiler must be one of {', '.join(COMPILERS)}; got {compiler!r}"
+            )
         self.policy = SitePolicy(attention_backend, strict=strict)
         self.compiler = compiler
         self.mode = mode
@@ -88,9 +90,13 @@ class FvCompileBackend:
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
         self.graph_runs: list[int] = []  # per graph: how many times it ran
-        self.graph_regions: list[set[tuple[str, int]]] = []  # per graph: the regional blocks that ran it
+        self.graph_regions: list[
+            set[tuple[str, int]]
+        ] = []  # per graph: the regional blocks that ran it
         self.anchors: list[list] = []  # per graph: (kind, (file, line)) of its SDPA/softmax calls
-        self.breaks: list[tuple[str, str]] = []  # (Dynamo's message, user line) of graphs a break ended
+        self.breaks: list[
+            tuple[str, str]
+        ] = []  # (Dynamo's message, user line) of graphs a break ended
         self.restarts: list[str] = []  # graph-break messages of frames Dynamo split (one per frame)
         self.skipped_frames: list[SkippedFrame] = []
         self._warned_symbolic = False
@@ -116,7 +122,9 @@ class FvCompileBackend:
         self.graph_regions.append(set())
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
-        result = lower_graph(gm, self.policy, index, record=self.check is not None, block_lists=self.block_lists)
+        result = lower_graph(
+            gm, self.policy, index, record=self.check is not None, block_lists=self.block_lists
+        )
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
         if not self.analyze_only and self.check is None:
@@ -141,7 +149,10 @@ class FvCompileBackend:
         """Say once when a graph's sites were left alone for their symbolic shapes: asked for
         with dynamic=True, or made by torch's automatic dynamic shapes after a recompile."""
         symbolic = [
-            s for s in sites if s.status != "rewritten" and ("dynamic" in (s.reason or "") or "symbolic" in (s.reason or ""))
+            s
+            for s in sites
+            if s.status != "rewritten"
+            and ("dynamic" in (s.reason or "") or "symbolic" in (s.reason or ""))
         ]
         if not symbolic or self._warned_symbolic:
             return
@@ -316,10 +327,19 @@ class DynamoEntry:
             message = str(getattr(rec, "fail_reason", "") or rec.fail_type)
             reason, hint = dynamo_reason(message)
             if rec.co_name == _ENTRY_NAME:
-                name, location = "the model's __call__ (inlined into fv_compile's entry)", "fv_compile"
+                name, location = (
+                    "the model's __call__ (inlined into fv_compile's entry)",
+                    "fv_compile",
+                )
             else:
-                name, location = rec.co_name or "a frame of this call", where(rec.co_filename, rec.co_firstlineno)
-            at = where(getattr(rec, "fail_user_frame_filename", None), getattr(rec, "fail_user_frame_lineno", None))
+                name, location = (
+                    rec.co_name or "a frame of this call",
+                    where(rec.co_filename, rec.co_firstlineno),
+                )
+            at = where(
+                getattr(rec, "fail_user_frame_filename", None),
+                getattr(rec, "fail_user_frame_lineno", None),
+            )
             frame = SkippedFrame(name, location, reason, at, _fix_for(message, hint))
             self.backend.skipped_frames.append(frame)
             skipped.append(frame)
@@ -359,7 +379,9 @@ def _fallback_message(
         "ran them eagerly; attention inside them runs as the model wrote it, not on the chosen backend:"
     ]
     lines += [line for f in skipped for line in describe(f)]
-    lines.append("fv_compile.explain(model, *inputs) lists the graph breaks and the attention outside graphs.")
+    lines.append(
+        "fv_compile.explain(model, *inputs) lists the graph breaks and the attention outside graphs."
+    )
     return "\n".join(lines)
 
 
@@ -423,7 +445,9 @@ def _why_nothing_compiled() -> str:
 # `explain` collect first whenever an entry with frames of model code may be waiting.
 
 _pending_release: list[list[Any]] = []  # backend wrappers of freed entries, not yet dropped
-_on_model_code: weakref.WeakSet[DynamoEntry] = weakref.WeakSet()  # entries with frames of model code
+_on_model_code: weakref.WeakSet[DynamoEntry] = (
+    weakref.WeakSet()
+)  # entries with frames of model code
 
 
 def _release_entry(code: types.CodeType, backends: list[tuple[int, Any]]) -> None:
@@ -533,7 +557,6 @@ class _Bound:
         return self.entry(self.model, *args, **kwargs)
 
 
-
 class _CallDepth(threading.local):
     """CompiledModel calls running now in this thread: only the outermost starts a step (a call
     running in another thread is not an outer call of this one)."""
@@ -579,7 +602,9 @@ def _uses_cuda_graphs(compiler: str, mode: str | None, options: dict[str, Any] |
         return False
     if options and "triton.cudagraphs" in options:
         return bool(options["triton.cudagraphs"])
-    return mode in ("reduce-overhead", "max-autotune") or bool(torch._inductor.config.triton.cudagraphs)
+    return mode in ("reduce-overhead", "max-autotune") or bool(
+        torch._inductor.config.triton.cudagraphs
+    )
 
 
 class CompiledModel(OptimizedModule):
@@ -730,7 +755,9 @@ class CompiledModel(OptimizedModule):
             out = _cuda_graph_owned_outputs(out)
         return out
 
-    def _regional_call(self, regional: RegionalCopy, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _regional_call(
+        self, regional: RegionalCopy, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         regional.sync()
         calls = self._entry.calls
         if self._glue_checked:
@@ -802,7 +829,11 @@ def _per_block(
         prefix = f"{path}.{index}"
         for s in sites:
             if s.graph < len(graph_regions) and (path, index) in graph_regions[s.graph]:
-                rows.append(dataclasses.replace(s, module_path=f"{prefix}.{s.module_path}" if s.module_path else prefix))
+                rows.append(
+                    dataclasses.replace(
+                        s, module_path=f"{prefix}.{s.module_path}" if s.module_path else prefix
+                    )
+                )
     rows += [s for s in sites if s.graph >= len(graph_regions) or not graph_regions[s.graph]]
     return rows
 
@@ -846,13 +877,17 @@ def compile(
     The model is not modified; the returned module calls it.
     """
     if not isinstance(model, torch.nn.Module):
-        raise FvCompileError(f"fv_compile.compile expects a torch.nn.Module, got {type(model).__name__}")
+        raise FvCompileError(
+            f"fv_compile.compile expects a torch.nn.Module, got {type(model).__name__}"
+        )
     if isinstance(model, CompiledModel):
         raise FvCompileError(
             "this model is already an fv_compile.CompiledModel: compile the original "
             "(compiled._orig_mod) instead"
         )
-    if not (regional is True or regional is False or (isinstance(regional, str) and regional == "auto")):
+    if not (
+        regional is True or regional is False or (isinstance(regional, str) and regional == "auto")
+    ):
         raise FvCompileError(
             f"regional must be 'auto' (blocks when the model has them), True (blocks) or False "
             f"(the whole model); got {regional!r}"
@@ -922,7 +957,11 @@ def check_options(options: dict[str, Any] | None, *, own_keys: bool) -> None:
             )
         close = difflib.get_close_matches(str(key), [*OPTIONS, *sorted(inductor)], n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        where = "torch.compile(backend='fv_compile', options=...)" if own_keys else "fv_compile.compile(options=...)"
+        where = (
+            "torch.compile(backend='fv_compile', options=...)"
+            if own_keys
+            else "fv_compile.compile(options=...)"
+        )
         own = (
             f"fv_compile's own options are {', '.join(OPTIONS)}"
             if own_keys
@@ -947,7 +986,9 @@ def explain(
     ran outside every graph. The model runs twice (no grad): compiled, then eagerly to count its
     attention calls. `verify=True` also checks each rewritten site (see `fv_compile.verify`)."""
     if not isinstance(model, torch.nn.Module):
-        raise FvCompileError(f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}")
+        raise FvCompileError(
+            f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}"
+        )
     backend = FvCompileBackend(
         attention_backend, compiler="eager", analyze_only=True, check="forward" if verify else None
     )
@@ -976,9 +1017,14 @@ def verify(
 
     Backends with per-step metadata (SLIDING_TILE_ATTN) need the caller's `forward_context`."""
     if not isinstance(model, torch.nn.Module):
-        raise FvCompileError(f"fv_compile.verify expects a torch.nn.Module, got {type(model).__name__}")
+        raise FvCompileError(
+            f"fv_compile.verify expects a torch.nn.Module, got {type(model).__name__}"
+        )
     backend = FvCompileBackend(
-        attention_backend, compiler="eager", analyze_only=True, check="backward" if backward else "forward"
+        attention_backend,
+        compiler="eager",
+        analyze_only=True,
+        check="backward" if backward else "forward",
     )
     _trace_once(backend, model, args, kwargs, grad=backward)
     return backend.report()

@@ -33,7 +33,12 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 # Inductor config hooks that are part of the cache key on every torch fv_compile supports; the
 # key pass takes the first one nobody uses.
-_HOOKS = ("post_grad_custom_post_pass", "post_grad_custom_pre_pass", "joint_custom_post_pass", "joint_custom_pre_pass")
+_HOOKS = (
+    "post_grad_custom_post_pass",
+    "post_grad_custom_pre_pass",
+    "joint_custom_post_pass",
+    "joint_custom_pre_pass",
+)
 
 
 @functools.cache

@@ -372,7 +372,13 @@ def _model(text: str) -> str:
 
 
 def _regional(text: str) -> bool | str:
-    choices: dict[str, bool | str] = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    choices: dict[str, bool | str] = {
+        "auto": "auto",
+        "on": True,
+        "true": True,
+        "off": False,
+        "false": False,
+    }
     value = choices.get(text.lower())
     if value is None:
         raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")

@@ -158,7 +158,9 @@ def derived_forward_context() -> ForwardContext | None:
 # warm up and record, with allocations in the graphs' private memory pool, and a tensor kept in
 # the step cache past the call would be a live pool allocation no graph output tracks (CUDA
 # graph trees refuse to go on). A replay reruns every recorded kernel anyway.
-_STEP_CACHE_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar("fv_compile_step_cache_off", default=False)
+_STEP_CACHE_OFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fv_compile_step_cache_off", default=False
+)
 
 
 @contextlib.contextmanager

@@ -57,7 +57,11 @@ def _mask_cell(site: AttentionSite) -> str:
     only: the masks the fast dense backends take)."""
     if site.mask is None:
         return "-"
-    return f"{site.mask} keys" if site.mask_kind in (MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING) else site.mask
+    return (
+        f"{site.mask} keys"
+        if site.mask_kind in (MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING)
+        else site.mask
+    )
 
 
 def _check_cell(site: AttentionSite) -> str:
@@ -222,7 +226,9 @@ class ExplainReport:
             "non_attention": [n.to_dict() for n in self.non_attention],
             "graph_breaks": [b.to_dict() for b in self.graph_breaks],
             "skipped_frames": [f.to_dict() for f in self.skipped_frames],
-            "uncaptured": None if self.uncaptured is None else [u.to_dict() for u in self.uncaptured],
+            "uncaptured": None
+            if self.uncaptured is None
+            else [u.to_dict() for u in self.uncaptured],
             "uncaptured_calls": None if self.uncaptured is None else self.uncaptured_calls,
             "summary": {"found": len(self.sites), "rewritten": len(self.rewritten)},
             "verified": self.verified if self.checked else None,
@@ -247,13 +253,20 @@ class ExplainReport:
             head += "; " + ", ".join(extra)
         columns = _COLUMNS[:-1] + ([_CHECK_COLUMN] if self.checked else []) + _COLUMNS[-1:]
         rows = [[name for name, _ in columns]]
-        rows += [["-" if (v := get(s)) is None else str(v) for _, get in columns] for s in self.sites]
+        rows += [
+            ["-" if (v := get(s)) is None else str(v) for _, get in columns] for s in self.sites
+        ]
         lines = [head, ""] + _table(rows) if self.sites else [head]
         if self.non_attention:
             lines += ["", "softmaxes that are not attention:"]
-            lines += [f"  {n.module_path or '-'} ({n.node}): {n.reason}" for n in self.non_attention]
+            lines += [
+                f"  {n.module_path or '-'} ({n.node}): {n.reason}" for n in self.non_attention
+            ]
         if self.uncaptured_calls:
-            lines += ["", "attention that ran outside every graph (never seen by the pass, not rewritten):"]
+            lines += [
+                "",
+                "attention that ran outside every graph (never seen by the pass, not rewritten):",
+            ]
             for u in self.uncaptured or ():
                 if u.uncaptured:
                     lines.append(f"  {u.where}: {u.op} x{u.uncaptured} (of {u.calls} calls)")
@@ -333,11 +346,14 @@ class AttentionCallCounter(TorchFunctionMode):
         if kind is not None:
             frame: FrameType | None = sys._getframe(1)
             while frame is not None and (
-                frame.f_code.co_filename.startswith(_TORCH_DIR) or frame.f_code.co_filename == __file__
+                frame.f_code.co_filename.startswith(_TORCH_DIR)
+                or frame.f_code.co_filename == __file__
             ):
                 frame = frame.f_back
             if frame is not None:
-                self.calls[(kind, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)] += 1
+                self.calls[
+                    (kind, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
+                ] += 1
         return func(*args, **(kwargs or {}))
 
 

@@ -63,10 +63,14 @@ def lower_graph(
         name, cls = policy.choose(site)
         site.backend = name
         try:
-            impl = construct_impl(cls.get_impl_cls(), site, layer_number(site.module_path, list(block_lists)))
+            impl = construct_impl(
+                cls.get_impl_cls(), site, layer_number(site.module_path, list(block_lists))
+            )
         except Exception as e:  # a backend refusing a site at construction is a skip, not a crash
             if policy.strict:
-                raise FvCompileError(f"backend {name} refused site {site.module_path or site.node}: {e}") from e
+                raise FvCompileError(
+                    f"backend {name} refused site {site.module_path or site.node}: {e}"
+                ) from e
             site.status, site.reason = SKIPPED, f"{name} could not be constructed: {e}"
             return None
         chosen.append((site, name, cls))
@@ -87,12 +91,20 @@ def lower_graph(
     result.gm.fv_site_owner = owner  # type: ignore[assignment]
     metadata_backends: list[str] = []
     for site, name, cls in chosen:
-        if site.status == REWRITTEN and registry.needs_metadata(cls) and name not in metadata_backends:
+        if (
+            site.status == REWRITTEN
+            and registry.needs_metadata(cls)
+            and name not in metadata_backends
+        ):
             metadata_backends.append(name)
-    return LoweredGraph(result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites, owner)
+    return LoweredGraph(
+        result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites, owner
+    )
 
 
-def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite, layer: int | None = None) -> Any:
+def construct_impl(
+    impl_cls: type[AttentionImpl], site: AttentionSite, layer: int | None = None
+) -> Any:
     """Build a site's impl as FastVideo's layers do. Impls that accept a `site` keyword (or any
     keyword) also get the whole site row; impls with a `dense_fallback` parameter get the impl
     of the dense backend `auto` picks for the site, to run the steps they run dense; impls with a
@@ -109,7 +121,9 @@ def construct_impl(impl_cls: type[AttentionImpl], site: AttentionSite, layer: in
     if any(p.kind is p.VAR_KEYWORD or p.name == "site" for p in params.values()):
         kwargs["site"] = site
     if "dense_fallback" in params:
-        kwargs["dense_fallback"] = construct_impl(registry.get_backend(dense_default(site)).get_impl_cls(), site)
+        kwargs["dense_fallback"] = construct_impl(
+            registry.get_backend(dense_default(site)).get_impl_cls(), site
+        )
     if "layer" in params and layer is not None:
         kwargs["layer"] = layer
     return impl_cls(**kwargs)

@@ -71,7 +71,9 @@ class SiteOwner:
         """The id of a new site run by `impl`; `differentiable`: the backend declares its output
         dense attention, so the op's backward (dense recomputation) is exact for it."""
         if empty_rows not in (None, "zero", "nan", "uniform"):
-            raise ValueError(f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}")
+            raise ValueError(
+                f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}"
+            )
         if (empty_rows == "uniform") != (fill is not None):
             raise ValueError("a finite fill value goes with empty_rows='uniform', and only with it")
         cls = type(impl)
@@ -186,7 +188,9 @@ def _rows_with_a_key(mask: torch.Tensor, causal: bool, q_len: int) -> torch.Tens
     return (attend & (keys[None, :] <= rows[:, None])).any(-1)
 
 
-def _eager_empty_rows(out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rt: SiteRuntime) -> torch.Tensor:
+def _eager_empty_rows(
+    out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rt: SiteRuntime
+) -> torch.Tensor:
     """Give rows whose every key is blocked what eager gives them, whatever the backend did:
     0 (SDPA), NaN (softmax of -inf logits) or the mean of v (softmax of one finite fill)."""
     has_key = _rows_with_a_key(mask, rt.causal, out.shape[1]).transpose(1, 2).unsqueeze(-1)
@@ -230,7 +234,9 @@ def _blocked_logits(
 def _weights(scores: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime) -> torch.Tensor:
     probs = scores.softmax(-1)
     if rt.empty_rows == "zero" and mask is not None:  # SDPA: a row with no key gives zeros
-        probs = torch.where(_rows_with_a_key(mask, rt.causal, scores.shape[-2]).unsqueeze(-1), probs, 0.0)
+        probs = torch.where(
+            _rows_with_a_key(mask, rt.causal, scores.shape[-2]).unsqueeze(-1), probs, 0.0
+        )
     return probs
 
 

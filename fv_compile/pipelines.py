@@ -47,7 +47,9 @@ _FIX = """call the compiled model inside a forward context that says it:
         out = compiled_model(...)"""
 
 # the step_index of the diffusers `cache_context(...)` block the current call runs in
-_LOOP_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar("fv_compile_loop_step", default=None)
+_LOOP_STEP: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "fv_compile_loop_step", default=None
+)
 
 
 @contextlib.contextmanager
@@ -107,7 +109,11 @@ class StepClock:
 
     def step_of(self, timestep: Any) -> int:
         if isinstance(timestep, torch.Tensor):
-            if self._tensor is not None and self._tensor() is timestep and timestep._version == self._version:
+            if (
+                self._tensor is not None
+                and self._tensor() is timestep
+                and timestep._version == self._version
+            ):
                 return self.step
             if timestep.numel() == 0:
                 raise FvCompileError(f"the timestep argument is an empty tensor; {_FIX}")
@@ -152,7 +158,9 @@ class DerivedContexts:
     def clock(self) -> StepClock:
         return self._loop().clock
 
-    def for_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[[], ForwardContext]:
+    def for_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[[], ForwardContext]:
         """A function returning this call's context, derived on its first use."""
         step_index = _LOOP_STEP.get()
         made: list[ForwardContext] = []
@@ -171,7 +179,9 @@ class DerivedContexts:
             step = step_index
             self.clock.forget()
         else:
-            timestep = next((arguments[n] for n in _TIMESTEP_NAMES if arguments.get(n) is not None), None)
+            timestep = next(
+                (arguments[n] for n in _TIMESTEP_NAMES if arguments.get(n) is not None), None
+            )
             if timestep is None:
                 raise FvCompileError(
                     "a backend needs the denoising step, but this call of the compiled model has no "
@@ -200,7 +210,8 @@ class DerivedContexts:
         """`(B, C, T, H, W)` of the call's latent; None when the call has none (a builder that
         needs it says so, naming `raw_latent_shape`)."""
         latent = next(
-            (arguments[n] for n in _LATENT_NAMES if isinstance(arguments.get(n), torch.Tensor)), None
+            (arguments[n] for n in _LATENT_NAMES if isinstance(arguments.get(n), torch.Tensor)),
+            None,
         )
         if latent is None or latent.dim() not in (3, 5):
             latent = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() == 5), latent)
@@ -212,7 +223,13 @@ class DerivedContexts:
         if isinstance(latent, torch.Tensor) and latent.dim() == 3:
             frames, height, width = (arguments.get(n) for n in ("num_frames", "height", "width"))
             if isinstance(frames, int) and isinstance(height, int) and isinstance(width, int):
-                return (latent.shape[0], latent.shape[2], frames, height, width)  # tokens (LTX-Video)
+                return (
+                    latent.shape[0],
+                    latent.shape[2],
+                    frames,
+                    height,
+                    width,
+                )  # tokens (LTX-Video)
         return None
 
 
@@ -252,7 +269,9 @@ def check_fastvideo_args(fastvideo_args: Any) -> None:
         )
     window = getattr(fastvideo_args, "sta_window", None)
     if window is not None and (
-        not isinstance(window, (tuple, list)) or len(window) != 3 or not all(isinstance(w, int) and w > 0 for w in window)
+        not isinstance(window, (tuple, list))
+        or len(window) != 3
+        or not all(isinstance(w, int) and w > 0 for w in window)
     ):
         raise FvCompileError(
             f"fastvideo_args.sta_window must be three positive tile counts (wt, wh, ww), got {window!r}"

@@ -38,7 +38,8 @@ def dense_default(site: AttentionSite) -> str:
         if unsupported_reason(registry.get_backend("FLASH_ATTN"), site) is None:
             return "FLASH_ATTN"
         if (
-            site.mask_kind in KEY_PADDING_KINDS and kv_len >= _TRITON_MASKED_MIN_KV
+            site.mask_kind in KEY_PADDING_KINDS
+            and kv_len >= _TRITON_MASKED_MIN_KV
             and unsupported_reason(registry.get_backend("TRITON_ATTN"), site) is None
         ):
             return "TRITON_ATTN"

@@ -75,13 +75,20 @@ class MetadataDispatch:
     """The callable Dynamo runs for a graph whose sites read backend metadata."""
 
     def __init__(
-        self, gm: GraphModule, backends: list[str], compile_graph: GraphCompiler, *, cuda_graphs: bool = False
+        self,
+        gm: GraphModule,
+        backends: list[str],
+        compile_graph: GraphCompiler,
+        *,
+        cuda_graphs: bool = False,
     ) -> None:
         self.gm = gm
         self.cuda_graphs = cuda_graphs  # the variants run under CUDA graphs: no step cache
         self.backends = backends
         self.compile_graph = compile_graph
-        self.variants: dict[tuple[Any, ...], Callable[..., Any]] = {}  # (layouts, tensor shapes) -> graph
+        self.variants: dict[
+            tuple[Any, ...], Callable[..., Any]
+        ] = {}  # (layouts, tensor shapes) -> graph
         self.owner = ops.SiteOwner()  # the variants' layouts, registered while the dispatch lives
         self.device = _graph_device(gm)
 
@@ -146,7 +153,10 @@ def _in_tracing_context(compile_graph: GraphCompiler, gm: GraphModule, example: 
     static = not _has_symbolic_inputs(gm)
     mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=static)
     if static:
-        example = [mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x for x in example]
+        example = [
+            mode.from_tensor(x, static_shapes=True) if isinstance(x, torch.Tensor) else x
+            for x in example
+        ]
     with tracing(TracingContext(mode)):
         return compile_graph(gm, example)
 
@@ -157,7 +167,9 @@ def _has_symbolic_inputs(gm: GraphModule) -> bool:
         value = node.meta.get("example_value", node.meta.get("val"))
         if isinstance(value, torch.SymInt):
             return True
-        if isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in (*value.shape, *value.stride())):
+        if isinstance(value, torch.Tensor) and any(
+            isinstance(d, torch.SymInt) for d in (*value.shape, *value.stride())
+        ):
             return True
     return False
 

@@ -132,7 +132,9 @@ class AttentionSite:
         if not self.mask_keys_only:
             return "it varies over queries or heads"
         if self.mask_values is None:
-            return "its values are not known at compile time (not built from booleans and constants)"
+            return (
+                "its values are not known at compile time (not built from booleans and constants)"
+            )
         limit = blocking_limit(self.scale or 1.0)
         odd = [v for v in self.mask_values if v != 0 and not v <= limit]
         if odd:
@@ -140,7 +142,11 @@ class AttentionSite:
         blocks = sorted({v for v in self.mask_values if v <= limit})
         if len(blocks) > 1:
             return f"it blocks with more than one value ({', '.join(f'{b:g}' for b in blocks)})"
-        if blocks and math.isfinite(blocks[0]) and fully_blocked_rows(blocks[0], self.scale or 1.0) is None:
+        if (
+            blocks
+            and math.isfinite(blocks[0])
+            and fully_blocked_rows(blocks[0], self.scale or 1.0) is None
+        ):
             return (
                 f"a row it blocks entirely gets softmax(logits + {blocks[0]:g}) in eager, which "
                 "rounding decides (a fast backend takes -inf, or a value like finfo.min that "

@@ -31,7 +31,9 @@ from fv_compile.explain import dynamo_reason, where
 
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_MODELS_DIR = os.path.join(_PACKAGE_DIR, "models") + os.sep  # the reference models are user code here
+_MODELS_DIR = (
+    os.path.join(_PACKAGE_DIR, "models") + os.sep
+)  # the reference models are user code here
 # torch's dtype-mismatch messages: "mat1 and mat2 must have the same dtype", "expected m1 and m2
 # to have the same dtype", "Input type (c10::BFloat16) and bias type (float) should be the same",
 # "expected scalar type Float but found BFloat16", "expected both vectors to have same dtype",
@@ -87,7 +89,11 @@ def _dtype_mismatch(
     own = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
     if not own:
         return None
-    foreign = [(name, t.dtype) for name, t in _input_tensors(model, args, kwargs) if t.is_floating_point() and t.dtype not in own]
+    foreign = [
+        (name, t.dtype)
+        for name, t in _input_tensors(model, args, kwargs)
+        if t.is_floating_point() and t.dtype not in own
+    ]
     if not foreign:
         return None
     names = ", ".join(f"{name} ({_dtype(dt)})" for name, dt in foreign)
@@ -112,7 +118,9 @@ def _untraceable(error: BaseException, model: torch.nn.Module) -> FvCompileError
     if frame is None and stack:
         frame = stack[-1]
     message = str(getattr(error, "msg", None) or error)
-    if isinstance(error, UserError):  # "Consider annotating ... Could not guard on ...": the second sentence says it
+    if isinstance(
+        error, UserError
+    ):  # "Consider annotating ... Could not guard on ...": the second sentence says it
         found = re.search(r"Could not guard on data-dependent expression [^(]*", message)
         reason = found.group(0).strip() if found else message.strip().splitlines()[0]
     else:
@@ -147,7 +155,9 @@ def _input_tensors(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[s
 
 def _user_line(error: BaseException) -> str:
     """The innermost line of user code (not torch's, not fv_compile's wrapper) the error passed."""
-    stack = list(getattr(error, "real_stack", None) or ()) or traceback.extract_tb(error.__traceback__)
+    stack = list(getattr(error, "real_stack", None) or ()) or traceback.extract_tb(
+        error.__traceback__
+    )
     for frame in reversed(stack):
         path = os.path.abspath(frame.filename)
         own = path.startswith(_PACKAGE_DIR) and not path.startswith(_MODELS_DIR)

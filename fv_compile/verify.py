@@ -154,7 +154,9 @@ def _takes_gradient(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.requires_grad
 
 
-def _grads(out: torch.Tensor, inputs: list[torch.Tensor], cotangent: torch.Tensor) -> list[torch.Tensor]:
+def _grads(
+    out: torch.Tensor, inputs: list[torch.Tensor], cotangent: torch.Tensor
+) -> list[torch.Tensor]:
     if not out.requires_grad:
         return [torch.zeros_like(x) for x in inputs]
     grads = torch.autograd.grad(out, inputs, cotangent, allow_unused=True)
@@ -172,6 +174,7 @@ def _worse(a: SiteCheck, b: SiteCheck) -> bool:
 def _with_metadata(gm: GraphModule) -> GraphModule:
     """`gm` with the active forward context's metadata bound into its attention ops, for
     backends with a builder (their sites cannot run without it)."""
+
     def needy_ops(graph: torch.fx.Graph) -> list[Node]:
         ops_ = [n for n in graph.nodes if n.target is torch.ops.fv_compile.attention.default]
         return [n for n in ops_ if registry.needs_metadata(registry.get_backend(_backend(n)))]

@@ -39,7 +39,11 @@ import fv_compile
 from fv_compile.models import build_model, example_inputs
 
 ZOO = ["wan-tiny", "hunyuan-tiny", "cogvideox-tiny"]
-DIFFUSERS = ["WanTransformer3DModel", "CogVideoXTransformer3DModel", "HunyuanVideoTransformer3DModel"]
+DIFFUSERS = [
+    "WanTransformer3DModel",
+    "CogVideoXTransformer3DModel",
+    "HunyuanVideoTransformer3DModel",
+]
 COMMAND = "python scripts/coverage.py"
 
 _SOFTMAX_FNS = {F.softmax, torch.softmax, torch.special.softmax, torch.nn.functional.softmax}
@@ -91,6 +95,7 @@ class AnchorCounter:
 
 def _models():
     for preset in ZOO:
+
         def make(preset=preset):
             model = build_model(preset)
             args, kwargs = example_inputs(model)
@@ -156,7 +161,9 @@ def _count(items, key) -> collections.Counter:
 
 
 def _fmt(counter: collections.Counter) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0]))))
+    return ", ".join(
+        f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    )
 
 
 def property_section(seen) -> list[str]:
@@ -167,28 +174,34 @@ def property_section(seen) -> list[str]:
     sweep = [p for _, p in tp.ONE_FACTOR]
     s_attn = [p for p in sweep if isinstance(p, tp.Attn) and not p.perturb]
     s_sdpa = [p for p in sweep if isinstance(p, tp.Sdpa)]
-    s_look = [p for p in sweep if isinstance(p, (tp.Attn, tp.Router)) and getattr(p, "perturb", True)]
+    s_look = [
+        p for p in sweep if isinstance(p, (tp.Attn, tp.Router)) and getattr(p, "perturb", True)
+    ]
     missing = tp._forms_reached(attn, sdpa, look)
     lines = [
         "## Generated programs (tests/test_properties.py)",
         "",
-        (f"Per run: **{total} random programs** (hypothesis, fixed seed: `derandomize=True`, no "
-        f"database) — {len(attn)} hand-written attention, {len(sdpa)} SDPA, {len(look)} look-alikes "
-        f"built on random attention programs, {len(router)} router softmaxes — plus a deterministic "
-        f"**one-factor-at-a-time sweep of {len(sweep)} programs** ({len(s_attn)} hand-written "
-        f"attention, {len(s_sdpa)} SDPA, {len(s_look)} look-alikes/routers) that changes each form "
-        "alone from a plain base program, so every form below is run whatever hypothesis draws. "
-        "Each attention program must be rewritten (one `fv_compile.attention` node, the expected "
-        "form and scale, no softmax/SDPA left) and equal eager within atol = rtol = 1e-5 (fp32); "
-        "each look-alike must be left alone and equal eager; every site or softmax reported as "
-        "not rewritten carries a reason."),
+        (
+            f"Per run: **{total} random programs** (hypothesis, fixed seed: `derandomize=True`, no "
+            f"database) — {len(attn)} hand-written attention, {len(sdpa)} SDPA, {len(look)} look-alikes "
+            f"built on random attention programs, {len(router)} router softmaxes — plus a deterministic "
+            f"**one-factor-at-a-time sweep of {len(sweep)} programs** ({len(s_attn)} hand-written "
+            f"attention, {len(s_sdpa)} SDPA, {len(s_look)} look-alikes/routers) that changes each form "
+            "alone from a plain base program, so every form below is run whatever hypothesis draws. "
+            "Each attention program must be rewritten (one `fv_compile.attention` node, the expected "
+            "form and scale, no softmax/SDPA left) and equal eager within atol = rtol = 1e-5 (fp32); "
+            "each look-alike must be left alone and equal eager; every site or softmax reported as "
+            "not rewritten carries a reason."
+        ),
         "",
         "The counts below are those of the random programs as this script replays them. Hypothesis "
         "also draws on constants it collects from the modules loaded in the process, so a pytest run "
         "with other test files loaded can reach a slightly different (still fixed) set; the "
         "parametrized main forms (score contraction, SDPA mask, perturbation) get their share in "
         "every context. Forms the random programs of this replay never reached (the sweep runs "
-        "them anyway): " + (", ".join(f"{k}: {sorted(map(str, v))}" for k, v in missing.items()) or "none") + ".",
+        "them anyway): "
+        + (", ".join(f"{k}: {sorted(map(str, v))}" for k, v in missing.items()) or "none")
+        + ".",
         "",
         "Open matcher bugs the random generators steer around (`KNOWN_BUGS`): "
         + (", ".join(f"`{b}`" for b in sorted(tp.KNOWN_BUGS)) or "none")
@@ -202,20 +215,40 @@ def property_section(seen) -> list[str]:
         lines.append(f"| {name} | {_fmt(counter)} |")
 
     both = attn + sdpa
-    row("attention: layout", _count(attn, lambda p: p.layout + (" (einsum on BSHD)" if p.native else "")))
+    row(
+        "attention: layout",
+        _count(attn, lambda p: p.layout + (" (einsum on BSHD)" if p.native else "")),
+    )
     row("attention: score contraction", _count(attn, lambda p: p.score))
     row("attention: value contraction", _count(attn, lambda p: p.value))
     row("attention: k^T spelling", _count([p for p in attn if p.score != "einsum"], lambda p: p.kt))
-    row("attention: einsum operand order", _count([p for p in attn if p.score_eq], lambda p: p.score_eq[1]))
+    row(
+        "attention: einsum operand order",
+        _count([p for p in attn if p.score_eq], lambda p: p.score_eq[1]),
+    )
     row("attention: scale", _count(attn, lambda p: p.scale))
     row("attention: scale/mask op spelling", _count(attn, lambda p: p.op_spelling))
     row("attention: masks", _count(attn, lambda p: [k for k, _ in p.masks] or ["none"]))
-    row("attention: two masks on one site", _count([p for p in attn if len(p.masks) == 2], lambda p: "+".join(
-        sorted("additive" if k.startswith("add") else "boolean" for k, _ in p.masks))))
-    row("attention: mask rank", _count(attn, lambda p: [f"{len(s)}-D" for _, s in p.masks] or ["-"]))
-    row("attention: mask before scale", _count([p for p in attn if p.masks], lambda p: p.mask_first))
+    row(
+        "attention: two masks on one site",
+        _count(
+            [p for p in attn if len(p.masks) == 2],
+            lambda p: "+".join(
+                sorted("additive" if k.startswith("add") else "boolean" for k, _ in p.masks)
+            ),
+        ),
+    )
+    row(
+        "attention: mask rank", _count(attn, lambda p: [f"{len(s)}-D" for _, s in p.masks] or ["-"])
+    )
+    row(
+        "attention: mask before scale", _count([p for p in attn if p.masks], lambda p: p.mask_first)
+    )
     row("attention: upcast", _count(attn, lambda p: p.upcast or "none"))
-    row("attention: softmax spelling", _count(attn, lambda p: p.softmax.replace("{s}", "x").replace("{last}", "last")))
+    row(
+        "attention: softmax spelling",
+        _count(attn, lambda p: p.softmax.replace("{s}", "x").replace("{last}", "last")),
+    )
     row("attention: dropout", _count(attn, lambda p: (p.dropout or "none").replace("{p}", "p")))
     row("attention: GQA expansion", _count(attn, lambda p: p.gqa or "none"))
     row("attention: [B*H] merge", _count([p for p in attn if p.merged], lambda p: p.merge))
@@ -228,9 +261,21 @@ def property_section(seen) -> list[str]:
     row("GQA ratio (both)", _count(both, lambda p: p.G))
     row(
         "edge sizes (both)",
-        _count(both, lambda p: [n for n, ok in (
-            ("B=1", p.B == 1), ("H=1", p.H == 1), ("Sq=1", p.Sq == 1), ("Sk=1", p.Sk == 1),
-            ("Sq!=Sk", p.Sq != p.Sk), ("Dv!=D", p.Dv != p.D)) if ok]),
+        _count(
+            both,
+            lambda p: [
+                n
+                for n, ok in (
+                    ("B=1", p.B == 1),
+                    ("H=1", p.H == 1),
+                    ("Sq=1", p.Sq == 1),
+                    ("Sk=1", p.Sk == 1),
+                    ("Sq!=Sk", p.Sq != p.Sk),
+                    ("Dv!=D", p.Dv != p.D),
+                )
+                if ok
+            ],
+        ),
     )
     row("look-alike perturbation", _count(look, lambda p: p.perturb))
     row("router", _count(router, lambda p: f"{p.logits}+{p.use}"))
@@ -248,7 +293,11 @@ def render(results: list[dict], seen) -> str:
         f"<!-- Generated by scripts/coverage.py: do not edit. Regenerate with `{COMMAND}`. -->",
         f"Generated by `scripts/coverage.py` (`{COMMAND}`); do not edit by hand.",
         f"torch {torch.__version__}"
-        + (f", diffusers {_diffusers_version()}" if _diffusers_version() else ", diffusers not installed")
+        + (
+            f", diffusers {_diffusers_version()}"
+            if _diffusers_version()
+            else ", diffusers not installed"
+        )
         + ", CPU, fp32, tiny configs, TORCH_SDPA backend.",
         "",
         "## Models",
@@ -264,12 +313,14 @@ def render(results: list[dict], seen) -> str:
         )
     lines += [
         "",
-        ("*present* is counted without the matcher: a plain `torch.compile` whose backend counts "
-        "the anchors Dynamo captured (every softmax — `Tensor.softmax`, `torch.softmax`, "
-        "`F.softmax`, `torch.special.softmax` — and every `scaled_dot_product_attention` call) "
-        "whose innermost module is an attention module (class name containing `Attention` or "
-        "`Attn`). Anchors outside attention modules are counted separately below (none in these models). "
-        "*found* / *rewritten* / forms / roles come from `fv_compile.explain`."),
+        (
+            "*present* is counted without the matcher: a plain `torch.compile` whose backend counts "
+            "the anchors Dynamo captured (every softmax — `Tensor.softmax`, `torch.softmax`, "
+            "`F.softmax`, `torch.special.softmax` — and every `scaled_dot_product_attention` call) "
+            "whose innermost module is an attention module (class name containing `Attention` or "
+            "`Attn`). Anchors outside attention modules are counted separately below (none in these models). "
+            "*found* / *rewritten* / forms / roles come from `fv_compile.explain`."
+        ),
         "",
         "| model | anchors in attention modules | anchors elsewhere | softmaxes judged not attention |",
         "|---|---|---|---|",
@@ -282,8 +333,12 @@ def render(results: list[dict], seen) -> str:
         )
     lines += ["", "### Sites", ""]
     for r in results:
-        lines += [f"**{r['name']}**", "", "| site | form | layout | H / Hkv | D | Sq | Skv | mask | causal | role | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{r['name']}**",
+            "",
+            "| site | form | layout | H / Hkv | D | Sq | Skv | mask | causal | role | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in r["sites"]:
             lines.append(
                 f"| `{s.module_path or s.node}` | {s.form} | {s.layout} | {s.heads} / {s.kv_heads} | "
@@ -306,8 +361,12 @@ def _diffusers_version() -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stdout", action="store_true", help="print instead of writing docs/coverage.md")
-    ap.add_argument("--no-properties", action="store_true", help="skip the generated-program summary")
+    ap.add_argument(
+        "--stdout", action="store_true", help="print instead of writing docs/coverage.md"
+    )
+    ap.add_argument(
+        "--no-properties", action="store_true", help="skip the generated-program summary"
+    )
     opts = ap.parse_args()
     os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
     import logging
@@ -316,8 +375,10 @@ def main() -> None:
     results = []
     for name, _, make in _models():
         r = measure(name, make)
-        print(f"{name}: {r['found']}/{r['present']} found, {r['rewritten']} rewritten ({r['seconds']:.1f}s)",
-              file=sys.stderr)
+        print(
+            f"{name}: {r['found']}/{r['present']} found, {r['rewritten']} rewritten ({r['seconds']:.1f}s)",
+            file=sys.stderr,
+        )
         results.append(r)
     seen = None if opts.no_properties else property_stats()
     text = render(results, seen)

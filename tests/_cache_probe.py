@@ -35,14 +35,20 @@ def sta_run() -> dict:
     """A model whose sites read per-step metadata: its graphs compile at run time, per variant."""
     model = TwoBlockNet().eval()
     x = torch.randn(1, 64, 32)
-    args = fv_compile.FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1))
+    args = fv_compile.FastVideoArgs(
+        patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1)
+    )
     batch = fv_compile.ForwardBatch(raw_latent_shape=(1, 4, 1, 8, 8))
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN")
     before = dict(counters["aot_autograd"])
     with torch.no_grad(), fv_compile.forward_context(0, batch, args):
         out = cm(x)
     hits = counters["aot_autograd"]["autograd_cache_hit"] - before.get("autograd_cache_hit", 0)
-    return {"sta_hit": hits, "sta_variants": cm.variants_compiled, "sta_finite": bool(out.isfinite().all())}
+    return {
+        "sta_hit": hits,
+        "sta_variants": cm.variants_compiled,
+        "sta_finite": bool(out.isfinite().all()),
+    }
 
 
 def main() -> None:
@@ -57,14 +63,20 @@ def main() -> None:
     with torch.no_grad():
         err = (cm(x) - model(x)).abs().max().item()
     aot, fx = counters["aot_autograd"], counters["inductor"]
-    print(json.dumps({
-        "err": err,
-        "spy_calls": SpyImpl.calls,
-        "aot_hit": aot["autograd_cache_hit"], "aot_miss": aot["autograd_cache_miss"],
-        "fx_hit": fx["fxgraph_cache_hit"], "fx_miss": fx["fxgraph_cache_miss"],
-        "backend": [s.backend for s in cm.explain().sites],
-        **(sta_run() if "--sta" in sys.argv else {}),
-    }))
+    print(
+        json.dumps(
+            {
+                "err": err,
+                "spy_calls": SpyImpl.calls,
+                "aot_hit": aot["autograd_cache_hit"],
+                "aot_miss": aot["autograd_cache_miss"],
+                "fx_hit": fx["fxgraph_cache_hit"],
+                "fx_miss": fx["fxgraph_cache_miss"],
+                "backend": [s.backend for s in cm.explain().sites],
+                **(sta_run() if "--sta" in sys.argv else {}),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

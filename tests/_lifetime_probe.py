@@ -73,14 +73,18 @@ def main() -> None:
     for i in range(80, 200):
         one_model(i, x, models)
     gc.collect()
-    print(json.dumps({
-        "sites": len(site_ids),
-        "impls_alive": sum(r() is not None for r in impls),
-        "models_alive": sum(m() is not None for m in models),
-        "sites_registered": len(set(site_ids) & set(ops._SITES)),
-        "guard_managers_added": count("CheckFunctionManager") - guards,
-        "objects_per_compile": (len(gc.get_objects()) - objects) / 120,
-    }))
+    print(
+        json.dumps(
+            {
+                "sites": len(site_ids),
+                "impls_alive": sum(r() is not None for r in impls),
+                "models_alive": sum(m() is not None for m in models),
+                "sites_registered": len(set(site_ids) & set(ops._SITES)),
+                "guard_managers_added": count("CheckFunctionManager") - guards,
+                "objects_per_compile": (len(gc.get_objects()) - objects) / 120,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,10 +24,30 @@ def main() -> None:
     torch.manual_seed(0)
     model = TwoBlockNet(residual=False).eval().requires_grad_(False)
     x = torch.randn(1, 16, 32)
-    workload = Workload("toy", model, (x,), {}, torch.float32, torch.device("cpu"), 1, (1, 4, 4), (1, 1, 1), (1, 32, 1, 4, 4))
-    spec = VariantSpec(FV_COMPILE, "auto") if sys.argv[1] == "fv_compile" else VariantSpec(TORCH_COMPILE)
+    workload = Workload(
+        "toy",
+        model,
+        (x,),
+        {},
+        torch.float32,
+        torch.device("cpu"),
+        1,
+        (1, 4, 4),
+        (1, 1, 1),
+        (1, 32, 1, 4, 4),
+    )
+    spec = (
+        VariantSpec(FV_COMPILE, "auto")
+        if sys.argv[1] == "fv_compile"
+        else VariantSpec(TORCH_COMPILE)
+    )
     result, _ = run_variant(
-        spec, workload, TimingPlan(1, 0, 1), compiler="inductor", reference=None, progress=PlainProgress(sys.stderr)
+        spec,
+        workload,
+        TimingPlan(1, 0, 1),
+        compiler="inductor",
+        reference=None,
+        progress=PlainProgress(sys.stderr),
     )
     print(json.dumps({k: getattr(result, k) for k in (
         "status", "error", "compile_s", "cold_cache", "warm_compile_s", "warm_cache_hits",

@@ -76,7 +76,9 @@ def test_compile_with_inductor(net):
 def test_model_compile_with_registered_backend_name(net):
     x, t = inputs()
     ref = net(x, t)
-    net.compile(backend="fv_compile", options={"attention_backend": "torch_sdpa", "compiler": "eager"})
+    net.compile(
+        backend="fv_compile", options={"attention_backend": "torch_sdpa", "compiler": "eager"}
+    )
     with torch.no_grad():
         torch.testing.assert_close(net(x, t), ref, atol=1e-5, rtol=1e-5)
 
@@ -313,7 +315,10 @@ def test_regional_compile_compiles_the_block_once_and_leaves_the_model_alone(net
     report = cm.explain()  # the one graph's sites, once per block that ran it
     assert cm.regions == ["blocks"] and report.graphs == 1
     assert [(s.module_path, s.role) for s in report.sites] == [
-        ("blocks.0", "self"), ("blocks.0", "cross"), ("blocks.1", "self"), ("blocks.1", "cross")
+        ("blocks.0", "self"),
+        ("blocks.0", "cross"),
+        ("blocks.1", "self"),
+        ("blocks.1", "cross"),
     ]
     assert all(type(b) is Block for b in net.blocks)
 
@@ -400,8 +405,10 @@ class SelfAttention(torch.nn.Module):
 
 @pytest.mark.parametrize(
     "name,impl,calls",
-    [("test_reverse_stacked", ReversingImpl, [(6, 5, 2, 8)]),
-     ("test_reverse_per_tensor", PerTensorImpl, [(2, 5, 2, 8)] * 3)],
+    [
+        ("test_reverse_stacked", ReversingImpl, [(6, 5, 2, 8)]),
+        ("test_reverse_per_tensor", PerTensorImpl, [(2, 5, 2, 8)] * 3),
+    ],
 )
 def test_preprocess_gets_stacked_qkv_unless_the_impl_opts_out(name, impl, calls):
     q, k, v = (torch.randn(2, 2, 5, 8) for _ in range(3))

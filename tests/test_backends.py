@@ -66,7 +66,9 @@ def test_flash_attn_without_flash_attn_falls_back_or_names_the_package():
     with torch.no_grad(), pytest.raises(Exception, match="flash-attn is not installed"):
         strict(*args)
     with pytest.raises(ImportError, match="pip install flash-attn"):
-        fv_compile.get_backend("flash_attn").get_impl_cls()(num_heads=1, head_size=64, softmax_scale=1.0)
+        fv_compile.get_backend("flash_attn").get_impl_cls()(
+            num_heads=1, head_size=64, softmax_scale=1.0
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,9 +16,18 @@ PROBE = os.path.join(os.path.dirname(__file__), "_cache_probe.py")
 
 
 def probe(cache_dir, backend, key="-", *extra):
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0"}
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir),
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0",
+    }
     done = subprocess.run(
-        [sys.executable, PROBE, backend, key, *extra], env=env, capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, PROBE, backend, key, *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -60,7 +69,12 @@ def test_the_key_pass_takes_a_free_hook_and_leaves_the_users_passes_alone():
     opts = with_source_key({"post_grad_custom_post_pass": mine})
     assert opts["post_grad_custom_post_pass"] is mine
     assert isinstance(opts["post_grad_custom_pre_pass"], SourceKeyPass)
-    hooks = ("post_grad_custom_post_pass", "post_grad_custom_pre_pass", "joint_custom_post_pass", "joint_custom_pre_pass")
+    hooks = (
+        "post_grad_custom_post_pass",
+        "post_grad_custom_pre_pass",
+        "joint_custom_post_pass",
+        "joint_custom_pre_pass",
+    )
     with (
         torch._inductor.config.patch({hook: mine for hook in hooks}),  # the user's global config
         pytest.warns(UserWarning, match="caches are off"),
@@ -68,6 +82,8 @@ def test_the_key_pass_takes_a_free_hook_and_leaves_the_users_passes_alone():
         opts = with_source_key({})
     assert opts["force_disable_caches"] and all(hook not in opts for hook in hooks)
     with torch._inductor.config.patch({hook: mine for hook in hooks[1:]}):
-        opts = with_source_key({"post_grad_custom_post_pass": [mine]})  # a list: one more pass in it
+        opts = with_source_key(
+            {"post_grad_custom_post_pass": [mine]}
+        )  # a list: one more pass in it
     assert opts["post_grad_custom_post_pass"][0] is mine
     assert isinstance(opts["post_grad_custom_post_pass"][1], SourceKeyPass)

@@ -20,14 +20,20 @@ from fv_compile.site import MASK_BOOL, AttentionSite
 class MaskedImpl(fv_compile.AttentionImpl):
     calls: ClassVar[list] = []
 
-    def __init__(self, num_heads, head_size, softmax_scale, causal=False, num_kv_heads=None, prefix="", **kw):
+    def __init__(
+        self, num_heads, head_size, softmax_scale, causal=False, num_kv_heads=None, prefix="", **kw
+    ):
         self.scale = softmax_scale
 
     def forward(self, q, k, v, md):
         mask = md.attn_mask
         type(self).calls.append(None if mask is None else mask.dtype)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scale
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            scale=self.scale,
         )
         return out.transpose(1, 2)
 
@@ -146,7 +152,10 @@ def test_an_undeclared_mask_kind_falls_back_with_the_reason():
 
 def test_strict_names_every_reason():
     # (Dynamo wraps the backend's FvCompileError in its own error)
-    with pytest.raises(Exception, match=r"TEST_FASTVIDEO_STYLE cannot run it \(head dim 8 .*; bool attention mask\)"):
+    with pytest.raises(
+        Exception,
+        match=r"TEST_FASTVIDEO_STYLE cannot run it \(head dim 8 .*; bool attention mask\)",
+    ):
         run("TEST_FASTVIDEO_STYLE", *qkv(8), padding(), strict=True)
 
 
@@ -179,8 +188,22 @@ def test_a_declared_differentiable_backend_trains_and_an_undeclared_one_refuses(
 
 def test_every_reason_is_collected():
     site = AttentionSite(
-        "m", "sdpa", "BHSD", 1, 4, 3, 96, 32, 16, 8, 0.1, causal=True, mask="additive", role="cross",
-        dtype="float32", device="cpu",
+        "m",
+        "sdpa",
+        "BHSD",
+        1,
+        4,
+        3,
+        96,
+        32,
+        16,
+        8,
+        0.1,
+        causal=True,
+        mask="additive",
+        role="cross",
+        dtype="float32",
+        device="cpu",
     )
     why = unsupported_reason(fv_compile.get_backend("SLIDING_TILE_ATTN"), site)
     assert why.split("; ") == [

@@ -24,11 +24,25 @@ def _main(*argv):
 
 
 # the CLI's behaviour, on the CPU wherever the suite runs (GPU figures come from benchmarks/)
-QUICK = ["--device", "cpu", "--compiler", "eager", "--steps", "1", "--warmup", "0", "--repeat", "1", "--no-plot"]
+QUICK = [
+    "--device",
+    "cpu",
+    "--compiler",
+    "eager",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--repeat",
+    "1",
+    "--no-plot",
+]
 
 
 def test_the_recorded_command_names_no_path_of_this_machine(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["/opt/env/lib/fv_compile/__main__.py", "report", "--steps", "1"])
+    monkeypatch.setattr(
+        "sys.argv", ["/opt/env/lib/fv_compile/__main__.py", "report", "--steps", "1"]
+    )
     assert recorded_command(None) == ["fv-compile", "report", "--steps", "1"]
     assert recorded_command(["explain"]) == ["fv-compile", "explain"]
 
@@ -76,7 +90,9 @@ def test_explain_takes_a_diffusers_class_its_config_and_size_and_writes_json(tmp
 
 def test_explain_rejects_an_unknown_config_key_naming_the_valid_ones(capsys):
     pytest.importorskip("diffusers")
-    rc, _, err = _main("explain", "--model", "diffusers:WanTransformer3DModel", "--config", "num_layer=1")
+    rc, _, err = _main(
+        "explain", "--model", "diffusers:WanTransformer3DModel", "--config", "num_layer=1"
+    )
     assert rc == 2
     assert "takes no config key 'num_layer' (did you mean 'num_layers'?)" in err
 
@@ -97,7 +113,12 @@ def ltx_report(tmp_path_factory):
         "report", "--model", "diffusers:LTXVideoTransformer3DModel", "--config", "num_layers=2",
         "--frames", "9", "--height", "64", "--width", "64", "--backends", "auto", *QUICK, "--out", str(out),
     )  # fmt: skip
-    return {"rc": rc, "stdout": stdout, "stderr": stderr, "json": json.loads((out / "report.json").read_text())}
+    return {
+        "rc": rc,
+        "stdout": stdout,
+        "stderr": stderr,
+        "json": json.loads((out / "report.json").read_text()),
+    }
 
 
 def test_report_takes_ltx_video_with_its_size(ltx_report):
@@ -108,10 +129,18 @@ def test_report_takes_ltx_video_with_its_size(ltx_report):
 
 def test_report_runs_diffusers_compile_repeated_blocks_as_its_own_variant(ltx_report):
     variants = {v["name"]: v for v in ltx_report["json"]["variants"]}
-    assert list(variants) == ["eager", "torch.compile", "compile_repeated_blocks", "fv_compile[auto]"]
+    assert list(variants) == [
+        "eager",
+        "torch.compile",
+        "compile_repeated_blocks",
+        "fv_compile[auto]",
+    ]
     blocks = variants["compile_repeated_blocks"]
     assert blocks["status"] == "ok" and blocks["error_vs_eager"]["rel_fro"] < 1e-5
-    assert blocks["regional"] == "each LTXVideoTransformerBlock block (diffusers' compile_repeated_blocks)"
+    assert (
+        blocks["regional"]
+        == "each LTXVideoTransformerBlock block (diffusers' compile_repeated_blocks)"
+    )
     assert blocks["graphs"] == 1  # one block graph serves both blocks
 
 
@@ -138,7 +167,15 @@ def test_compile_repeated_blocks_leaves_the_users_model_uncompiled():
 
 def test_report_rejects_a_size_the_patch_does_not_tile(tmp_path):
     pytest.importorskip("diffusers")
-    rc, _, err = _main("report", "--model", "diffusers:WanTransformer3DModel", "--grid", "2,7,8", "--out", str(tmp_path))
+    rc, _, err = _main(
+        "report",
+        "--model",
+        "diffusers:WanTransformer3DModel",
+        "--grid",
+        "2,7,8",
+        "--out",
+        str(tmp_path),
+    )
     assert rc == 2 and "latent grid (2, 7, 8) is not a positive multiple of patch (1, 2, 2)" in err
     assert not (tmp_path / "report.json").exists()
 
@@ -165,7 +202,10 @@ def test_a_window_smaller_than_the_grid_is_sparse_after_the_dense_steps():
     workload = _sta_workload(sta_window=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_dense_steps=1)
     steps, reason = dense_steps(["SLIDING_TILE_ATTN"], workload, 3)
     assert steps == [0] and "step(s) 0 are full attention by schedule (sta_dense_steps=1)" in reason
-    assert dense_steps(["TORCH_SDPA"], workload, 3) == (None, None)  # a dense backend: nothing to say
+    assert dense_steps(["TORCH_SDPA"], workload, 3) == (
+        None,
+        None,
+    )  # a dense backend: nothing to say
 
 
 def test_an_sta_variant_that_ran_dense_says_so_instead_of_ok(tmp_path):
@@ -174,9 +214,16 @@ def test_an_sta_variant_that_ran_dense_says_so_instead_of_ok(tmp_path):
         "--fastvideo-arg", "sta_window=1,1,1", "--skip-torch-compile", *QUICK, "--out", str(tmp_path),
     )  # fmt: skip
     assert rc == 0  # measured: not a failure
-    (sta,) = [v for v in json.loads((tmp_path / "report.json").read_text())["variants"] if v["kind"] == "fv_compile"]
+    (sta,) = [
+        v
+        for v in json.loads((tmp_path / "report.json").read_text())["variants"]
+        if v["kind"] == "fv_compile"
+    ]
     assert sta["status"] == "ran dense" and sta["dense_steps"] == [0]
     markdown = (tmp_path / "report.md").read_text()
     assert "| fv_compile[SLIDING_TILE_ATTN] | ran dense |" in markdown
-    assert "**fv_compile[SLIDING_TILE_ATTN]** ran dense, not sparse: every step of the loop was full attention" in markdown
+    assert (
+        "**fv_compile[SLIDING_TILE_ATTN]** ran dense, not sparse: every step of the loop was full attention"
+        in markdown
+    )
     assert "ran dense" in stdout

@@ -104,7 +104,9 @@ def test_model_conforms(name):
 
         torch._dynamo.reset()
         # the whole model, as plain torch.compile above (regional compiles are tested elsewhere)
-        cm = fv_compile.compile(model, attention_backend="TORCH_SDPA", compiler="eager", regional=False)
+        cm = fv_compile.compile(
+            model, attention_backend="TORCH_SDPA", compiler="eager", regional=False
+        )
         out = _first(cm(*args, **kwargs))
 
     report = cm.explain()
@@ -119,13 +121,16 @@ def test_model_conforms(name):
     for site in report.sites:
         want = [role for pattern, role in roles if re.fullmatch(pattern, site.module_path)]
         assert want, f"no expected role for {site.module_path!r}{table}"
-        assert site.role == want[0], f"{site.module_path}: role {site.role}, expected {want[0]}{table}"
+        assert site.role == want[0], (
+            f"{site.module_path}: role {site.role}, expected {want[0]}{table}"
+        )
         if site.role == "joint":
             assert site.joint_text_len == TEXT_LEN, table
     # every expected kind of site is present (a pattern that matches nothing is a lost site)
     for pattern, _ in roles:
         assert any(re.fullmatch(pattern, s.module_path) for s in report.sites), (
-            f"no site matches {pattern!r}{table}")
+            f"no site matches {pattern!r}{table}"
+        )
 
     # output equal to eager (fp32, absolute 1e-5 on O(1) outputs)
     assert ref.abs().max().item() < 10.0, "outputs grew: revisit the absolute tolerance"
@@ -134,4 +139,6 @@ def test_model_conforms(name):
 
     # no more Dynamo graphs than plain torch.compile
     assert plain_graphs >= 1
-    assert report.graphs <= plain_graphs, f"{report.graphs} graphs vs {plain_graphs} with plain torch.compile"
+    assert report.graphs <= plain_graphs, (
+        f"{report.graphs} graphs vs {plain_graphs} with plain torch.compile"
+    )

@@ -23,7 +23,8 @@ def rel(a, b):
 
 def per_layer_masks(windows_step, device):
     return [
-        torch.stack([definition_mask(GRID, TILE, w) for w in layer])[None].to(device) for layer in windows_step
+        torch.stack([definition_mask(GRID, TILE, w) for w in layer])[None].to(device)
+        for layer in windows_step
     ]
 
 
@@ -34,7 +35,9 @@ def test_reduce_overhead_regional_needs_no_mark_step_and_kept_outputs_stay_valid
     model = VideoDiT(layers=3, dim=128, heads=2).cuda().to(torch.bfloat16).eval()
     cm = fv_compile.compile(model, "TORCH_SDPA", mode="reduce-overhead")
     assert cm.cuda_graphs and cm.regions == ["blocks"]
-    xs = [torch.randn(1, math.prod(GRID), 128, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+    xs = [
+        torch.randn(1, math.prod(GRID), 128, device="cuda", dtype=torch.bfloat16) for _ in range(5)
+    ]
     counters.clear()
     with torch.no_grad():
         outs = [cm(x) for x in xs]  # warm-up, recording, replays: each call one step
@@ -74,7 +77,9 @@ def test_per_layer_sta_windows_differ_per_layer_under_cuda_graphs():
     # on the attention's part of the output (the residual stream x would hide it)
     for step, out in kept:
         assert rel(out.float() - x.float(), refs[step].float() - x.float()) < 3e-2, step
-    assert rel(uniform.float() - x.float(), refs[0].float() - x.float()) > 0.1  # the layers' windows do change the answer
+    assert (
+        rel(uniform.float() - x.float(), refs[0].float() - x.float()) > 0.1
+    )  # the layers' windows do change the answer
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert cm.variants_compiled == 1
 
@@ -92,7 +97,9 @@ def test_windows_that_change_size_between_steps_get_a_variant_per_width():
             fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=[windows[0], windows[1]])
             with fv_compile.forward_context(step, fb, args):
                 out = cm(x)
-            torch.testing.assert_close(out, model(x, masks=per_layer_masks(windows[step], "cpu")), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                out, model(x, masks=per_layer_masks(windows[step], "cpu")), atol=1e-5, rtol=1e-5
+            )
     assert cm.variants_compiled == 2
 
 
@@ -110,7 +117,12 @@ def test_sites_keep_no_step_cache_under_cuda_graphs(mode, monkeypatch):
     x = torch.randn(1, math.prod(GRID), 32)
     args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=TILE, sta_window=(2, 1, 2))
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", mode=mode, regional=False)
-    with torch.no_grad(), fv_compile.forward_context(0, ForwardBatch(raw_latent_shape=(1, 4, *GRID)), args):
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(0, ForwardBatch(raw_latent_shape=(1, 4, *GRID)), args),
+    ):
         out = cm(x)
-    torch.testing.assert_close(out, model(x, masks=[definition_mask(GRID, TILE, (2, 1, 2))] * 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, model(x, masks=[definition_mask(GRID, TILE, (2, 1, 2))] * 2), atol=1e-5, rtol=1e-5
+    )
     assert seen and all((cache is None) == (mode is not None) for cache in seen)

@@ -30,7 +30,15 @@ DOC = ROOT / "docs" / "errors.md"
 PACKAGE = ROOT / "fv_compile"
 NOT_SCANNED = ("fv_compile/report/", "fv_compile/cli.py")  # argparse errors of the report command
 FAMILY = {"FvCompileError", "FvCompileTypeError", "MissingDependency", "NotSupportedByBackend"}
-BUILTIN = {"ValueError", "TypeError", "RuntimeError", "ImportError", "NotImplementedError", "KeyError", "IndexError"}
+BUILTIN = {
+    "ValueError",
+    "TypeError",
+    "RuntimeError",
+    "ImportError",
+    "NotImplementedError",
+    "KeyError",
+    "IndexError",
+}
 
 
 # -- the page --------------------------------------------------------------------------------------
@@ -63,10 +71,14 @@ def _rows() -> tuple[dict[str, Row], list[Row]]:
         assert len(cells) in (3, 4), f"a row of docs/errors.md does not have 3 or 4 cells: {line}"
         key = cells[0].strip("`")
         if key.startswith("fv_compile/"):
-            message = cells[1][1:-1] if cells[1].startswith("`") and cells[1].count("`") == 2 else ""
+            message = (
+                cells[1][1:-1] if cells[1].startswith("`") and cells[1].count("`") == 2 else ""
+            )
             internal.append(Row(key, cells[2], message))
         else:
-            assert cells[2].startswith("`") and cells[2].endswith("`"), f"message not quoted: {line}"
+            assert cells[2].startswith("`") and cells[2].endswith("`"), (
+                f"message not quoted: {line}"
+            )
             assert key not in errors, f"id {key} twice in docs/errors.md"
             errors[key] = Row(key, cells[1], cells[2][1:-1])
     return errors, internal
@@ -117,7 +129,9 @@ def _code_raises() -> list[Raise]:
                     if isinstance(target, ast.Name):
                         named[target.id] = node.value
         raised_builtins = {
-            id(n.exc) for n in ast.walk(tree) if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)
+            id(n.exc)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Raise) and isinstance(n.exc, ast.Call)
         }
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args):
@@ -127,8 +141,16 @@ def _code_raises() -> list[Raise]:
                 continue
             message = node.args[0]
             texts = _render(message)
-            for sub in ast.walk(message):  # `_MISSING_CONTEXT.format(...)`, `self._length_error(...)`
-                name = sub.id if isinstance(sub, ast.Name) else sub.attr if isinstance(sub, ast.Attribute) else None
+            for sub in ast.walk(
+                message
+            ):  # `_MISSING_CONTEXT.format(...)`, `self._length_error(...)`
+                name = (
+                    sub.id
+                    if isinstance(sub, ast.Name)
+                    else sub.attr
+                    if isinstance(sub, ast.Attribute)
+                    else None
+                )
                 if name in named:
                     texts += [re.sub(r"\{[a-z_]+\}", "{…}", t) for t in _render(named[name])]
             found.append(Raise(rel, node.lineno, cls, texts))
@@ -142,7 +164,9 @@ def test_every_documented_message_is_one_the_code_makes():
     family = [r for r in RAISES if r.cls in FAMILY]
     for row in ROWS.values():
         pattern = re.compile(row.regex(anchored_in_code=True), re.DOTALL)
-        assert any(pattern.search(r.joined()) for r in family), f"docs/errors.md `{row.key}`: no code makes {row.message!r}"
+        assert any(pattern.search(r.joined()) for r in family), (
+            f"docs/errors.md `{row.key}`: no code makes {row.message!r}"
+        )
 
 
 def test_every_error_the_code_can_raise_is_documented():
@@ -166,7 +190,8 @@ def test_built_in_exceptions_are_raised_only_by_documented_internal_checks():
         if r.cls not in BUILTIN or r.file.startswith(tuple(folders)):
             continue
         pattern_ok = any(
-            row.key == r.file and re.search(row.regex(anchored_in_code=True), r.joined(), re.DOTALL) for row in checks
+            row.key == r.file and re.search(row.regex(anchored_in_code=True), r.joined(), re.DOTALL)
+            for row in checks
         )
         if not pattern_ok:
             undocumented.append(f"{r.file}:{r.line} {r.cls} {r.texts[:1]}")
@@ -176,13 +201,19 @@ def test_built_in_exceptions_are_raised_only_by_documented_internal_checks():
     )
     for row in checks:
         here = [r for r in RAISES if r.file == row.key and r.cls in BUILTIN]
-        assert any(re.search(row.regex(True), r.joined(), re.DOTALL) for r in here), f"stale internal row {row}"
+        assert any(re.search(row.regex(True), r.joined(), re.DOTALL) for r in here), (
+            f"stale internal row {row}"
+        )
 
 
 def test_every_documented_error_has_a_case_here():
     cased = {case.split("/")[0] for case in CASES}
-    assert not set(ROWS) - cased, f"rows of docs/errors.md without a case here: {sorted(set(ROWS) - cased)}"
-    assert not cased - set(ROWS), f"cases here for no row of docs/errors.md: {sorted(cased - set(ROWS))}"
+    assert not set(ROWS) - cased, (
+        f"rows of docs/errors.md without a case here: {sorted(set(ROWS) - cased)}"
+    )
+    assert not cased - set(ROWS), (
+        f"cases here for no row of docs/errors.md: {sorted(cased - set(ROWS))}"
+    )
 
 
 # -- what must not change ----------------------------------------------------------------------------
@@ -192,7 +223,10 @@ def snapshot(model: torch.nn.Module) -> dict[str, Any]:
     """Everything of `model` an error must leave alone: tensors (identity and values), the module
     tree, forward on the class and on every instance, hooks, modes."""
     return {
-        "params": [(n, p, p.detach().clone(), p.requires_grad, p.grad) for n, p in model.named_parameters(remove_duplicate=False)],
+        "params": [
+            (n, p, p.detach().clone(), p.requires_grad, p.grad)
+            for n, p in model.named_parameters(remove_duplicate=False)
+        ],
         "buffers": [(n, b, b.clone()) for n, b in model.named_buffers(remove_duplicate=False)],
         "modules": [
             (n, m, type(m), m.training, m.__dict__.get("forward"), type(m).forward)
@@ -207,10 +241,14 @@ def snapshot(model: torch.nn.Module) -> dict[str, Any]:
 def assert_unchanged(model: torch.nn.Module, before: dict[str, Any]) -> None:
     after = snapshot(model)
     assert [n for n, *_ in after["params"]] == [n for n, *_ in before["params"]]
-    for (name, p, value, grad_flag, grad), (_, p2, _, grad_flag2, grad2) in zip(before["params"], after["params"]):
+    for (name, p, value, grad_flag, grad), (_, p2, _, grad_flag2, grad2) in zip(
+        before["params"], after["params"]
+    ):
         assert p2 is p, f"parameter {name} was replaced"
         assert _same(p.detach(), value), f"parameter {name} changed"
-        assert (grad_flag2, grad2) == (grad_flag, grad), f"parameter {name}: requires_grad or .grad changed"
+        assert (grad_flag2, grad2) == (grad_flag, grad), (
+            f"parameter {name}: requires_grad or .grad changed"
+        )
     assert [n for n, *_ in after["buffers"]] == [n for n, *_ in before["buffers"]]
     for (name, b, value), (_, b2, _) in zip(before["buffers"], after["buffers"]):
         assert b2 is b and _same(b, value), f"buffer {name} changed"
@@ -223,8 +261,12 @@ def assert_unchanged(model: torch.nn.Module, before: dict[str, Any]) -> None:
 
 CHANGES = {
     "parameter value": lambda m: m.blocks[0].qkv.weight.data.add_(1),
-    "parameter replaced": lambda m: setattr(m.blocks[0].qkv, "weight", torch.nn.Parameter(m.blocks[0].qkv.weight.clone())),
-    "parameter grad": lambda m: setattr(m.blocks[0].qkv.weight, "grad", torch.zeros_like(m.blocks[0].qkv.weight)),
+    "parameter replaced": lambda m: setattr(
+        m.blocks[0].qkv, "weight", torch.nn.Parameter(m.blocks[0].qkv.weight.clone())
+    ),
+    "parameter grad": lambda m: setattr(
+        m.blocks[0].qkv.weight, "grad", torch.zeros_like(m.blocks[0].qkv.weight)
+    ),
     "buffer value": lambda m: m.scale.mul_(2),
     "module replaced": lambda m: setattr(m.blocks[1], "out", torch.nn.Linear(32, 32)),
     "instance forward": lambda m: setattr(m.blocks[0], "forward", lambda x, mask=None: x),
@@ -245,12 +287,20 @@ def test_the_unchanged_check_notices_each_kind_of_change(change):
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return (
+        a.shape == b.shape
+        and a.dtype == b.dtype
+        and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    )
 
 
 def registry_snapshot() -> dict[str, Any]:
     names = registry.available_backends()
-    return {"names": names, "classes": {n: registry.get_backend(n) for n in names}, "user": dict(registry._USER)}
+    return {
+        "names": names,
+        "classes": {n: registry.get_backend(n) for n in names},
+        "user": dict(registry._USER),
+    }
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -444,13 +494,21 @@ def _(mp):
     def trigger():
         return fv_compile.fv_compile_backend(gm, [], options={"attention_backnd": "TORCH_SDPA"})
 
-    return Net(), trigger, lambda e: "did you mean 'attention_backend'" in str(e) and "compiler, strict" in str(e)
+    return (
+        Net(),
+        trigger,
+        lambda e: "did you mean 'attention_backend'" in str(e) and "compiler, strict" in str(e),
+    )
 
 
 @case("option-unknown/compile")
 def _(mp):
     net = Net()
-    return net, lambda: fv_compile.compile(net, options={"max_autotun": True}), lambda e: "'max_autotune'" in str(e)
+    return (
+        net,
+        lambda: fv_compile.compile(net, options={"max_autotun": True}),
+        lambda e: "'max_autotune'" in str(e),
+    )
 
 
 @case("option-is-an-argument")
@@ -506,7 +564,11 @@ def _(mp):
 @case("policy-names-a-site")
 def _(mp):
     net = Net()
-    return net, lambda: fv_compile.compile(net, {"blocks.0.attn": "TORCH_SDPA"}), lambda err: "blocks.0.attn" in str(err)
+    return (
+        net,
+        lambda: fv_compile.compile(net, {"blocks.0.attn": "TORCH_SDPA"}),
+        lambda err: "blocks.0.attn" in str(err),
+    )
 
 
 @case("policy-type")
@@ -600,13 +662,19 @@ def _(mp):
 
 @case("strict-unsupported/dtype")
 def _(mp):
-    return (*_strict(Net(128, 2).double(), "TRITON_ATTN", x_in(128, torch.float64)), lambda err: "dtype float64" in str(err))
+    return (
+        *_strict(Net(128, 2).double(), "TRITON_ATTN", x_in(128, torch.float64)),
+        lambda err: "dtype float64" in str(err),
+    )
 
 
 @case("strict-unsupported/device")
 def _(mp):
     mp.setenv("TRITON_INTERPRET", "0")  # a CPU without the interpreter: the kernel cannot run here
-    return (*_strict(Net(128, 2), "TRITON_ATTN", x_in(128)), lambda err: "device cpu (needs CUDA)" in str(err))
+    return (
+        *_strict(Net(128, 2), "TRITON_ATTN", x_in(128)),
+        lambda err: "device cpu (needs CUDA)" in str(err),
+    )
 
 
 @case("strict-unsupported/flash-attn-missing")
@@ -615,7 +683,10 @@ def _(mp):
 
     if flash_kernel() is not None:
         pytest.skip("flash-attn is installed here")
-    return (*_strict(Net(128, 2), "FLASH_ATTN", x_in(128)), lambda err: "pip install flash-attn-4" in str(err))
+    return (
+        *_strict(Net(128, 2), "FLASH_ATTN", x_in(128)),
+        lambda err: "pip install flash-attn-4" in str(err),
+    )
 
 
 @case("strict-refused")
@@ -638,14 +709,22 @@ def _(mp):
     net = GraphBreakNet()
     cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", regional=False, fullgraph=True)
     line = f"test_errors.py:{GraphBreakNet.forward.__code__.co_firstlineno + 2}"
-    return net, quiet(lambda: cm(x_in())), lambda err: line in str(err) and "graph_break()" in str(err)
+    return (
+        net,
+        quiet(lambda: cm(x_in())),
+        lambda err: line in str(err) and "graph_break()" in str(err),
+    )
 
 
 @case("dtype-mismatch/whole-model")
 def _(mp):
     net = Net()
     cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", regional=False)
-    return net, quiet(lambda: cm(x_in(dtype=torch.bfloat16))), lambda err: "`x` (bfloat16)" in str(err)
+    return (
+        net,
+        quiet(lambda: cm(x_in(dtype=torch.bfloat16))),
+        lambda err: "`x` (bfloat16)" in str(err),
+    )
 
 
 @case("dtype-mismatch/eager-code-between-blocks")
@@ -654,9 +733,15 @@ def _(mp):
 
     model = build_model("wan-tiny")
     args, kwargs = example_inputs(model, dtype=torch.bfloat16)
-    cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")  # regional: patch_embed runs eagerly
+    cm = fv_compile.compile(
+        model, "TORCH_SDPA", compiler="eager"
+    )  # regional: patch_embed runs eagerly
     assert cm.regions
-    return model, quiet(lambda: cm(*args, **kwargs)), lambda err: "`latent` (bfloat16)" in str(err) and "float32" in str(err)
+    return (
+        model,
+        quiet(lambda: cm(*args, **kwargs)),
+        lambda err: "`latent` (bfloat16)" in str(err) and "float32" in str(err),
+    )
 
 
 @case("dtype-mismatch/explain")
@@ -679,20 +764,26 @@ def _(mp):
 @case("verify-needs-context")
 def _(mp):
     model = VideoDiT()
-    return model, quiet(lambda: fv_compile.verify(model, video(), attention_backend="SLIDING_TILE_ATTN"))
+    return model, quiet(
+        lambda: fv_compile.verify(model, video(), attention_backend="SLIDING_TILE_ATTN")
+    )
 
 
 @case("no-timestep")
 def _(mp):
     model = VideoDiT()
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=sta_args(sta_window=(2, 1, 2)))
+    cm = fv_compile.compile(
+        model, "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=sta_args(sta_window=(2, 1, 2))
+    )
     return model, quiet(lambda: cm(video()))
 
 
 @case("empty-timestep")
 def _(mp):
     model = TimedDiT()
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=sta_args(sta_window=(2, 1, 2)))
+    cm = fv_compile.compile(
+        model, "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=sta_args(sta_window=(2, 1, 2))
+    )
     return model, quiet(lambda: cm(video(), torch.tensor([])))
 
 
@@ -714,9 +805,13 @@ def _(mp):
 def _(mp):
     model = VideoDiT()
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
-    stale = sta_batch((GRID[0], GRID[1], GRID[2] - 1))  # one column short: 280 grid tokens, 315 in the site
-    return model, in_context(cm, video(), batch=stale, args=sta_args(sta_window=(2, 1, 2))), lambda err: (
-        "315 tokens" in str(err) and "raw_latent_shape" in str(err)
+    stale = sta_batch(
+        (GRID[0], GRID[1], GRID[2] - 1)
+    )  # one column short: 280 grid tokens, 315 in the site
+    return (
+        model,
+        in_context(cm, video(), batch=stale, args=sta_args(sta_window=(2, 1, 2))),
+        lambda err: "315 tokens" in str(err) and "raw_latent_shape" in str(err),
     )
 
 
@@ -731,7 +826,9 @@ def _(mp):
 def _(mp):
     model = VideoDiT()
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
-    args = types.SimpleNamespace(sta_window=(2, 1, 2), sta_tile_size=TILE)  # FastVideo-like, no patch size
+    args = types.SimpleNamespace(
+        sta_window=(2, 1, 2), sta_tile_size=TILE
+    )  # FastVideo-like, no patch size
     return model, in_context(cm, video(), args=args)
 
 
@@ -750,17 +847,23 @@ def _(mp):
         pytest.skip("flash-attn-4 is installed here")
     model = VideoDiT()
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
-    return model, in_context(cm, video(), args=sta_args(sta_window=(2, 1, 2), sta_kernel="flash_attn"))
+    return model, in_context(
+        cm, video(), args=sta_args(sta_window=(2, 1, 2), sta_kernel="flash_attn")
+    )
 
 
 @case("sta-kernel-fa4-cannot-run")
 def _(mp):
     from fv_compile.backends import sliding_tile
 
-    mp.setattr(sliding_tile, "fa4_block_sparse", lambda: object())  # as if flash-attn-4 were installed
+    mp.setattr(
+        sliding_tile, "fa4_block_sparse", lambda: object()
+    )  # as if flash-attn-4 were installed
     model = VideoDiT()
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
-    return model, in_context(cm, video(), args=sta_args(sta_window=(2, 1, 2), sta_kernel="flash_attn"))
+    return model, in_context(
+        cm, video(), args=sta_args(sta_window=(2, 1, 2), sta_kernel="flash_attn")
+    )
 
 
 def _metadata_case(mp, build, *, mask=False):
@@ -782,7 +885,11 @@ def _(mp):
         return {"windows": batch.STA_windows}  # a field this ForwardBatch does not have
 
     net, run = _metadata_case(mp, build)
-    return net, run, lambda err: isinstance(err.__cause__, AttributeError) and "TEST_ERR" in str(err)
+    return (
+        net,
+        run,
+        lambda err: isinstance(err.__cause__, AttributeError) and "TEST_ERR" in str(err),
+    )
 
 
 @case("metadata-not-dataclass")
@@ -946,7 +1053,9 @@ def _(mp):
     from fv_compile.models.diffusers_zoo import from_diffusers
 
     mp.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ImportError
-    return _zoo(lambda: from_diffusers("WanTransformer3DModel"), lambda err: isinstance(err, ImportError))
+    return _zoo(
+        lambda: from_diffusers("WanTransformer3DModel"), lambda err: isinstance(err, ImportError)
+    )
 
 
 @case("diffusers-class")
@@ -968,7 +1077,10 @@ def _(mp):
     pytest.importorskip("diffusers")
     from fv_compile.models.diffusers_zoo import from_diffusers
 
-    return _zoo(lambda: from_diffusers("WanTransformer3DModel", config={"num_layer": 1}), lambda e: "'num_layers'" in str(e))
+    return _zoo(
+        lambda: from_diffusers("WanTransformer3DModel", config={"num_layer": 1}),
+        lambda e: "'num_layers'" in str(e),
+    )
 
 
 @case("diffusers-build")
@@ -995,7 +1107,10 @@ def _(mp):
             return hidden_states
 
     mp.setattr(diffusers, "ControlTransformer3DModel", ControlTransformer3DModel, raising=False)
-    return _zoo(lambda: from_diffusers("ControlTransformer3DModel"), lambda e: "'control_hidden_states'" in str(e))
+    return _zoo(
+        lambda: from_diffusers("ControlTransformer3DModel"),
+        lambda e: "'control_hidden_states'" in str(e),
+    )
 
 
 @pytest.mark.parametrize("key", sorted(CASES))
@@ -1006,7 +1121,9 @@ def test_each_documented_error_says_its_message_and_changes_nothing(key, monkeyp
     with pytest.raises(FvCompileError) as info:
         trigger()
     message = _squash(str(info.value))
-    assert re.match(row.regex(), message, re.DOTALL), f"`{row.key}` documents {row.message!r}; got {message!r}"
+    assert re.match(row.regex(), message, re.DOTALL), (
+        f"`{row.key}` documents {row.message!r}; got {message!r}"
+    )
     if check:
         assert check[0](info.value), f"{key}: {info.value!r}"
     assert_unchanged(model, before)

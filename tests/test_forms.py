@@ -130,7 +130,9 @@ class TestRewrittenForms(expecttest.TestCase):
 
     def test_sdpa_bshd_transposes_cancel(self):
         text = self.check(sdpa_from_bshd, *qkv_bshd(), form="sdpa", layout="BSHD", heads=H)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 6, 4, 8]", L_k_: "f32[2, 6, 4, 8]", L_v_: "f32[2, 6, 4, 8]"):
         l_q_ = L_q_
@@ -141,14 +143,17 @@ class GraphModule(torch.nn.Module):
 
         reshape: "f32[2, 6, 32]" = attention_default.reshape(2, 6, 32);  attention_default = None
         return (reshape,)
-""")
+""",
+        )
 
     def test_sdpa_positional_causal_and_scale(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
         text = self.check(
             sdpa_positional_causal_scale, q, k, v, form="sdpa", causal=True, scale=0.125
         )
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 6, 8]", L_k_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_q_ = L_q_
@@ -161,14 +166,17 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_sdpa_bool_mask(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
         keep = torch.rand(B, 1, S, S) > 0.3
         keep[..., 0] = True
         text = self.check(sdpa_bool_mask, q, k, v, keep, form="sdpa", mask="bool")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 6, 8]", L_k_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]", L_keep_: "b8[2, 1, 6, 6]"):
         l_q_ = L_q_
@@ -182,12 +190,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, l_keep_, SITE, 0, []);  permute = permute_1 = permute_2 = l_keep_ = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_sdpa_enable_gqa(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd(hk=2))
         text = self.check(sdpa_gqa, q, k, v, form="sdpa", heads=H, kv_heads=2)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 6, 8]", L_k_: "f32[2, 2, 6, 8]", L_v_: "f32[2, 2, 6, 8]"):
         l_q_ = L_q_
@@ -200,14 +211,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_matmul_divided_by_sqrt_d(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
-        text = self.check(
-            matmul_div_sqrt, q, k, v, form="matmul", layout="BHSD", scale=D**-0.5
-        )
-        self.assertExpectedInline(text, """\
+        text = self.check(matmul_div_sqrt, q, k, v, form="matmul", layout="BHSD", scale=D**-0.5)
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -220,12 +232,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_matmul_prescaled_q_with_upcast(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
         text = self.check(matmul_prescaled_q_upcast, q, k, v, form="matmul", scale=D**-0.5)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 6, 8]", L_k_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_q_ = L_q_
@@ -238,12 +253,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_masked_fill_causal_mask_becomes_causal(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
         text = self.check(masked_fill_causal, q, k, v, form="matmul", causal=True, mask=None)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -256,7 +274,8 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_additive_mask_with_eval_dropout(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
@@ -264,7 +283,9 @@ class GraphModule(torch.nn.Module):
         text = self.check(
             additive_mask_and_dropout, q, k, v, bias, form="matmul", mask="additive", scale=0.25
         )
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_bias_: "f32[1, 4, 6, 6]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -278,14 +299,17 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, l_bias_, SITE, 0, []);  permute = permute_1 = permute_2 = l_bias_ = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_where_mask(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd())
         keep = torch.rand(B, 1, 1, S) > 0.3
         keep[..., 0] = True
         text = self.check(where_keep_mask, q, k, v, keep, form="matmul", mask="bool")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_keep_: "b8[2, 1, 1, 6]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -303,11 +327,14 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, masked_fill, permute_2, l_keep_, SITE, 0, []);  permute = masked_fill = permute_2 = l_keep_ = None
         permute_4: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_4,)
-""")
+""",
+        )
 
     def test_einsum_bshd(self):
         text = self.check(einsum_bshd, *qkv_bshd(), form="einsum", layout="BSHD", scale=D**-0.5)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 6, 4, 8]", L_k_: "f32[2, 6, 4, 8]", L_v_: "f32[2, 6, 4, 8]"):
         l_q_ = L_q_
@@ -316,11 +343,14 @@ class GraphModule(torch.nn.Module):
 
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(l_q_, l_k_, l_v_, None, SITE, 0, []);  l_q_ = l_k_ = l_v_ = None
         return (attention_default,)
-""")
+""",
+        )
 
     def test_bmm_over_merged_heads_recovers_heads(self):
         text = self.check(bmm_merged_heads, *qkv_bshd(), form="bmm", heads=H, batch=B)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 6, 4, 8]", L_k_: "f32[2, 6, 4, 8]", L_v_: "f32[2, 6, 4, 8]"):
         l_q_ = L_q_
@@ -331,11 +361,14 @@ class GraphModule(torch.nn.Module):
 
         reshape_3: "f32[2, 6, 32]" = attention_default.reshape(2, 6, 32);  attention_default = None
         return (reshape_3,)
-""")
+""",
+        )
 
     def test_baddbmm_alpha_is_the_scale(self):
         text = self.check(baddbmm_merged_heads, *qkv_bshd(), form="baddbmm", scale=0.2)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 6, 4, 8]", L_k_: "f32[2, 6, 4, 8]", L_v_: "f32[2, 6, 4, 8]"):
         l_q_ = L_q_
@@ -346,12 +379,15 @@ class GraphModule(torch.nn.Module):
         permute: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         reshape: "f32[8, 6, 8]" = permute.reshape(8, 6, 8);  permute = None
         return (reshape,)
-""")
+""",
+        )
 
     def test_gqa_repeat_interleave_becomes_kv_heads(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd(hk=2))
         text = self.check(gqa_repeat_interleave, q, k, v, form="matmul", heads=H, kv_heads=2)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 2, 6, 8]", L_v_: "f32[2, 2, 6, 8]", L_q_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -364,12 +400,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_gqa_expand_reshape_becomes_kv_heads(self):
         q, k, v = (x.transpose(1, 2) for x in qkv_bshd(hk=2))
         text = self.check(gqa_expand, q, k, v, form="matmul", heads=H, kv_heads=2)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 2, 6, 8]", L_v_: "f32[2, 2, 6, 8]", L_q_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -382,12 +421,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_cross_attention_kv_length_differs(self):
         x, text_states = torch.randn(B, S, H * D), torch.randn(B, 3, H * D)
         text = self.check(cross_attention, x, text_states, form="matmul", q_len=S, kv_len=3)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_x_: "f32[2, 6, 32]", L_text_: "f32[2, 3, 32]"):
         l_x_ = L_x_
@@ -400,7 +442,8 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(view, view_1, view_1, None, SITE, 0, []);  view = view_1 = None
         reshape: "f32[2, 6, 32]" = attention_default.reshape(2, 6, 32);  attention_default = None
         return (reshape,)
-""")
+""",
+        )
 
 
 class TestNumerics(expecttest.TestCase):
@@ -411,7 +454,9 @@ class TestNumerics(expecttest.TestCase):
         fn = lambda q, k, v: (q @ k.transpose(1, 2)).softmax(-1) @ v  # noqa: E731
         _, sites, _, out = rewrite(fn, q, k, v)
         assert_close(out, fn(q, k, v))
-        self.assertEqual((sites[0].status, sites[0].heads, sites[0].value_head_dim), ("rewritten", 1, 7))
+        self.assertEqual(
+            (sites[0].status, sites[0].heads, sites[0].value_head_dim), ("rewritten", 1, 7)
+        )
 
     def test_batch_of_one_and_single_head(self):
         q, k, v = torch.randn(1, 1, S, D), torch.randn(1, 1, S, D), torch.randn(1, 1, S, D)

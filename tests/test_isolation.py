@@ -30,7 +30,9 @@ def batch():
 
 
 def video(seed=0):
-    return torch.randn(1, GRID[0] * GRID[1] * GRID[2], 32, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        1, GRID[0] * GRID[1] * GRID[2], 32, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def sta_reference(model, x, window):
@@ -58,29 +60,46 @@ def test_two_compiled_models_with_different_backends_run_side_by_side():
     for _ in range(3):  # interleaved, each under its own context
         torch.testing.assert_close(run(dense, x, WINDOWS[0]), eager, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(run(sparse, x, WINDOWS[0]), want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(run(sparse_other, x, WINDOWS[1]), want_other, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            run(sparse_other, x, WINDOWS[1]), want_other, atol=1e-5, rtol=1e-5
+        )
     assert {s.backend for s in dense.explain().sites} == {"TORCH_SDPA"}
     assert {s.backend for s in sparse.explain().sites} == {"SLIDING_TILE_ATTN"}
-    assert (dense._fv_backend.graphs, sparse._fv_backend.graphs, sparse_other._fv_backend.graphs) == (1, 1, 1)
+    assert (
+        dense._fv_backend.graphs,
+        sparse._fv_backend.graphs,
+        sparse_other._fv_backend.graphs,
+    ) == (1, 1, 1)
     assert dense.variants_compiled == 0 and sparse.variants_compiled == 1
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["a-model-per-thread", "one-model-both-threads"])
+@pytest.mark.parametrize(
+    "shared", [False, True], ids=["a-model-per-thread", "one-model-both-threads"]
+)
 def test_threads_under_different_forward_contexts_see_only_their_own_metadata(shared, monkeypatch):
     model = VideoDiT().eval()
-    compiled = [fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager") for _ in range(1 if shared else 2)]
+    compiled = [
+        fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+        for _ in range(1 if shared else 2)
+    ]
     models = [compiled[0], compiled[0]] if shared else compiled
     inputs = [video(1), video(2)]
     wants = [sta_reference(model, x, w) for x, w in zip(inputs, WINDOWS)]
-    assert (wants[0] - sta_reference(model, inputs[0], WINDOWS[1])).abs().max() > 1e-3  # a mix-up would show
-    for cm, x, window in zip(models, inputs, WINDOWS):  # Dynamo's first compile is not thread-safe: warm up
+    assert (
+        wants[0] - sta_reference(model, inputs[0], WINDOWS[1])
+    ).abs().max() > 1e-3  # a mix-up would show
+    for cm, x, window in zip(
+        models, inputs, WINDOWS
+    ):  # Dynamo's first compile is not thread-safe: warm up
         run(cm, x, window)
 
     seen: dict[int, set[tuple[int, tuple]]] = {0: set(), 1: set()}
     build = SlidingTileMetadataBuilder.build
 
     def recording(self, current_timestep, forward_batch, fastvideo_args):
-        seen[threading.current_thread().index].add((current_timestep, tuple(fastvideo_args.sta_window)))
+        seen[threading.current_thread().index].add(
+            (current_timestep, tuple(fastvideo_args.sta_window))
+        )
         return build(self, current_timestep, forward_batch, fastvideo_args)
 
     monkeypatch.setattr(SlidingTileMetadataBuilder, "build", recording)
@@ -127,7 +146,9 @@ def test_a_call_in_another_thread_is_an_outermost_call_of_its_own(monkeypatch):
     """Each outermost call of a CUDA-graph model marks a step: a call running in another thread
     does not make this thread's call a nested one."""
     marked = []
-    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marked.append(threading.get_ident()))
+    monkeypatch.setattr(
+        torch.compiler, "cudagraph_mark_step_begin", lambda: marked.append(threading.get_ident())
+    )
     inside, release = threading.Event(), threading.Event()
 
     def wait():
@@ -136,9 +157,13 @@ def test_a_call_in_another_thread_is_an_outermost_call_of_its_own(monkeypatch):
             assert release.wait(30)
 
     monkeypatch.setattr(GluedDiT, "glue", staticmethod(wait))
-    models = [fv_compile.compile(GluedDiT().eval(), "TORCH_SDPA", compiler="eager") for _ in range(2)]
+    models = [
+        fv_compile.compile(GluedDiT().eval(), "TORCH_SDPA", compiler="eager") for _ in range(2)
+    ]
     for cm in models:
-        object.__setattr__(cm, "_cuda_graphs", True)  # as under mode="reduce-overhead" (CPU tensors: no copies)
+        object.__setattr__(
+            cm, "_cuda_graphs", True
+        )  # as under mode="reduce-overhead" (CPU tensors: no copies)
     x = video()
     worker = threading.Thread(target=lambda: run(models[0], x, WINDOWS[0]))
     worker.start()
@@ -162,14 +187,19 @@ def test_a_model_compiled_freed_and_compiled_again_compiles_afresh_and_leaks_no_
         name = ("SLIDING_TILE_ATTN", "TORCH_SDPA")[i % 2]
         cm = fv_compile.compile(model, name, compiler="eager", regional=False)
         out = run(cm, x, WINDOWS[0])
-        torch.testing.assert_close(out, want_sta if name == "SLIDING_TILE_ATTN" else want_dense, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out, want_sta if name == "SLIDING_TILE_ATTN" else want_dense, atol=1e-5, rtol=1e-5
+        )
         assert cm._fv_backend.graphs == 1, f"compile #{i + 1} reused another compile's graph"
         assert {s.backend for s in cm.explain().sites} == {name}
         backends.append(weakref.ref(cm._fv_backend))
         del cm, out
         gc.collect()
         assert backends[-1]() is None, f"compile #{i + 1} is still alive after del"
-    for code in (VideoDiT.forward, Block.forward):  # the freed compiles left nothing on the model's code
+    for code in (
+        VideoDiT.forward,
+        Block.forward,
+    ):  # the freed compiles left nothing on the model's code
         assert len(_debug_get_cache_entry_list(code)) == 0
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # and the model itself runs as before, eagerly
@@ -193,7 +223,11 @@ def test_threads_running_their_own_loops_on_one_model_count_their_own_steps():
     def loop(name: str, me: int) -> None:
         for t in loops[name]:
             turns[me].acquire()
-            steps[name].append(cm._derive.for_call((latent, torch.tensor([t]), text), dict(kwargs))().current_timestep)
+            steps[name].append(
+                cm._derive.for_call(
+                    (latent, torch.tensor([t]), text), dict(kwargs)
+                )().current_timestep
+            )
             turns[1 - me].release()
 
     threads = [threading.Thread(target=loop, args=(name, i)) for i, name in enumerate(loops)]

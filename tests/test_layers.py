@@ -25,18 +25,31 @@ LAYERS: list[list[str]] = [
     ["fv_compile.api"],  # compile, explain, verify, the torch.compile backend
     ["fv_compile.graph", "fv_compile.verify"],  # user-traced graphs; checking rewrites
     ["fv_compile.lowering"],  # sites -> backends: policy, impls, site registration, metadata
-    ["fv_compile.policy", "fv_compile.runtime", "fv_compile.regional", "fv_compile.pipelines",
-     "fv_compile.cache"],
+    [
+        "fv_compile.policy",
+        "fv_compile.runtime",
+        "fv_compile.regional",
+        "fv_compile.pipelines",
+        "fv_compile.cache",
+    ],
     ["fv_compile.user_errors"],  # what went wrong, phrased for the user
     ["fv_compile.explain", "fv_compile.ops"],  # the report rows; the op sites become
     ["fv_compile.passes.*"],  # pure FX: a graph in, sites and a graph out; knows no backend
     ["fv_compile.backends", "fv_compile.backends.registry"],  # names -> backend classes
     # one file per backend; a backend never imports another one
-    ["fv_compile.backends.sdpa", "fv_compile.backends.flash_attn", "fv_compile.backends.triton_attn",
-     "fv_compile.backends.sliding_tile"],
+    [
+        "fv_compile.backends.sdpa",
+        "fv_compile.backends.flash_attn",
+        "fv_compile.backends.triton_attn",
+        "fv_compile.backends.sliding_tile",
+    ],
     # what dense backends share (_dense), and sliding tile attention's parts by job: tile
     # geometry, windows per layer and step, block lists and attention over them
-    ["fv_compile.backends._dense", "fv_compile.backends.sta_windows", "fv_compile.backends.block_lists"],
+    [
+        "fv_compile.backends._dense",
+        "fv_compile.backends.sta_windows",
+        "fv_compile.backends.block_lists",
+    ],
     ["fv_compile.backends.tiles"],
     ["fv_compile.backends.abstract"],  # FastVideo's API and the declared capabilities
     ["fv_compile.backends.kernels.*"],  # Triton kernels, flash-attn-4 adapters
@@ -88,7 +101,9 @@ def imports_in(source: str, module: str, is_package: bool, modules: set[str]) ->
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join([*anchor, base] if base else anchor)
             # `from pkg import mod` imports the module pkg.mod; `from mod import name`, mod
-            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             lazy = _IMPORT_STRING.match(node.value)
             if lazy:
@@ -112,7 +127,8 @@ def layer_of(module: str) -> int:
 
 
 GRAPH = {
-    m: imports_in(p.read_text(), m, p.name == "__init__.py", set(MODULES)) for m, p in MODULES.items()
+    m: imports_in(p.read_text(), m, p.name == "__init__.py", set(MODULES))
+    for m, p in MODULES.items()
 }
 
 
@@ -123,14 +139,18 @@ def test_every_module_has_a_layer():
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_down(module):
-    up = sorted(f"{t} (layer {layer_of(t)})" for t in GRAPH[module] if layer_of(t) < layer_of(module))
+    up = sorted(
+        f"{t} (layer {layer_of(t)})" for t in GRAPH[module] if layer_of(t) < layer_of(module)
+    )
     assert not up, f"{module} (layer {layer_of(module)}) imports up the layers: {', '.join(up)}"
 
 
 def test_no_backend_imports_another():
     for module in BACKENDS:
         others = sorted(GRAPH[module] & (set(BACKENDS) - {module}))
-        assert not others, f"{module} imports {others}: share code through backends/_dense.py or a kernel"
+        assert not others, (
+            f"{module} imports {others}: share code through backends/_dense.py or a kernel"
+        )
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -167,7 +187,14 @@ def test_no_import_cycles():
 def test_the_check_sees_every_kind_of_import():
     """A function-level import, a TYPE_CHECKING import, a relative import and a registry string
     all count; a name imported from a module counts as that module."""
-    modules = {"fv_compile", "fv_compile.a", "fv_compile.a.b", "fv_compile.c", "fv_compile.d", "fv_compile.e"}
+    modules = {
+        "fv_compile",
+        "fv_compile.a",
+        "fv_compile.a.b",
+        "fv_compile.c",
+        "fv_compile.d",
+        "fv_compile.e",
+    }
     source = (
         "from typing import TYPE_CHECKING\n"
         "import torch\n"
@@ -178,7 +205,10 @@ def test_the_check_sees_every_kind_of_import():
         "NOT_AN_IMPORT = 'fv_compile is fast'\n"
     )
     assert imports_in(source, "fv_compile.a", True, modules) == {
-        "fv_compile.a.b", "fv_compile.c", "fv_compile.d", "fv_compile.e"
+        "fv_compile.a.b",
+        "fv_compile.c",
+        "fv_compile.d",
+        "fv_compile.e",
     }
     assert find_cycle({"x": {"y"}, "y": {"z"}, "z": {"x"}}) == ["x", "y", "z", "x"]
     assert find_cycle({"x": {"y"}, "y": set()}) is None

@@ -21,9 +21,17 @@ ROOT = PROBE.parent.parent
 @pytest.mark.slow
 def test_compiling_200_models_keeps_the_registries_and_memory_flat():
     """In a fresh process (the count of live objects is the process's, not this test's)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run(
-        [sys.executable, str(PROBE)], env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, str(PROBE)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
@@ -46,7 +54,9 @@ def test_a_rewritten_graph_module_keeps_its_sites_and_frees_them_with_it():
     args = [torch.randn(1, 2, 4, 8) for _ in range(3)]
     gm, report = fv_compile.rewrite_attention(torch.fx.symbolic_trace(Net()), *args)
     gc.collect()
-    (site_id,) = [n.args[4] for n in gm.graph.nodes if n.target is torch.ops.fv_compile.attention.default]
+    (site_id,) = [
+        n.args[4] for n in gm.graph.nodes if n.target is torch.ops.fv_compile.attention.default
+    ]
     assert site_id in ops._SITES and report.sites[0].status == "rewritten"
     torch.testing.assert_close(gm(*args), Net()(*args))
     del gm

@@ -114,7 +114,11 @@ def assert_same(out, ref):
 
 def test_boolean_key_padding_runs_on_triton_attn_and_matches_masked_sdpa():
     out, ref, site, cm = run(Sdpa("bool"), "TRITON_ATTN", *qkv(), keep_pattern())
-    assert (site.backend, site.status, site.mask_kind) == ("TRITON_ATTN", "rewritten", MASK_KEY_PADDING)
+    assert (site.backend, site.status, site.mask_kind) == (
+        "TRITON_ATTN",
+        "rewritten",
+        MASK_KEY_PADDING,
+    )
     assert "bool keys" in str(cm.explain())
     assert_same(out, ref)
 
@@ -122,24 +126,36 @@ def test_boolean_key_padding_runs_on_triton_attn_and_matches_masked_sdpa():
 @pytest.mark.parametrize("how", ["-inf", "finfo.min", "-1e30"])
 def test_an_additive_key_mask_of_zero_or_one_blocking_value_runs_on_triton_attn(how):
     out, ref, site, cm = run(Sdpa(how), "TRITON_ATTN", *qkv(), keep_pattern())
-    assert (site.backend, site.mask, site.mask_kind) == ("TRITON_ATTN", "additive", MASK_ADDITIVE_KEY_PADDING)
+    assert (site.backend, site.mask, site.mask_kind) == (
+        "TRITON_ATTN",
+        "additive",
+        MASK_ADDITIVE_KEY_PADDING,
+    )
     assert "additive keys" in str(cm.explain())
     assert_same(out, ref)
 
 
 def test_an_additive_finfo_min_key_mask_in_the_unfused_spelling_runs_on_triton_attn():
     out, ref, site, _ = run(Matmul(MIN32, additive=True), "TRITON_ATTN", *qkv(), keep_pattern())
-    assert (site.form, site.backend, site.mask_kind) == ("matmul", "TRITON_ATTN", MASK_ADDITIVE_KEY_PADDING)
+    assert (site.form, site.backend, site.mask_kind) == (
+        "matmul",
+        "TRITON_ATTN",
+        MASK_ADDITIVE_KEY_PADDING,
+    )
     assert_same(out, ref)
 
 
 def test_each_batch_element_attends_its_own_number_of_keys():
     q, k, v = qkv(b=3, s=10)
-    keep = torch.arange(10, device=DEVICE)[None, :] < torch.tensor([10, 6, 1], device=DEVICE)[:, None]
+    keep = (
+        torch.arange(10, device=DEVICE)[None, :] < torch.tensor([10, 6, 1], device=DEVICE)[:, None]
+    )
     out, _, site, _ = run(Sdpa("bool"), "TRITON_ATTN", q, k, v, keep)
     assert site.backend == "TRITON_ATTN"
     for b, n in enumerate([10, 6, 1]):  # each batch element: dense attention on its first n keys
-        alone = F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+        alone = F.scaled_dot_product_attention(
+            q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+        )
         torch.testing.assert_close(out[b : b + 1], alone, **TOL)
 
 
@@ -192,14 +208,18 @@ def test_key_padding_with_grouped_query_attention():
 @pytest.mark.parametrize("d", [64, 128])
 def test_key_padding_at_both_head_dims_of_the_kernel_and_cross_attention(d):
     q, k, v = qkv(b=2, h=1, s=5, sk=9, d=d)
-    keep = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool, device=DEVICE)
+    keep = torch.tensor(
+        [[1, 1, 0, 1, 1, 1, 0, 0, 1], [0, 0, 0, 0, 0, 0, 0, 1, 1]], dtype=torch.bool, device=DEVICE
+    )
     out, ref, site, _ = run(Sdpa("bool"), "TRITON_ATTN", q, k, v, keep)
     assert (site.backend, site.head_dim) == ("TRITON_ATTN", d)
     assert_same(out, ref)
 
 
 def test_key_padding_under_inductor():
-    out, ref, site, _ = run(Sdpa("-inf"), "TRITON_ATTN", *qkv(), keep_pattern(), compiler="inductor")
+    out, ref, site, _ = run(
+        Sdpa("-inf"), "TRITON_ATTN", *qkv(), keep_pattern(), compiler="inductor"
+    )
     assert site.backend == "TRITON_ATTN"
     assert_same(out, ref)
 
@@ -226,7 +246,9 @@ def test_an_additive_mask_handed_in_as_data_keeps_the_masked_path():
         def forward(self, q, k, v, mask):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    mask = torch.zeros(2, 1, 1, 12, device=DEVICE).masked_fill(~keep_pattern()[:, None, None, :], -math.inf)
+    mask = torch.zeros(2, 1, 1, 12, device=DEVICE).masked_fill(
+        ~keep_pattern()[:, None, None, :], -math.inf
+    )
     out, ref, site, _ = run(Given(), "TRITON_ATTN", *qkv(), mask)
     assert site.backend == "TORCH_SDPA" and "not known at compile time" in site.reason
     assert_same(out, ref)
@@ -248,7 +270,9 @@ def test_a_key_mask_with_causal_attention_keeps_the_masked_path():
         def forward(self, q, k, v, keep):
             s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             causal = torch.ones(12, 12, dtype=torch.bool, device=q.device).tril()
-            s = s.masked_fill(~causal, float("-inf")).masked_fill(~keep[:, None, None, :], float("-inf"))
+            s = s.masked_fill(~causal, float("-inf")).masked_fill(
+                ~keep[:, None, None, :], float("-inf")
+            )
             return s.softmax(-1) @ v
 
     keep = keep_pattern()
@@ -260,7 +284,22 @@ def test_a_key_mask_with_causal_attention_keeps_the_masked_path():
 
 
 def test_an_additive_mask_over_queries_says_it_is_not_key_padding():
-    site = AttentionSite("m", "sdpa", "BHSD", 1, 4, 4, 64, 64, 16, 16, 0.125, mask="additive", dtype="float32", device="cpu")
+    site = AttentionSite(
+        "m",
+        "sdpa",
+        "BHSD",
+        1,
+        4,
+        4,
+        64,
+        64,
+        16,
+        16,
+        0.125,
+        mask="additive",
+        dtype="float32",
+        device="cpu",
+    )
     why = unsupported_reason(fv_compile.get_backend("TRITON_ATTN"), site)
     assert why == (
         "additive attention mask that is not key padding: it varies over queries or heads "
@@ -279,9 +318,21 @@ def test_the_fast_dense_backends_declare_key_padding_without_causal():
 
 
 def _long_padded_site(**kw):
-    row = dict(batch=1, heads=24, kv_heads=24, head_dim=128, value_head_dim=128, q_len=119056,
-               kv_len=119056, scale=128**-0.5, mask="bool", mask_keys_only=True, role="joint",
-               dtype="bfloat16", device="cuda:0")
+    row = dict(
+        batch=1,
+        heads=24,
+        kv_heads=24,
+        head_dim=128,
+        value_head_dim=128,
+        q_len=119056,
+        kv_len=119056,
+        scale=128**-0.5,
+        mask="bool",
+        mask_keys_only=True,
+        role="joint",
+        dtype="bfloat16",
+        device="cuda:0",
+    )
     row.update(kw)
     return AttentionSite("blocks.0.attn", "sdpa", "BHSD", **row)
 
@@ -376,11 +427,15 @@ def test_diffusers_hunyuan_video_runs_its_joint_sites_on_triton_attn():
     from fv_compile.models import from_diffusers
 
     config = {"attention_head_dim": 64, "rope_axes_dim": (16, 24, 24)}  # a head dim the kernel has
-    model, args, kwargs = from_diffusers("HunyuanVideoTransformer3DModel", config=config, batch=2, device=DEVICE)
+    model, args, kwargs = from_diffusers(
+        "HunyuanVideoTransformer3DModel", config=config, batch=2, device=DEVICE
+    )
     text_mask = args[3].clone()
     text_mask[1, 5:] = 0  # a CFG-like batch: the second prompt is shorter
     args = (*args[:3], text_mask)
-    cm = fv_compile.compile(model, "TRITON_ATTN", compiler="eager", regional=False)  # the refiner too
+    cm = fv_compile.compile(
+        model, "TRITON_ATTN", compiler="eager", regional=False
+    )  # the refiner too
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = cm(*args, **kwargs)[0]
@@ -388,15 +443,21 @@ def test_diffusers_hunyuan_video_runs_its_joint_sites_on_triton_attn():
     torch.testing.assert_close(out, ref, **TOL)
     sites = cm.explain().sites
     joint = [s for s in sites if s.role == "joint"]
-    assert len(joint) == 4 and all(s.backend == "TRITON_ATTN" and s.mask_kind == MASK_KEY_PADDING for s in joint)
+    assert len(joint) == 4 and all(
+        s.backend == "TRITON_ATTN" and s.mask_kind == MASK_KEY_PADDING for s in joint
+    )
     refiner = [s for s in sites if s.role != "joint"]  # its mask varies over queries: masked SDPA
-    assert refiner and all(s.backend == "TORCH_SDPA" and "over queries or heads" in s.reason for s in refiner)
+    assert refiner and all(
+        s.backend == "TORCH_SDPA" and "over queries or heads" in s.reason for s in refiner
+    )
 
 
 # --- on the GPU: FLASH_ATTN (flash-attn-4), bf16, CUDA graphs -----------------------------------
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-fa4 = pytest.mark.skipif(not CUDA or flash_varlen_kernel() is None, reason="needs CUDA and flash-attn-4")
+fa4 = pytest.mark.skipif(
+    not CUDA or flash_varlen_kernel() is None, reason="needs CUDA and flash-attn-4"
+)
 BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 
 

@@ -37,7 +37,9 @@ class StepImpl(AttentionImpl):
 
     seen_timesteps: ClassVar[list] = []
 
-    def __init__(self, num_heads, head_size, softmax_scale, causal=False, num_kv_heads=None, prefix="", **kw):
+    def __init__(
+        self, num_heads, head_size, softmax_scale, causal=False, num_kv_heads=None, prefix="", **kw
+    ):
         self.scale = softmax_scale
 
     def forward(self, q, k, v, md):

@@ -19,11 +19,16 @@ def _qkv():
 
 
 def test_torch_compile_with_a_misspelt_option_lists_fv_compiles_own_keys():
-    compiled = torch.compile(Attention(), backend="fv_compile", options={"attention_backnd": "TORCH_SDPA"})
+    compiled = torch.compile(
+        Attention(), backend="fv_compile", options={"attention_backnd": "TORCH_SDPA"}
+    )
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
         compiled(*_qkv())
     message = str(info.value)
-    assert "unknown option 'attention_backnd'" in message and "(did you mean 'attention_backend'?)" in message
+    assert (
+        "unknown option 'attention_backnd'" in message
+        and "(did you mean 'attention_backend'?)" in message
+    )
     assert "fv_compile's own options are attention_backend, compiler, strict" in message
     assert isinstance(info.value.inner_exception, FvCompileError)
 
@@ -36,7 +41,10 @@ def test_torch_compile_takes_fv_compiles_keys_and_inductors():
 
 
 def test_fv_compile_compile_rejects_a_misspelt_inductor_option_at_compile():
-    with pytest.raises(FvCompileError, match=r"unknown option 'triton\.cudagraph' .*did you mean 'triton\.cudagraphs'"):
+    with pytest.raises(
+        FvCompileError,
+        match=r"unknown option 'triton\.cudagraph' .*did you mean 'triton\.cudagraphs'",
+    ):
         fv_compile.compile(Attention(), options={"triton.cudagraph": True})
 
 

@@ -22,15 +22,31 @@ def tiny_wan_pipeline():
         pytest.skip("diffusers' WanPipeline needs transformers")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLWan(
-        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
     )
     transformer = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        rope_max_seq_len=32,
     ).eval()
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0)
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe = diffusers.WanPipeline(
+        tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -43,9 +59,16 @@ STEPS = 4
 def generate(pipe, **kw):
     """A 9-frame 64x64 video: latent grid (3, 8, 8), 48 tokens of patch (1, 2, 2); CFG on."""
     return pipe(
-        prompt_embeds=PROMPT, negative_prompt_embeds=NEGATIVE, height=64, width=64, num_frames=9,
-        num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-        output_type="pt", **kw,
+        prompt_embeds=PROMPT,
+        negative_prompt_embeds=NEGATIVE,
+        height=64,
+        width=64,
+        num_frames=9,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **kw,
     ).frames
 
 
@@ -60,11 +83,16 @@ def test_compiled_transformer_runs_in_the_pipeline_unchanged(pipe_and_reference)
     transformer = pipe.transformer
     try:
         pipe.transformer = fv_compile.compile(transformer, "TORCH_SDPA", compiler="aot_eager")
-        assert pipe.config.transformer == ("diffusers", "WanTransformer3DModel")  # not "CompiledModel"
+        assert pipe.config.transformer == (
+            "diffusers",
+            "WanTransformer3DModel",
+        )  # not "CompiledModel"
         video = generate(pipe)
         torch.testing.assert_close(video, reference, atol=1e-4, rtol=1e-4)
         report = pipe.transformer.explain()
-        assert [s.status for s in report.sites] == ["rewritten"] * 4 and report.graphs == 1  # regional
+        assert [s.status for s in report.sites] == [
+            "rewritten"
+        ] * 4 and report.graphs == 1  # regional
     finally:
         pipe.transformer = transformer
 
@@ -87,11 +115,19 @@ def test_sta_in_a_pipeline_runs_dense_steps_then_sparse_ones(pipe_and_reference,
     try:
         for dense_steps in (2, STEPS):
             built.clear()
-            args = FastVideoArgs(sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1), sta_dense_steps=dense_steps)
-            pipe.transformer = fv_compile.compile(transformer, policy, compiler="eager", fastvideo_args=args)
+            args = FastVideoArgs(
+                sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1), sta_dense_steps=dense_steps
+            )
+            pipe.transformer = fv_compile.compile(
+                transformer, policy, compiler="eager", fastvideo_args=args
+            )
             video = generate(pipe)
-            assert [(step, dense) for step, _, dense in built] == [(i, i < dense_steps) for i in range(STEPS)]
-            assert {shape for _, shape, _ in built} == {(1, 4, 3, 8, 8)}  # patch (1, 2, 2) from the config
+            assert [(step, dense) for step, _, dense in built] == [
+                (i, i < dense_steps) for i in range(STEPS)
+            ]
+            assert {shape for _, shape, _ in built} == {
+                (1, 4, 3, 8, 8)
+            }  # patch (1, 2, 2) from the config
             if dense_steps == STEPS:  # every step dense: the dense pipeline's video
                 torch.testing.assert_close(video, reference, atol=1e-4, rtol=1e-4)
             else:
@@ -107,8 +143,16 @@ def test_sta_in_a_pipeline_runs_dense_steps_then_sparse_ones(pipe_and_reference,
 def tiny_transformer():
     torch.manual_seed(0)
     return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
     ).eval()
 
 
@@ -139,7 +183,9 @@ def test_state_dict_round_trips_through_the_compiled_model_and_a_parent():
             p.add_(1.0)
     cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
     assert cm.load_state_dict(other.state_dict()).missing_keys == []
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values())
+    )
     parent = torch.nn.ModuleDict({"transformer": cm})
     plain = torch.nn.ModuleDict({"transformer": tiny_transformer()})
     assert list(parent.state_dict()) == list(plain.state_dict())
@@ -173,7 +219,13 @@ def test_cache_context_gives_the_step_index_to_the_derived_context():
         with torch.no_grad():
             cm(latent, t, text)  # the model's own cache_context ran too
     ctx = resolve()
-    assert ctx.current_timestep == 7 and tuple(ctx.forward_batch.raw_latent_shape) == (1, 4, 2, 4, 4)
+    assert ctx.current_timestep == 7 and tuple(ctx.forward_batch.raw_latent_shape) == (
+        1,
+        4,
+        2,
+        4,
+        4,
+    )
     assert tuple(ctx.fastvideo_args.patch_size) == (1, 2, 2)
 
 
@@ -190,7 +242,11 @@ def test_step_clock_counts_timesteps_per_loop_and_cfg_passes_share_a_step():
             steps.append(clock.step_of(timestep))
             steps.append(clock.step_of(timestep))  # the CFG pass: the same tensor, no read
     assert steps == [0, 0, 1, 1, 2, 2] * 2
-    assert [clock.step_of(torch.tensor([v])) for v in (990.0, 990.0, 3.0)] == [0, 0, 1]  # higher: a new loop
+    assert [clock.step_of(torch.tensor([v])) for v in (990.0, 990.0, 3.0)] == [
+        0,
+        0,
+        1,
+    ]  # higher: a new loop
     assert [StepClock().step_of(v) for v in (1.0, 2.0)] == [0, 0]  # plain numbers too
 
 
@@ -205,24 +261,37 @@ def test_a_zoo_model_with_sta_needs_no_context():
     grid = latent.shape[2:]
     tile = tuple(max(1, g // p // 2) for g, p in zip(grid, model.config.patch_size))
     fva = FastVideoArgs(sta_tile_size=tile, sta_window=(1, 1, 1), sta_dense_steps=1)
-    cm = fv_compile.compile(model, {"self": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"}, compiler="eager",
-                            fastvideo_args=fva)
+    cm = fv_compile.compile(
+        model,
+        {"self": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"},
+        compiler="eager",
+        fastvideo_args=fva,
+    )
     derived = []
     with torch.no_grad():
         for t in (900, 600, 300):
             timestep = torch.tensor([t])
             derived.append(cm(latent, timestep, text, **kwargs))
             cm(latent, timestep, torch.zeros_like(text), **kwargs)
-        cm(latent.expand(2, *latent.shape[1:]), torch.tensor([100, 100]), text.expand(2, *text.shape[1:]), **kwargs)
+        cm(
+            latent.expand(2, *latent.shape[1:]),
+            torch.tensor([100, 100]),
+            text.expand(2, *text.shape[1:]),
+            **kwargs,
+        )
         assert cm._derive.made == 4  # steps 0, 1, 2, and 3 (a new batch shape)
         batch = fv_compile.ForwardBatch(raw_latent_shape=latent.shape)
         for step, t in enumerate((900, 600, 300)):  # an explicit context wins, and agrees
             with fv_compile.forward_context(step, batch, fva):
-                torch.testing.assert_close(cm(latent, torch.tensor([t]), text, **kwargs), derived[step])
+                torch.testing.assert_close(
+                    cm(latent, torch.tensor([t]), text, **kwargs), derived[step]
+                )
         assert cm._derive.made == 4
         dense = model(latent, torch.tensor([900]), text, **kwargs)
     torch.testing.assert_close(derived[0], dense, atol=1e-5, rtol=1e-5)  # step 0: dense
-    assert (derived[1] - model(latent, torch.tensor([600]), text, **kwargs)).abs().max() > 1e-4  # sparse
+    assert (
+        derived[1] - model(latent, torch.tensor([600]), text, **kwargs)
+    ).abs().max() > 1e-4  # sparse
     assert cm.variants_compiled == 3  # dense and sparse; batch 2 is a graph of its own (sparse)
     assert fva.patch_size is None  # the caller's args were copied, never filled in
 
@@ -235,15 +304,28 @@ def test_calls_without_what_a_backend_needs_say_how_to_fix_them():
 
         def forward(self, tokens, timestep=None):
             q, k, v = self.qkv(tokens).view(1, -1, 3, 2, 4).unbind(2)
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            )
 
     fva = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1))
     cm = fv_compile.compile(NoLatent(), "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=fva)
-    with torch.no_grad(), pytest.raises(FvCompileError, match=r"(?s)no timestep argument.*with fv_compile\.forward_context"):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            FvCompileError, match=r"(?s)no timestep argument.*with fv_compile\.forward_context"
+        ),
+    ):
         cm(torch.randn(1, 16, 8))
-    with torch.no_grad(), pytest.raises(FvCompileError, match="SLIDING_TILE_ATTN needs the latent shape"):
+    with (
+        torch.no_grad(),
+        pytest.raises(FvCompileError, match="SLIDING_TILE_ATTN needs the latent shape"),
+    ):
         cm(torch.randn(1, 16, 8), timestep=torch.tensor([900.0]))  # a step, but no latent
-    for bad, match in (({"sta_window": (1, 1)}, "three positive"), ({"sta_dense_steps": -1}, "int >= 0")):
+    for bad, match in (
+        ({"sta_window": (1, 1)}, "three positive"),
+        ({"sta_dense_steps": -1}, "int >= 0"),
+    ):
         with pytest.raises(FvCompileError, match=match):
             fv_compile.compile(NoLatent(), fastvideo_args=FastVideoArgs(**bad))
     with pytest.raises(FvCompileError, match="contradicts the model's config"):
@@ -253,5 +335,10 @@ def test_calls_without_what_a_backend_needs_say_how_to_fix_them():
 def test_sta_without_settings_says_where_they_go():
     cm = fv_compile.compile(tiny_transformer(), {"self": "SLIDING_TILE_ATTN"}, compiler="eager")
     latent, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([500]), torch.randn(1, 3, 16)
-    with torch.no_grad(), pytest.raises(FvCompileError, match=r"needs windows.*fv_compile\.compile\(\.\.\., fastvideo_args="):
+    with (
+        torch.no_grad(),
+        pytest.raises(
+            FvCompileError, match=r"needs windows.*fv_compile\.compile\(\.\.\., fastvideo_args="
+        ),
+    ):
         cm(latent, t, text)

@@ -158,15 +158,30 @@ class Attn:
 
     @property
     def expected_form(self) -> str:
-        return {"@": "matmul", "torch.matmul": "matmul", ".matmul": "matmul", "torch.bmm": "bmm",
-                ".bmm": "bmm", "baddbmm": "baddbmm", "einsum": "einsum"}[self.score]
+        return {
+            "@": "matmul",
+            "torch.matmul": "matmul",
+            ".matmul": "matmul",
+            "torch.bmm": "bmm",
+            ".bmm": "bmm",
+            "baddbmm": "baddbmm",
+            "einsum": "einsum",
+        }[self.score]
 
     @property
     def expected_scale(self) -> float:
         d = self.D
-        return {"none": 1.0, "mul": self.c, "rmul": self.c, "div": 1.0 / self.c,
-                "div_sqrt": d**-0.5, "mul_pow": d**-0.5, "q_pre": d**-0.5, "qk_pre": d**-0.5,
-                "alpha": self.c}[self.scale]
+        return {
+            "none": 1.0,
+            "mul": self.c,
+            "rmul": self.c,
+            "div": 1.0 / self.c,
+            "div_sqrt": d**-0.5,
+            "mul_pow": d**-0.5,
+            "q_pre": d**-0.5,
+            "qk_pre": d**-0.5,
+            "alpha": self.c,
+        }[self.scale]
 
     @property
     def causal(self) -> bool:
@@ -242,8 +257,16 @@ class Attn:
     # --- source --------------------------------------------------------------------------------
 
     def source(self) -> str:
-        B, H, Hkv, G, Sq, Sk, D, Dv = (self.B, self.H, self.Hkv, self.G, self.Sq, self.Sk,
-                                       self.D, self.Dv)
+        B, H, Hkv, G, Sq, Sk, D, Dv = (
+            self.B,
+            self.H,
+            self.Hkv,
+            self.G,
+            self.Sq,
+            self.Sk,
+            self.D,
+            self.Dv,
+        )
         L: list[str] = []
         emit = L.append
         native = self.native
@@ -258,11 +281,14 @@ class Attn:
                 emit(f"{x} = " + _gqa_expand(self.gqa, x, G, hd, B, Hkv, Sk, dlast, native))
         if self.merged:
             for x, s, d in (("q", Sq, D), ("k", Sk, D), ("v", Sk, Dv)):
-                emit(f"{x} = " + {
-                    "reshape": f"{x}.reshape({B * H}, {s}, {d})",
-                    "reshape-1": f"{x}.reshape(-1, {s}, {d})",
-                    "flatten": f"{x}.flatten(0, 1)",
-                }[self.merge])
+                emit(
+                    f"{x} = "
+                    + {
+                        "reshape": f"{x}.reshape({B * H}, {s}, {d})",
+                        "reshape-1": f"{x}.reshape(-1, {s}, {d})",
+                        "flatten": f"{x}.flatten(0, 1)",
+                    }[self.merge]
+                )
         if not self.prescale_early:
             self._emit_prescale(emit)
 
@@ -279,23 +305,41 @@ class Attn:
         elif self.score == ".bmm":
             emit(f"s = q.bmm(k.{kt})")
         elif self.score == "baddbmm":
-            emit(f"s = torch.baddbmm(torch.empty({B * H}, {Sq}, {Sk}), q, k.{kt}, beta=0, alpha={self.c})")
+            emit(
+                f"s = torch.baddbmm(torch.empty({B * H}, {Sq}, {Sk}), q, k.{kt}, beta=0, alpha={self.c})"
+            )
         else:
             eq, order = self.score_eq
             ops = "q, k" if order.strip("[]") == "qk" else "k, q"
             emit(f'eq = "{eq}"')
-            emit(f"s = torch.einsum(eq, {ops})" if "[" not in order else f"s = torch.einsum(eq, [{ops}])")
+            emit(
+                f"s = torch.einsum(eq, {ops})"
+                if "[" not in order
+                else f"s = torch.einsum(eq, [{ops}])"
+            )
 
         def scale_lines():
             c = self.c
             if self.scale == "mul":
-                emit({"op": f"s = s * {c}", "method": f"s = s.mul({c})",
-                      "fn": f"s = torch.mul(s, {c})", "inplace": f"s.mul_({c})"}[self.op_spelling])
+                emit(
+                    {
+                        "op": f"s = s * {c}",
+                        "method": f"s = s.mul({c})",
+                        "fn": f"s = torch.mul(s, {c})",
+                        "inplace": f"s.mul_({c})",
+                    }[self.op_spelling]
+                )
             elif self.scale == "rmul":
                 emit(f"s = {c} * s")
             elif self.scale == "div":
-                emit({"op": f"s = s / {c}", "method": f"s = s.div({c})",
-                      "fn": f"s = torch.div(s, {c})", "inplace": f"s.div_({c})"}[self.op_spelling])
+                emit(
+                    {
+                        "op": f"s = s / {c}",
+                        "method": f"s = s.div({c})",
+                        "fn": f"s = torch.div(s, {c})",
+                        "inplace": f"s.div_({c})",
+                    }[self.op_spelling]
+                )
             elif self.scale == "div_sqrt":
                 emit("s = s / math.sqrt(q.size(-1))")
             elif self.scale == "mul_pow":
@@ -367,7 +411,9 @@ class Attn:
         if self.flat_out:
             out_bshd = native or self._value_out_bshd()
             if self.merged:
-                emit(f"o = o.view({B}, {H}, {Sq}, {Dv}).transpose(1, 2).reshape({B}, {Sq}, {H * Dv})")
+                emit(
+                    f"o = o.view({B}, {H}, {Sq}, {Dv}).transpose(1, 2).reshape({B}, {Sq}, {H * Dv})"
+                )
             elif out_bshd:
                 emit(f"o = o.reshape({B}, {Sq}, {H * Dv})")
             else:
@@ -416,7 +462,9 @@ def _kt(spelling: str, rank: int) -> str:
     raise AssertionError(spelling)
 
 
-def _gqa_expand(how: str, x: str, g: int, hd: int, B: int, hkv: int, s: int, d: int, native: bool) -> str:
+def _gqa_expand(
+    how: str, x: str, g: int, hd: int, B: int, hkv: int, s: int, d: int, native: bool
+) -> str:
     if how == "repeat_interleave":
         return f"{x}.repeat_interleave({g}, dim={hd})"
     if how == "torch.repeat_interleave":
@@ -440,8 +488,12 @@ def _mask_line(kind: str, i: int, Sq: int, Sk: int, spelling: str = "op") -> str
     if spelling == "inplace" and kind in _IN_PLACE_MASKS:
         return _IN_PLACE_MASKS[kind].format(i=i)
     return {
-        "add": {"op": f"s = s + bias{i}", "method": f"s = s.add(bias{i})",
-                "fn": f"s = torch.add(s, bias{i})", "inplace": f"s = s + bias{i}"}[spelling],
+        "add": {
+            "op": f"s = s + bias{i}",
+            "method": f"s = s.add(bias{i})",
+            "fn": f"s = torch.add(s, bias{i})",
+            "inplace": f"s = s + bias{i}",
+        }[spelling],
         "add_inf": f"s = bias{i} + s",
         "fill_not": f's = s.masked_fill(~keep{i}, float("-inf"))',
         "fill_min": f"s = s.masked_fill(keep{i}.logical_not(), torch.finfo(s.dtype).min)",
@@ -524,8 +576,16 @@ class Sdpa:
         return out
 
     def source(self) -> str:
-        B, H, Hkv, G, Sq, Sk, D, Dv = (self.B, self.H, self.Hkv, self.G, self.Sq, self.Sk,
-                                       self.D, self.Dv)
+        B, H, Hkv, G, Sq, Sk, D, Dv = (
+            self.B,
+            self.H,
+            self.Hkv,
+            self.G,
+            self.Sq,
+            self.Sk,
+            self.D,
+            self.Dv,
+        )
         L: list[str] = []
         emit = L.append
         if self.layout == "bshd":
@@ -534,8 +594,10 @@ class Sdpa:
             for x, d in (("k", D), ("v", Dv)):
                 emit(f"{x} = " + _gqa_expand(self.gqa, x, G, 1, B, Hkv, Sk, d, False))
         if self.layout == "3d":
-            emit(f"q, k, v = q.reshape({B * H}, {Sq}, {D}), k.reshape({B * H}, {Sk}, {D}), "
-                 f"v.reshape({B * H}, {Sk}, {Dv})")
+            emit(
+                f"q, k, v = q.reshape({B * H}, {Sq}, {D}), k.reshape({B * H}, {Sk}, {D}), "
+                f"v.reshape({B * H}, {Sk}, {Dv})"
+            )
         m = "mask" if self.mask else "None"
         scale = {None: None, "expr": "q.shape[-1] ** -0.5"}.get(self.scale, self.scale)  # type: ignore[arg-type]
         kw = []
@@ -584,7 +646,11 @@ class Router:
     use: str
 
     def avoiding_known_bugs(self) -> Router:
-        if "value_with_query_axis" in KNOWN_BUGS and self.logits == "matmul" and self.use == "combine":
+        if (
+            "value_with_query_axis" in KNOWN_BUGS
+            and self.logits == "matmul"
+            and self.use == "combine"
+        ):
             return dataclasses.replace(self, logits="linear")
         return self
 
@@ -616,7 +682,16 @@ class Router:
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-MASK_KINDS = ["add", "add_inf", "fill_not", "fill_min", "fill_given", "where_min", "where_inf", "where_drop"]
+MASK_KINDS = [
+    "add",
+    "add_inf",
+    "fill_not",
+    "fill_min",
+    "fill_given",
+    "where_min",
+    "where_inf",
+    "where_drop",
+]
 CAUSAL_MASKS = ["causal_tril", "causal_triu", "causal_add", "causal_arange"]
 
 SOFTMAXES = [
@@ -670,7 +745,9 @@ def _mask_shape(draw, full: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(dims[drop:])
 
 
-def score_equation(letters: str, layout: str, native: bool, order: str, sep: str = ",") -> tuple[str, str]:
+def score_equation(
+    letters: str, layout: str, native: bool, order: str, sep: str = ","
+) -> tuple[str, str]:
     """`(equation, order)` of the score einsum (scores always come out [B, H, Sq, Sk] or
     [B*H, Sq, Sk]); `order` "qk" | "kq", in brackets when the operands are passed as a list."""
     b, h, qq, kk, d, _ = letters
@@ -684,7 +761,9 @@ def score_equation(letters: str, layout: str, native: bool, order: str, sep: str
     return f"{ops[0]}{sep}{ops[1]}->{out}", order
 
 
-def value_equation(letters: str, layout: str, native: bool, order: str, out_bshd: bool) -> tuple[str, str]:
+def value_equation(
+    letters: str, layout: str, native: bool, order: str, out_bshd: bool
+) -> tuple[str, str]:
     """`(equation, order)` of the value einsum; `order` "pv" | "vp"; `out_bshd`: [B, Sq, H, Dv] out."""
     b, h, qq, kk, _, e = letters
     if layout.startswith("merged"):
@@ -723,7 +802,9 @@ def attn_programs(draw, score: str | None = None, perturb: str | None = None):
     if native:
         value = "einsum"
     elif merged:
-        value = draw(st.sampled_from(["@", "torch.matmul", ".matmul", "torch.bmm", ".bmm", "einsum"]))
+        value = draw(
+            st.sampled_from(["@", "torch.matmul", ".matmul", "torch.bmm", ".bmm", "einsum"])
+        )
     else:
         value = draw(st.sampled_from(["@", "torch.matmul", ".matmul", "einsum"]))
 
@@ -732,17 +813,28 @@ def attn_programs(draw, score: str | None = None, perturb: str | None = None):
     score_eq = value_eq = None
     if score == "einsum":
         order = draw(st.sampled_from(["qk", "kq", "[qk]", "[kq]"]))
-        score_eq = score_equation(letters, layout, native, order, draw(st.sampled_from([",", ", "])))
+        score_eq = score_equation(
+            letters, layout, native, order, draw(st.sampled_from([",", ", "]))
+        )
     if value == "einsum":
         out_bshd = native or (not merged and draw(st.booleans()))
-        value_eq = value_equation(letters, layout, native, draw(st.sampled_from(["pv", "vp"])), out_bshd)
+        value_eq = value_equation(
+            letters, layout, native, draw(st.sampled_from(["pv", "vp"])), out_bshd
+        )
 
     if score == "baddbmm":
         scale = "alpha"
     else:
-        scale = draw(st.sampled_from(["none", "mul", "rmul", "div", "div_sqrt", "mul_pow", "q_pre", "qk_pre"]))
-    c = draw(st.sampled_from([0.125, 0.3, 0.5, 2.0])) if scale in ("mul", "rmul", "alpha") else (
-        draw(st.sampled_from([0.7, 2.0, 3.0, 8.0])) if scale == "div" else 1.0)
+        scale = draw(
+            st.sampled_from(
+                ["none", "mul", "rmul", "div", "div_sqrt", "mul_pow", "q_pre", "qk_pre"]
+            )
+        )
+    c = (
+        draw(st.sampled_from([0.125, 0.3, 0.5, 2.0]))
+        if scale in ("mul", "rmul", "alpha")
+        else (draw(st.sampled_from([0.7, 2.0, 3.0, 8.0])) if scale == "div" else 1.0)
+    )
 
     full = (B * H, Sq, Sk) if merged else (B, H, Sq, Sk)
     kinds = MASK_KINDS
@@ -755,7 +847,10 @@ def attn_programs(draw, score: str | None = None, perturb: str | None = None):
     else:
         for _ in range(n_masks):
             masks.append((draw(st.sampled_from(kinds)), _mask_shape(draw, full)))
-        if "bool_and_additive_masks" in KNOWN_BUGS and len({m[0].startswith("add") for m in masks}) == 2:
+        if (
+            "bool_and_additive_masks" in KNOWN_BUGS
+            and len({m[0].startswith("add") for m in masks}) == 2
+        ):
             masks = masks[:1]
 
     return Attn(
@@ -765,20 +860,31 @@ def attn_programs(draw, score: str | None = None, perturb: str | None = None):
         native=native,
         merge=draw(st.sampled_from(["reshape", "reshape-1", "flatten"])) if merged else "-",
         score=score,
-        kt=draw(st.sampled_from(["transpose(-2, -1)", "transpose(-1, -2)", "transpose(pos)", "mT", "permute"])),
+        kt=draw(
+            st.sampled_from(
+                ["transpose(-2, -1)", "transpose(-1, -2)", "transpose(pos)", "mT", "permute"]
+            )
+        ),
         score_eq=score_eq,
         value=value,
         value_eq=value_eq,
         scale=scale,
         c=c,
         prescale_early=draw(st.booleans()) if scale in ("q_pre", "qk_pre") else False,
-        mask_first=draw(st.booleans()) if masks and scale in ("mul", "rmul", "div", "div_sqrt", "mul_pow") else False,
+        mask_first=draw(st.booleans())
+        if masks and scale in ("mul", "rmul", "div", "div_sqrt", "mul_pow")
+        else False,
         masks=tuple(masks),
         upcast=draw(st.sampled_from([None, None, "to", "type_as"])),
         softmax=draw(st.sampled_from(SOFTMAXES)),
         dropout=draw(st.sampled_from(DROPOUTS)),
-        gqa=draw(st.sampled_from(["repeat_interleave", "torch.repeat_interleave", "expand", "unsqueeze_expand"]))
-        if sz["G"] > 1 else None,
+        gqa=draw(
+            st.sampled_from(
+                ["repeat_interleave", "torch.repeat_interleave", "expand", "unsqueeze_expand"]
+            )
+        )
+        if sz["G"] > 1
+        else None,
         flat_out=draw(st.booleans()),
         op_spelling=draw(st.sampled_from(["op", "op", "method", "fn", "inplace"])),
         shift=draw(st.sampled_from([False, False, False, True])),
@@ -795,7 +901,11 @@ def sdpa_programs(draw, what: str | None = None):
     layout = draw(st.sampled_from(["bhsd", "bshd", "3d"]))
     gqa = None
     if sz["G"] > 1:
-        gqa = draw(st.sampled_from(([] if layout == "3d" else ["enable_gqa"]) + ["repeat_interleave", "expand"]))
+        gqa = draw(
+            st.sampled_from(
+                ([] if layout == "3d" else ["enable_gqa"]) + ["repeat_interleave", "expand"]
+            )
+        )
     full = (B * H, Sq, Sk) if layout == "3d" else (B, H, Sq, Sk)
     # SDPA refuses attn_mask together with is_causal: one or the other
     mask = (what, _mask_shape(draw, full)) if what not in ("causal", "none") else None
@@ -803,8 +913,14 @@ def sdpa_programs(draw, what: str | None = None):
         seed=draw(st.integers(0, 2**16)),
         **sz,
         layout=layout,
-        fn=draw(st.sampled_from(["F.scaled_dot_product_attention",
-                                 "torch.nn.functional.scaled_dot_product_attention"])),
+        fn=draw(
+            st.sampled_from(
+                [
+                    "F.scaled_dot_product_attention",
+                    "torch.nn.functional.scaled_dot_product_attention",
+                ]
+            )
+        ),
         call=draw(st.sampled_from(["keyword", "positional", "mixed"])),
         mask=mask,
         causal=what == "causal",
@@ -816,18 +932,18 @@ def sdpa_programs(draw, what: str | None = None):
 
 
 PERTURBATIONS = [
-    "softmax_dim",       # softmax over the heads (4-D) or batch*heads (3-D) axis
-    "softmax_dim_q",     # softmax over the query axis
-    "scores_returned",   # the scores are also an output
+    "softmax_dim",  # softmax over the heads (4-D) or batch*heads (3-D) axis
+    "softmax_dim_q",  # softmax over the query axis
+    "scores_returned",  # the scores are also an output
     "weights_returned",  # the attention weights are also an output
-    "mask_after",        # weights multiplied by a 0/1 gate after the softmax
-    "reduce",            # softmax followed by sum / amax / topk / mean, no value product
-    "log_softmax",       # log_softmax instead of softmax
-    "active_dropout",    # dropout in training mode on the weights
+    "mask_after",  # weights multiplied by a 0/1 gate after the softmax
+    "reduce",  # softmax followed by sum / amax / topk / mean, no value product
+    "log_softmax",  # log_softmax instead of softmax
+    "active_dropout",  # dropout in training mode on the weights
     "value_wrong_axis",  # "value" product contracting the query axis
-    "softcap",           # tanh soft-capped scores (skipped: cannot be proven)
-    "tensor_scale",      # scores times a tensor temperature (skipped: not a number)
-    "mild_fill",         # a fill with -1.0 (not a mask) driven by the scores themselves
+    "softcap",  # tanh soft-capped scores (skipped: cannot be proven)
+    "tensor_scale",  # scores times a tensor temperature (skipped: not a number)
+    "mild_fill",  # a fill with -1.0 (not a mask) driven by the scores themselves
 ]
 
 
@@ -882,11 +998,14 @@ def _close(out, ref, msg, equal_nan=False):
             _close(o, r, msg, equal_nan)
         return
     torch.testing.assert_close(
-        out, ref, atol=ATOL, rtol=RTOL, equal_nan=equal_nan, msg=lambda m: f"{m}\n{msg}")
+        out, ref, atol=ATOL, rtol=RTOL, equal_nan=equal_nan, msg=lambda m: f"{m}\n{msg}"
+    )
 
 
 def _describe(prog, src, text, sites, others) -> str:
-    rows = "\n".join(f"  site: {s.form} {s.layout} status={s.status} reason={s.reason!r}" for s in sites)
+    rows = "\n".join(
+        f"  site: {s.form} {s.layout} status={s.status} reason={s.reason!r}" for s in sites
+    )
     rows += "".join(f"\n  not attention: {o.node}: {o.reason}" for o in others)
     return f"\n{prog!r}\n--- source ---\n{src}--- sites ---\n{rows}\n--- graph ---\n{text}"
 
@@ -922,7 +1041,8 @@ def check_attention(prog) -> None:
         # (the matcher does not fold it into the site's scale): numerically still exact
         scales += [1.0, prog.D**-0.25]
     assert any(math.isclose(site.scale, x, rel_tol=1e-6) for x in scales), (
-        f"scale {site.scale} not in {scales}{msg}")
+        f"scale {site.scale} not in {scales}{msg}"
+    )
     if prog.causal and prog.Sq > 1:
         assert site.causal, f"causal mask not recognised as causal{msg}"
     assert text.count("fv_compile.attention") == 1, f"expected one attention op{msg}"
@@ -983,11 +1103,32 @@ def test_generator_example_sources_compile_and_run():
     """The generator writes runnable code for every layout/contraction family (a quick smoke test
     of the generator, independent of the pass)."""
     ex = Attn(
-        seed=0, B=2, H=4, G=2, Sq=3, Sk=5, D=8, Dv=6, layout="bshd", native=True, merge="-",
-        score="einsum", kt="mT", score_eq=("nkhd,nqhd->nhqk", "kq"), value="einsum",
-        value_eq=("nhqk,nkhe->nqhe", "pv"), scale="qk_pre", c=1.0, prescale_early=True,
-        mask_first=False, masks=(("fill_not", (2, 1, 1, 5)),), upcast="to",
-        softmax="F.softmax({s}, dim=-1)", dropout=None, gqa="expand", flat_out=True,
+        seed=0,
+        B=2,
+        H=4,
+        G=2,
+        Sq=3,
+        Sk=5,
+        D=8,
+        Dv=6,
+        layout="bshd",
+        native=True,
+        merge="-",
+        score="einsum",
+        kt="mT",
+        score_eq=("nkhd,nqhd->nhqk", "kq"),
+        value="einsum",
+        value_eq=("nhqk,nkhe->nqhe", "pv"),
+        scale="qk_pre",
+        c=1.0,
+        prescale_early=True,
+        mask_first=False,
+        masks=(("fill_not", (2, 1, 1, 5)),),
+        upcast="to",
+        softmax="F.softmax({s}, dim=-1)",
+        dropout=None,
+        gqa="expand",
+        flat_out=True,
     )
     fn, src = build(ex)
     assert "torch.einsum" in src and "expand" in src
@@ -1004,15 +1145,51 @@ def test_generator_example_sources_compile_and_run():
 
 _L6 = "bhqkde"
 BASE_ATTN = Attn(
-    seed=1, B=2, H=4, G=1, Sq=3, Sk=5, D=8, Dv=8, layout="bhsd", native=False, merge="-",
-    score="@", kt="transpose(-2, -1)", score_eq=None, value="@", value_eq=None, scale="mul",
-    c=0.3, prescale_early=False, mask_first=False, masks=(), upcast=None,
-    softmax="{s}.softmax(-1)", dropout=None, gqa=None, flat_out=False,
+    seed=1,
+    B=2,
+    H=4,
+    G=1,
+    Sq=3,
+    Sk=5,
+    D=8,
+    Dv=8,
+    layout="bhsd",
+    native=False,
+    merge="-",
+    score="@",
+    kt="transpose(-2, -1)",
+    score_eq=None,
+    value="@",
+    value_eq=None,
+    scale="mul",
+    c=0.3,
+    prescale_early=False,
+    mask_first=False,
+    masks=(),
+    upcast=None,
+    softmax="{s}.softmax(-1)",
+    dropout=None,
+    gqa=None,
+    flat_out=False,
 )
 BASE_SDPA = Sdpa(
-    seed=1, B=2, H=4, G=1, Sq=3, Sk=5, D=8, Dv=8, layout="bhsd",
-    fn="F.scaled_dot_product_attention", call="keyword", mask=None, causal=False, scale=None,
-    dropout="absent", gqa=None, flat_out=False,
+    seed=1,
+    B=2,
+    H=4,
+    G=1,
+    Sq=3,
+    Sk=5,
+    D=8,
+    Dv=8,
+    layout="bhsd",
+    fn="F.scaled_dot_product_attention",
+    call="keyword",
+    mask=None,
+    causal=False,
+    scale=None,
+    dropout="absent",
+    gqa=None,
+    flat_out=False,
 )
 
 
@@ -1020,7 +1197,9 @@ def attn_variant(**kw) -> Attn:
     """BASE_ATTN with `kw`, plus what the change requires (a [B*H] layout for bmm, equations for
     einsum, Sq == Sk for a causal mask, full-size mask shapes where none is given)."""
     p = dataclasses.replace(BASE_ATTN, **kw)
-    if (p.score in ("torch.bmm", ".bmm", "baddbmm") or p.value in ("torch.bmm", ".bmm")) and not p.merged:
+    if (
+        p.score in ("torch.bmm", ".bmm", "baddbmm") or p.value in ("torch.bmm", ".bmm")
+    ) and not p.merged:
         p = dataclasses.replace(p, layout="merged")
     if p.merged and p.merge == "-":
         p = dataclasses.replace(p, merge="reshape")
@@ -1056,16 +1235,30 @@ def one_factor_programs() -> list[tuple[str, object]]:
         add(f"kt={kt}-merged", A(kt=kt, layout="merged", score="torch.bmm"))
     for layout in ("bhsd", "merged"):
         for order in ("qk", "kq", "[qk]", "[kq]"):
-            add(f"score-einsum-{order}-{layout}",
-                A(layout=layout, score="einsum", score_eq=score_equation("nmxyzw", layout, False, order, ", ")))
+            add(
+                f"score-einsum-{order}-{layout}",
+                A(
+                    layout=layout,
+                    score="einsum",
+                    score_eq=score_equation("nmxyzw", layout, False, order, ", "),
+                ),
+            )
         for order in ("pv", "vp"):
-            for out_bshd in ((False, True) if layout == "bhsd" else (False,)):
-                add(f"value-einsum-{order}{'-bqhe' if out_bshd else ''}-{layout}",
-                    A(layout=layout, value="einsum",
-                      value_eq=value_equation("BHQKDE", layout, False, order, out_bshd)))
+            for out_bshd in (False, True) if layout == "bhsd" else (False,):
+                add(
+                    f"value-einsum-{order}{'-bqhe' if out_bshd else ''}-{layout}",
+                    A(
+                        layout=layout,
+                        value="einsum",
+                        value_eq=value_equation("BHQKDE", layout, False, order, out_bshd),
+                    ),
+                )
     for scale in ("none", "mul", "rmul", "div", "div_sqrt", "mul_pow", "q_pre", "qk_pre"):
         add(f"scale={scale}", A(scale=scale, c=2.0 if scale == "div" else 0.3))
-        add(f"scale={scale}-merged", A(scale=scale, c=2.0 if scale == "div" else 0.3, layout="merged_bshd"))
+        add(
+            f"scale={scale}-merged",
+            A(scale=scale, c=2.0 if scale == "div" else 0.3, layout="merged_bshd"),
+        )
     add("scale=alpha", A(score="baddbmm", c=0.25))
     for scale in ("q_pre", "qk_pre"):
         add(f"scale={scale}-early", A(scale=scale, prescale_early=True, layout="bshd"))
@@ -1074,7 +1267,10 @@ def one_factor_programs() -> list[tuple[str, object]]:
         add(f"op_spelling={spelling}-div", A(op_spelling=spelling, scale="div", c=3.0))
     for kind in ("fill_not", "fill_min", "fill_given"):
         add(f"op_spelling=inplace-{kind}", A(op_spelling="inplace", masks=((kind, None),)))
-    add("causal+padding", A(masks=(("causal_tril", None), ("fill_not", (BASE_ATTN.B, 1, 1, BASE_ATTN.Sq)))))
+    add(
+        "causal+padding",
+        A(masks=(("causal_tril", None), ("fill_not", (BASE_ATTN.B, 1, 1, BASE_ATTN.Sq)))),
+    )
     add("shift", A(shift=True))
     add("shift-masked", A(shift=True, masks=(("fill_not", None),)))
     B, H, Sq, Sk = BASE_ATTN.B, BASE_ATTN.H, BASE_ATTN.Sq, BASE_ATTN.Sk
@@ -1082,19 +1278,33 @@ def one_factor_programs() -> list[tuple[str, object]]:
         for shape in ((B, H, Sq, Sk), (B, 1, 1, Sk), (1, Sq, Sk), (Sq, Sk)):
             add(f"mask={kind}-{'x'.join(map(str, shape))}", A(masks=((kind, shape),)))
         add(f"mask={kind}-merged", A(masks=((kind, (B * H, 1, Sk)),), layout="merged"))
-        add(f"mask={kind}-before-scale", A(masks=((kind, None),), mask_first=True, scale="div_sqrt"))
+        add(
+            f"mask={kind}-before-scale", A(masks=((kind, None),), mask_first=True, scale="div_sqrt")
+        )
     for kind in CAUSAL_MASKS:
         add(f"mask={kind}", A(masks=((kind, None),)))
         add(f"mask={kind}-merged", A(masks=((kind, None),), layout="merged", score="torch.bmm"))
-        add(f"mask={kind}-einsum-bshd", A(masks=((kind, None),), layout="bshd", native=True, score="einsum", value="einsum"))
+        add(
+            f"mask={kind}-einsum-bshd",
+            A(masks=((kind, None),), layout="bshd", native=True, score="einsum", value="einsum"),
+        )
     add("masks=add+add_inf", A(masks=(("add", (1, 1, Sq, Sk)), ("add_inf", (B, 1, 1, Sk)))))
     add("masks=fill_not+where_min", A(masks=(("fill_not", (B, 1, 1, Sk)), ("where_min", (Sq, Sk)))))
     if "bool_and_additive_masks" not in KNOWN_BUGS:
         add("masks=add+fill_not", A(masks=(("add", (1, H, Sq, Sk)), ("fill_not", (B, 1, 1, Sk)))))
-        add("masks=where_drop+add_inf-merged",
-            A(masks=(("where_drop", (B * H, Sq, Sk)), ("add_inf", (1, 1, Sk))), layout="merged"))
-        add("masks=fill_min+add-before-scale",
-            A(masks=(("fill_min", (Sq, Sk)), ("add", (B, H, Sq, Sk))), mask_first=True, scale="div", c=3.0))
+        add(
+            "masks=where_drop+add_inf-merged",
+            A(masks=(("where_drop", (B * H, Sq, Sk)), ("add_inf", (1, 1, Sk))), layout="merged"),
+        )
+        add(
+            "masks=fill_min+add-before-scale",
+            A(
+                masks=(("fill_min", (Sq, Sk)), ("add", (B, H, Sq, Sk))),
+                mask_first=True,
+                scale="div",
+                c=3.0,
+            ),
+        )
     for upcast in ("to", "type_as"):
         add(f"upcast={upcast}", A(upcast=upcast))
     for sm in SOFTMAXES:
@@ -1105,14 +1315,25 @@ def one_factor_programs() -> list[tuple[str, object]]:
     for gqa in ("repeat_interleave", "torch.repeat_interleave", "expand", "unsqueeze_expand"):
         for g in (2, 4):
             add(f"gqa={gqa}-{g}", A(gqa=gqa, G=g))
-        add(f"gqa={gqa}-bshd-native", A(gqa=gqa, G=2, layout="bshd", native=True, score="einsum", value="einsum"))
+        add(
+            f"gqa={gqa}-bshd-native",
+            A(gqa=gqa, G=2, layout="bshd", native=True, score="einsum", value="einsum"),
+        )
         add(f"gqa={gqa}-merged", A(gqa=gqa, G=2, layout="merged"))
     for merge in ("reshape", "reshape-1", "flatten"):
         add(f"merge={merge}", A(layout="merged", merge=merge))
-    for name, kw in (("B=1", {"B": 1}), ("H=1", {"H": 1}), ("Sq=1", {"Sq": 1}), ("Sk=1", {"Sk": 1}),
-                     ("Sq=Sk=1", {"Sq": 1, "Sk": 1}), ("all=1", {"B": 1, "H": 1, "Sq": 1, "Sk": 1}),
-                     ("Dv!=D", {"Dv": 5}), ("D=4", {"D": 4, "Dv": 4}), ("D=16", {"D": 16, "Dv": 16}),
-                     ("flat_out", {"flat_out": True})):
+    for name, kw in (
+        ("B=1", {"B": 1}),
+        ("H=1", {"H": 1}),
+        ("Sq=1", {"Sq": 1}),
+        ("Sk=1", {"Sk": 1}),
+        ("Sq=Sk=1", {"Sq": 1, "Sk": 1}),
+        ("all=1", {"B": 1, "H": 1, "Sq": 1, "Sk": 1}),
+        ("Dv!=D", {"Dv": 5}),
+        ("D=4", {"D": 4, "Dv": 4}),
+        ("D=16", {"D": 16, "Dv": 16}),
+        ("flat_out", {"flat_out": True}),
+    ):
         add(f"size-{name}", A(**kw))
         add(f"size-{name}-merged", A(**{"layout": "merged_bshd", "flat_out": True, **kw}))
 
@@ -1134,8 +1355,13 @@ def one_factor_programs() -> list[tuple[str, object]]:
     for gqa in ("enable_gqa", "repeat_interleave", "expand"):
         add(f"sdpa-gqa={gqa}", S(gqa=gqa, G=2))
         add(f"sdpa-gqa={gqa}-bshd-flat", S(gqa=gqa, G=4, layout="bshd", flat_out=True))
-    for name, kw in (("B=1", {"B": 1}), ("H=1", {"H": 1}), ("Sq=1", {"Sq": 1}), ("Sk=1", {"Sk": 1}),
-                     ("Dv!=D", {"Dv": 5})):
+    for name, kw in (
+        ("B=1", {"B": 1}),
+        ("H=1", {"H": 1}),
+        ("Sq=1", {"Sq": 1}),
+        ("Sk=1", {"Sk": 1}),
+        ("Dv!=D", {"Dv": 5}),
+    ):
         add(f"sdpa-size-{name}", S(**kw))
 
     for perturb in PERTURBATIONS:
@@ -1170,9 +1396,13 @@ def generated_programs() -> dict[str, list]:
     global check_attention, check_lookalike, note
     seen: dict[str, list] = {"attn": [], "sdpa": [], "look": [], "router": []}
     saved = check_attention, check_lookalike, note
-    runs = [(test_hand_written_attention_is_rewritten_and_equal, "attn", {"score": x}) for x in SCORES]
+    runs = [
+        (test_hand_written_attention_is_rewritten_and_equal, "attn", {"score": x}) for x in SCORES
+    ]
     runs += [(test_sdpa_is_rewritten_and_equal, "sdpa", {"what": x}) for x in SDPA_MASKS]
-    runs += [(test_lookalikes_are_left_alone_and_equal, "look", {"perturb": x}) for x in PERTURBATIONS]
+    runs += [
+        (test_lookalikes_are_left_alone_and_equal, "look", {"perturb": x}) for x in PERTURBATIONS
+    ]
     runs += [(test_router_softmax_is_left_alone_and_equal, "router", {})]
     try:
 
@@ -1193,10 +1423,22 @@ def _forms_reached(attn: list, sdpa: list, look: list) -> dict[str, set]:
         "layout": ({p.layout for p in attn}, {"bhsd", "bshd", "merged", "merged_bshd"}),
         "native einsum": ({p.native for p in attn}, {True, False}),
         "score": ({p.score for p in attn}, set(SCORES)),
-        "value": ({p.value for p in attn}, {"@", "torch.matmul", ".matmul", "torch.bmm", ".bmm", "einsum"}),
-        "k^T": ({p.kt for p in attn}, {"transpose(-2, -1)", "transpose(-1, -2)", "transpose(pos)", "mT", "permute"}),
-        "score einsum order": ({p.score_eq[1] for p in attn if p.score_eq}, {"qk", "kq", "[qk]", "[kq]"}),
-        "scale": ({p.scale for p in attn}, {"none", "mul", "rmul", "div", "div_sqrt", "mul_pow", "q_pre", "qk_pre", "alpha"}),
+        "value": (
+            {p.value for p in attn},
+            {"@", "torch.matmul", ".matmul", "torch.bmm", ".bmm", "einsum"},
+        ),
+        "k^T": (
+            {p.kt for p in attn},
+            {"transpose(-2, -1)", "transpose(-1, -2)", "transpose(pos)", "mT", "permute"},
+        ),
+        "score einsum order": (
+            {p.score_eq[1] for p in attn if p.score_eq},
+            {"qk", "kq", "[qk]", "[kq]"},
+        ),
+        "scale": (
+            {p.scale for p in attn},
+            {"none", "mul", "rmul", "div", "div_sqrt", "mul_pow", "q_pre", "qk_pre", "alpha"},
+        ),
         "op spelling": ({p.op_spelling for p in attn}, {"op", "method", "fn", "inplace"}),
         "mask": ({k for p in attn for k, _ in p.masks}, set(MASK_KINDS) | set(CAUSAL_MASKS)),
         "mask rank": ({len(sh) for p in attn for _, sh in p.masks}, {2, 3, 4}),
@@ -1204,12 +1446,25 @@ def _forms_reached(attn: list, sdpa: list, look: list) -> dict[str, set]:
         "softmax": ({p.softmax for p in attn}, set(SOFTMAXES)),
         "dropout": ({p.dropout for p in attn}, set(DROPOUTS)),
         "upcast": ({p.upcast for p in attn}, {None, "to", "type_as"}),
-        "gqa": ({p.gqa for p in attn + sdpa}, {None, "repeat_interleave", "torch.repeat_interleave", "expand", "unsqueeze_expand", "enable_gqa"}),
+        "gqa": (
+            {p.gqa for p in attn + sdpa},
+            {
+                None,
+                "repeat_interleave",
+                "torch.repeat_interleave",
+                "expand",
+                "unsqueeze_expand",
+                "enable_gqa",
+            },
+        ),
         "ratio": ({p.G for p in attn + sdpa}, {1, 2, 4}),
         "merge": ({p.merge for p in attn if p.merged}, {"reshape", "reshape-1", "flatten"}),
         "sdpa layout": ({p.layout for p in sdpa}, {"bhsd", "bshd", "3d"}),
         "sdpa call": ({p.call for p in sdpa}, {"keyword", "positional", "mixed"}),
-        "sdpa mask": ({p.mask[0] if p.mask else ("causal" if p.causal else "none") for p in sdpa}, set(SDPA_MASKS)),
+        "sdpa mask": (
+            {p.mask[0] if p.mask else ("causal" if p.causal else "none") for p in sdpa},
+            set(SDPA_MASKS),
+        ),
         "sdpa scale": ({repr(p.scale) for p in sdpa}, {"None", "0.125", "1", "'expr'"}),
         "perturbation": ({p.perturb for p in look}, set(PERTURBATIONS)),
     }
@@ -1237,7 +1492,9 @@ def test_hypothesis_budget():
     assert sum(len(v) for v in seen.values()) >= 500
     assert {p.score for p in seen["attn"]} == set(SCORES)
     assert {p.perturb for p in seen["look"]} == set(PERTURBATIONS)
-    assert {p.mask[0] if p.mask else ("causal" if p.causal else "none") for p in seen["sdpa"]} == set(SDPA_MASKS)
+    assert {
+        p.mask[0] if p.mask else ("causal" if p.causal else "none") for p in seen["sdpa"]
+    } == set(SDPA_MASKS)
 
 
 # --- matcher bugs found by the properties above: minimal repros, kept as regression tests ---------
@@ -1277,7 +1534,11 @@ def test_bug_value_operand_with_a_query_axis():
         return torch.einsum("bst,tse->bse", p, v)
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 3, 5, generator=g), torch.randn(2, 4, 5, generator=g), torch.randn(4, 3, 6, generator=g)
+    q, k, v = (
+        torch.randn(2, 3, 5, generator=g),
+        torch.randn(2, 4, 5, generator=g),
+        torch.randn(4, 3, 6, generator=g),
+    )
     torch._dynamo.reset()
     text, _, _, out = rewrite(program, q, k, v)
     assert "fv_compile.attention" not in text

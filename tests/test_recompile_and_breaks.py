@@ -97,7 +97,9 @@ def test_explain_and_compile_keep_working_past_the_recompile_limit():
         backend = ("TORCH_SDPA", "auto")[i // 2 % 2]
         cm = fv_compile.compile(model, backend, compiler="eager", regional=False)
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("error", message="fv_compile")  # no eager fallback warning either
+            warnings.filterwarnings(
+                "error", message="fv_compile"
+            )  # no eager fallback warning either
             torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)
         assert len(cm.explain().rewritten) == 4, f"compile #{i + 1}"
 
@@ -110,7 +112,9 @@ def test_regional_compiles_keep_working_and_every_block_shares_one_graph():
         cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=True)
         torch.testing.assert_close(run(cm, x), want, atol=1e-5, rtol=1e-5)
         backend = cm._fv_backend
-        assert (backend.graphs, backend.graph_runs, len(backend.sites)) == (1, [30], 2), f"compile #{i + 1}"
+        assert (backend.graphs, backend.graph_runs, len(backend.sites)) == (1, [30], 2), (
+            f"compile #{i + 1}"
+        )
 
 
 @pytest.mark.parametrize("isolated", [True, False], ids=["isolated", "torch-without-isolation"])
@@ -144,7 +148,9 @@ def test_many_live_compiles_of_a_graph_break_model_each_keep_their_graphs():
         for i, cm in enumerate(alive):
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the skipped forward, announced once per compile
-                warnings.filterwarnings("error", message="fv_compile: this call")  # but no eager call
+                warnings.filterwarnings(
+                    "error", message="fv_compile: this call"
+                )  # but no eager call
                 torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-5)
             assert cm._fv_backend.graphs == 1, f"compile #{i + 1}"
 
@@ -155,10 +161,16 @@ def test_without_isolation_live_compiles_past_the_limit_fall_back_loudly(monkeyp
     in silence."""
     monkeypatch.setattr(fv_compile.api, "_ISOLATE", False)
     model = LoopBreakNet().eval()
-    alive = [fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=False) for _ in range(LIMIT + 1)]
+    alive = [
+        fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=False)
+        for _ in range(LIMIT + 1)
+    ]
     for cm in alive[:LIMIT]:
         run(cm, x_in())
-    with torch.no_grad(), pytest.warns(UserWarning, match="(?s)ran no compiled graph.*recompile limit"):
+    with (
+        torch.no_grad(),
+        pytest.warns(UserWarning, match="(?s)ran no compiled graph.*recompile limit"),
+    ):
         alive[LIMIT](x_in())
 
 
@@ -191,7 +203,9 @@ def test_hitting_the_recompile_limit_warns_and_says_what_to_do():
                 warnings.filterwarnings("error", message="fv_compile")
                 cm(x_in(s))
         big = x_in(30)
-        with pytest.warns(UserWarning, match="(?s)ran no compiled graph.*recompile limit.*dynamic=True"):
+        with pytest.warns(
+            UserWarning, match="(?s)ran no compiled graph.*recompile limit.*dynamic=True"
+        ):
             out = cm(big)
         torch.testing.assert_close(out, model(big), atol=1e-5, rtol=1e-5)  # eagerly, but right
         with pytest.warns(UserWarning, match="hit Dynamo's recompile limit on an earlier call"):
@@ -201,10 +215,19 @@ def test_hitting_the_recompile_limit_warns_and_says_what_to_do():
 
 def test_a_frame_dynamo_skips_is_announced_with_its_reason():
     cm = fv_compile.compile(LoopBreakNet().eval(), "TORCH_SDPA", compiler="eager", regional=False)
-    with torch.no_grad(), pytest.warns(UserWarning, match="(?s)could not compile 1 frame.*forward.*graph break in loop"):
+    with (
+        torch.no_grad(),
+        pytest.warns(
+            UserWarning, match="(?s)could not compile 1 frame.*forward.*graph break in loop"
+        ),
+    ):
         cm(x_in())
     (frame,) = cm.explain().skipped_frames
-    assert frame.function == "forward" and "aten.nonzero" in frame.reason and "test_recompile" in frame.where
+    assert (
+        frame.function == "forward"
+        and "aten.nonzero" in frame.reason
+        and "test_recompile" in frame.where
+    )
 
 
 def test_a_call_that_runs_no_compiled_graph_warns():
@@ -254,11 +277,18 @@ class PerSampleAttention(torch.nn.Module):
     def forward(self, x, text, mask):
         b, s, c = x.shape
         h = torch.cat([x, text], 1)
-        q, k, v = self.qkv(h).view(b, h.shape[1], 3, self.heads, c // self.heads).transpose(1, 3).unbind(2)
+        q, k, v = (
+            self.qkv(h)
+            .view(b, h.shape[1], 3, self.heads, c // self.heads)
+            .transpose(1, 3)
+            .unbind(2)
+        )
         outs = []
         for i in range(b):
             keep = torch.cat([torch.arange(s), s + torch.nonzero(mask[i]).flatten()])
-            o = F.scaled_dot_product_attention(q[i : i + 1, :, keep], k[i : i + 1, :, keep], v[i : i + 1, :, keep])
+            o = F.scaled_dot_product_attention(
+                q[i : i + 1, :, keep], k[i : i + 1, :, keep], v[i : i + 1, :, keep]
+            )
             outs.append(o[:, :, :s])
         return torch.cat(outs).transpose(1, 2).reshape(b, s, c)
 
@@ -279,7 +309,9 @@ def test_explain_names_attention_that_ran_outside_every_graph():
     assert "2 attention call(s) outside any graph" in text_report
     assert "attention that ran outside every graph" in text_report
     data = json.loads(json.dumps(report.to_dict()))
-    assert data["uncaptured_calls"] == 2 and data["skipped_frames"] and data["summary"]["found"] == 0
+    assert (
+        data["uncaptured_calls"] == 2 and data["skipped_frames"] and data["summary"]["found"] == 0
+    )
 
 
 def tiny_mochi():
@@ -313,9 +345,15 @@ def test_explain_on_mochi_shows_the_attention_its_graph_breaks_hide():
     assert [s.module_path for s in report.sites] == ["pooler"]
     (missed,) = [u for u in report.uncaptured if u.uncaptured]
     assert "attention_processor.py" in missed.where and "__call__" in missed.where
-    assert (missed.op, missed.uncaptured) == ("scaled_dot_product_attention", 2)  # 2 layers x batch 1
+    assert (missed.op, missed.uncaptured) == (
+        "scaled_dot_product_attention",
+        2,
+    )  # 2 layers x batch 1
     skipped = {f.function: f for f in report.skipped_frames}
-    assert "aten.nonzero" in skipped["__call__"].reason and "graph break in loop" in skipped["__call__"].reason
+    assert (
+        "aten.nonzero" in skipped["__call__"].reason
+        and "graph break in loop" in skipped["__call__"].reason
+    )
     assert any("aten.nonzero" in b.reason for b in report.graph_breaks)
     text = str(report)
     assert "outside any graph" in text and "attention_processor.py" in text
@@ -328,4 +366,6 @@ def test_explain_reads_the_model_and_leaves_it_alone():
     fv_compile.explain(model, x_in())
     assert model.forward == forward and not hasattr(model, "_orig_mod")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert math.isclose(sum(p.numel() for p in model.parameters()), sum(v.numel() for v in before.values()))
+    assert math.isclose(
+        sum(p.numel() for p in model.parameters()), sum(v.numel() for v in before.values())
+    )

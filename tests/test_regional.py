@@ -57,7 +57,9 @@ def test_attention_in_the_glue_is_announced_once():
     model = Heads().eval()
     cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager", regional=True)  # only the heads
     x, t = inputs()
-    with pytest.warns(UserWarning, match="(?s)2 attention-like call.*outside its compiled blocks.*test_api.py"):
+    with pytest.warns(
+        UserWarning, match="(?s)2 attention-like call.*outside its compiled blocks.*test_api.py"
+    ):
         out = run(cm, x, t)
     torch.testing.assert_close(out, model(x, t), atol=1e-5, rtol=1e-5)
     with warnings.catch_warnings():
@@ -139,6 +141,10 @@ def test_explain_of_a_regional_model_lists_every_block(monkeypatch):
     assert cm.explain().sites == []  # nothing compiled before the first call
     run(cm, *inputs())
     report = cm.explain()
-    assert [s.module_path for s in report.sites] == [f"blocks.{i}" for i in range(3) for _ in range(2)]
+    assert [s.module_path for s in report.sites] == [
+        f"blocks.{i}" for i in range(3) for _ in range(2)
+    ]
     assert report.graphs == 1 and "6 attention site(s) in 1 graph(s)" in str(report)
-    assert [s.module_path for s in fv_compile.explain(model, *inputs()).sites] == [s.module_path for s in report.sites]
+    assert [s.module_path for s in fv_compile.explain(model, *inputs()).sites] == [
+        s.module_path for s in report.sites
+    ]

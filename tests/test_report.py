@@ -246,7 +246,9 @@ def test_every_fv_compile_variant_is_verified_site_by_site(run):
     fv = _variants(run)["fv_compile[auto]"]
     assert fv["verify"]["verified"] is True
     assert fv["verify"]["sites"] == 4 and fv["verify"]["failed"] == 0
-    assert fv["verify"]["worst_rel_l2"] < (1e-5 if run["json"]["config"]["dtype"] == "float32" else 3e-2)
+    assert fv["verify"]["worst_rel_l2"] < (
+        1e-5 if run["json"]["config"]["dtype"] == "float32" else 3e-2
+    )
     assert "4/4 ok" in (run["out"] / "report.md").read_text()
 
 
@@ -293,9 +295,10 @@ def test_the_report_says_fv_compile_ran_as_compiled_by_default(run):
     fv = _variants(run)["fv_compile[auto]"]
     assert fv["regional"] == "the repeated blocks in blocks"
     assert run["json"]["config"]["regional"] == "auto"
-    assert "as a user gets it by default (regional='auto'): it compiled the repeated blocks in blocks" in (
-        run["out"] / "report.md"
-    ).read_text()
+    assert (
+        "as a user gets it by default (regional='auto'): it compiled the repeated blocks in blocks"
+        in (run["out"] / "report.md").read_text()
+    )
 
 
 def test_regional_off_compiles_the_whole_model():
@@ -305,7 +308,10 @@ def test_regional_off_compiles_the_whole_model():
     model = build_model("wan-tiny")
     spec = VariantSpec(FV_COMPILE, "auto")
     assert _what_compiled(spec, _build(spec, model, "eager", False), model) == "the whole model"
-    assert _what_compiled(spec, _build(spec, model, "eager", "auto"), model) == "the repeated blocks in blocks"
+    assert (
+        _what_compiled(spec, _build(spec, model, "eager", "auto"), model)
+        == "the repeated blocks in blocks"
+    )
 
 
 def test_the_compile_column_separates_cold_from_warm(run):
@@ -313,7 +319,10 @@ def test_the_compile_column_separates_cold_from_warm(run):
     assert "| compile s (cold / warm) |" in markdown
     fv = _variants(run)["fv_compile[auto]"]
     assert fv["compile_s"] >= 0 and fv["cold_cache"] is None  # compiler="eager": no Inductor cache
-    assert fv["warm_compile_s"] is None and "compiler='eager' keeps no compile cache" in fv["warm_note"]
+    assert (
+        fv["warm_compile_s"] is None
+        and "compiler='eager' keeps no compile cache" in fv["warm_note"]
+    )
 
 
 def test_warm_compile_hits_the_caches_the_cold_compile_wrote(tmp_path):
@@ -322,7 +331,11 @@ def test_warm_compile_hits_the_caches_the_cold_compile_wrote(tmp_path):
     warm compile is served by what the cold one wrote (fv_compile's site ids included)."""
     import os
 
-    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "0",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path),
+    }
     probe = os.path.join(os.path.dirname(__file__), "_warm_probe.py")
     done = subprocess.run(
         [sys.executable, probe, "fv_compile"], env=env, capture_output=True, text=True, timeout=300
@@ -332,7 +345,9 @@ def test_warm_compile_hits_the_caches_the_cold_compile_wrote(tmp_path):
     assert fv["status"] == "ok", fv
     assert fv["cold_cache"].startswith("an empty Inductor cache directory")
     hits = fv["warm_cache_hits"]
-    assert (hits["fx_graph_hit"], hits["fx_graph_miss"], hits["aot_autograd_hit"]) == (1, 0, 1), hits
+    assert (hits["fx_graph_hit"], hits["fx_graph_miss"], hits["aot_autograd_hit"]) == (1, 0, 1), (
+        hits
+    )
     assert fv["warm_note"].startswith("FX graph cache 1 hit(s)")
     assert 0 <= fv["warm_compile_s"] < fv["compile_s"]
 
@@ -341,7 +356,13 @@ def test_the_cpu_report_says_why_fv_compile_trails_torch_compile_or_not(run):
     (paragraph,) = run["json"]["analysis"]
     fv, tc = _variants(run)["fv_compile[auto]"], _variants(run)["torch.compile"]
     ratio = tc["latency"]["median_ms"] / fv["latency"]["median_ms"]
-    verdict = "trails" if round(ratio, 2) < 1 else "is on par with" if round(ratio, 2) == 1 else "does not trail"
+    verdict = (
+        "trails"
+        if round(ratio, 2) < 1
+        else "is on par with"
+        if round(ratio, 2) == 1
+        else "does not trail"
+    )
     assert paragraph.startswith(f"**fv_compile[auto] {verdict} plain torch.compile: {ratio:.2f}x**")
     assert "fv_compile::attention op(s)" in paragraph and "aten::_scaled_dot_product" in paragraph
     assert paragraph in (run["out"] / "report.md").read_text()
@@ -357,7 +378,13 @@ def _gap_results(fv_ms, tc_ms, fv_eager_ms, overhead_ms):
     fv.regional = "the repeated blocks in blocks"
     kernels = {"aten::_scaled_dot_product_flash_attention_for_cpu": 4}
     fv.attention = AttentionShare(
-        20.0 + overhead_ms, fv_ms, 4, "cpu", kernel_ms=20.0, kernels=kernels, compiled_ms=fv_ms - fv_eager_ms
+        20.0 + overhead_ms,
+        fv_ms,
+        4,
+        "cpu",
+        kernel_ms=20.0,
+        kernels=kernels,
+        compiled_ms=fv_ms - fv_eager_ms,
     )
     return [tc, fv]
 
@@ -365,23 +392,37 @@ def _gap_results(fv_ms, tc_ms, fv_eager_ms, overhead_ms):
 def test_the_cpu_gap_names_the_eager_code_between_blocks_when_that_is_what_it_measured():
     from fv_compile.report.run import cpu_gap_analysis
 
-    (text,) = cpu_gap_analysis(_gap_results(fv_ms=100.0, tc_ms=89.0, fv_eager_ms=10.5, overhead_ms=0.4))
-    assert text.startswith("**fv_compile[auto] trails plain torch.compile: 0.89x** (+11.00 ms per step")
-    assert "The largest measured cause is the eager code outside compiled graphs (10.00 of the 11.00 ms" in text
+    (text,) = cpu_gap_analysis(
+        _gap_results(fv_ms=100.0, tc_ms=89.0, fv_eager_ms=10.5, overhead_ms=0.4)
+    )
+    assert text.startswith(
+        "**fv_compile[auto] trails plain torch.compile: 0.89x** (+11.00 ms per step"
+    )
+    assert (
+        "The largest measured cause is the eager code outside compiled graphs (10.00 of the 11.00 ms"
+        in text
+    )
     assert "--regional off" in text
 
 
 def test_the_cpu_gap_names_the_op_overhead_when_that_is_what_it_measured():
     from fv_compile.report.run import cpu_gap_analysis
 
-    (text,) = cpu_gap_analysis(_gap_results(fv_ms=100.0, tc_ms=89.0, fv_eager_ms=0.5, overhead_ms=9.0))
-    assert "The largest measured cause is the attention ops' overhead around their kernels (9.00 of" in text
+    (text,) = cpu_gap_analysis(
+        _gap_results(fv_ms=100.0, tc_ms=89.0, fv_eager_ms=0.5, overhead_ms=9.0)
+    )
+    assert (
+        "The largest measured cause is the attention ops' overhead around their kernels (9.00 of"
+        in text
+    )
     assert "2250 us per op" in text
 
 
 def test_the_cpu_gap_says_when_fv_compile_stops_trailing():
     from fv_compile.report.run import cpu_gap_analysis
 
-    (text,) = cpu_gap_analysis(_gap_results(fv_ms=80.0, tc_ms=89.0, fv_eager_ms=0.5, overhead_ms=0.4))
+    (text,) = cpu_gap_analysis(
+        _gap_results(fv_ms=80.0, tc_ms=89.0, fv_eager_ms=0.5, overhead_ms=0.4)
+    )
     assert text.startswith("**fv_compile[auto] does not trail plain torch.compile: 1.11x**")
     assert "largest measured cause" not in text

@@ -16,24 +16,35 @@ import fv_compile
 from fv_compile import FastVideoArgs, ForwardBatch
 from tests.test_sliding_tile import TILE, VideoDiT, definition_mask
 
-RESOLUTIONS = {"A": (5, 7, 9), "B": (4, 8, 8), "A'": (9, 7, 5)}  # A' has A's token count, not its grid
+RESOLUTIONS = {
+    "A": (5, 7, 9),
+    "B": (4, 8, 8),
+    "A'": (9, 7, 5),
+}  # A' has A's token count, not its grid
 STEPS = 2  # per resolution: step 0 dense (sta_dense_steps=1), step 1 sparse
 WINDOW = (2, 1, 2)
 SYMBOLIC = "symbolic shapes"
 
 
 def sta_args():
-    return FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=TILE, sta_window=WINDOW, sta_dense_steps=1)
+    return FastVideoArgs(
+        patch_size=(1, 1, 1), sta_tile_size=TILE, sta_window=WINDOW, sta_dense_steps=1
+    )
 
 
 def tokens(res, dim=32):
     grid = RESOLUTIONS[res]
-    return torch.randn(1, math.prod(grid), dim, generator=torch.Generator().manual_seed(len(res) + grid[1]))
+    return torch.randn(
+        1, math.prod(grid), dim, generator=torch.Generator().manual_seed(len(res) + grid[1])
+    )
 
 
 def call(cm, res, step, dim=32):
     grid = RESOLUTIONS[res]
-    with torch.no_grad(), fv_compile.forward_context(step, ForwardBatch(raw_latent_shape=(1, 4, *grid)), sta_args()):
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(step, ForwardBatch(raw_latent_shape=(1, 4, *grid)), sta_args()),
+    ):
         return cm(tokens(res, dim))
 
 
@@ -64,7 +75,11 @@ class Budget:
         cm._fv_backend.compile_graph = counting
 
     def visit(self, res, steps=STEPS, dim=32, check=None):
-        graphs, compiles, aot = self.cm._fv_backend.graphs, self.compiles, counters["aot_autograd"]["total"]
+        graphs, compiles, aot = (
+            self.cm._fv_backend.graphs,
+            self.compiles,
+            counters["aot_autograd"]["total"],
+        )
         for step in range(steps):
             out = call(self.cm, res, step, dim)
             if check is not None:
@@ -81,7 +96,9 @@ class Budget:
     "backend, keys",
     [("TORCH_SDPA", 1), ("SLIDING_TILE_ATTN", 2)],  # STA: a dense-step and a sparse-step variant
 )
-def test_a_new_resolution_costs_one_compile_per_static_metadata_key_and_a_return_costs_none(backend, keys, regional):
+def test_a_new_resolution_costs_one_compile_per_static_metadata_key_and_a_return_costs_none(
+    backend, keys, regional
+):
     counters.clear()
     model = VideoDiT().eval()
     cm = fv_compile.compile(model, backend, compiler="aot_eager", regional=regional)
@@ -105,7 +122,12 @@ def test_a_new_grid_of_the_same_token_count_costs_only_its_metadata_keys():
     def check(res, step, out):
         torch.testing.assert_close(out, reference(model, res, step, True), atol=1e-5, rtol=1e-5)
 
-    assert [budget.visit(res, check=check)[:2] for res in ("A", "A'", "A", "A'")] == [(1, 2), (0, 2), (0, 0), (0, 0)]
+    assert [budget.visit(res, check=check)[:2] for res in ("A", "A'", "A", "A'")] == [
+        (1, 2),
+        (0, 2),
+        (0, 0),
+        (0, 0),
+    ]
 
 
 def test_steps_of_one_resolution_cost_nothing_after_their_first():
@@ -131,7 +153,9 @@ def test_dynamic_true_compiles_one_graph_whose_attention_runs_as_the_model_wrote
     budget = Budget(cm)
 
     def check(res, step, out):  # every backend, STA too: the model's own (dense) attention
-        torch.testing.assert_close(out, reference(model, res, step, False, dim), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out, reference(model, res, step, False, dim), atol=1e-5, rtol=1e-5
+        )
 
     with pytest.warns(UserWarning, match=f"attention site\\(s\\) were traced with {SYMBOLIC}"):
         spent = [budget.visit(res, dim=dim, check=check)[:2] for res in ("A", "B", "A")]
@@ -141,7 +165,9 @@ def test_dynamic_true_compiles_one_graph_whose_attention_runs_as_the_model_wrote
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_automatic_dynamic_shapes_leave_every_resolution_after_the_first_new_one_as_written(backend):
+def test_automatic_dynamic_shapes_leave_every_resolution_after_the_first_new_one_as_written(
+    backend,
+):
     """dynamic=None (torch.compile's default, and what torch.compile(backend="fv_compile") gets):
     the first resolution is static and rewritten; Dynamo recompiles the second with symbolic
     sizes, whose sites stay as the model wrote them; and from then on the first resolution runs
@@ -153,10 +179,14 @@ def test_automatic_dynamic_shapes_leave_every_resolution_after_the_first_new_one
     sparse = backend == "SLIDING_TILE_ATTN"
 
     def rewritten(res, step, out):
-        torch.testing.assert_close(out, reference(model, res, step, sparse, dim), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out, reference(model, res, step, sparse, dim), atol=1e-5, rtol=1e-5
+        )
 
     def as_written(res, step, out):
-        torch.testing.assert_close(out, reference(model, res, step, False, dim), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out, reference(model, res, step, False, dim), atol=1e-5, rtol=1e-5
+        )
 
     steps = STEPS if sparse else 1  # (dense backends: one step is all a resolution costs)
     with warnings.catch_warnings():
@@ -165,7 +195,10 @@ def test_automatic_dynamic_shapes_leave_every_resolution_after_the_first_new_one
     with pytest.warns(UserWarning, match=SYMBOLIC):
         assert budget.visit("B", steps, dim, as_written)[:2] == (1, 1)
     assert budget.visit("A", steps, dim, as_written)[:2] == (0, 0)
-    assert cm._fv_backend.graph_runs == [steps, 2 * steps]  # A's static graph ran only the first time
+    assert cm._fv_backend.graph_runs == [
+        steps,
+        2 * steps,
+    ]  # A's static graph ran only the first time
     statuses = [s.status for s in cm.explain().sites]
     assert "rewritten" in statuses and "skipped" in statuses
 
@@ -189,8 +222,13 @@ def test_torch_compile_with_the_fv_compile_backend_rewrites_every_resolution_onl
     for res in ("A", "B", "A"):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.testing.assert_close(compiled(tokens(res)), reference(model, res, 0, False), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                compiled(tokens(res)), reference(model, res, 0, False), atol=1e-5, rtol=1e-5
+            )
     if dynamic is False:
         assert traced == [{"rewritten"}, {"rewritten"}]  # a static graph per resolution
     else:
-        assert traced == [{"rewritten"}, {"skipped"}]  # B's graph is symbolic: the model's attention
+        assert traced == [
+            {"rewritten"},
+            {"skipped"},
+        ]  # B's graph is symbolic: the model's attention

@@ -58,7 +58,9 @@ def _setup(checkout, **env):
 def test_setup_on_a_fresh_clone_installs_quietly(checkout):
     done, pip_calls, _ = _setup(checkout)
     assert done.returncode == 0, done.stderr
-    assert any("torch==" in c for c in pip_calls) and any("-e .[test,report]" in c for c in pip_calls)
+    assert any("torch==" in c for c in pip_calls) and any(
+        "-e .[test,report]" in c for c in pip_calls
+    )
     assert done.stdout == ""
     assert "WARNING" not in done.stderr and len(done.stderr.splitlines()) == 1  # one status line
     assert (checkout / ".venv" / ".setup-stamp").exists()

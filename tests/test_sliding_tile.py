@@ -39,7 +39,9 @@ def definition_mask(grid, tile, window) -> torch.Tensor:
         -1,
     )
     span = torch.tensor([min(w, n) for w, n in zip(window, n_tiles)])
-    inside = (tiles[None, :, :] >= start[:, None, :]) & (tiles[None, :, :] < (start + span)[:, None, :])
+    inside = (tiles[None, :, :] >= start[:, None, :]) & (
+        tiles[None, :, :] < (start + span)[:, None, :]
+    )
     return inside.all(-1)
 
 
@@ -100,7 +102,9 @@ class Block(torch.nn.Module):
     def forward(self, h, mask):
         b, s, c = h.shape
         q, k, v = self.qkv(h).view(b, s, 3, self.heads, c // self.heads).unbind(2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
         return o.transpose(1, 2).reshape(b, s, c)
 
 
@@ -185,7 +189,9 @@ def test_joint_text_attends_everything_and_is_attended(text_first):
     with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(1, 1, 2))):
         out = cm(x, text)
     sites = cm.explain().sites
-    assert {s.role for s in sites} == {"joint"} and {s.backend for s in sites} == {"SLIDING_TILE_ATTN"}
+    assert {s.role for s in sites} == {"joint"} and {s.backend for s in sites} == {
+        "SLIDING_TILE_ATTN"
+    }
     torch.testing.assert_close(out, model(x, text, masks=[full, full]), atol=1e-5, rtol=1e-5)
 
 
@@ -201,7 +207,9 @@ def test_dense_then_sparse_schedule_compiles_the_frame_once():
         for step in range(50):
             with fv_compile.forward_context(step, batch(), args):
                 out = cm(x)
-            torch.testing.assert_close(out, dense_ref if step < 10 else sparse_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                out, dense_ref if step < 10 else sparse_ref, atol=1e-5, rtol=1e-5
+            )
     assert counters["stats"]["unique_graphs"] == 1
     assert cm.variants_compiled == 2
 
@@ -230,15 +238,22 @@ def test_missing_windows_and_latent_shape_are_clear_errors():
 
 def test_sparse_kernel_choice_is_checked():
     builder = SlidingTileMetadataBuilder()
-    with pytest.raises(fv_compile.FvCompileError, match="sta_kernel='fast' is not one of auto, triton"):
+    with pytest.raises(
+        fv_compile.FvCompileError, match="sta_kernel='fast' is not one of auto, triton"
+    ):
         builder.build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="fast"))
-    assert builder.build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="triton")).kernel == "triton"
+    assert (
+        builder.build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="triton")).kernel
+        == "triton"
+    )
 
 
 @pytest.mark.skipif(fa4_block_sparse() is not None, reason="flash-attn-4 is installed here")
 def test_asking_for_flash_attn_without_it_says_how_to_install():
     with pytest.raises(fv_compile.FvCompileError, match="pip install flash-attn-4"):
-        SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="flash_attn"))
+        SlidingTileMetadataBuilder().build(
+            0, batch(), sta_args(sta_window=(1, 1, 1), sta_kernel="flash_attn")
+        )
 
 
 @pytest.mark.parametrize("text_first", [False, True])
@@ -248,24 +263,40 @@ def test_impl_without_a_site_takes_the_text_length_it_is_told(text_first):
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
     n, text = math.prod(GRID), 5
     impl = SlidingTileAttentionImpl(
-        num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=text, joint_text_first=text_first
+        num_heads=2,
+        head_size=64,
+        softmax_scale=0.125,
+        joint_text_len=text,
+        joint_text_first=text_first,
     )
     q, k, v = (torch.randn(1, n + text, 2, 64) for _ in range(3))
-    out = impl.postprocess_output(impl.forward(*(impl.preprocess_qkv(x, md) for x in (q, k, v)), md), md)
+    out = impl.postprocess_output(
+        impl.forward(*(impl.preprocess_qkv(x, md) for x in (q, k, v)), md), md
+    )
     mask = torch.ones(n + text, n + text, dtype=torch.bool)
     video = slice(text, None) if text_first else slice(0, n)
     mask[video, video] = definition_mask(GRID, TILE, (2, 1, 2))
-    ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=0.125)
+    ref = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=0.125
+    )
     torch.testing.assert_close(out, ref.transpose(1, 2), atol=2e-4, rtol=2e-4)
 
 
 def test_impl_without_a_site_never_guesses_text_from_surplus_tokens():
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
-    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="blocks.0.attn")
-    with pytest.raises(fv_compile.FvCompileError, match=r"320 tokens.*holds 315.*raw_latent_shape.*joint_text_len="):
+    impl = SlidingTileAttentionImpl(
+        num_heads=2, head_size=64, softmax_scale=0.125, prefix="blocks.0.attn"
+    )
+    with pytest.raises(
+        fv_compile.FvCompileError, match=r"320 tokens.*holds 315.*raw_latent_shape.*joint_text_len="
+    ):
         impl.preprocess_qkv(torch.randn(1, math.prod(GRID) + 5, 2, 64), md)
-    told = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=5)
-    with pytest.raises(fv_compile.FvCompileError, match="5 text tokens \\+ 315 video = 320 expected"):
+    told = SlidingTileAttentionImpl(
+        num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=5
+    )
+    with pytest.raises(
+        fv_compile.FvCompileError, match="5 text tokens \\+ 315 video = 320 expected"
+    ):
         told.preprocess_qkv(torch.randn(1, math.prod(GRID) + 7, 2, 64), md)
     with pytest.raises(fv_compile.FvCompileError, match="joint_text_len must be"):
         SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, joint_text_len=-1)
@@ -302,17 +333,24 @@ def test_stale_latent_shape_on_a_joint_site_is_an_error(text_first):
     with (
         torch.no_grad(),
         fv_compile.forward_context(0, _stale_batch(), sta_args(sta_window=(2, 1, 2))),
-        pytest.raises(fv_compile.FvCompileError, match=r"joint site has 320 tokens, 5 of them text.*holds 252"),
+        pytest.raises(
+            fv_compile.FvCompileError, match=r"joint site has 320 tokens, 5 of them text.*holds 252"
+        ),
     ):
         cm(x, text)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
-    not torch.cuda.is_available() or fa4_block_sparse() is None, reason="needs CUDA and flash-attn-4"
+    not torch.cuda.is_available() or fa4_block_sparse() is None,
+    reason="needs CUDA and flash-attn-4",
 )
 def test_flash_attn_and_triton_sparse_kernels_agree_through_the_pass():
-    grid, tile, window = (5, 12, 20), (2, 8, 8), (2, 1, 2)  # partial tiles on two axes, 7 text tokens
+    grid, tile, window = (
+        (5, 12, 20),
+        (2, 8, 8),
+        (2, 1, 2),
+    )  # partial tiles on two axes, 7 text tokens
     model = VideoDiT(dim=128, heads=2).cuda().to(torch.bfloat16).eval()
     x = torch.randn(1, math.prod(grid), 128, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 7, 128, device="cuda", dtype=torch.bfloat16)
@@ -327,7 +365,9 @@ def test_flash_attn_and_triton_sparse_kernels_agree_through_the_pass():
         ref_padded = model(x, text, masks=[mask.cuda() & key_padding] * 2)
         for kernel in ("triton", "flash_attn"):
             cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
-            args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=tile, sta_window=window, sta_kernel=kernel)
+            args = FastVideoArgs(
+                patch_size=(1, 1, 1), sta_tile_size=tile, sta_window=window, sta_kernel=kernel
+            )
             with fv_compile.forward_context(0, fb, args):
                 out = cm(x, text)
                 out_padded = cm(x, text, masks=[key_padding] * 2)
@@ -347,7 +387,9 @@ def test_joint_text_padding_mask_hides_padded_text_keys(dim):
     key_padding = keep[:, None, None, :]
     sta = torch.ones(n + t, n + t, dtype=torch.bool)
     sta[:n, :n] = definition_mask(GRID, TILE, (2, 1, 2))
-    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False, strict=True)
+    cm = fv_compile.compile(
+        model, "SLIDING_TILE_ATTN", compiler="eager", regional=False, strict=True
+    )
     with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
         out = cm(x, text, masks=[key_padding, key_padding])
     ref = model(x, text, masks=[sta & key_padding] * 2)
@@ -374,7 +416,9 @@ def test_masks_that_vary_over_queries_stay_dense():
 
 def test_a_site_shorter_than_the_video_grid_is_a_clear_error():
     md = SlidingTileMetadataBuilder().build(0, batch(), sta_args(sta_window=(2, 1, 2)))
-    impl = SlidingTileAttentionImpl(num_heads=2, head_size=64, softmax_scale=0.125, prefix="refiner.attn")
+    impl = SlidingTileAttentionImpl(
+        num_heads=2, head_size=64, softmax_scale=0.125, prefix="refiner.attn"
+    )
     with pytest.raises(ValueError, match=r"refiner\.attn: 16 tokens.*not video attention"):
         impl.preprocess_qkv(torch.randn(1, 16, 2, 64), md)
 
@@ -485,7 +529,9 @@ def test_gqa_sites_are_tiled_like_multi_head_ones():
 
     class Gqa(torch.nn.Module):
         def forward(self, q, k, v):
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+            return F.scaled_dot_product_attention(
+                q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+            )
 
     n = math.prod(GRID)
     q, k, v = torch.randn(1, 2, n, 16), torch.randn(1, 1, n, 16), torch.randn(1, 1, n, 16)
@@ -493,7 +539,9 @@ def test_gqa_sites_are_tiled_like_multi_head_ones():
     mask = definition_mask(GRID, TILE, (2, 1, 2))
     with torch.no_grad(), fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
         out = cm(q, k, v)
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
+    ref = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask
+    )
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     (site,) = cm.explain().sites
     assert (site.heads, site.kv_heads, site.backend) == (2, 1, "SLIDING_TILE_ATTN")

@@ -18,7 +18,8 @@ D = 8
 def qkv(*shape, dtype=torch.float32, requires_grad=False):
     g = torch.Generator().manual_seed(0)
     return [
-        torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)
+        torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(requires_grad)
+        for _ in range(3)
     ]
 
 
@@ -149,7 +150,9 @@ class BaddbmmBias(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "model,shape", [(RelativePositionBias(), (2, 4, 6, D)), (BaddbmmBias(), (8, 6, D))], ids=["table", "baddbmm"]
+    "model,shape",
+    [(RelativePositionBias(), (2, 4, 6, D)), (BaddbmmBias(), (8, 6, D))],
+    ids=["table", "baddbmm"],
 )
 def test_a_learned_additive_bias_gets_eagers_gradient(model, shape):
     args = qkv(*shape, requires_grad=True)
@@ -366,7 +369,9 @@ class RandomMask(torch.nn.Module):
 def _seed_whose_draw(how, keeps_all: bool) -> int:
     for seed in range(10_000):
         torch.manual_seed(seed)
-        keep = torch.rand(6, 6) > 0.02 if how == "rand" else torch.bernoulli(torch.full((6, 6), 0.98))
+        keep = (
+            torch.rand(6, 6) > 0.02 if how == "rand" else torch.bernoulli(torch.full((6, 6), 0.98))
+        )
         if bool(keep.bool().all()) == keeps_all and (keeps_all or bool(keep.bool().any(-1).all())):
             return seed
     raise AssertionError("no such seed")

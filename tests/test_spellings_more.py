@@ -83,7 +83,9 @@ def decomposed_relative_position(q, k, v, rel_h, rel_w):
     bh = torch.einsum("bythwc,hkc->bythwk", r_q, rel_h)
     bw = torch.einsum("bythwc,wkc->bythwk", r_q, rel_w)
     grid = s[:, :, 1:, 1:].view(B, H, T, HH, WW, T, HH, WW)
-    s[:, :, 1:, 1:] = (grid + bh[..., None, :, None] + bw[..., None, None, :]).view(B, H, L - 1, L - 1)
+    s[:, :, 1:, 1:] = (grid + bh[..., None, :, None] + bw[..., None, None, :]).view(
+        B, H, L - 1, L - 1
+    )
     return s.softmax(-1) @ v
 
 
@@ -121,7 +123,9 @@ class TestMoreSpellings(expecttest.TestCase):
 
     def test_causal_mask_with_key_padding(self):
         text = self.check(causal_and_key_padding, *qkv(), key_padding(), causal=True, mask="bool")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_keep_: "b8[2, 1, 1, 6]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -143,11 +147,14 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, masked_fill_1, permute_2, logical_not, SITE, 0, []);  permute = masked_fill_1 = permute_2 = logical_not = None
         permute_4: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_4,)
-""")
+""",
+        )
 
     def test_einsum_with_ellipsis(self):
         text = self.check(einsum_with_ellipsis, *qkv(), form="einsum")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 6, 8]", L_k_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_q_ = L_q_
@@ -160,13 +167,16 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_latent_queries_broadcast_over_the_batch(self):
         latents = torch.randn(3, H * D)
         _, k, v = qkv()
         text = self.check(latent_queries, latents, k, v, q_len=3, kv_len=S, batch=B)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_latents_: "f32[3, 32]", L_k_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_latents_ = L_latents_
@@ -182,12 +192,15 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 3, 4, 8]" = torch.ops.fv_compile.attention.default(expand, permute, permute_1, None, SITE, 0, []);  expand = permute = permute_1 = None
         permute_2: "f32[2, 4, 3, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_2,)
-""")
+""",
+        )
         self.check_gradients(latent_queries, latents, k, v)
 
     def test_keys_times_queries_normalised_over_dim_minus_2(self):
         text = self.check(keys_times_queries, *qkv())
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 6, 8]", L_k_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_q_ = L_q_
@@ -200,11 +213,14 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_in_place_masked_fill_on_the_scores(self):
         text = self.check(in_place_masked_fill, *qkv(), key_padding(), mask="bool")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_keep_: "b8[2, 1, 1, 6]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -226,11 +242,14 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, masked_fill, permute_2, logical_not, SITE, 0, []);  permute = masked_fill = permute_2 = logical_not = None
         permute_4: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_4,)
-""")
+""",
+        )
 
     def test_stability_shift_by_the_row_max(self):
         text = self.check(stability_shift, *qkv())
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 4, 6, 8]", L_q_: "f32[2, 4, 6, 8]", L_v_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -243,13 +262,16 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
         self.check_gradients(stability_shift, *qkv())
 
     def test_multi_query_by_expand_is_one_kv_head(self):
         q, k, v = qkv()
         text = self.check(multi_query_by_expand, q, k[:, :1], v[:, :1], kv_heads=1)
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[2, 1, 6, 8]", L_v_: "f32[2, 1, 6, 8]", L_q_: "f32[2, 4, 6, 8]"):
         l_k_ = L_k_
@@ -262,7 +284,8 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 6, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, None, SITE, 0, []);  permute = permute_1 = permute_2 = None
         permute_3: "f32[2, 4, 6, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
 
     def test_shifted_window_mask_on_a_view_of_the_scores(self):
         q, k, v = qkv(B * NW, H, N, D)
@@ -270,7 +293,9 @@ class GraphModule(torch.nn.Module):
         shift_mask = torch.zeros(NW, N, N)
         shift_mask[1, :, 3:] = -100.0
         text = self.check(shifted_windows, q, k, v, bias, shift_mask, mask="additive")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_k_: "f32[6, 4, 5, 8]", L_q_: "f32[6, 4, 5, 8]", L_bias_: "f32[1, 4, 5, 5]", L_shift_mask_: "f32[3, 5, 5]", L_v_: "f32[6, 4, 5, 8]"):
         l_k_ = L_k_
@@ -291,14 +316,17 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[6, 5, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, add, SITE, 0, []);  permute = permute_1 = permute_2 = add = None
         permute_3: "f32[6, 4, 5, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
         self.check_gradients(shifted_windows, q, k, v, bias, shift_mask)
 
     def test_decomposed_relative_position_added_in_place_to_a_slice(self):
         q, k, v = qkv(B, H, L, D)
         rel_h, rel_w = torch.randn(HH, HH, D), torch.randn(WW, WW, D)
         text = self.check(decomposed_relative_position, q, k, v, rel_h, rel_w, mask="additive")
-        self.assertExpectedInline(text, """\
+        self.assertExpectedInline(
+            text,
+            """\
 class GraphModule(torch.nn.Module):
     def forward(self, L_q_: "f32[2, 4, 9, 8]", L_k_: "f32[2, 4, 9, 8]", L_rel_h_: "f32[2, 2, 8]", L_rel_w_: "f32[2, 2, 8]", L_v_: "f32[2, 4, 9, 8]"):
         l_q_ = L_q_
@@ -330,5 +358,6 @@ class GraphModule(torch.nn.Module):
         attention_default: "f32[2, 9, 4, 8]" = torch.ops.fv_compile.attention.default(permute, permute_1, permute_2, slice_scatter_1, SITE, 0, []);  permute = permute_1 = permute_2 = slice_scatter_1 = None
         permute_3: "f32[2, 4, 9, 8]" = attention_default.permute(0, 2, 1, 3);  attention_default = None
         return (permute_3,)
-""")
+""",
+        )
         self.check_gradients(decomposed_relative_position, q, k, v, rel_h, rel_w)

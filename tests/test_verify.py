@@ -57,7 +57,10 @@ def test_verify_reports_a_backend_that_gets_the_numbers_wrong():
     args, kwargs = example_inputs(model)
     report = fv_compile.verify(model, *args, attention_backend="SHIFTED_FOR_VERIFY_TEST", **kwargs)
     assert not report.verified
-    assert all(not s.check.ok and s.check.output.max_abs == pytest.approx(1e-2, rel=1e-3) for s in report.sites)
+    assert all(
+        not s.check.ok and s.check.output.max_abs == pytest.approx(1e-2, rel=1e-3)
+        for s in report.sites
+    )
     assert "FAIL" in str(report)
 
 
@@ -74,7 +77,9 @@ class LearnedBias(torch.nn.Module):
 
 def test_verify_backward_checks_the_gradient_of_every_input_that_requires_one():
     x, k, v = (torch.randn(2, 4, 6, D, requires_grad=True) for _ in range(3))
-    report = fv_compile.verify(LearnedBias(), x, k, v, attention_backend="TORCH_SDPA", backward=True)
+    report = fv_compile.verify(
+        LearnedBias(), x, k, v, attention_backend="TORCH_SDPA", backward=True
+    )
     (site,) = report.sites
     grads = {g.what for g in site.check.gradients}
     assert len(grads) == 4 and any("bias" in g for g in grads)  # q, k, v and the learned bias

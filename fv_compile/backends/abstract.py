@@ -121,7 +121,9 @@ class AttentionBackend(ABC):
     `None` means "no limit"."""
 
     # -- capabilities: read by `capabilities()` and nowhere else ---------------------------------
-    roles: ClassVar[Collection[str] | None] = None  # site roles it serves ("self", "cross", "joint")
+    roles: ClassVar[Collection[str] | None] = (
+        None  # site roles it serves ("self", "cross", "joint")
+    )
     # head dims it runs; None: FastVideo's `get_supported_head_sizes()` if defined, else any
     head_sizes: ClassVar[Collection[int] | None] = None
     dtypes: ClassVar[Collection[str] | None] = None  # e.g. ("bfloat16", "float16")
@@ -194,11 +196,15 @@ class Capabilities:
         """Every declared limit `site` breaks, phrased for `explain`."""
         out = []
         if self.roles is not None and site.role not in self.roles:
-            out.append(f"{site.role}-attention ({self.name} serves {'/'.join(self.roles)} attention)")
+            out.append(
+                f"{site.role}-attention ({self.name} serves {'/'.join(self.roles)} attention)"
+            )
         if self.head_sizes is not None and site.head_dim not in self.head_sizes:
             out.append(f"head dim {site.head_dim} (supported: {describe_sizes(self.head_sizes)})")
         if not self.value_head_dim_differs and site.value_head_dim != site.head_dim:
-            out.append(f"value head dim {site.value_head_dim} differs from qk head dim {site.head_dim}")
+            out.append(
+                f"value head dim {site.value_head_dim} differs from qk head dim {site.head_dim}"
+            )
         if self.dtypes is not None and site.dtype not in self.dtypes:
             out.append(f"dtype {site.dtype} (supported: {', '.join(sorted(self.dtypes))})")
         device = site.device.split(":")[0]
@@ -213,8 +219,12 @@ class Capabilities:
         if why is not None:
             out.append(why)
         elif site.causal and site.mask is not None and not self.mask_with_causal:
-            out.append(f"causal attention with an attention mask ({self.name} takes masks without causal)")
-        if self.needs_head_groups and (site.heads is None or site.kv_heads is None or site.heads % site.kv_heads):
+            out.append(
+                f"causal attention with an attention mask ({self.name} takes masks without causal)"
+            )
+        if self.needs_head_groups and (
+            site.heads is None or site.kv_heads is None or site.heads % site.kv_heads
+        ):
             out.append("heads not divisible by kv heads")
         return out
 
@@ -228,9 +238,14 @@ class Capabilities:
             return None
         if not self.mask_kinds:
             return f"{site.mask} attention mask"
-        order = sorted(self.mask_kinds, key=lambda k: (_MASK_ORDER.index(k) if k in _MASK_ORDER else 9, k))
+        order = sorted(
+            self.mask_kinds, key=lambda k: (_MASK_ORDER.index(k) if k in _MASK_ORDER else 9, k)
+        )
         takes = [_MASK_WORDS.get(k, k) for k in order]
-        if kind in (MASK_ADDITIVE, MASK_ADDITIVE_KEY_PADDING):  # say the other masks it takes are boolean
+        if kind in (
+            MASK_ADDITIVE,
+            MASK_ADDITIVE_KEY_PADDING,
+        ):  # say the other masks it takes are boolean
             takes = [t if t.startswith(("boolean", "additive")) else f"boolean {t}" for t in takes]
         what = {
             MASK_BOOL: "boolean mask over queries or heads",
@@ -275,7 +290,11 @@ def capabilities(backend_cls: type) -> Capabilities:
     return Capabilities(
         name=name,
         roles=None if roles is None else tuple(roles),
-        head_sizes=None if head_sizes is None else head_sizes if isinstance(head_sizes, range) else tuple(head_sizes),
+        head_sizes=None
+        if head_sizes is None
+        else head_sizes
+        if isinstance(head_sizes, range)
+        else tuple(head_sizes),
         dtypes=None if dtypes is None else frozenset(dtypes),
         devices=None if devices is None else frozenset(devices),
         mask_kinds=frozenset(declared("mask_kinds")),

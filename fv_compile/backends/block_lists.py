@@ -36,13 +36,13 @@ def with_text_blocks(idx, cnt, valid, text: int, volume: int, text_attends_all: 
     return torch.cat([video_rows, text_rows], 1), counts, torch.cat([valid, text_valid])
 
 
-def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):
+def block_sparse_attention(
+    q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None
+):
     """Attention over tile-major tensors visiting only the listed key blocks (and, with
     `key_mask` `[B|1, L]`, only the keys it keeps)."""
     kernel_ok = (
-        (q.is_cuda or interpreting())
-        and q.shape[-1] in TRITON_HEAD_DIMS
-        and block_size % 16 == 0
+        (q.is_cuda or interpreting()) and q.shape[-1] in TRITON_HEAD_DIMS and block_size % 16 == 0
     )
     if kernel_ok:
         from fv_compile.backends.kernels.block_sparse_fwd import (
@@ -50,10 +50,19 @@ def block_sparse_attention(q, k, v, kv_indices, kv_counts, block_valid, block_si
         )
 
         return block_sparse_attention_fwd(
-            q, k, v, kv_indices, kv_counts, block_valid, block_size=block_size, softmax_scale=scale,
+            q,
+            k,
+            v,
+            kv_indices,
+            kv_counts,
+            block_valid,
+            block_size=block_size,
+            softmax_scale=scale,
             key_mask=key_mask,
         )
-    return block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask)
+    return block_sparse_reference(
+        q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask
+    )
 
 
 def block_mask(kv_indices, kv_counts, block_valid, block_size: int) -> torch.Tensor:
@@ -72,7 +81,9 @@ def block_mask(kv_indices, kv_counts, block_valid, block_size: int) -> torch.Ten
     return mask & key_ok
 
 
-def block_sparse_reference(q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None):
+def block_sparse_reference(
+    q, k, v, kv_indices, kv_counts, block_valid, block_size, scale, key_mask=None
+):
     """Dense SDPA with the block lists' mask; rows without a key (padding) give 0."""
     mask = block_mask(kv_indices, kv_counts, block_valid, block_size)[None]
     if key_mask is not None:

@@ -48,7 +48,11 @@ def flash_kernel() -> tuple[str, Callable[..., Any]] | None:
     """`(label, flash_attn_func)` of the fastest flash-attn installed, or None."""
     for label, module, name in _CANDIDATES:
         try:
-            loaded = import_flash_attn_cute() if module == "flash_attn.cute" else importlib.import_module(module)
+            loaded = (
+                import_flash_attn_cute()
+                if module == "flash_attn.cute"
+                else importlib.import_module(module)
+            )
             fn = getattr(loaded, name)
         except Exception:
             continue
@@ -90,14 +94,18 @@ class FlashAttentionImpl(DenseImpl):
     def _key_padded(self, query, key, value, mask):
         varlen = flash_varlen_kernel()
         if varlen is None:
-            raise ValueError(f"FLASH_ATTN on {self.kernel_name} takes no attention mask (flash-attn-4 does)")
+            raise ValueError(
+                f"FLASH_ATTN on {self.kernel_name} takes no attention mask (flash-attn-4 does)"
+            )
         if self.causal:
             raise ValueError("FLASH_ATTN takes a key padding mask without causal only")
 
         def run(q, k, v, counts):
             # a batch element keeping no key: FA4 gets one (its rows are the op's to fix, or
             # `key_padded_attention`'s), so no kernel ever runs on an empty key range
-            out = varlen(q, k, v, seqused_k=counts.clamp(min=1), softmax_scale=self.scale, causal=False)
+            out = varlen(
+                q, k, v, seqused_k=counts.clamp(min=1), softmax_scale=self.scale, causal=False
+            )
             return out[0] if isinstance(out, tuple) else out
 
         return key_padded_attention(query, key, value, mask, self.padding, run)

@@ -59,7 +59,9 @@ class SlidingTileMetadata(AttentionMetadata):
     tile: Grid = (6, 8, 8)
     dense: bool = False  # this step runs full attention
     text_attends_all: bool = True
-    kernel: str = "auto"  # "auto" (flash-attn-4 when it can run, else Triton), "triton", "flash_attn"
+    kernel: str = (
+        "auto"  # "auto" (flash-attn-4 when it can run, else Triton), "triton", "flash_attn"
+    )
     tile_index: torch.Tensor | None = None  # long [n_tiles * volume]
     untile_index: torch.Tensor | None = None  # long [T*H*W]
     block_valid: torch.Tensor | None = None  # int32 [n_tiles]
@@ -85,9 +87,13 @@ def sparse_kernel_choice(args: Any) -> str:
 
 class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
     def build(self, current_timestep, forward_batch, fastvideo_args) -> SlidingTileMetadata:
-        grid = token_grid(getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args))
+        grid = token_grid(
+            getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args)
+        )
         # the user's (t, h, w); a tile of another length fails where it is unpacked
-        tile = cast(Grid, tuple(int(x) for x in getattr(fastvideo_args, "sta_tile_size", (6, 8, 8))))
+        tile = cast(
+            Grid, tuple(int(x) for x in getattr(fastvideo_args, "sta_tile_size", (6, 8, 8)))
+        )
         n_tiles = tiles_per_axis(grid, tile)
         text_all = bool(getattr(fastvideo_args, "sta_text_attends_all", True))
         kernel = sparse_kernel_choice(fastvideo_args)
@@ -144,7 +150,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         **extra_impl_args: Any,
     ) -> None:
         if causal:
-            raise FvCompileError("SLIDING_TILE_ATTN is non-causal: run causal attention on a dense backend")
+            raise FvCompileError(
+                "SLIDING_TILE_ATTN is non-causal: run causal attention on a dense backend"
+            )
         self.scale = softmax_scale
         self.prefix = prefix
         # the layer whose windows this site uses: the lowering numbers the model's blocks, list
@@ -157,8 +165,12 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             self.text_first = bool(joint and site.joint_text_first)
             self.role: str | None = site.role
         else:
-            if joint_text_len is not None and (isinstance(joint_text_len, bool) or int(joint_text_len) < 0):
-                raise FvCompileError(f"joint_text_len must be a token count >= 0, got {joint_text_len!r}")
+            if joint_text_len is not None and (
+                isinstance(joint_text_len, bool) or int(joint_text_len) < 0
+            ):
+                raise FvCompileError(
+                    f"joint_text_len must be a token count >= 0, got {joint_text_len!r}"
+                )
             self.q_len = None
             self.text_len = int(joint_text_len or 0)
             self.text_first = bool(joint_text_first)
@@ -172,7 +184,13 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         """The text tokens of this site, after checking that its length is the video grid plus
         them (a site whose length does not add up is an error, never a guess)."""
         n = math.prod(md.grid)
-        total = self.q_len if self.q_len is not None else length if length is not None else self._seen_len
+        total = (
+            self.q_len
+            if self.q_len is not None
+            else length
+            if length is not None
+            else self._seen_len
+        )
         if total is not None and total != n + self.text_len:
             raise FvCompileError(self._length_error(md, total, n))
         return self.text_len
@@ -226,7 +244,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         self._seen_len = qkv.shape[1]
         return qkv.index_select(1, self._token_order(md, qkv.shape[1])[0])
 
-    def postprocess_output(self, output: torch.Tensor, attn_metadata: SlidingTileMetadata) -> torch.Tensor:
+    def postprocess_output(
+        self, output: torch.Tensor, attn_metadata: SlidingTileMetadata
+    ) -> torch.Tensor:
         md = attn_metadata
         if md.dense:
             return output
@@ -237,7 +257,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         then text padded to whole tiles), every site row's slot, and which slots hold a token."""
         text = self._text_len(md, length)
         tile_index = _sparse_layout(md.tile_index)
-        return _cached("order", tile_index, (text, self.text_first), lambda: self._build_order(md, text))
+        return _cached(
+            "order", tile_index, (text, self.text_first), lambda: self._build_order(md, text)
+        )
 
     def _build_order(self, md: SlidingTileMetadata, text: int):
         tile_index, untile_index = _sparse_layout(md.tile_index), _sparse_layout(md.untile_index)
@@ -249,11 +271,13 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         gather = torch.cat([video, torch.arange(text, device=dev) + text_at, pad])
         words = torch.arange(slots, slots + text, device=dev)
         parts = [words, untile_index] if self.text_first else [untile_index, words]
-        is_token = torch.cat([
-            tile_index < n,
-            torch.ones(text, dtype=torch.bool, device=dev),
-            torch.zeros(pad.shape[0], dtype=torch.bool, device=dev),
-        ])
+        is_token = torch.cat(
+            [
+                tile_index < n,
+                torch.ones(text, dtype=torch.bool, device=dev),
+                torch.zeros(pad.shape[0], dtype=torch.bool, device=dev),
+            ]
+        )
         return gather, torch.cat(parts), is_token
 
     # -- attention ---------------------------------------------------------------------------
@@ -283,7 +307,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         if use_fa4:
             fa4_lists = fa4_block_lists(index, counts, valid, volume, True, key_mask)
             return fa4_block_sparse_attention(query, key, value, fa4_lists, self.scale)
-        return block_sparse_attention(query, key, value, index, counts, valid, volume, self.scale, key_mask)
+        return block_sparse_attention(
+            query, key, value, index, counts, valid, volume, self.scale, key_mask
+        )
 
     def _key_mask(self, md: SlidingTileMetadata) -> torch.Tensor | None:
         """The site's key padding mask (`[B|1, 1, 1, S]`, True = attend) in tile-major slot order,
@@ -307,7 +333,10 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         kv_indices = _sparse_layout(md.kv_indices)
         layer = min(self.layer if running is None else running, kv_indices.shape[0] - 1)
         return _cached(
-            f"lists:{layer}", kv_indices, (text, fa4, md.text_attends_all), lambda: self._build_lists(md, volume, text, fa4, layer)
+            f"lists:{layer}",
+            kv_indices,
+            (text, fa4, md.text_attends_all),
+            lambda: self._build_lists(md, volume, text, fa4, layer),
         )
 
     def _build_lists(self, md: SlidingTileMetadata, volume: int, text: int, fa4: bool, layer: int):

@@ -56,7 +56,9 @@ def _parse_strategy(path: str, mtime_ns: int, size: int) -> dict[tuple[int, int,
     return out
 
 
-def step_windows(step: int, forward_batch: Any, args: Any, n_tiles: Grid) -> list[list[Grid]] | None:
+def step_windows(
+    step: int, forward_batch: Any, args: Any, n_tiles: Grid
+) -> list[list[Grid]] | None:
     """Windows `[layer][head]` (in tiles) for this step, or None for a full-attention step."""
     if step < int(getattr(args, "sta_dense_steps", 0) or 0):
         return None

@@ -82,9 +82,7 @@ def window_tiles(n_tiles: Grid, window: Grid) -> torch.Tensor:
     return torch.stack(rows).to(torch.int32)
 
 
-def window_lists(
-    n_tiles: Grid, windows: list[list[Grid]]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def window_lists(n_tiles: Grid, windows: list[list[Grid]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Key-tile lists for `windows[layer][head]`: `(kv_indices [L, H, Q, K], kv_counts [L, H, Q])`,
     lists padded to the longest with tile 0 (never read past the count)."""
     per = [[window_tiles(n_tiles, tuple(w)) for w in layer] for layer in windows]

@@ -48,7 +48,9 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def timestep_sinusoid(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_sinusoid(
+    timestep: torch.Tensor, dim: int, max_period: float = 10000.0
+) -> torch.Tensor:
     """Cos-first sinusoidal features of a ``[B]`` timestep, always float32.
 
     Computed in float32 whatever the model dtype: timesteps go up to 1000 and bf16
@@ -101,7 +103,9 @@ def unpatchify(tokens: torch.Tensor, grid: Grid, patch_size: Grid, channels: int
     return x.reshape(tokens.shape[0], channels, t * pt, h * ph, w * pw)
 
 
-def rope_3d(grid: Grid, axes: Grid, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_3d(
+    grid: Grid, axes: Grid, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 cos/sin tables ``[T*H*W, sum(axes)]`` for 3D rotary embeddings.
 
     The head dimension is split into a temporal, a height and a width band;
@@ -111,7 +115,9 @@ def rope_3d(grid: Grid, axes: Grid, theta: float, device: torch.device) -> tuple
     t, h, w = grid
     bands = []
     for size, dim in zip(grid, axes):
-        inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+        inv_freq = 1.0 / theta ** (
+            torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+        )
         positions = torch.arange(size, dtype=torch.float32, device=device)
         bands.append(torch.outer(positions, inv_freq))
     angles = torch.cat(

@@ -90,8 +90,15 @@ class ExpertAdaNorm(nn.Module):
     def forward(
         self, video: torch.Tensor, text: torch.Tensor, cond: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(cond))[:, None, :].chunk(6, dim=-1)
-        return modulate(self.norm(video), shift, scale), modulate(self.norm(text), t_shift, t_scale), gate, t_gate
+        shift, scale, gate, t_shift, t_scale, t_gate = self.linear(F.silu(cond))[:, None, :].chunk(
+            6, dim=-1
+        )
+        return (
+            modulate(self.norm(video), shift, scale),
+            modulate(self.norm(text), t_shift, t_scale),
+            gate,
+            t_gate,
+        )
 
 
 class CogVideoXBlock(nn.Module):
@@ -104,7 +111,12 @@ class CogVideoXBlock(nn.Module):
         self.ff = FeedForward(dim, cfg.ffn_dim)
 
     def forward(
-        self, video: torch.Tensor, text: torch.Tensor, cond: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        video: torch.Tensor,
+        text: torch.Tensor,
+        cond: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         norm_video, norm_text, gate, t_gate = self.norm1(video, text, cond)
         attn_video, attn_text = self.attn(norm_video, norm_text, cos, sin)
@@ -140,7 +152,9 @@ class CogVideoXModel(nn.Module):
     ) -> torch.Tensor:
         cfg = self.config
         video, grid = self.patch_embed(latent)
-        cos, sin = rope_3d(grid, cfg.rope_axes, cfg.rope_theta, latent.device)  # [S, D] matches [B, H, S, D]
+        cos, sin = rope_3d(
+            grid, cfg.rope_axes, cfg.rope_theta, latent.device
+        )  # [S, D] matches [B, H, S, D]
 
         if text_mask is not None:
             text_states = text_states * text_mask[..., None].to(text_states.dtype)

@@ -36,7 +36,9 @@ class VideoDiTConfig:
 
     def __post_init__(self) -> None:
         if sum(self.rope_axes) != self.head_dim or any(d % 2 for d in self.rope_axes):
-            raise FvCompileError(f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.head_dim}")
+            raise FvCompileError(
+                f"rope_axes {self.rope_axes} must be even and sum to head_dim {self.head_dim}"
+            )
 
     @property
     def hidden_dim(self) -> int:
@@ -45,5 +47,11 @@ class VideoDiTConfig:
     def token_grid(self, grid: tuple[int, ...]) -> Grid:
         """Token grid after patching; rejects latent grids the patch does not tile."""
         if len(grid) != 3 or any(n % p or n <= 0 for n, p in zip(grid, self.patch_size)):
-            raise FvCompileError(f"latent grid {tuple(grid)} is not a positive multiple of patch {self.patch_size}")
-        return (grid[0] // self.patch_size[0], grid[1] // self.patch_size[1], grid[2] // self.patch_size[2])
+            raise FvCompileError(
+                f"latent grid {tuple(grid)} is not a positive multiple of patch {self.patch_size}"
+            )
+        return (
+            grid[0] // self.patch_size[0],
+            grid[1] // self.patch_size[1],
+            grid[2] // self.patch_size[2],
+        )

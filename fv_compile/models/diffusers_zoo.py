@@ -54,7 +54,9 @@ def _cogvideox_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Gene
 
     cfg: Any = model.config  # diffusers' FrozenDict: its keys read as attributes
     frames, height, width = spec.grid
-    latent = torch.randn(batch, frames, cfg.in_channels, height, width, generator=gen)  # frames first
+    latent = torch.randn(
+        batch, frames, cfg.in_channels, height, width, generator=gen
+    )  # frames first
     text = torch.randn(batch, spec.text_len, cfg.text_embed_dim, generator=gen)
     timestep = torch.randint(0, 1000, (batch,), generator=gen)
     kwargs: dict[str, Any] = {"return_dict": False}
@@ -92,34 +94,63 @@ _SPECS: dict[str, dict[str, _Spec]] = {
     "WanTransformer3DModel": {
         "tiny": _Spec(
             {
-                "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
-                "out_channels": 4, "text_dim": 32, "freq_dim": 32, "ffn_dim": 64,
+                "num_layers": 2,
+                "num_attention_heads": 2,
+                "attention_head_dim": 16,
+                "in_channels": 4,
+                "out_channels": 4,
+                "text_dim": 32,
+                "freq_dim": 32,
+                "ffn_dim": 64,
             },
-            _TINY_GRID, _TINY_TEXT_LEN,
+            _TINY_GRID,
+            _TINY_TEXT_LEN,
         ),
         "wan2.1-1.3b": _same_as_preset(
-            "wan2.1-1.3b", {"num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960}
+            "wan2.1-1.3b",
+            {
+                "num_layers": 30,
+                "num_attention_heads": 12,
+                "attention_head_dim": 128,
+                "ffn_dim": 8960,
+            },
         ),
         "wan2.1-14b": _same_as_preset(
-            "wan2.1-14b", {"num_layers": 40, "num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824}
+            "wan2.1-14b",
+            {
+                "num_layers": 40,
+                "num_attention_heads": 40,
+                "attention_head_dim": 128,
+                "ffn_dim": 13824,
+            },
         ),
     },
     "CogVideoXTransformer3DModel": {
         "tiny": _Spec(
             {
-                "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
-                "out_channels": 4, "time_embed_dim": 32, "text_embed_dim": 32,
+                "num_layers": 2,
+                "num_attention_heads": 2,
+                "attention_head_dim": 16,
+                "in_channels": 4,
+                "out_channels": 4,
+                "time_embed_dim": 32,
+                "text_embed_dim": 32,
                 # sample_* only size CogVideoX's learned/sincos position tables; pixel frames here.
-                "sample_frames": (_TINY_GRID[0] - 1) * 4 + 1, "sample_height": _TINY_GRID[1],
-                "sample_width": _TINY_GRID[2], "max_text_seq_length": _TINY_TEXT_LEN,
+                "sample_frames": (_TINY_GRID[0] - 1) * 4 + 1,
+                "sample_height": _TINY_GRID[1],
+                "sample_width": _TINY_GRID[2],
+                "max_text_seq_length": _TINY_TEXT_LEN,
                 "use_rotary_positional_embeddings": True,
             },
-            _TINY_GRID, _TINY_TEXT_LEN,
+            _TINY_GRID,
+            _TINY_TEXT_LEN,
         ),
         "cogvideox-5b": _same_as_preset(
             "cogvideox-5b",
             {
-                "num_layers": 42, "num_attention_heads": 48, "attention_head_dim": 64,
+                "num_layers": 42,
+                "num_attention_heads": 48,
+                "attention_head_dim": 64,
                 "use_rotary_positional_embeddings": True,
             },
         ),
@@ -127,11 +158,19 @@ _SPECS: dict[str, dict[str, _Spec]] = {
     "HunyuanVideoTransformer3DModel": {
         "tiny": _Spec(
             {
-                "num_layers": 2, "num_single_layers": 2, "num_refiner_layers": 1, "num_attention_heads": 2,
-                "attention_head_dim": 16, "rope_axes_dim": (4, 6, 6), "in_channels": 4, "out_channels": 4,
-                "text_embed_dim": 32, "pooled_projection_dim": 16,
+                "num_layers": 2,
+                "num_single_layers": 2,
+                "num_refiner_layers": 1,
+                "num_attention_heads": 2,
+                "attention_head_dim": 16,
+                "rope_axes_dim": (4, 6, 6),
+                "in_channels": 4,
+                "out_channels": 4,
+                "text_embed_dim": 32,
+                "pooled_projection_dim": 16,
             },
-            _TINY_GRID, _TINY_TEXT_LEN,
+            _TINY_GRID,
+            _TINY_TEXT_LEN,
         ),
         "hunyuanvideo": _same_as_preset("hunyuanvideo", {}),
     },
@@ -139,10 +178,16 @@ _SPECS: dict[str, dict[str, _Spec]] = {
         # cross_attention_dim is the inner width (heads x head_dim), as in LTX-Video's own config
         "tiny": _Spec(
             {
-                "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 8,
-                "out_channels": 8, "cross_attention_dim": 32, "caption_channels": 32,
+                "num_layers": 2,
+                "num_attention_heads": 2,
+                "attention_head_dim": 16,
+                "in_channels": 8,
+                "out_channels": 8,
+                "cross_attention_dim": 32,
+                "caption_channels": 32,
             },
-            (2, 8, 8), _TINY_TEXT_LEN,
+            (2, 8, 8),
+            _TINY_TEXT_LEN,
         ),
         # LTX-Video 2B (the class's defaults) at 768x512, 121 frames: 6144 tokens
         "ltx-video-2b": _Spec({}, latent_grid(121, 512, 768, temporal=8, spatial=32), 128),
@@ -150,16 +195,23 @@ _SPECS: dict[str, dict[str, _Spec]] = {
     "MochiTransformer3DModel": {
         "tiny": _Spec(
             {
-                "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "in_channels": 4,
-                "pooled_projection_dim": 16, "text_embed_dim": 32, "time_embed_dim": 32,
+                "num_layers": 2,
+                "num_attention_heads": 2,
+                "attention_head_dim": 16,
+                "in_channels": 4,
+                "pooled_projection_dim": 16,
+                "text_embed_dim": 32,
+                "time_embed_dim": 32,
                 "max_sequence_length": _TINY_TEXT_LEN,
             },
-            _TINY_GRID, _TINY_TEXT_LEN,
+            _TINY_GRID,
+            _TINY_TEXT_LEN,
         ),
         # Mochi-1 (the class's defaults) at 848x480, 163 frames
         "mochi-1": _Spec({}, latent_grid(163, 480, 848, temporal=6, spatial=8), 256),
     },
 }
+
 
 @dataclass(frozen=True)
 class _Family:
@@ -192,7 +244,13 @@ _SHRINK: dict[str, Any] = {
     "max_sequence_length": _TINY_TEXT_LEN, "max_text_seq_length": _TINY_TEXT_LEN,
 }  # fmt: skip
 # Where a class's config keeps the width of the text embeddings forward takes.
-_TEXT_DIM_KEYS = ("text_dim", "text_embed_dim", "caption_channels", "cross_attention_dim", "joint_attention_dim")
+_TEXT_DIM_KEYS = (
+    "text_dim",
+    "text_embed_dim",
+    "caption_channels",
+    "cross_attention_dim",
+    "joint_attention_dim",
+)
 # LTX-Video's pipelines run at 25 frames per second; its RoPE scales positions by the VAE's strides.
 _LTX_FRAME_RATE = 25.0
 
@@ -221,7 +279,11 @@ def _generic_inputs(model: nn.Module, spec: _Spec, batch: int, gen: torch.Genera
     text_dim = next((cfg[k] for k in _TEXT_DIM_KEYS if cfg.get(k)), None)
     valid = spec.text_len - spec.text_len // 4
     for name, param in list(inspect.signature(cls.forward).parameters.items())[1:]:
-        if name == "hidden_states" or name in kwargs or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if (
+            name == "hidden_states"
+            or name in kwargs
+            or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        ):
             continue
         if name == "encoder_hidden_states" and text_dim is not None:
             kwargs[name] = torch.randn(batch, spec.text_len, text_dim, generator=gen)
@@ -312,8 +374,14 @@ def _grid(
     if grid is None and video is not None and any(n is not None for n in video):
         t, s = family.vae
         frames, height, width = spec.grid
-        defaults = ((frames - 1) * t + 1, height * s, width * s)  # the pixel size of the preset's grid
-        grid = latent_grid(*(d if n is None else n for n, d in zip(video, defaults)), temporal=t, spatial=s)
+        defaults = (
+            (frames - 1) * t + 1,
+            height * s,
+            width * s,
+        )  # the pixel size of the preset's grid
+        grid = latent_grid(
+            *(d if n is None else n for n, d in zip(video, defaults)), temporal=t, spatial=s
+        )
     latent = tuple(spec.grid if grid is None else grid)
     if len(latent) != 3 or any(n % p or n <= 0 for n, p in zip(latent, patch)):
         raise FvCompileError(f"latent grid {latent} is not a positive multiple of patch {patch}")
@@ -397,10 +465,15 @@ def from_diffusers(
     elif preset_or_config in specs:
         spec = specs[preset_or_config]
     else:
-        raise FvCompileError(f"unknown {class_name} preset {preset_or_config!r}; valid: {', '.join(specs)}")
+        raise FvCompileError(
+            f"unknown {class_name} preset {preset_or_config!r}; valid: {', '.join(specs)}"
+        )
 
     model_cls = getattr(_import_diffusers(), class_name)
-    overrides = {**(preset_or_config if isinstance(preset_or_config, dict) else {}), **(config or {})}
+    overrides = {
+        **(preset_or_config if isinstance(preset_or_config, dict) else {}),
+        **(config or {}),
+    }
     _check_overrides(model_cls, overrides)
     family = _family(class_name)
     merged = {**_init_parameters(model_cls), **spec.config, **(config or {})}
@@ -411,7 +484,9 @@ def from_diffusers(
         text_len=spec.text_len if text_len is None else int(text_len),
     )
 
-    build_device = torch.device("meta") if torch.device(device).type == "meta" else torch.device("cpu")
+    build_device = (
+        torch.device("meta") if torch.device(device).type == "meta" else torch.device("cpu")
+    )
     with torch.random.fork_rng(devices=[]), build_device:
         torch.manual_seed(seed)
         try:

@@ -58,7 +58,9 @@ class HunyuanConfig(VideoDiTConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_heads % self.kv_heads:
-            raise FvCompileError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}")
+            raise FvCompileError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.kv_heads}"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -78,7 +80,12 @@ class RefinerAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
 
     def forward(self, x: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            self.qkv(x)
+            .unflatten(-1, (3, self.num_heads, self.head_dim))
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
         q = q * self.head_dim**-0.5
         scores = q @ k.transpose(-2, -1)
         if key_bias is not None:
@@ -97,7 +104,9 @@ class RefinerBlock(nn.Module):
         self.mlp = FeedForward(dim, cfg.mlp_dim)
         self.gates = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, key_bias: torch.Tensor | None
+    ) -> torch.Tensor:
         gate_attn, gate_mlp = self.gates(F.silu(cond))[:, None, :].chunk(2, dim=-1)
         x = x + gate_attn * self.attn(self.norm1(x), key_bias)
         return x + gate_mlp * self.mlp(self.norm2(x))
@@ -117,7 +126,9 @@ class TokenRefiner(nn.Module):
         self.pool_proj = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(RefinerBlock(cfg) for _ in range(cfg.num_refiner_layers))
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, time_emb: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None, time_emb: torch.Tensor
+    ) -> torch.Tensor:
         if text_mask is None:
             pooled = text.mean(dim=1)
             key_bias = None
@@ -157,8 +168,12 @@ class DoubleStreamAttention(nn.Module):
         sin: torch.Tensor,
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_q, img_k, img_v = self.img_qkv(img).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
-        txt_q, txt_k, txt_v = self.txt_qkv(txt).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        img_q, img_k, img_v = (
+            self.img_qkv(img).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        )
+        txt_q, txt_k, txt_v = (
+            self.txt_qkv(txt).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        )
         img_q = apply_rope(self.img_q_norm(img_q), cos, sin)
         img_k = apply_rope(self.img_k_norm(img_k), cos, sin)
         q = torch.cat([img_q, self.txt_q_norm(txt_q)], dim=1)
@@ -199,8 +214,12 @@ class DoubleStreamBlock(nn.Module):
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         vec = F.silu(vec)
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[:, None, :].chunk(6, dim=-1)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[:, None, :].chunk(6, dim=-1)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)[
+            :, None, :
+        ].chunk(6, dim=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)[
+            :, None, :
+        ].chunk(6, dim=-1)
         img_attn, txt_attn = self.attn(
             modulate(self.img_norm1(img), i_shift1, i_scale1),
             modulate(self.txt_norm1(txt), t_shift1, t_scale1),
@@ -259,8 +278,12 @@ class SingleStreamBlock(nn.Module):
         attn_mask: torch.Tensor | None,
     ) -> torch.Tensor:
         shift, scale, gate = self.modulation(F.silu(vec))[:, None, :].chunk(3, dim=-1)
-        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split([self.qkv_dim, self.mlp_dim], dim=-1)
-        q, k, v = qkv.unflatten(-1, (-1, self.head_dim)).split([self.num_heads, self.kv_heads, self.kv_heads], dim=2)
+        qkv, mlp = self.linear1(modulate(self.pre_norm(x), shift, scale)).split(
+            [self.qkv_dim, self.mlp_dim], dim=-1
+        )
+        q, k, v = qkv.unflatten(-1, (-1, self.head_dim)).split(
+            [self.num_heads, self.kv_heads, self.kv_heads], dim=2
+        )
         q, k = self.q_norm(q), self.k_norm(k)
         num_video = cos.shape[0]
         q = torch.cat([apply_rope(q[:, :num_video], cos, sin), q[:, num_video:]], dim=1)
@@ -277,8 +300,12 @@ class HunyuanVideoModel(nn.Module):
         self.img_in = PatchEmbed3d(cfg.in_channels, dim, cfg.patch_size)
         self.time_in = TimestepEmbedder(cfg.freq_dim, dim)
         self.text_refiner = TokenRefiner(cfg)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.num_double_layers))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers))
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(cfg) for _ in range(cfg.num_double_layers)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(cfg) for _ in range(cfg.num_single_layers)
+        )
         self.final_norm = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.final_mod = nn.Linear(dim, 2 * dim)
         self.final_proj = nn.Linear(dim, math.prod(cfg.patch_size) * cfg.in_channels)

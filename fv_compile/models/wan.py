@@ -58,7 +58,9 @@ class WanSelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -107,7 +109,9 @@ class WanBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation + time_mod).unsqueeze(2).unbind(1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (
+            (self.modulation + time_mod).unsqueeze(2).unbind(1)
+        )
         x = x + gate_sa * self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), cos, sin)
         x = x + self.cross_attn(self.norm3(x), context)
         return x + gate_ff * self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
@@ -119,7 +123,9 @@ class WanModel(nn.Module):
         self.config = cfg
         dim = cfg.hidden_dim
         self.patch_embed = PatchEmbed3d(cfg.in_channels, dim, cfg.patch_size)
-        self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_embed = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embed = TimestepEmbedder(cfg.freq_dim, dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))

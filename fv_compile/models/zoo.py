@@ -18,46 +18,99 @@ from .wan import WanConfig, WanModel
 _TINY_GRID: Grid = (2, 16, 16)  # 128 video tokens after a (1, 2, 2) patch
 
 
-def latent_grid(frames: int, height: int, width: int, *, temporal: int = 4, spatial: int = 8) -> Grid:
+def latent_grid(
+    frames: int, height: int, width: int, *, temporal: int = 4, spatial: int = 8
+) -> Grid:
     """Latent ``(T, H, W)`` a causal video VAE produces for a pixel-space video.
 
     The first frame is encoded on its own and every ``temporal`` further frames
     share one latent frame, hence ``(frames - 1) // temporal + 1``.
     """
     if frames < 1 or height < spatial or width < spatial:
-        raise FvCompileError(f"video {frames}x{height}x{width} is too small for a {temporal}x{spatial}x{spatial} VAE")
+        raise FvCompileError(
+            f"video {frames}x{height}x{width} is too small for a {temporal}x{spatial}x{spatial} VAE"
+        )
     return ((frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
 PRESETS: dict[str, VideoDiTConfig] = {
     "wan-tiny": WanConfig(
-        num_layers=2, num_heads=2, head_dim=32, ffn_dim=128, text_dim=32, text_len=16, in_channels=4,
-        rope_axes=(12, 10, 10), default_grid=_TINY_GRID,
+        num_layers=2,
+        num_heads=2,
+        head_dim=32,
+        ffn_dim=128,
+        text_dim=32,
+        text_len=16,
+        in_channels=4,
+        rope_axes=(12, 10, 10),
+        default_grid=_TINY_GRID,
     ),
     "wan2.1-1.3b": WanConfig(
-        num_layers=30, num_heads=12, head_dim=128, ffn_dim=8960, text_len=512,
-        rope_axes=(44, 42, 42), default_grid=latent_grid(81, 480, 832),
+        num_layers=30,
+        num_heads=12,
+        head_dim=128,
+        ffn_dim=8960,
+        text_len=512,
+        rope_axes=(44, 42, 42),
+        default_grid=latent_grid(81, 480, 832),
     ),
     "wan2.1-14b": WanConfig(
-        num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, text_len=512,
-        rope_axes=(44, 42, 42), default_grid=latent_grid(81, 720, 1280),
+        num_layers=40,
+        num_heads=40,
+        head_dim=128,
+        ffn_dim=13824,
+        text_len=512,
+        rope_axes=(44, 42, 42),
+        default_grid=latent_grid(81, 720, 1280),
     ),
     "hunyuan-tiny": HunyuanConfig(
-        num_double_layers=2, num_single_layers=2, num_refiner_layers=1, num_heads=2, head_dim=32,
-        num_kv_heads=1, text_dim=32, text_len=16, in_channels=4, rope_axes=(8, 12, 12), rope_theta=256.0,
+        num_double_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        num_heads=2,
+        head_dim=32,
+        num_kv_heads=1,
+        text_dim=32,
+        text_len=16,
+        in_channels=4,
+        rope_axes=(8, 12, 12),
+        rope_theta=256.0,
         default_grid=_TINY_GRID,
     ),
     "hunyuanvideo": HunyuanConfig(
-        num_double_layers=20, num_single_layers=40, num_heads=24, head_dim=128, text_len=256,
-        rope_axes=(16, 56, 56), rope_theta=256.0, default_grid=latent_grid(129, 720, 1280),
+        num_double_layers=20,
+        num_single_layers=40,
+        num_heads=24,
+        head_dim=128,
+        text_len=256,
+        rope_axes=(16, 56, 56),
+        rope_theta=256.0,
+        default_grid=latent_grid(129, 720, 1280),
     ),
     "cogvideox-tiny": CogVideoXConfig(
-        num_layers=2, num_heads=2, head_dim=16, ffn_dim=128, time_embed_dim=32, freq_dim=32, text_dim=32,
-        text_len=16, in_channels=4, rope_axes=(4, 6, 6), eps=1e-5, default_grid=_TINY_GRID,
+        num_layers=2,
+        num_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        time_embed_dim=32,
+        freq_dim=32,
+        text_dim=32,
+        text_len=16,
+        in_channels=4,
+        rope_axes=(4, 6, 6),
+        eps=1e-5,
+        default_grid=_TINY_GRID,
     ),
     "cogvideox-5b": CogVideoXConfig(
-        num_layers=42, num_heads=48, head_dim=64, ffn_dim=4 * 3072, freq_dim=3072, text_len=226,
-        rope_axes=(16, 24, 24), eps=1e-5, default_grid=latent_grid(49, 480, 720),
+        num_layers=42,
+        num_heads=48,
+        head_dim=64,
+        ffn_dim=4 * 3072,
+        freq_dim=3072,
+        text_len=226,
+        rope_axes=(16, 24, 24),
+        eps=1e-5,
+        default_grid=latent_grid(49, 480, 720),
     ),
 }
 
@@ -74,7 +127,9 @@ def _config(preset: str | VideoDiTConfig) -> VideoDiTConfig:
     try:
         return PRESETS[preset]
     except KeyError:
-        raise FvCompileError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
+        raise FvCompileError(
+            f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}"
+        ) from None
 
 
 def build_model(
@@ -103,7 +158,11 @@ def build_model(
 
 
 def _resolve_grid(
-    cfg: VideoDiTConfig, frames: int | None, height: int | None, width: int | None, grid: Grid | None
+    cfg: VideoDiTConfig,
+    frames: int | None,
+    height: int | None,
+    width: int | None,
+    grid: Grid | None,
 ) -> tuple[int, ...]:
     """The latent grid asked for; a caller's `grid` as given, for `token_grid` to check."""
     video = (frames, height, width)
@@ -156,7 +215,9 @@ def example_inputs(
     if isinstance(model_or_preset, nn.Module):
         config = model_or_preset.config
         if not isinstance(config, VideoDiTConfig):
-            raise FvCompileTypeError(f"{type(model_or_preset).__name__} is not a model from build_model")
+            raise FvCompileTypeError(
+                f"{type(model_or_preset).__name__} is not a model from build_model"
+            )
         cfg = config
         param = next(model_or_preset.parameters())
         dtype = param.dtype if dtype is None else dtype

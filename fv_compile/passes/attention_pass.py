@@ -69,7 +69,10 @@ def attention_pass(
             continue
         first_emitted = len(emitted)
         if rewrite_site(new, match, sid, replaced, emitted) is None:
-            site.status, site.reason = SKIPPED, "internal check failed: rewritten output would differ"
+            site.status, site.reason = (
+                SKIPPED,
+                "internal check failed: rewritten output would differ",
+            )
             sites.append(site)
             continue
         site.status = REWRITTEN
@@ -86,7 +89,9 @@ def attention_pass(
     return PassResult(new, sites, others, rewrites)
 
 
-def _lift_site(gm: GraphModule, match: AttentionMatch, replaced: dict[Node, Node], own: set[Node]) -> SiteRewrite:
+def _lift_site(
+    gm: GraphModule, match: AttentionMatch, replaced: dict[Node, Node], own: set[Node]
+) -> SiteRewrite:
     original, original_inputs = lift(gm, match.nodes, match.output)
     # an operand that an earlier site's op now computes is fed the traced node's value
     traced = {new: old for old, new in replaced.items()}

@@ -449,7 +449,10 @@ class _ScoreWalk:
             if (
                 before is not None
                 and after is not None
-                and (regroup_dims(before, after) is not None or regroup_dims(after, before) is not None)
+                and (
+                    regroup_dims(before, after) is not None
+                    or regroup_dims(after, before) is not None
+                )
             ):
                 return [WalkStep(src, Regroup(node, before, after))]
             return None
@@ -493,7 +496,9 @@ class _ScoreWalk:
             return False
         chain: list[Node] = []
         n = b
-        while n is not a:  # getitem / values -> max -> detach -> a: nodes, as row_reduction_input saw
+        while (
+            n is not a
+        ):  # getitem / values -> max -> detach -> a: nodes, as row_reduction_input saw
             chain.append(n)
             n = cast(Node, n.args[0])
         self.own_readers.update(chain)
@@ -504,7 +509,9 @@ class _ScoreWalk:
         (an unthreaded `s.masked_fill_(m, -inf)` leaves `s` as the softmax's input)."""
         # (a traced `s *= c` is the consumer itself: the walk goes through it as an op)
         writers = [
-            u for u in node.users if sp.mutates(u) and u.args and u.args[0] is node and u is not consumer
+            u
+            for u in node.users
+            if sp.mutates(u) and u.args and u.args[0] is node and u is not consumer
         ]
         if not writers:
             return []
@@ -537,10 +544,14 @@ class _ScoreWalk:
         sub_walk = _ScoreWalk(self.dim)
         found = sub_walk.walk(value, [], 0, u, reads[0]) if len(reads) == 1 else None
         if found is None:
-            raise Unsupported(f"`{u.name}` writes into a slice of the scores something not read from it")
+            raise Unsupported(
+                f"`{u.name}` writes into a slice of the scores something not read from it"
+            )
         read, sub = found
         if not (_is_slice_read(read, node, index)) or len(read.users) != 1:
-            raise Unsupported(f"`{u.name}` writes into a slice of the scores something not read from it")
+            raise Unsupported(
+                f"`{u.name}` writes into a slice of the scores something not read from it"
+            )
         if any(not isinstance(op, Regroup | Add | NoOp) for op in sub):
             kinds = sorted({op.kind for op in sub} - {"regroup", "add", "noop"})
             raise Unsupported(f"`{u.name}` does more than add to a slice of the scores ({kinds})")
@@ -593,8 +604,11 @@ def _walk_probs(sm: Node) -> ValuePath:
 
 def _basic_index(index: Any) -> tuple | None:
     index = index if isinstance(index, tuple) else (index,)
-    if all(isinstance(i, slice) and all(type(x) in (int, type(None)) for x in (i.start, i.stop, i.step))
-           for i in index):
+    if all(
+        isinstance(i, slice)
+        and all(type(x) in (int, type(None)) for x in (i.start, i.stop, i.step))
+        for i in index
+    ):
         return index
     return None
 
@@ -707,8 +721,12 @@ def _score_contraction(s_raw: Node, sdim: int) -> ScoreContraction:
         if sa[-1] != sb[-2]:
             raise Unsupported("q and k^T feature sizes differ")
         if row == "j":
-            return ScoreContraction(Operand(b, b_labels), Operand(a, a_labels), score_labels, sizes, form, scale, masks)
-        return ScoreContraction(Operand(a, a_labels), Operand(b, b_labels), score_labels, sizes, form, scale, masks)
+            return ScoreContraction(
+                Operand(b, b_labels), Operand(a, a_labels), score_labels, sizes, form, scale, masks
+            )
+        return ScoreContraction(
+            Operand(a, a_labels), Operand(b, b_labels), score_labels, sizes, form, scale, masks
+        )
 
     einsum = sp.einsum_operands(s_raw)
     assert einsum is not None, "the score walk stops only at a matmul, a baddbmm or an einsum"
@@ -716,7 +734,9 @@ def _score_contraction(s_raw: Node, sdim: int) -> ScoreContraction:
     if len(ops) != 2 or not all(isinstance(o, Node) for o in ops):
         raise Unsupported(f"einsum {eq} has {len(ops)} operands, not two tensors (q and k)")
     if "..." in eq or "->" not in eq:
-        raise Unsupported(f"einsum {eq}: its `...` or output could not be spelled out (dynamic shapes)")
+        raise Unsupported(
+            f"einsum {eq}: its `...` or output could not be spelled out (dynamic shapes)"
+        )
     lhs, out = eq.split("->")
     sa_s, sb_s = lhs.split(",")
     if len(set(sa_s)) != len(sa_s) or len(set(sb_s)) != len(sb_s) or len(set(out)) != len(out):
@@ -823,10 +843,15 @@ class _ScoreOps:
             if not isinstance(op.cond, Node):
                 raise Unsupported("the mask of a fill is not a tensor")
             fill = _in_dtype(_fill_value(op.value), sp.dtype_of(op.node))
-            self._record(MaskTerm(op.cond, "attend" if op.how == "where_keep" else "masked", fill=fill), op.node)
+            self._record(
+                MaskTerm(op.cond, "attend" if op.how == "where_keep" else "masked", fill=fill),
+                op.node,
+            )
             return
         if isinstance(op, TensorScale):
-            raise Unsupported(f"scores are scaled by `{op.node.name}`, a tensor or symbolic value, not a number")
+            raise Unsupported(
+                f"scores are scaled by `{op.node.name}`, a tensor or symbolic value, not a number"
+            )
         raise Unsupported(f"unexpected op {op.kind} on the scores")
 
     def _record(self, term: MaskTerm, at: Node) -> None:
@@ -839,7 +864,9 @@ class _ScoreOps:
 
     def finish(self) -> float:
         if self.views:
-            raise Unsupported("the scores reach the softmax in another shape than they were made in")
+            raise Unsupported(
+                "the scores reach the softmax in another shape than they were made in"
+            )
         return self.scale
 
 
@@ -1099,7 +1126,10 @@ def _strip_operands(raw, scale: float, *, upcasts: bool):
 
 
 _PRECISION: dict[torch.dtype | None, int] = {
-    torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3
+    torch.float16: 1,
+    torch.bfloat16: 1,
+    torch.float32: 2,
+    torch.float64: 3,
 }
 
 
@@ -1122,7 +1152,11 @@ def _cast_down_after(out: Node, low: torch.dtype) -> bool:
         (u,) = users
         if sp.cast_input(u) is node:
             return not _wider(sp.dtype_of(u), low)
-        if sp.permutation_of(u) is not None or sp.is_reshape(u) is node or sp.identity_input(u) is node:
+        if (
+            sp.permutation_of(u) is not None
+            or sp.is_reshape(u) is node
+            or sp.identity_input(u) is node
+        ):
             node = u
             continue
         return False
@@ -1179,7 +1213,9 @@ def _check_no_mutation_inside(gm, nodes: list[Node], out: Node) -> None:
         )
 
 
-def _strip(op: Operand, scale: float, *, allow_scale: bool, upcasts: bool = True) -> tuple[Operand, float]:
+def _strip(
+    op: Operand, scale: float, *, allow_scale: bool, upcasts: bool = True
+) -> tuple[Operand, float]:
     """Look through value-preserving views, exact upcasts (when `upcasts`), detaches that stop no
     gradient and (for q, k) out-of-place scalar scaling."""
     node, labels = op.node, list(op.labels)
@@ -1276,7 +1312,10 @@ def _gqa_source(op: Operand, head: str) -> tuple[Operand, int] | None:
     if single is not None:  # one kv head broadcast to all heads (MQA): k.expand(B, H, S, D)
         s_x, s_o = _static_shape(single), _static_shape(op.node)
         if (
-            s_x is not None and s_o is not None and len(s_x) == len(s_o) and s_x[hd] == 1
+            s_x is not None
+            and s_o is not None
+            and len(s_x) == len(s_o)
+            and s_x[hd] == 1
             and all(a in (1, b) for a, b in zip(s_x, s_o))
         ):
             return Operand(single, op.labels), s_o[hd]
@@ -1322,7 +1361,9 @@ def _fold_constant_masks(gm, masks, score_labels, sizes, causal, scale=1.0):
             continue
         _check_mask_shape(mt.node, score_labels, sizes)
         val = constant_value(mt.node, max_numel=1 << 24)
-        attend = None if val is None else _attend_pattern(val, mt.kind, mt.coef, blocking_limit(scale))
+        attend = (
+            None if val is None else _attend_pattern(val, mt.kind, mt.coef, blocking_limit(scale))
+        )
         if attend is None:
             kept.append(mt)
             patterns.append(None)
@@ -1371,7 +1412,9 @@ def _blocks_with_a_finite_value(val: torch.Tensor, mt: MaskTerm) -> bool:
     return mt.fill is not None and math.isfinite(mt.fill)
 
 
-def _attend_pattern(val: torch.Tensor, kind: str, coef: float, limit: float = _VERY_NEGATIVE) -> torch.Tensor | None:
+def _attend_pattern(
+    val: torch.Tensor, kind: str, coef: float, limit: float = _VERY_NEGATIVE
+) -> torch.Tensor | None:
     """The boolean attend pattern of a constant mask, or None if it also biases the scores."""
     val = val.cpu()
     if kind == "attend":

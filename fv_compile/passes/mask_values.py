@@ -45,7 +45,17 @@ _ARITHMETIC = {
     "__rtruediv__", "__neg__", "negative", "multiply", "subtract",
 }  # fmt: skip
 _OPERATORS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg}
-_FILLED = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full"}
+_FILLED = {
+    "zeros",
+    "ones",
+    "full",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "new_zeros",
+    "new_ones",
+    "new_full",
+}
 
 
 def mask_values(node: Any) -> Values | None:
@@ -135,7 +145,14 @@ def _node_values(node: Node, memo: dict[Node, Values | None]) -> Values | None:
     if name in _CASTS:
         return _checked(_values(args[0], memo), dtype)
     if name in _FILLED:
-        fill = {"zeros": 0.0, "zeros_like": 0.0, "new_zeros": 0.0, "ones": 1.0, "ones_like": 1.0, "new_ones": 1.0}
+        fill = {
+            "zeros": 0.0,
+            "zeros_like": 0.0,
+            "new_zeros": 0.0,
+            "ones": 1.0,
+            "ones_like": 1.0,
+            "new_ones": 1.0,
+        }
         if name in fill:
             return _checked(torch.tensor([fill[name]]), dtype)
         value = kwargs.get("fill_value", args[-1] if args else None)
@@ -143,12 +160,22 @@ def _node_values(node: Node, memo: dict[Node, Values | None]) -> Values | None:
     where = sp.where_args(node)
     if where is not None:
         a, b = _values(where[1], memo), _values(where[2], memo)
-        return None if a is None or b is None else _checked(torch.cat([a.to(dtype), b.to(dtype)]), dtype)
+        return (
+            None
+            if a is None or b is None
+            else _checked(torch.cat([a.to(dtype), b.to(dtype)]), dtype)
+        )
     filled = sp.masked_fill_args(node)
     if filled is not None:
         a, b = _values(filled[0], memo), _values(filled[2], memo)
-        return None if a is None or b is None else _checked(torch.cat([a.to(dtype), b.to(dtype)]), dtype)
-    fn: Target | None = node.target if node.op == "call_function" and node.target in _OPERATORS else None
+        return (
+            None
+            if a is None or b is None
+            else _checked(torch.cat([a.to(dtype), b.to(dtype)]), dtype)
+        )
+    fn: Target | None = (
+        node.target if node.op == "call_function" and node.target in _OPERATORS else None
+    )
     if fn is None and name in _ARITHMETIC:
         fn = getattr(torch.Tensor, name) if node.op == "call_method" else node.target
     if fn is None:

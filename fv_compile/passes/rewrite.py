@@ -57,7 +57,9 @@ class _Emitter:
         vals = map_arg(args, sp.value_of)
         with self.fake_mode if self.fake_mode is not None else contextlib.nullcontext():
             value = (
-                getattr(vals[0], target)(*vals[1:]) if op == "call_method" else target(*vals, **kwargs)
+                getattr(vals[0], target)(*vals[1:])
+                if op == "call_method"
+                else target(*vals, **kwargs)
             )
         node.meta["example_value"] = value
         node.meta["val"] = value
@@ -196,12 +198,16 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
             node = _embed(em, node, step, attend=is_bool)
         parts.append((_mask_to_bhss(em, node, match), is_bool))
     if all(is_bool for _, is_bool in parts):
-        return functools.reduce(lambda a, b: em.function(torch.logical_and, a, b), [p for p, _ in parts])
+        return functools.reduce(
+            lambda a, b: em.function(torch.logical_and, a, b), [p for p, _ in parts]
+        )
     total = None
     for node, is_bool in parts:
         if is_bool:  # True = attend -> 0, False -> -inf
             zeros = em.function(torch.zeros_like, node, dtype=torch.float32)
-            node = em.method("masked_fill", zeros, em.function(torch.logical_not, node), float("-inf"))
+            node = em.method(
+                "masked_fill", zeros, em.function(torch.logical_not, node), float("-inf")
+            )
         total = node if total is None else em.function(torch.add, total, node)
     return total
 
@@ -209,7 +215,9 @@ def _combined_mask(em, match: AttentionMatch, replaced: dict[Node, Node]) -> Nod
 def _embed(em, node: Node, step: ScoresView, *, attend: bool) -> Node:
     """A mask term applied to a view of the scores, brought to the scores' own shape."""
     shape = list(_shape(node))
-    if isinstance(step, RegroupedView):  # the term broadcasts to `view`, a reshape of the scores' `base`
+    if isinstance(
+        step, RegroupedView
+    ):  # the term broadcasts to `view`, a reshape of the scores' `base`
         view, base = step.view, step.base
         shape = [1] * (len(view) - len(shape)) + shape
         if len(shape) != len(_shape(node)):
@@ -232,7 +240,10 @@ def _embed(em, node: Node, step: ScoresView, *, attend: bool) -> Node:
             for d, group in enumerate(groups):
                 merged += [base[g] if shape[d] != 1 else 1 for g in group]
         return em.method("reshape", node, *merged)
-    index, scores_shape = step.index, step.full  # a term written into `scores[index]`: neutral elsewhere
+    index, scores_shape = (
+        step.index,
+        step.full,
+    )  # a term written into `scores[index]`: neutral elsewhere
     assert scores_shape is not None, "a rewritten site's scores have a static shape"
     sliced = list(torch.empty(scores_shape, device="meta")[index].shape)
     shape = [1] * (len(sliced) - len(shape)) + shape
@@ -286,7 +297,9 @@ def _keys_no_query_attends(em, match: AttentionMatch, replaced: dict[Node, Node]
     h = _shape(used)[1]
     if h != 1 and kv_heads != heads:  # a kv head is used if any of its query heads uses it
         b, sk = _shape(used)[0], _shape(used)[-1]
-        used = em.method("any", em.method("reshape", used, b, kv_heads, heads // kv_heads, 1, sk), 2)
+        used = em.method(
+            "any", em.method("reshape", used, b, kv_heads, heads // kv_heads, 1, sk), 2
+        )
     return em.function(torch.logical_not, em.method("permute", used, 0, 3, 1, 2))
 
 

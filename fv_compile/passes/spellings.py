@@ -189,7 +189,9 @@ def explicit_einsum(eq: str, ranks: list[int]) -> str | None:
         out = out.replace("...", ell)
     else:
         letters = "".join(spelled)
-        out = ell + "".join(sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell))
+        out = ell + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1 and c not in ell)
+        )
     return ",".join(spelled) + "->" + out
 
 
@@ -339,7 +341,9 @@ def tensor_factor(node: Node) -> Node | None:
         if not (isinstance(x, Node) and isinstance(t, Node)):
             continue
         value = value_of(t)
-        if isinstance(value, torch.SymInt | torch.SymFloat):  # dynamic shapes: d ** -0.5 is symbolic
+        if isinstance(
+            value, torch.SymInt | torch.SymFloat
+        ):  # dynamic shapes: d ** -0.5 is symbolic
             return x
         shape = shape_of(t)
         if shape is not None and math.prod(shape) == 1:
@@ -352,9 +356,13 @@ def additive_terms(node: Node) -> tuple[Any, Any, float] | None:
     if _func(node, operator.add, operator.iadd, torch.add) or _method(
         node, "add", "add_", "__add__", "__radd__"
     ):
-        alpha = as_number(node.kwargs.get("alpha", 1))  # a traced number is a Node: as_number reads it
+        alpha = as_number(
+            node.kwargs.get("alpha", 1)
+        )  # a traced number is a Node: as_number reads it
         return node.args[0], node.args[1], alpha if alpha is not None else math.nan
-    if _func(node, operator.sub, operator.isub, torch.sub) or _method(node, "sub", "sub_", "__sub__"):
+    if _func(node, operator.sub, operator.isub, torch.sub) or _method(
+        node, "sub", "sub_", "__sub__"
+    ):
         alpha = as_number(node.kwargs.get("alpha", 1))
         return node.args[0], node.args[1], -alpha if alpha is not None else math.nan
     return None
@@ -364,7 +372,9 @@ def row_reduction_input(node: Node, dim: int) -> Node | None:
     """x when node is a per-row statistic of x over `dim`, kept as a size-1 dim: x.amax(dim,
     keepdim=True), x.max(dim, keepdim=True).values / [0], x.logsumexp(dim, keepdim=True)
     (through a detach). Subtracting one from the scores leaves their softmax unchanged."""
-    if (_func(node, operator.getitem) and node.args[1] == 0) or (_func(node, getattr) and node.args[1] == "values"):
+    if (_func(node, operator.getitem) and node.args[1] == 0) or (
+        _func(node, getattr) and node.args[1] == "values"
+    ):
         src = node.args[0]
         if not isinstance(src, Node) or not (_method(src, "max") or _func(src, torch.max)):
             return None
@@ -388,7 +398,11 @@ _INPLACE_SCORE_OPS = {"masked_fill_", "add_", "sub_", "mul_", "div_"}
 def inplace_target(node: Node) -> Node | None:
     """x when node is `x.masked_fill_(..)`, `x.add_(..)`, `x.sub_(..)`, `x.mul_(..)` or
     `x.div_(..)`: an in-place op the matcher reads as its out-of-place twin."""
-    if node.op == "call_method" and node.target in _INPLACE_SCORE_OPS and isinstance(node.args[0], Node):
+    if (
+        node.op == "call_method"
+        and node.target in _INPLACE_SCORE_OPS
+        and isinstance(node.args[0], Node)
+    ):
         return node.args[0]
     return None
 
@@ -423,7 +437,9 @@ def is_reshape(node: Node) -> Node | None:
     if _method(node, "view", "reshape") or _func(node, torch.reshape):
         x = node.args[0]
         if (
-            node.op == "call_method" and node.target == "view" and len(node.args) == 2
+            node.op == "call_method"
+            and node.target == "view"
+            and len(node.args) == 2
             and isinstance(node.args[1], torch.dtype)
         ):
             return None  # x.view(dtype): a reinterpretation, not a reshape
@@ -443,7 +459,8 @@ def is_unsqueeze_like(node: Node) -> Node | None:
     if _method(node, "unsqueeze") or _func(node, torch.unsqueeze):
         return _tensor_input(node)
     if (
-        _func(node, operator.getitem) and isinstance(node.args[1], tuple)
+        _func(node, operator.getitem)
+        and isinstance(node.args[1], tuple)
         and all(i is None or i == slice(None) or i is Ellipsis for i in node.args[1])
     ):
         return _tensor_input(node)

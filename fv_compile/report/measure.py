@@ -218,12 +218,16 @@ def profile_attention(step: Callable[[], Any], device: torch.device) -> Attentio
     regions = [e for e in events if _is_region(e.name) and not _inside(e, None, _is_region)]
     kernels = [k for op in attention for k in _outermost(op, _is_attention_kernel)]
     if device.type == "cuda":
+
         def took(e):
             return e.device_time_total
+
         method = "GPU kernel time under fv_compile::attention / GPU kernel time of the step"
     else:
+
         def took(e):
             return e.cpu_time_total
+
         method = "CPU time of fv_compile::attention ops / CPU time of the step"
     names: dict[str, int] = {}
     for k in kernels:
@@ -274,7 +278,7 @@ def _kernel_name(event: Any) -> str:
 def _inside(event: Any, name: str | None, match=None) -> bool:
     parent = event.cpu_parent
     while parent is not None:
-        if (match(parent.name) if match is not None else parent.name == name):
+        if match(parent.name) if match is not None else parent.name == name:
             return True
         parent = parent.cpu_parent
     return False

@@ -35,7 +35,7 @@ NOISY = "noisy timing"
 
 
 def status_cell(r: VariantResult) -> str:
-    """"ok", "ran dense", "FAILED (phase)"; ", noisy timing" when the timing is flagged; the
+    """ "ok", "ran dense", "FAILED (phase)"; ", noisy timing" when the timing is flagged; the
     steps a sparse backend ran dense when only some did."""
     if not r.ok:
         return f"FAILED ({r.failed_during})"
@@ -52,9 +52,7 @@ def variant_rows(report: Report) -> list[list[str]]:
         if share is not None and r.kind != "eager" and not share.calls:
             share = None  # no fv_compile::attention op to time (plain torch.compile)
         if not r.ok:
-            rows.append(
-                [r.name, status_cell(r)] + ["-"] * (len(VARIANT_COLUMNS) - 2)
-            )
+            rows.append([r.name, status_cell(r)] + ["-"] * (len(VARIANT_COLUMNS) - 2))
             continue
         lat, err = r.latency, r.error_vs_eager
         assert lat is not None, "a variant that did not fail was timed"
@@ -126,7 +124,9 @@ def report_notes(report: Report) -> list[str]:
     compiled = [r.regional for r in report.variants if r.kind == FV_COMPILE and r.ok and r.regional]
     if compiled:
         regional = report.config.get("regional", "auto")
-        how = "by default (regional='auto')" if regional == "auto" else f"with regional={regional!r}"
+        how = (
+            "by default (regional='auto')" if regional == "auto" else f"with regional={regional!r}"
+        )
         notes.append(
             f"fv_compile variants are fv_compile.compile(model, backend) as a user gets it {how}: "
             f"it compiled {compiled[0]}"
@@ -265,7 +265,11 @@ def _bar_label(r: VariantResult) -> str:
         return "failed"
     if r.kind == "eager":
         return "1.00x (ref)"
-    label = _ratio(r.speedup_vs_eager) + " vs eager" + (" (ran dense)" if r.status == "ran dense" else "")
+    label = (
+        _ratio(r.speedup_vs_eager)
+        + " vs eager"
+        + (" (ran dense)" if r.status == "ran dense" else "")
+    )
     if r.error_vs_eager is not None:
         label += f"\nrel err {r.error_vs_eager.rel_fro:.1e}"
     return label

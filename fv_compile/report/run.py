@@ -199,7 +199,10 @@ def _gap_paragraph(r: VariantResult, base: VariantResult, compiler: str) -> str:
     )
     if r.timing_flag or base.timing_flag:
         head += " The timing of one of them is flagged as noisy: rerun before trusting the sign."
-    parts = [head, f"In one profiled step of each (step {mine.step_ms:.2f} vs {theirs.step_ms:.2f} ms):"]
+    parts = [
+        head,
+        f"In one profiled step of each (step {mine.step_ms:.2f} vs {theirs.step_ms:.2f} ms):",
+    ]
     eager_gap = None
     if mine.eager_ms is not None and theirs.eager_ms is not None:
         eager_gap = mine.eager_ms - theirs.eager_ms
@@ -289,7 +292,11 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
         if device.type == "cuda"
         else "time.perf_counter around each loop"
     )
-    regional = {"auto": "regional='auto' (its default)", True: "regional=True", False: "regional=False"}
+    regional = {
+        "auto": "regional='auto' (its default)",
+        True: "regional=True",
+        False: "regional=False",
+    }
     return {
         "loop": (
             f"each variant runs a loop of {plan.steps} transformer call(s), call i inside "

@@ -104,7 +104,9 @@ class VariantResult:
     timing_flag: str | None = None  # why the timing is noisy (measure.TIMING_RULE), or None
     dense_steps: list[int] | None = None  # steps a sparse backend ran as full attention
     dense_reason: str | None = None
-    regional: str | None = None  # what was compiled: "the repeated blocks in blocks", "the whole model"
+    regional: str | None = (
+        None  # what was compiled: "the repeated blocks in blocks", "the whole model"
+    )
     graphs: int | None = None
     graph_breaks: int | None = None
     recompiles: int | None = None
@@ -299,7 +301,9 @@ def run_variant(
             progress.phase(f"timing ({plan.repeat} x {plan.steps} steps)")
             reset_peak_memory(device)
             samples = [
-                device_time(lambda: run_steps(model, workload, plan.steps), device) / plan.steps * 1e3
+                device_time(lambda: run_steps(model, workload, plan.steps), device)
+                / plan.steps
+                * 1e3
                 for _ in range(plan.repeat)
             ]
             result.latency = LatencyStats.of(samples)
@@ -509,7 +513,9 @@ def _builder(name: str) -> Any:
     return builder_cls
 
 
-def _dense_reason(dense: list[int], mds: list[Any], workload: Workload, steps: int, names: list[str]) -> str:
+def _dense_reason(
+    dense: list[int], mds: list[Any], workload: Workload, steps: int, names: list[str]
+) -> str:
     from fv_compile.backends.tiles import tiles_per_axis
 
     args = workload.fastvideo_args()
@@ -641,7 +647,9 @@ def _what_compiled(spec: VariantSpec, compiled: Any, model: torch.nn.Module) -> 
     if spec.kind == TORCH_COMPILE:
         return "the whole model"
     if spec.kind == REPEATED_BLOCKS:
-        names = sorted({type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None})
+        names = sorted(
+            {type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None}
+        )
         return f"each {'/'.join(names)} block (diffusers' compile_repeated_blocks)"
     if isinstance(compiled, fv_compile.CompiledModel):
         regions = list(compiled.regions)

@@ -216,7 +216,13 @@ def _diffusers_workload(
         b, t, c, h, w = latent.shape
         raw = (b, c, t, h, w)
     elif layout == "tokens":  # patchified [B, T*H*W, C] with the latent grid beside it (LTX-Video)
-        raw = (latent.shape[0], latent.shape[2], kwargs["num_frames"], kwargs["height"], kwargs["width"])
+        raw = (
+            latent.shape[0],
+            latent.shape[2],
+            kwargs["num_frames"],
+            kwargs["height"],
+            kwargs["width"],
+        )
     else:
         raw = tuple(latent.shape)
     patch = cfg.patch_size

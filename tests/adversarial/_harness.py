@@ -42,7 +42,9 @@ def tol_for(t: torch.Tensor) -> dict:
 def assert_same_tensor(actual, expected, what: str, tol: dict | None = None):
     """Same shape, dtype, NaN pattern, infinities, and values within tolerance."""
     assert isinstance(actual, torch.Tensor), f"{what}: compiled gave {type(actual).__name__}"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs eager {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} vs eager {tuple(expected.shape)}"
+    )
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} vs eager {expected.dtype}"
     if not expected.is_floating_point() and not expected.is_complex():
         assert torch.equal(actual, expected), f"{what}: integer/bool values differ"
@@ -91,13 +93,21 @@ def assert_same_grad(actual, expected, what: str, tol: dict | None = None):
 
 def snapshot(model: nn.Module) -> dict:
     return {
-        "params": [(n, p, p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)],
-        "buffers": [(n, b, b.detach().clone()) for n, b in model.named_buffers(remove_duplicate=False)],
+        "params": [
+            (n, p, p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)
+        ],
+        "buffers": [
+            (n, b, b.detach().clone()) for n, b in model.named_buffers(remove_duplicate=False)
+        ],
         "modules": [(n, type(m), id(m)) for n, m in model.named_modules(remove_duplicate=False)],
-        "forward": {n: ("forward" in m.__dict__, m.__dict__.get("forward"), type(m).forward)
-                    for n, m in model.named_modules(remove_duplicate=False)},
+        "forward": {
+            n: ("forward" in m.__dict__, m.__dict__.get("forward"), type(m).forward)
+            for n, m in model.named_modules(remove_duplicate=False)
+        },
         "training": [(n, m.training) for n, m in model.named_modules(remove_duplicate=False)],
-        "requires_grad": [(n, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)],
+        "requires_grad": [
+            (n, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)
+        ],
     }
 
 
@@ -105,41 +115,54 @@ def assert_structure_unchanged(model: nn.Module, snap: dict, when: str):
     now = [(n, type(m), id(m)) for n, m in model.named_modules(remove_duplicate=False)]
     assert now == snap["modules"], f"{when}: module tree changed"
     params = list(model.named_parameters(remove_duplicate=False))
-    assert [n for n, _ in params] == [n for n, _, _ in snap["params"]], f"{when}: parameter names changed"
+    assert [n for n, _ in params] == [n for n, _, _ in snap["params"]], (
+        f"{when}: parameter names changed"
+    )
     for (n, p), (_, p0, _) in zip(params, snap["params"]):
         assert p is p0, f"{when}: parameter {n} replaced by another object"
-    assert [(n, p.requires_grad) for n, p in params] == snap["requires_grad"], f"{when}: requires_grad changed"
+    assert [(n, p.requires_grad) for n, p in params] == snap["requires_grad"], (
+        f"{when}: requires_grad changed"
+    )
     bufs = list(model.named_buffers(remove_duplicate=False))
-    assert [n for n, _ in bufs] == [n for n, _, _ in snap["buffers"]], f"{when}: buffer names changed"
+    assert [n for n, _ in bufs] == [n for n, _, _ in snap["buffers"]], (
+        f"{when}: buffer names changed"
+    )
     for n, m in model.named_modules(remove_duplicate=False):
         had, inst, cls = snap["forward"][n]
         assert ("forward" in m.__dict__) == had and m.__dict__.get("forward") is inst, (
             f"{when}: {n or 'model'}.forward patched on the instance"
         )
         assert type(m).forward is cls, f"{when}: {n or 'model'}'s class forward changed"
-    assert [(n, m.training) for n, m in model.named_modules(remove_duplicate=False)] == snap["training"], (
-        f"{when}: train/eval flags changed"
-    )
+    assert [(n, m.training) for n, m in model.named_modules(remove_duplicate=False)] == snap[
+        "training"
+    ], f"{when}: train/eval flags changed"
 
 
 def assert_values_unchanged(model: nn.Module, snap: dict, when: str):
     for (n, p), (_, _, v0) in zip(model.named_parameters(remove_duplicate=False), snap["params"]):
-        assert torch.equal(p.detach(), v0) or (torch.isnan(v0).any() and torch.equal(
-            torch.isnan(p.detach()), torch.isnan(v0))), f"{when}: parameter {n} values changed"
+        assert torch.equal(p.detach(), v0) or (
+            torch.isnan(v0).any() and torch.equal(torch.isnan(p.detach()), torch.isnan(v0))
+        ), f"{when}: parameter {n} values changed"
     for (n, b), (_, b0, v0) in zip(model.named_buffers(remove_duplicate=False), snap["buffers"]):
         assert b is b0, f"{when}: buffer {n} replaced by another object"
-        assert torch.equal(b, v0) or (b.is_floating_point() and torch.equal(torch.isnan(b), torch.isnan(v0))
-                                     and torch.equal(b.nan_to_num(), v0.nan_to_num())), (
-            f"{when}: buffer {n} values changed"
-        )
+        assert torch.equal(b, v0) or (
+            b.is_floating_point()
+            and torch.equal(torch.isnan(b), torch.isnan(v0))
+            and torch.equal(b.nan_to_num(), v0.nan_to_num())
+        ), f"{when}: buffer {n} values changed"
 
 
 def assert_state_like_twin(model: nn.Module, twin: nn.Module, when: str):
-    for (n, p), (_, pt) in zip(model.named_parameters(remove_duplicate=False),
-                               twin.named_parameters(remove_duplicate=False)):
-        assert_same_tensor(p.detach(), pt.detach(), f"{when}: parameter {n}", tol=dict(atol=0, rtol=0))
-    for (n, b), (_, bt) in zip(model.named_buffers(remove_duplicate=False),
-                               twin.named_buffers(remove_duplicate=False)):
+    for (n, p), (_, pt) in zip(
+        model.named_parameters(remove_duplicate=False),
+        twin.named_parameters(remove_duplicate=False),
+    ):
+        assert_same_tensor(
+            p.detach(), pt.detach(), f"{when}: parameter {n}", tol=dict(atol=0, rtol=0)
+        )
+    for (n, b), (_, bt) in zip(
+        model.named_buffers(remove_duplicate=False), twin.named_buffers(remove_duplicate=False)
+    ):
         tol = dict(atol=0, rtol=0) if b.dtype in (torch.bool, torch.int64, torch.int32) else None
         assert_same_tensor(b, bt, f"{when}: buffer {n}", tol)
 
@@ -170,14 +193,23 @@ def _loss(out, finite_masks):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
             g = torch.Generator().manual_seed(1000 + k)
             w = torch.randn(leaf.shape, generator=g).to(leaf.dtype)
-            total = total + (torch.where(finite_masks[k], leaf, torch.zeros((), dtype=leaf.dtype)) * w).float().sum()
+            total = (
+                total
+                + (torch.where(finite_masks[k], leaf, torch.zeros((), dtype=leaf.dtype)) * w)
+                .float()
+                .sum()
+            )
     return total
 
 
 def _finite_masks(out):
     leaves, _ = tree_flatten(out)
-    return [torch.isfinite(x.detach()) if isinstance(x, torch.Tensor) and x.is_floating_point() else None
-            for x in leaves]
+    return [
+        torch.isfinite(x.detach())
+        if isinstance(x, torch.Tensor) and x.is_floating_point()
+        else None
+        for x in leaves
+    ]
 
 
 def check(
@@ -201,8 +233,11 @@ def check(
     seed: `torch.manual_seed(seed)` before each eager call and each compiled call (None: not reset).
     """
     if grad_inputs is None:
-        grad_inputs = tuple(i for i, a in enumerate(args)
-                            if grad and isinstance(a, torch.Tensor) and a.is_floating_point())
+        grad_inputs = tuple(
+            i
+            for i, a in enumerate(args)
+            if grad and isinstance(a, torch.Tensor) and a.is_floating_point()
+        )
     twin = copy.deepcopy(model)
     snap = snapshot(model)
     compiler = compiler or ("aot_eager" if grad else "eager")
@@ -248,7 +283,9 @@ def check(
             for (n, p), (_, pt) in zip(model.named_parameters(), twin.named_parameters()):
                 assert_same_grad(p.grad, pt.grad, f"{tag}: grad of parameter {n}", grad_tol)
             for i in grad_inputs:
-                assert_same_grad(args_c[i].grad, args_e[i].grad, f"{tag}: grad of input {i}", grad_tol)
+                assert_same_grad(
+                    args_c[i].grad, args_e[i].grad, f"{tag}: grad of input {i}", grad_tol
+                )
         results.append((out_c, out_e))
     return cm, cm.explain(), results
 
@@ -294,7 +331,11 @@ class Proj(nn.Module):
 
     def qkv(self, x, ctx=None):
         ctx = x if ctx is None else ctx
-        return self.split(self.wq(x), self.H), self.split(self.wk(ctx), self.Hkv), self.split(self.wv(ctx), self.Hkv)
+        return (
+            self.split(self.wq(x), self.H),
+            self.split(self.wk(ctx), self.Hkv),
+            self.split(self.wv(ctx), self.Hkv),
+        )
 
     def merge(self, o):
         b, h, s, d = o.shape
@@ -310,9 +351,11 @@ def qkv_inputs(b=B, h=2, s=S, d=8, dtype=torch.float32, seed=2, skv=None, hkv=No
     g = torch.Generator().manual_seed(seed)
     skv = skv or s
     hkv = hkv or h
-    return (torch.randn(b, h, s, d, generator=g).to(dtype),
-            torch.randn(b, hkv, skv, d, generator=g).to(dtype),
-            torch.randn(b, hkv, skv, d, generator=g).to(dtype))
+    return (
+        torch.randn(b, h, s, d, generator=g).to(dtype),
+        torch.randn(b, hkv, skv, d, generator=g).to(dtype),
+        torch.randn(b, hkv, skv, d, generator=g).to(dtype),
+    )
 
 
 def inv_sqrt(d):

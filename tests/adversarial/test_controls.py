@@ -56,7 +56,9 @@ class SdpaEnableGqa(Base):
 class Matmul(Base):
     def forward(self, x):
         q, k, v = self.p.qkv(x)
-        return self.p.merge(torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * SCALE, -1), v))
+        return self.p.merge(
+            torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * SCALE, -1), v)
+        )
 
 
 class MatmulMt(Base):
@@ -86,7 +88,7 @@ class PrescaledQ(Base):
 class SplitScaleQK(Base):
     def forward(self, x):
         q, k, v = self.p.qkv(x)
-        c = D ** -0.25
+        c = D**-0.25
         return self.p.merge(((q * c) @ (k * c).transpose(-2, -1)).softmax(-1) @ v)
 
 
@@ -125,7 +127,9 @@ class CausalTrilBuffer(Base):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("bias", torch.tril(torch.ones(S, S, dtype=torch.bool)).view(1, 1, S, S))
+        self.register_buffer(
+            "bias", torch.tril(torch.ones(S, S, dtype=torch.bool)).view(1, 1, S, S)
+        )
 
     def forward(self, x):
         q, k, v = self.p.qkv(x)
@@ -189,7 +193,9 @@ class CrossAttention(Base):
 class CrossAttentionSdpaMask(Base):
     def forward(self, x, ctx, ctx_keep):
         q, k, v = self.p.qkv(x, ctx)
-        return self.p.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_keep[:, None, None, :]))
+        return self.p.merge(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_keep[:, None, None, :])
+        )
 
 
 class SoftmaxModule(Base):
@@ -251,9 +257,15 @@ CONTROLS = {
     "gqa_hf_expand": (GqaHFExpand, lambda: (x_input(),), 1),
     "mqa_broadcast": (MqaBroadcast, lambda: (x_input(),), 1),
     "cross_attention": (CrossAttention, lambda: (x_input(), x_input(s=5, seed=3)), 1),
-    "cross_attention_sdpa_mask": (CrossAttentionSdpaMask,
-                                  lambda: (x_input(), x_input(s=5, seed=3),
-                                           torch.tensor([[True] * 5, [True, True, False, False, False]])), 1),
+    "cross_attention_sdpa_mask": (
+        CrossAttentionSdpaMask,
+        lambda: (
+            x_input(),
+            x_input(s=5, seed=3),
+            torch.tensor([[True] * 5, [True, True, False, False, False]]),
+        ),
+        1,
+    ),
     "softmax_module": (SoftmaxModule, lambda: (x_input(),), 1),
     "eval_dropout": (EvalDropout, lambda: (x_input(),), 1),
     "two_layers": (TwoLayers, lambda: (x_input(),), 2),
@@ -268,8 +280,19 @@ def test_ordinary_attention_is_rewritten_and_matches_eager(name):
     assert_rewritten(rep, n)
 
 
-@pytest.mark.parametrize("name", ["sdpa", "matmul", "einsum_bshd", "bmm", "gqa_hf_expand", "hf_additive_mask",
-                                  "causal_tril_buffer_where", "cross_attention"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sdpa",
+        "matmul",
+        "einsum_bshd",
+        "bmm",
+        "gqa_hf_expand",
+        "hf_additive_mask",
+        "causal_tril_buffer_where",
+        "cross_attention",
+    ],
+)
 def test_ordinary_attention_gradients_match_eager(name):
     cls, args, n = CONTROLS[name]
     torch.manual_seed(0)

@@ -19,8 +19,11 @@ SCALE = 1.0 / math.sqrt(D)
 def qkv(seed=0, b=B, h=H, s=S, d=D, skv=None, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     skv = skv or s
-    return (torch.randn(b, h, s, d, generator=g).to(dtype), torch.randn(b, h, skv, d, generator=g).to(dtype),
-            torch.randn(b, h, skv, d, generator=g).to(dtype))
+    return (
+        torch.randn(b, h, s, d, generator=g).to(dtype),
+        torch.randn(b, h, skv, d, generator=g).to(dtype),
+        torch.randn(b, h, skv, d, generator=g).to(dtype),
+    )
 
 
 class Fn(nn.Module):
@@ -60,8 +63,9 @@ def masked_fill_finfo_garbage(q, k, v, pad):
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf", "huge"])
-@pytest.mark.parametrize("fn", [masked_fill_garbage, where_garbage, masked_fill_finfo_garbage],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn", [masked_fill_garbage, where_garbage, masked_fill_finfo_garbage], ids=lambda f: f.__name__
+)
 def test_replacement_mask_over_garbage_key_slots(fn, kind):
     q, k, v, pad = garbage_keys(kind)
     _, _, [(_out_c, out_e)] = check(Fn(fn), q, k, v, pad)
@@ -91,10 +95,14 @@ def test_float64_attention_is_float64_accurate(fn):
     _, _, [(out_c, out_e)] = check(Fn(fn), q, k, v)
     assert out_c.dtype == torch.float64
     err = (out_c - out_e).abs().max().item()
-    if fn is f64_softmax_dtype:  # scores are fp32 here; the softmax and the value product are float64
+    if (
+        fn is f64_softmax_dtype
+    ):  # scores are fp32 here; the softmax and the value product are float64
         assert err < 1e-6, f"compiled differs from eager by {err:.2e}"
     else:
-        assert err < 1e-12, f"compiled differs from eager's float64 result by {err:.2e} (fp32-sized)"
+        assert err < 1e-12, (
+            f"compiled differs from eager's float64 result by {err:.2e} (fp32-sized)"
+        )
 
 
 # --- out= score matmul into a buffer
@@ -142,8 +150,11 @@ def output_isnan_where(q, k, v, m):
     return torch.where(torch.isnan(o), torch.full_like(o, 3.0), o)
 
 
-@pytest.mark.parametrize("fn", [nan_to_num_after_softmax, zero_fully_masked_rows, output_nan_to_num,
-                                output_isnan_where], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "fn",
+    [nan_to_num_after_softmax, zero_fully_masked_rows, output_nan_to_num, output_isnan_where],
+    ids=lambda f: f.__name__,
+)
 def test_nan_fixup_of_fully_masked_rows(fn):
     q, k, v = qkv(3)
     m = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(4)) > 0.5

@@ -16,12 +16,28 @@ H, D = 4, 8
 
 LAYOUTS = ["matmul", "einsum_bshd", "bmm3d", "sdpa"]
 SCALES = ["mul", "div", "q_pre", "split", "none"]
-MASKS = ["none", "causal_buffer", "key_padding", "per_query_full_rows", "random_bool", "learned_bias",
-         "additive_buffer"]
+MASKS = [
+    "none",
+    "causal_buffer",
+    "key_padding",
+    "per_query_full_rows",
+    "random_bool",
+    "learned_bias",
+    "additive_buffer",
+]
 FILLS = ["neginf", "finfo_min", "m1e4", "m1e9"]
 SPELLINGS = ["masked_fill", "where", "additive"]
-MUTATIONS = ["none", "buf_add", "step_counter", "k_view_add_before", "v_mul_after_scores",
-             "k_add_after_scores", "cache_copy", "mask_mutated_after", "output_stat_setitem"]
+MUTATIONS = [
+    "none",
+    "buf_add",
+    "step_counter",
+    "k_view_add_before",
+    "v_mul_after_scores",
+    "k_add_after_scores",
+    "cache_copy",
+    "mask_mutated_after",
+    "output_stat_setitem",
+]
 DETACH = ["none", "q", "k", "v", "scores", "probs"]
 DTYPES = ["fp32", "bf16"]
 
@@ -36,7 +52,9 @@ class Composed(nn.Module):
         g = torch.Generator().manual_seed(31)
         mk = cfg["mask"]
         if mk == "causal_buffer":
-            self.register_buffer("mbuf", torch.ones(S, S, dtype=torch.bool).triu(1))  # True = masked
+            self.register_buffer(
+                "mbuf", torch.ones(S, S, dtype=torch.bool).triu(1)
+            )  # True = masked
         elif mk == "key_padding":
             m = torch.zeros(B, 1, 1, S, dtype=torch.bool)
             m[1, ..., -3:] = True
@@ -75,7 +93,12 @@ class Composed(nn.Module):
 
     def fill(self, dt):
         f = self.cfg["fill"]
-        return {"neginf": float("-inf"), "finfo_min": torch.finfo(dt).min, "m1e4": -1e4, "m1e9": -1e9}[f]
+        return {
+            "neginf": float("-inf"),
+            "finfo_min": torch.finfo(dt).min,
+            "m1e4": -1e4,
+            "m1e9": -1e9,
+        }[f]
 
     def apply_mask(self, s, m):
         mk, sp = self.cfg["mask"], self.cfg["spelling"]
@@ -89,8 +112,16 @@ class Composed(nn.Module):
         if sp == "masked_fill":
             return s.masked_fill(m, f)
         if sp == "where":
-            return torch.where(m, f, s) if isinstance(f, float) else torch.where(m, torch.tensor(f, dtype=s.dtype), s)
-        return s + m.to(s.dtype) * f if f != float("-inf") else s + torch.zeros(m.shape, dtype=s.dtype).masked_fill(m, f)
+            return (
+                torch.where(m, f, s)
+                if isinstance(f, float)
+                else torch.where(m, torch.tensor(f, dtype=s.dtype), s)
+            )
+        return (
+            s + m.to(s.dtype) * f
+            if f != float("-inf")
+            else s + torch.zeros(m.shape, dtype=s.dtype).masked_fill(m, f)
+        )
 
     def sdpa_mask(self, m, dt):
         mk = self.cfg["mask"]
@@ -138,13 +169,15 @@ class Composed(nn.Module):
             if sc == "q_pre":
                 q = q * scale
             elif sc == "split":
-                q, k = q * scale ** 0.5, k * scale ** 0.5
+                q, k = q * scale**0.5, k * scale**0.5
             if lay == "matmul":
                 s = q @ k.transpose(-2, -1)
             elif lay == "einsum_bshd":
                 s = torch.einsum("bqhd,bkhd->bhqk", q.transpose(1, 2), k.transpose(1, 2))
             else:
-                s = torch.bmm(q.reshape(B * H, S, D), k.reshape(B * H, S, D).transpose(1, 2)).view(B, H, S, S)
+                s = torch.bmm(q.reshape(B * H, S, D), k.reshape(B * H, S, D).transpose(1, 2)).view(
+                    B, H, S, S
+                )
             if sc == "mul":
                 s = s * scale
             elif sc == "div":
@@ -165,7 +198,11 @@ class Composed(nn.Module):
                 o = torch.bmm(p.reshape(B * H, S, S), v.reshape(B * H, S, D)).view(B, H, S, D)
             else:
                 o = p @ v
-        if mu == "mask_mutated_after" and c["mask"] in ("causal_buffer", "key_padding", "per_query_full_rows"):
+        if mu == "mask_mutated_after" and c["mask"] in (
+            "causal_buffer",
+            "key_padding",
+            "per_query_full_rows",
+        ):
             self.mbuf.copy_(self.mbuf.roll(1, dims=-1))
         elif mu == "mask_mutated_after" and c["mask"] == "additive_buffer":
             self.abuf.mul_(-1.0)
@@ -178,22 +215,33 @@ class Composed(nn.Module):
 
 
 def configs(grad=False):
-    return st.fixed_dictionaries({
-        "layout": st.sampled_from(LAYOUTS),
-        "scale": st.sampled_from(SCALES),
-        "mask": st.sampled_from([m for m in MASKS if not (grad and m == "per_query_full_rows")]),
-        "fill": st.sampled_from(FILLS),
-        "spelling": st.sampled_from(SPELLINGS),
-        "mutation": st.sampled_from([m for m in MUTATIONS if not (grad and m == "k_add_after_scores")]),
-        "detach": st.sampled_from(DETACH),
-        "dtype": st.sampled_from(DTYPES if not grad else ["fp32"]),
-        "hkv": st.sampled_from([4, 2]),
-    })
+    return st.fixed_dictionaries(
+        {
+            "layout": st.sampled_from(LAYOUTS),
+            "scale": st.sampled_from(SCALES),
+            "mask": st.sampled_from(
+                [m for m in MASKS if not (grad and m == "per_query_full_rows")]
+            ),
+            "fill": st.sampled_from(FILLS),
+            "spelling": st.sampled_from(SPELLINGS),
+            "mutation": st.sampled_from(
+                [m for m in MUTATIONS if not (grad and m == "k_add_after_scores")]
+            ),
+            "detach": st.sampled_from(DETACH),
+            "dtype": st.sampled_from(DTYPES if not grad else ["fp32"]),
+            "hkv": st.sampled_from([4, 2]),
+        }
+    )
 
 
-SETTINGS = dict(derandomize=True, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-                print_blob=False)
+SETTINGS = dict(
+    derandomize=True,
+    deadline=None,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    print_blob=False,
+)
 
 
 @settings(max_examples=32, **SETTINGS)
@@ -213,8 +261,11 @@ def test_generated_attention_gradients_match_eager(cfg):
 
 
 @settings(max_examples=16, **SETTINGS)
-@given(cfg=configs().filter(lambda c: c["mutation"] != "none" and c["layout"] != "sdpa"
-                            and c["mask"] != "none"))
+@given(
+    cfg=configs().filter(
+        lambda c: c["mutation"] != "none" and c["layout"] != "sdpa" and c["mask"] != "none"
+    )
+)
 def test_generated_mutation_next_to_masked_handwritten_site(cfg):
     reset()
     torch.manual_seed(0)

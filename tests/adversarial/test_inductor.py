@@ -20,11 +20,25 @@ from tests.adversarial._harness import check, x_input
 ])  # fmt: skip
 def test_fully_masked_rows_under_inductor(spelling, fill, kind):
     q, k, v = rows.qkv()
-    check(rows.MaskedAttention(spelling, rows.FILLS[fill]), q, k, v, rows.mask_of(kind), compiler="inductor")
+    check(
+        rows.MaskedAttention(spelling, rows.FILLS[fill]),
+        q,
+        k,
+        v,
+        rows.mask_of(kind),
+        compiler="inductor",
+    )
 
 
-@pytest.mark.parametrize("name", ["kv_cache_copy", "step_counter", "neighbour_mask_buffer_flipped_between_sites",
-                                  "scores_masked_fill_inplace"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "kv_cache_copy",
+        "step_counter",
+        "neighbour_mask_buffer_flipped_between_sites",
+        "scores_masked_fill_inplace",
+    ],
+)
 def test_mutations_next_to_sites_under_inductor(name):
     cls, calls = mut.CASES[name]
     torch.manual_seed(0)

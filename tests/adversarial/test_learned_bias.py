@@ -22,7 +22,9 @@ class SwinRelativeBias(nn.Module):
         W = self.W
         self.p = Proj(H=H, D=D)
         self.table = nn.Parameter(torch.randn((2 * W - 1) ** 2, H) * 0.5)
-        coords = torch.stack(torch.meshgrid(torch.arange(W), torch.arange(W), indexing="ij")).flatten(1)
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(W), torch.arange(W), indexing="ij")
+        ).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (W - 1)
         self.register_buffer("index", rel[..., 0] * (2 * W - 1) + rel[..., 1])
 
@@ -104,7 +106,9 @@ class BaddbmmLearnedBiasBetaHalf(BaddbmmLearnedBias):
     def forward(self, x):
         q, k, v = self.p.qkv(x)
         q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
-        s = torch.baddbmm(self.bias.expand(B * H, S, S), q3, k3.transpose(1, 2), beta=0.5, alpha=SCALE)
+        s = torch.baddbmm(
+            self.bias.expand(B * H, S, S), q3, k3.transpose(1, 2), beta=0.5, alpha=SCALE
+        )
         return self.p.merge(torch.bmm(s.softmax(-1), v3).view(B, H, S, D))
 
 
@@ -234,10 +238,18 @@ class BiasFromInputRequiringGrad(nn.Module):
 
 
 PROGRAMS = [
-    (SwinRelativeBias, 9), (SwinShiftedWindowMask, 9), (AlibiLearnedSlopes, S),
-    (AlibiCausalLearnedSlopesSdpa, S), (BaddbmmLearnedBias, S), (BaddbmmLearnedBiasBetaHalf, S),
-    (SdpaLearnedFloatMask, S), (T5RelativeBucketBias, S), (LearnedBiasPlusBoolMask, S),
-    (LearnedBiasAddedBeforeScale, S), (LearnedBiasSubtracted, S), (LearnedMultiplicativeGate, S),
+    (SwinRelativeBias, 9),
+    (SwinShiftedWindowMask, 9),
+    (AlibiLearnedSlopes, S),
+    (AlibiCausalLearnedSlopesSdpa, S),
+    (BaddbmmLearnedBias, S),
+    (BaddbmmLearnedBiasBetaHalf, S),
+    (SdpaLearnedFloatMask, S),
+    (T5RelativeBucketBias, S),
+    (LearnedBiasPlusBoolMask, S),
+    (LearnedBiasAddedBeforeScale, S),
+    (LearnedBiasSubtracted, S),
+    (LearnedMultiplicativeGate, S),
     (LearnedPerHeadScaleParam, S),
 ]
 

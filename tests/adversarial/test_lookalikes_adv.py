@@ -18,8 +18,11 @@ SCALE = 1.0 / math.sqrt(D)
 def qkv(seed=0, b=B, h=H, s=S, d=D, skv=None):
     g = torch.Generator().manual_seed(seed)
     skv = skv or s
-    return (torch.randn(b, h, s, d, generator=g), torch.randn(b, h, skv, d, generator=g),
-            torch.randn(b, h, skv, d, generator=g))
+    return (
+        torch.randn(b, h, s, d, generator=g),
+        torch.randn(b, h, skv, d, generator=g),
+        torch.randn(b, h, skv, d, generator=g),
+    )
 
 
 def scores(q, k):
@@ -27,6 +30,7 @@ def scores(q, k):
 
 
 # --- function look-alikes over (q, k, v)
+
 
 def tanh_softcap(q, k, v):
     cap = 5.0
@@ -310,9 +314,15 @@ def _args(fn):
         q = q[..., :4, :]
     if fn in (gqa_repeat_not_interleave, gqa_expand_outer_reshape, gqa_k_interleave_v_repeat):
         q, k, v = qkv(h=4)
-    extra = {renormalised_after_mask: (KEEP,), post_softmax_mask: (KEEP,), mask_on_values: (KEEP,),
-             talking_heads_pre_softmax: (MIX,), talking_heads_post_softmax: (MIX,),
-             where_other_is_not_constant: (BOOLM,), where_polarity_inverted: (BOOLM,)}.get(fn, ())
+    extra = {
+        renormalised_after_mask: (KEEP,),
+        post_softmax_mask: (KEEP,),
+        mask_on_values: (KEEP,),
+        talking_heads_pre_softmax: (MIX,),
+        talking_heads_post_softmax: (MIX,),
+        where_other_is_not_constant: (BOOLM,),
+        where_polarity_inverted: (BOOLM,),
+    }.get(fn, ())
     return (q, k, v) + extra
 
 
@@ -326,19 +336,61 @@ class Fn(nn.Module):
 
 
 FUNCS = [
-    tanh_softcap, tanh_softcap_then_causal, clamp_logits, renormalised_after_mask, post_softmax_mask,
-    weights_returned, scores_returned, softmax_over_query_axis, softmax_dim2_of_4d, max_shift_key_axis,
-    max_shift_query_axis, mean_shift_query_axis, scores_reused_twice, scores_reused_in_output,
-    weights_reused_for_two_values, log_softmax_weights, exp_of_log_softmax, squared_relu_attention,
-    sigmoid_attention, sharpened_weights, weights_scaled_after, weights_plus_identity, transposed_weights,
-    values_on_the_left, no_transpose_q_at_k, values_transposed, k_transposed_twice, einsum_output_swapped,
-    einsum_sum_over_heads, einsum_value_wrong_axis, linear_attention_feature_softmax,
-    talking_heads_pre_softmax, talking_heads_post_softmax, triu2_not_causal, tril_minus1_mask, anti_causal,
-    causal_bottom_right_cross, causal_top_left_cross, sdpa_is_causal_cross, mask_from_scores_themselves,
-    topk_sparsified, where_other_is_not_constant, where_polarity_inverted, negative_scale, zero_scale,
-    scale_on_values, mask_on_values, softmax_of_sum_with_other_scores, manual_stable_softmax,
-    manual_softmax_wrong_axis_norm, gqa_repeat_not_interleave, gqa_expand_outer_reshape,
-    gqa_k_interleave_v_repeat, heads_axis_attention, softmax_then_topk_gather,
+    tanh_softcap,
+    tanh_softcap_then_causal,
+    clamp_logits,
+    renormalised_after_mask,
+    post_softmax_mask,
+    weights_returned,
+    scores_returned,
+    softmax_over_query_axis,
+    softmax_dim2_of_4d,
+    max_shift_key_axis,
+    max_shift_query_axis,
+    mean_shift_query_axis,
+    scores_reused_twice,
+    scores_reused_in_output,
+    weights_reused_for_two_values,
+    log_softmax_weights,
+    exp_of_log_softmax,
+    squared_relu_attention,
+    sigmoid_attention,
+    sharpened_weights,
+    weights_scaled_after,
+    weights_plus_identity,
+    transposed_weights,
+    values_on_the_left,
+    no_transpose_q_at_k,
+    values_transposed,
+    k_transposed_twice,
+    einsum_output_swapped,
+    einsum_sum_over_heads,
+    einsum_value_wrong_axis,
+    linear_attention_feature_softmax,
+    talking_heads_pre_softmax,
+    talking_heads_post_softmax,
+    triu2_not_causal,
+    tril_minus1_mask,
+    anti_causal,
+    causal_bottom_right_cross,
+    causal_top_left_cross,
+    sdpa_is_causal_cross,
+    mask_from_scores_themselves,
+    topk_sparsified,
+    where_other_is_not_constant,
+    where_polarity_inverted,
+    negative_scale,
+    zero_scale,
+    scale_on_values,
+    mask_on_values,
+    softmax_of_sum_with_other_scores,
+    manual_stable_softmax,
+    manual_softmax_wrong_axis_norm,
+    gqa_repeat_not_interleave,
+    gqa_expand_outer_reshape,
+    gqa_k_interleave_v_repeat,
+    heads_axis_attention,
+    softmax_then_topk_gather,
 ]
 
 
@@ -458,8 +510,16 @@ class SoftcapModule(nn.Module):
         return self.p.merge(s.softmax(-1) @ v)
 
 
-MODULES = [AttentionSinks, AttentionSinksMaxShifted, CosineAttentionLearnedTemperature, TemperatureParameterScalar,
-           MoERouter, RouterDense, TalkingHeadsModule, SoftcapModule]
+MODULES = [
+    AttentionSinks,
+    AttentionSinksMaxShifted,
+    CosineAttentionLearnedTemperature,
+    TemperatureParameterScalar,
+    MoERouter,
+    RouterDense,
+    TalkingHeadsModule,
+    SoftcapModule,
+]
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=lambda c: c.__name__)
@@ -470,7 +530,13 @@ def test_lookalike_module_outputs_and_gradients_unchanged(cls):
 
 def test_temperature_as_tensor_input():
     q, k, v = qkv()
-    check(Fn(lambda q, k, v, t: ((q @ k.transpose(-2, -1)) * t).softmax(-1) @ v), q, k, v, torch.tensor(0.37))
+    check(
+        Fn(lambda q, k, v, t: ((q @ k.transpose(-2, -1)) * t).softmax(-1) @ v),
+        q,
+        k,
+        v,
+        torch.tensor(0.37),
+    )
 
 
 def test_temperature_tensor_per_head_input():

@@ -64,7 +64,8 @@ class SdpaFloatMask(nn.Module):
     def forward(self, q, k, v, masked):
         f = fill_value(self.fill, q.dtype)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=torch.zeros(masked.shape, dtype=q.dtype).masked_fill(masked, f))
+            q, k, v, attn_mask=torch.zeros(masked.shape, dtype=q.dtype).masked_fill(masked, f)
+        )
 
 
 def qkv(dtype=torch.float32, seed=0):
@@ -102,13 +103,29 @@ def mask_of(kind):
 
 
 SPELLINGS = ["masked_fill", "where_keep", "where_masked", "additive_keep", "additive_prebuilt"]
-KINDS = ["per_query", "per_head", "per_batch", "key_padding", "diag_inclusive_causal", "full_shape_random"]
+KINDS = [
+    "per_query",
+    "per_head",
+    "per_batch",
+    "key_padding",
+    "diag_inclusive_causal",
+    "full_shape_random",
+]
 
 # every spelling x fill on two kinds, every kind on the -inf and finfo.min masked_fill
 MATRIX = sorted(
     {(sp, f, kd) for sp in SPELLINGS for f in FILLS for kd in ("per_query", "key_padding")}
-    | {(sp, f, kd) for sp in ("masked_fill", "additive_keep") for f in ("neginf", "finfo_min") for kd in KINDS}
-    | {("where_keep", f, kd) for f in ("m1e4", "m1e9") for kd in ("per_head", "diag_inclusive_causal")}
+    | {
+        (sp, f, kd)
+        for sp in ("masked_fill", "additive_keep")
+        for f in ("neginf", "finfo_min")
+        for kd in KINDS
+    }
+    | {
+        ("where_keep", f, kd)
+        for f in ("m1e4", "m1e9")
+        for kd in ("per_head", "diag_inclusive_causal")
+    }
 )
 
 
@@ -130,8 +147,15 @@ def test_sdpa_float_mask_fully_masked_rows_reproduce_eager(fill):
     check(SdpaFloatMask(FILLS[fill]), q, k, v, mask_of("per_query"))
 
 
-@pytest.mark.parametrize("spelling, fill", [("masked_fill", "neginf"), ("masked_fill", "finfo_min"),
-                                            ("additive_keep", "finfo_min"), ("where_keep", "m1e4")])
+@pytest.mark.parametrize(
+    "spelling, fill",
+    [
+        ("masked_fill", "neginf"),
+        ("masked_fill", "finfo_min"),
+        ("additive_keep", "finfo_min"),
+        ("where_keep", "m1e4"),
+    ],
+)
 def test_fully_masked_rows_bf16_reproduce_eager(spelling, fill):
     q, k, v = qkv(torch.bfloat16)
     check(MaskedAttention(spelling, FILLS[fill]), q, k, v, mask_of("key_padding"))
@@ -179,7 +203,15 @@ def test_neginf_fill_gradient_on_partially_masked_rows():
 @pytest.mark.parametrize("fill", ["finfo_min", "m1e4"])
 def test_finite_fill_fully_masked_row_gradient(fill):
     q, k, v = qkv()
-    check(MaskedAttention("masked_fill", FILLS[fill]), q, k, v, mask_of("key_padding"), grad=True, grad_inputs=(0, 1, 2))
+    check(
+        MaskedAttention("masked_fill", FILLS[fill]),
+        q,
+        k,
+        v,
+        mask_of("key_padding"),
+        grad=True,
+        grad_inputs=(0, 1, 2),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +353,9 @@ def test_fill_followed_by_additive_bias(fill):
     check(FillThenAddBias(FILLS[fill]), q, k, v, m, bias)
 
 
-@pytest.mark.parametrize("f1, f2", [(-1e4, -1e9), (NEG_INF, -1.0), (-1e9, -1e4), (-1.0, NEG_INF),
-                                    (NEG_INF, -1e4)])
+@pytest.mark.parametrize(
+    "f1, f2", [(-1e4, -1e9), (NEG_INF, -1.0), (-1e9, -1e4), (-1.0, NEG_INF), (NEG_INF, -1e4)]
+)
 def test_two_fills_with_different_values(f1, f2):
     """Rows masked by a mix of both fills: eager gives the weight to the less negative fill's keys."""
     q, k, v = qkv()
@@ -419,8 +452,16 @@ def leading_pad():
     return pad
 
 
-@pytest.mark.parametrize("cls", [TwoNegInfFills, SameFiniteFillTwice, CausalPlusPaddingAdditiveFinfoMin,
-                                 SdpaBoolMaskAndCausalComposed], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [
+        TwoNegInfFills,
+        SameFiniteFillTwice,
+        CausalPlusPaddingAdditiveFinfoMin,
+        SdpaBoolMaskAndCausalComposed,
+    ],
+    ids=lambda c: c.__name__,
+)
 def test_rows_fully_masked_only_by_composed_masks(cls):
     q, k, v = qkv()
     check(cls(), q, k, v, leading_pad())
@@ -430,4 +471,12 @@ def test_neginf_fully_masked_rows_gradients_reproduce_eager_nan_pattern():
     """Eager's backward on a -inf row: masked_fill's backward zeroes the NaN score gradients (q, k
     gradients finite), the value gradient is NaN through the NaN weights. Same pattern required."""
     q, k, v = qkv()
-    check(MaskedAttention("masked_fill", NEG_INF), q, k, v, mask_of("per_query"), grad=True, grad_inputs=(0, 1, 2))
+    check(
+        MaskedAttention("masked_fill", NEG_INF),
+        q,
+        k,
+        v,
+        mask_of("per_query"),
+        grad=True,
+        grad_inputs=(0, 1, 2),
+    )

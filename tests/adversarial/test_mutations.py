@@ -296,7 +296,7 @@ class QZeroBetweenScoresAndSoftmax(nn.Module):
 
     def forward(self, x):
         q, k, v = self.p.qkv(x)
-        s = torch.matmul(q, k.transpose(-2, -1)) / (D ** 0.5)
+        s = torch.matmul(q, k.transpose(-2, -1)) / (D**0.5)
         q.zero_()
         p = torch.softmax(s, dim=-1)
         return self.p.merge(torch.matmul(p, v))
@@ -325,7 +325,7 @@ class ScoresMaskedFillInplace(nn.Module):
     def forward(self, x):
         q, k, v = self.p.qkv(x)
         w = q @ k.transpose(-2, -1)
-        w.div_(D ** 0.5)
+        w.div_(D**0.5)
         w.masked_fill_(self.causal, float("-inf"))
         return self.p.merge(w.softmax(-1) @ v)
 
@@ -365,7 +365,9 @@ class WeightsMulInplaceByKeep(nn.Module):
     def __init__(self):
         super().__init__()
         self.p = Proj()
-        self.register_buffer("keep", (torch.rand(S, S, generator=torch.Generator().manual_seed(3)) > 0.4).float())
+        self.register_buffer(
+            "keep", (torch.rand(S, S, generator=torch.Generator().manual_seed(3)) > 0.4).float()
+        )
 
     def forward(self, x):
         q, k, v = self.p.qkv(x)
@@ -484,12 +486,16 @@ class NeighbourMaskFilledAfterLastSite(nn.Module):
     def __init__(self):
         super().__init__()
         self.p = Proj()
-        self.register_buffer("m", torch.rand(S, S, generator=torch.Generator().manual_seed(5)) > 0.5)
+        self.register_buffer(
+            "m", torch.rand(S, S, generator=torch.Generator().manual_seed(5)) > 0.5
+        )
 
     def forward(self, x):
         q, k, v = self.p.qkv(x)
         a = (q @ k.transpose(-2, -1) * SCALE).masked_fill(self.m, -1.0).softmax(-1) @ v
-        b = F.scaled_dot_product_attention(q, k, v, attn_mask=~self.m | torch.eye(S, dtype=torch.bool))
+        b = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=~self.m | torch.eye(S, dtype=torch.bool)
+        )
         self.m.copy_(self.m.roll(1, dims=-1))
         return self.p.merge(a + b)
 
@@ -585,8 +591,16 @@ def test_inputs_mutated_in_place_next_to_site(cls):
     check(cls(), q, k, v)
 
 
-@pytest.mark.parametrize("cls", [KProjViewAddBefore, VMulBetweenScoresAndValues, ScoresMaskedFillInplace,
-                                 ScoresAddBiasInplace, QPrescaleInplaceOperator])
+@pytest.mark.parametrize(
+    "cls",
+    [
+        KProjViewAddBefore,
+        VMulBetweenScoresAndValues,
+        ScoresMaskedFillInplace,
+        ScoresAddBiasInplace,
+        QPrescaleInplaceOperator,
+    ],
+)
 def test_mutation_next_to_site_gradients_match_eager(cls):
     torch.manual_seed(0)
     check(cls(), x_input(), grad=True)
@@ -684,9 +698,14 @@ class AdditiveMaskMutatedBetweenAddAndSoftmax(nn.Module):
         return self.p.merge(s.softmax(-1) @ v)
 
 
-ALIAS_CASES = [VMutatedThroughBaseBetweenScoresAndValues, KMutatedThroughBaseBetweenScoresAndValues,
-               CacheSliceViewMutatedBetweenScoresAndValues, MaskMutatedBetweenScoresAndFill,
-               MaskMutatedBetweenFillAndSoftmax, AdditiveMaskMutatedBetweenAddAndSoftmax]
+ALIAS_CASES = [
+    VMutatedThroughBaseBetweenScoresAndValues,
+    KMutatedThroughBaseBetweenScoresAndValues,
+    CacheSliceViewMutatedBetweenScoresAndValues,
+    MaskMutatedBetweenScoresAndFill,
+    MaskMutatedBetweenFillAndSoftmax,
+    AdditiveMaskMutatedBetweenAddAndSoftmax,
+]
 
 
 @pytest.mark.parametrize("cls", ALIAS_CASES, ids=lambda c: c.__name__)

@@ -73,8 +73,14 @@ class ScoresSoftmaxInFp32ValuesFp32(nn.Module):
         return p @ v.float()
 
 
-FP32_KEPT = [UpcastSdpaKeepFp32, UpcastHandwrittenKeepFp32, UpcastEinsumKeepFp32, UpcastTypeAsFp32Tensor,
-             UpcastOutputFeedsFp32Residual, ScoresSoftmaxInFp32ValuesFp32]
+FP32_KEPT = [
+    UpcastSdpaKeepFp32,
+    UpcastHandwrittenKeepFp32,
+    UpcastEinsumKeepFp32,
+    UpcastTypeAsFp32Tensor,
+    UpcastOutputFeedsFp32Residual,
+    ScoresSoftmaxInFp32ValuesFp32,
+]
 
 
 def bf16_qkv(seed=0):
@@ -154,8 +160,13 @@ class DowncastFp32ToBf16ForAttention(nn.Module):
         return o.float()
 
 
-CAST_BACK = [HFStyleSoftmaxUpcastTypeAs, UpcastSdpaCastBack, UpcastHandwrittenCastBackBf16, SoftmaxFloatTypeAs,
-             Bf16Throughout]
+CAST_BACK = [
+    HFStyleSoftmaxUpcastTypeAs,
+    UpcastSdpaCastBack,
+    UpcastHandwrittenCastBackBf16,
+    SoftmaxFloatTypeAs,
+    Bf16Throughout,
+]
 
 
 @pytest.mark.parametrize("cls", CAST_BACK, ids=lambda c: c.__name__)

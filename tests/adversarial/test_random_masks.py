@@ -116,9 +116,18 @@ class NNDropoutModuleTrainMode(Base):
         return self.p.merge(p @ v)
 
 
-PROGRAMS = [RandMaskMaskedFill, BernoulliKeyDropSdpa, RandintWindowMask, RandLikeScoresNoise,
-            RandLikeMaskFromScores, RandMaskDrawnBetweenScoresAndSoftmax, RandMaskTwoSitesSameDraw,
-            DropoutOnWeightsTraining, SdpaDropoutTraining, NNDropoutModuleTrainMode]
+PROGRAMS = [
+    RandMaskMaskedFill,
+    BernoulliKeyDropSdpa,
+    RandintWindowMask,
+    RandLikeScoresNoise,
+    RandLikeMaskFromScores,
+    RandMaskDrawnBetweenScoresAndSoftmax,
+    RandMaskTwoSitesSameDraw,
+    DropoutOnWeightsTraining,
+    SdpaDropoutTraining,
+    NNDropoutModuleTrainMode,
+]
 
 
 @pytest.mark.parametrize("cls", PROGRAMS, ids=lambda c: c.__name__)
@@ -144,7 +153,9 @@ def test_random_mask_consecutive_calls_differ_like_eager(cls):
         torch.manual_seed(77)
         c1, c2 = cm(x), cm(x)
     assert not torch.allclose(e1, e2), "test premise: eager's two calls differ"
-    assert not torch.allclose(c1, c2), "compiled gave the same output twice: the random mask was frozen"
+    assert not torch.allclose(c1, c2), (
+        "compiled gave the same output twice: the random mask was frozen"
+    )
     assert_same_tree((c1, c2), (e1, e2), "outputs of two unseeded calls")
 
 

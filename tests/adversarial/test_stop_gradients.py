@@ -192,11 +192,26 @@ class DetachSoftmaxInputOnlyForHalfHeads(Base):
 
 
 PROGRAMS = [
-    DetachQSdpa, DetachKHandwritten, DetachKTransposed, DetachVEinsum, DetachScores,
-    DetachScoresBeforeScale, DetachWeights, DetachWeightsBmm, NoGradScores, NoGradSoftmax,
-    NoGradWholeAttentionPlusResidual, NoGradWholeHandwritten, NoGradKProjection,
-    DetachVButVAlsoInResidual, DetachOutput, DetachQKBothGqa, PartialDetachQ,
-    StraightThroughHardAttention, DetachMaskedScores, DetachedLearnedBias,
+    DetachQSdpa,
+    DetachKHandwritten,
+    DetachKTransposed,
+    DetachVEinsum,
+    DetachScores,
+    DetachScoresBeforeScale,
+    DetachWeights,
+    DetachWeightsBmm,
+    NoGradScores,
+    NoGradSoftmax,
+    NoGradWholeAttentionPlusResidual,
+    NoGradWholeHandwritten,
+    NoGradKProjection,
+    DetachVButVAlsoInResidual,
+    DetachOutput,
+    DetachQKBothGqa,
+    PartialDetachQ,
+    StraightThroughHardAttention,
+    DetachMaskedScores,
+    DetachedLearnedBias,
     DetachSoftmaxInputOnlyForHalfHeads,
 ]
 
@@ -252,8 +267,11 @@ class DetachInsideHelperMethod(Base):
         return self.p.merge(self.scores(q, k).softmax(-1) @ v) + q.sum()
 
 
-@pytest.mark.parametrize("cls", [SetGradEnabledFalseScores, FrozenKeyProjection, DetachInsideHelperMethod],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls",
+    [SetGradEnabledFalseScores, FrozenKeyProjection, DetachInsideHelperMethod],
+    ids=lambda c: c.__name__,
+)
 def test_more_stop_gradient_spellings_match_eager(cls):
     torch.manual_seed(0)
     check(cls(), x_input(), grad=True)

@@ -83,7 +83,9 @@ def make_qkv(B, NB, bs, H, Hk, D, dtype, block_valid):
     k = torch.randn(B, L, Hk, D, dtype=dtype, device=DEVICE)
     v = torch.randn(B, L, Hk, D, dtype=dtype, device=DEVICE)
     # garbage in the padding rows: padded keys must be masked, padded values must not leak
-    pad = (torch.arange(L, device=DEVICE) % bs) >= block_valid.to(DEVICE).long().repeat_interleave(bs)
+    pad = (torch.arange(L, device=DEVICE) % bs) >= block_valid.to(DEVICE).long().repeat_interleave(
+        bs
+    )
     q[:, pad] = float("nan")
     k[:, pad] = float("inf")
     v[:, pad] = float("nan")
@@ -115,8 +117,19 @@ def _tma_available():
 def run_checked(q, k, v, idx, cnt, valid, bs, scale=None, key_mask=None, **kw):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    ret = block_sparse_attention_fwd(q, k, v, idx, cnt, valid, block_size=bs, softmax_scale=scale,
-                                     out=out, key_mask=key_mask, **kw)
+    ret = block_sparse_attention_fwd(
+        q,
+        k,
+        v,
+        idx,
+        cnt,
+        valid,
+        block_size=bs,
+        softmax_scale=scale,
+        out=out,
+        key_mask=key_mask,
+        **kw,
+    )
     assert ret is out
     assert not torch.isnan(out).any(), "unwritten or NaN output elements"
     mask = dense_mask(idx, cnt, valid, bs, q.shape[2])
@@ -138,9 +151,9 @@ def run_checked(q, k, v, idx, cnt, valid, bs, scale=None, key_mask=None, **kw):
 
 # (B, NB, bs, H, Hk, Hm, D, dtype)
 CASES = [
-    (1, 5, 32, 2, 2, 1, 64, torch.bfloat16),   # shared lists
-    (1, 4, 48, 2, 2, 2, 64, torch.bfloat16),   # per-head lists, 48-row tiles (16-wide sub-tiles)
-    (2, 4, 32, 4, 1, 4, 64, torch.float16),    # GQA 4:1, per-head lists, batch 2
+    (1, 5, 32, 2, 2, 1, 64, torch.bfloat16),  # shared lists
+    (1, 4, 48, 2, 2, 2, 64, torch.bfloat16),  # per-head lists, 48-row tiles (16-wide sub-tiles)
+    (2, 4, 32, 4, 1, 4, 64, torch.float16),  # GQA 4:1, per-head lists, batch 2
     (1, 3, 64, 2, 1, 1, 128, torch.bfloat16),  # GQA, D128
     (1, 4, 32, 2, 2, 2, 128, torch.float32),
     (1, 5, 48, 2, 1, 1, 64, torch.float32),
@@ -163,7 +176,7 @@ def test_random_lists_match_float64_reference(B, NB, bs, H, Hk, Hm, D, dtype):
     for use_tma in paths:
         out, _ = run_checked(q, k, v, idx, cnt, valid, bs, use_tma=use_tma)
         # a query block with an empty list gives zeros
-        assert torch.count_nonzero(out[:, bs:2 * bs].float().cpu()) == 0
+        assert torch.count_nonzero(out[:, bs : 2 * bs].float().cpu()) == 0
 
 
 def test_full_lists_equal_dense_attention_over_valid_keys():
@@ -201,7 +214,9 @@ def test_shared_and_per_head_lists_agree():
     idx1, cnt1 = random_lists(1, NB, 3, gen)
     q, k, v = make_qkv(1, NB, bs, H, H, 64, torch.float32, valid)
     a, _ = run_checked(q, k, v, idx1, cnt1, valid, bs)
-    b, _ = run_checked(q, k, v, idx1.expand(H, -1, -1).contiguous(), cnt1.expand(H, -1).contiguous(), valid, bs)
+    b, _ = run_checked(
+        q, k, v, idx1.expand(H, -1, -1).contiguous(), cnt1.expand(H, -1).contiguous(), valid, bs
+    )
     assert torch.equal(a, b)
     idxh, cnth = random_lists(H, NB, 3, gen)
     run_checked(q, k, v, idxh, cnth, valid, bs)
@@ -223,14 +238,25 @@ def test_memory_paths_and_views(use_tma):
     run_checked(q, k, v, idx, cnt, valid, bs, use_tma=use_tma)
 
 
-@pytest.mark.parametrize("block_m,block_n,prefetch", [(32, 16, False), (16, 32, False), (32, 16, True)])
+@pytest.mark.parametrize(
+    "block_m,block_n,prefetch", [(32, 16, False), (16, 32, False), (32, 16, True)]
+)
 def test_tile_shapes(block_m, block_n, prefetch):
     gen = torch.Generator().manual_seed(block_m + block_n)
     NB, bs = 3, 32
     valid = torch.tensor([32, 5, 21], dtype=torch.int32, device=DEVICE)
     idx, cnt = random_lists(1, NB, NB, gen, full_rows=(1,))
     q, k, v = make_qkv(1, NB, bs, 2, 1, 64, torch.float16, valid)
-    run_checked(q, k, v, idx, cnt, valid, bs, config=BlockSparseConfig(block_m, block_n, 4, 1, False, prefetch))
+    run_checked(
+        q,
+        k,
+        v,
+        idx,
+        cnt,
+        valid,
+        bs,
+        config=BlockSparseConfig(block_m, block_n, 4, 1, False, prefetch),
+    )
 
 
 def test_out_of_range_entries_are_ignored():
@@ -283,8 +309,17 @@ def test_rejects_key_mask_of_the_wrong_shape():
     idx, cnt = random_lists(1, 2, 2, torch.Generator().manual_seed(0))
     q, k, v = make_qkv(1, 2, 32, 2, 2, 64, torch.float32, valid)
     with pytest.raises(ValueError, match="key_mask must be a"):
-        block_sparse_attention_fwd(q, k, v, idx, cnt, valid, block_size=32, softmax_scale=0.1,
-                                   key_mask=torch.ones(1, 63, dtype=torch.bool, device=DEVICE))
+        block_sparse_attention_fwd(
+            q,
+            k,
+            v,
+            idx,
+            cnt,
+            valid,
+            block_size=32,
+            softmax_scale=0.1,
+            key_mask=torch.ones(1, 63, dtype=torch.bool, device=DEVICE),
+        )
 
 
 def test_rejects_block_size_not_multiple_of_16():

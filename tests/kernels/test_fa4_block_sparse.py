@@ -37,7 +37,9 @@ def piece_mask(lists, L):
     """bool [Bk, Hm, L, L] that FA4 computes from piece lists (full pieces unmasked, mask pieces
     through the key table)."""
     bk, hm, n_pieces = lists.full_cnt.shape
-    table = torch.ones(bk, L, dtype=torch.bool) if lists.key_table is None else lists.key_table.bool()
+    table = (
+        torch.ones(bk, L, dtype=torch.bool) if lists.key_table is None else lists.key_table.bool()
+    )
     piece = torch.arange(L) // PIECE
     out = torch.zeros(bk, hm, n_pieces, n_pieces, dtype=torch.bool)
     part = torch.zeros(bk, hm, n_pieces, n_pieces, dtype=torch.bool)
@@ -96,7 +98,9 @@ def test_whole_piece_tiles_need_no_mask():
     lists = fa4_block_lists(idx, cnt, valid, 384, ragged=False)
     assert lists.key_table is None and int(lists.mask_cnt.sum()) == 0
     q_tok = (torch.arange(3 * 384) % 384) < valid.long().repeat_interleave(384)
-    assert torch.equal(piece_mask(lists, 3 * 384)[0][:, q_tok], tile_mask(idx, cnt, valid, 384)[:, q_tok])
+    assert torch.equal(
+        piece_mask(lists, 3 * 384)[0][:, q_tok], tile_mask(idx, cnt, valid, 384)[:, q_tok]
+    )
 
 
 def test_a_key_padding_mask_gives_lists_per_batch_element():
@@ -143,8 +147,14 @@ def test_fa4_matches_the_masked_reference_on_token_rows(hm, key_padding):
         key_mask = torch.ones(B, nb * bs, dtype=torch.bool)
         key_mask[1, 300:900] = False
     q, k, v = (torch.randn(B, nb * bs, H, D, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-    lists = fa4_block_lists(idx.cuda(), cnt.cuda(), valid.cuda(), bs, ragged=True,
-                            key_mask=None if key_mask is None else key_mask.cuda())
+    lists = fa4_block_lists(
+        idx.cuda(),
+        cnt.cuda(),
+        valid.cuda(),
+        bs,
+        ragged=True,
+        key_mask=None if key_mask is None else key_mask.cuda(),
+    )
     out = fa4_block_sparse_attention(q, k, v, lists, D**-0.5).float().cpu()
     mask = tile_mask(idx, cnt, valid, bs).expand(H, -1, -1)[None]
     if key_mask is not None:

@@ -50,7 +50,9 @@ def rel_err(out, ref):
 def run_checked(q, k, v, *, causal=False, kv_lengths=None, scale=None, **kw):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)
-    ret = attention_fwd(q, k, v, softmax_scale=scale, causal=causal, kv_lengths=kv_lengths, out=out, **kw)
+    ret = attention_fwd(
+        q, k, v, softmax_scale=scale, causal=causal, kv_lengths=kv_lengths, out=out, **kw
+    )
     assert ret is out
     assert not torch.isnan(out).any(), "unwritten or NaN output elements"
     ref = reference(q, k, v, scale, causal, kv_lengths)
@@ -80,7 +82,11 @@ CASES = [
 @pytest.mark.parametrize("B,Sq,Sk,H,Hk,D,causal,dtype", CASES)
 def test_matches_float64_reference(B, Sq, Sk, H, Hk, D, causal, dtype):
     torch.manual_seed(hash((B, Sq, Sk, H, Hk, D, causal)) % 2**31)
-    q, k, v = rand(B, Sq, H, D, dtype=dtype), rand(B, Sk, Hk, D, dtype=dtype), rand(B, Sk, Hk, D, dtype=dtype)
+    q, k, v = (
+        rand(B, Sq, H, D, dtype=dtype),
+        rand(B, Sk, Hk, D, dtype=dtype),
+        rand(B, Sk, Hk, D, dtype=dtype),
+    )
     run_checked(q, k, v, causal=causal)
 
 
@@ -163,7 +169,11 @@ def test_both_memory_paths_agree():
 
 
 def _qkv(D=64, dtype=torch.bfloat16, H=2, Hk=2):
-    return rand(1, 8, H, D, dtype=dtype), rand(1, 8, Hk, D, dtype=dtype), rand(1, 8, Hk, D, dtype=dtype)
+    return (
+        rand(1, 8, H, D, dtype=dtype),
+        rand(1, 8, Hk, D, dtype=dtype),
+        rand(1, 8, Hk, D, dtype=dtype),
+    )
 
 
 def test_rejects_unsupported_head_dim():
@@ -191,7 +201,9 @@ def test_rejects_bad_layouts_and_lengths():
     with pytest.raises(ValueError, match="4-D"):
         attention_fwd(q[0], k, v, softmax_scale=0.1)
     with pytest.raises(ValueError, match="kv_lengths"):
-        attention_fwd(q, k, v, softmax_scale=0.1, kv_lengths=torch.ones(2, dtype=torch.int32, device=DEVICE))
+        attention_fwd(
+            q, k, v, softmax_scale=0.1, kv_lengths=torch.ones(2, dtype=torch.int32, device=DEVICE)
+        )
     with pytest.raises(ValueError, match="softmax_scale"):
         attention_fwd(q, k, v, softmax_scale=0.0)
 
@@ -210,7 +222,11 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_real_sizes(D, causal, dtype):
     torch.manual_seed(D + causal)
-    q, k, v = rand(2, 1000, 4, D, dtype=dtype), rand(2, 1100, 2, D, dtype=dtype), rand(2, 1100, 2, D, dtype=dtype)
+    q, k, v = (
+        rand(2, 1000, 4, D, dtype=dtype),
+        rand(2, 1100, 2, D, dtype=dtype),
+        rand(2, 1100, 2, D, dtype=dtype),
+    )
     kv_lengths = torch.tensor([1100, 555], dtype=torch.int32, device=DEVICE)
     run_checked(q, k, v, causal=causal)
     run_checked(q, k, v, causal=causal, kv_lengths=kv_lengths)

@@ -24,14 +24,20 @@ def test_ltx_video_takes_patchified_tokens_with_its_latent_grid():
 
 
 def test_a_pixel_video_maps_through_the_classs_own_vae():
-    _, _, kwargs = from_diffusers("LTXVideoTransformer3DModel", video=(17, 96, 128))  # 8x in time, 32x in space
+    _, _, kwargs = from_diffusers(
+        "LTXVideoTransformer3DModel", video=(17, 96, 128)
+    )  # 8x in time, 32x in space
     assert (kwargs["num_frames"], kwargs["height"], kwargs["width"]) == (3, 3, 4)
-    _, args, _ = from_diffusers("WanTransformer3DModel", video=(9, 64, None))  # Wan's 4x8; width: the preset's
+    _, args, _ = from_diffusers(
+        "WanTransformer3DModel", video=(9, 64, None)
+    )  # Wan's 4x8; width: the preset's
     assert args[0].shape[2:] == (3, 8, 16)
 
 
 def test_config_overrides_apply_on_top_of_a_preset():
-    model, _, _ = from_diffusers("WanTransformer3DModel", "tiny", config={"num_layers": 3, "ffn_dim": 48})
+    model, _, _ = from_diffusers(
+        "WanTransformer3DModel", "tiny", config={"num_layers": 3, "ffn_dim": 48}
+    )
     assert len(model.blocks) == 3 and model.config.ffn_dim == 48
 
 
@@ -43,5 +49,8 @@ def test_a_class_without_a_preset_of_its_own_is_shrunk_and_runs():
 
 
 def test_an_image_transformer_is_not_a_video_transformer():
-    with pytest.raises(FvCompileError, match=r"unsupported diffusers class 'FluxTransformer2DModel'.*\*Transformer3DModel"):
+    with pytest.raises(
+        FvCompileError,
+        match=r"unsupported diffusers class 'FluxTransformer2DModel'.*\*Transformer3DModel",
+    ):
         from_diffusers("FluxTransformer2DModel")

@@ -54,7 +54,9 @@ def test_fullgraph_compile_matches_eager(tiny):
 def test_text_mask_all_valid_is_a_no_op(tiny):
     model, (latent, timestep, text), _ = tiny
     all_valid = torch.ones(text.shape[:2], dtype=torch.bool)
-    torch.testing.assert_close(model(latent, timestep, text, all_valid), model(latent, timestep, text))
+    torch.testing.assert_close(
+        model(latent, timestep, text, all_valid), model(latent, timestep, text)
+    )
 
 
 def test_text_mask_hides_padded_tokens(tiny):
@@ -90,7 +92,9 @@ def test_latent_grid_and_token_count():
     assert latent_grid(1, 480, 832) == (1, 60, 104)
     assert token_count("wan2.1-1.3b", (21, 60, 104)) == 32_760
     assert token_count("wan2.1-1.3b") == 32_760
-    (latent, _, text), _ = example_inputs("wan2.1-1.3b", frames=81, height=480, width=832, device="meta")
+    (latent, _, text), _ = example_inputs(
+        "wan2.1-1.3b", frames=81, height=480, width=832, device="meta"
+    )
     assert latent.shape == (1, 16, 21, 60, 104) and text.shape == (1, 512, 4096)
     (latent, _, _), _ = example_inputs("wan-tiny", grid=(3, 4, 6), batch=2)
     assert latent.shape == (2, 4, 3, 4, 6)
@@ -148,12 +152,18 @@ def test_diffusers_is_only_imported_lazily():
                 names = [node.module or ""]
             else:
                 continue
-            assert not any(n.split(".")[0] == "diffusers" for n in names), f"{source.name} imports diffusers eagerly"
+            assert not any(n.split(".")[0] == "diffusers" for n in names), (
+                f"{source.name} imports diffusers eagerly"
+            )
 
 
 @pytest.mark.parametrize(
     "class_name, attention_sites",
-    [("WanTransformer3DModel", 4), ("CogVideoXTransformer3DModel", 2), ("HunyuanVideoTransformer3DModel", 5)],
+    [
+        ("WanTransformer3DModel", 4),
+        ("CogVideoXTransformer3DModel", 2),
+        ("HunyuanVideoTransformer3DModel", 5),
+    ],
 )
 def test_from_diffusers_tiny_runs(class_name, attention_sites):
     pytest.importorskip("diffusers")

@@ -52,10 +52,21 @@ __all__ = ["SUPPORTED_HEAD_DIMS", "BlockSparseConfig", "block_sparse_attention_f
 
 @triton.jit
 def _plan_kernel(
-    IDX, CNT, VALID,  # kv_indices [Hm, NB, MAX_KV], kv_counts [Hm, NB], block_valid [NB]
-    FULL, NFULL, PART, PEND, NPART,  # plan outputs, see _make_plan
-    n_blocks, max_kv, max_full,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, KV_P2: tl.constexpr, SUB: tl.constexpr,
+    IDX,
+    CNT,
+    VALID,  # kv_indices [Hm, NB, MAX_KV], kv_counts [Hm, NB], block_valid [NB]
+    FULL,
+    NFULL,
+    PART,
+    PEND,
+    NPART,  # plan outputs, see _make_plan
+    n_blocks,
+    max_kv,
+    max_full,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KV_P2: tl.constexpr,
+    SUB: tl.constexpr,
 ):
     row = tl.program_id(0)  # hm * n_blocks + qb
     i = tl.arange(0, KV_P2)
@@ -86,12 +97,30 @@ def _plan_kernel(
 
 @triton.jit
 def _bs_fwd_block(
-    acc, l_i, m_i, q,
-    k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-    LIST, END, KM, n, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    PREFETCH_IDX: tl.constexpr = False, KEY_MASK: tl.constexpr = False,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_desc,
+    v_desc,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    LIST,
+    END,
+    KM,
+    n,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREFETCH_IDX: tl.constexpr = False,
+    KEY_MASK: tl.constexpr = False,
 ):
     """Fold the ``n`` key sub-blocks whose start rows are ``LIST[0:n]`` into (acc, l_i, m_i).
     ``MASKED``: keys at rows ``>= END[j]`` of sub-block ``j`` are padding (masked, values zeroed).
@@ -152,7 +181,9 @@ def _bs_fwd_block(
             else:
                 v = tl.load(v_ptrs)
         if UPCAST:
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(
+                p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION
+            )
         else:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -161,15 +192,36 @@ def _bs_fwd_block(
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, O, VALID,
-    FULL, NFULL, PART, PEND, NPART,
-    KM, stride_kmb,  # key mask [B|1, L] int8 (1 = attend), read only when HAS_KEY_MASK
+    Q,
+    K,
+    V,
+    O,
+    VALID,
+    FULL,
+    NFULL,
+    PART,
+    PEND,
+    NPART,
+    KM,
+    stride_kmb,  # key mask [B|1, L] int8 (1 = attend), read only when HAS_KEY_MASK
     qk_scale,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    H, L, n_blocks, max_kv, max_full,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    H,
+    L,
+    n_blocks,
+    max_kv,
+    max_full,
     PER_HEAD: tl.constexpr,  # lists per head (Hm == H) or shared (Hm == 1)
     GROUP: tl.constexpr,  # H // Hk
     BLOCK_SIZE: tl.constexpr,
@@ -218,12 +270,15 @@ def _block_sparse_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[L, HEAD_DIM], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[L, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[L, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        q_desc = tl.make_tensor_descriptor(
+            q_base, shape=[L, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
+        k_desc = tl.make_tensor_descriptor(
+            k_base, shape=[L, HEAD_DIM], strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_base, shape=[L, HEAD_DIM], strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
         q = q_desc.load([m0, 0])
     else:
         k_desc = None
@@ -237,21 +292,66 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     acc, l_i, m_i = _bs_fwd_block(
-        acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-        full_list, full_list, km_base, n_full, qk_scale,
-        HEAD_DIM, BLOCK_N, False, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION, UPCAST, PREFETCH_IDX, HAS_KEY_MASK)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_desc,
+        v_desc,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        full_list,
+        full_list,
+        km_base,
+        n_full,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        False,
+        USE_TMA,
+        WARP_SPECIALIZE,
+        DOT_PRECISION,
+        UPCAST,
+        PREFETCH_IDX,
+        HAS_KEY_MASK,
+    )
     acc, l_i, m_i = _bs_fwd_block(
-        acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-        part_list, part_end, km_base, n_part, qk_scale,
-        HEAD_DIM, BLOCK_N, True, USE_TMA, False, DOT_PRECISION, UPCAST, False, HAS_KEY_MASK)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_desc,
+        v_desc,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        part_list,
+        part_end,
+        km_base,
+        n_part,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        True,
+        USE_TMA,
+        False,
+        DOT_PRECISION,
+        UPCAST,
+        False,
+        HAS_KEY_MASK,
+    )
 
     # padded query rows and rows that saw no key (l == 0) are written as 0
     row_ok = ((offs_m - qb * BLOCK_SIZE) < q_valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0).to(O.dtype.element_ty)
     if USE_TMA:
-        o_desc = tl.make_tensor_descriptor(o_base, shape=[L, HEAD_DIM], strides=[stride_os, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc = tl.make_tensor_descriptor(
+            o_base, shape=[L, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
         o_desc.store([m0, 0], out)
     else:
         tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :], out)
@@ -296,8 +396,10 @@ def _largest_divisor(block_size: int, cap: int) -> int:
 
 
 def _fit(cfg: BlockSparseConfig, block_size: int) -> BlockSparseConfig:
-    return cfg._replace(block_m=_largest_divisor(block_size, cfg.block_m),
-                        block_n=_largest_divisor(block_size, cfg.block_n))
+    return cfg._replace(
+        block_m=_largest_divisor(block_size, cfg.block_m),
+        block_n=_largest_divisor(block_size, cfg.block_n),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +407,9 @@ def _fit(cfg: BlockSparseConfig, block_size: int) -> BlockSparseConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask=None):
+def _check_inputs(
+    q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask=None
+):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D [batch, seq, heads, head_dim] tensor")
@@ -319,14 +423,18 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softm
         raise ValueError("q, k, v must be on one device")
     B, L, H, D = q.shape
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(
+            f"head_dim {D} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
+        )
     if k.shape[-1] != D or v.shape[-1] != D:
         raise ValueError(f"q, k, v head dims differ: {D}, {k.shape[-1]}, {v.shape[-1]}")
     if v.shape != k.shape:
         raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[1] != L:
-        raise ValueError(f"k/v must be [B={B}, L={L}, Hk, D] like q (tile-major self-attention), "
-                         f"got {tuple(k.shape)}")
+        raise ValueError(
+            f"k/v must be [B={B}, L={L}, Hk, D] like q (tile-major self-attention), "
+            f"got {tuple(k.shape)}"
+        )
     Hk = k.shape[2]
     if Hk == 0 or H % Hk != 0:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hk})")
@@ -335,9 +443,17 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softm
     if L % block_size != 0:
         raise ValueError(f"sequence length L={L} is not a multiple of block_size={block_size}")
     n_blocks = L // block_size
-    if not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0.0 and math.isfinite(softmax_scale)):
+    if not (
+        isinstance(softmax_scale, (int, float))
+        and softmax_scale > 0.0
+        and math.isfinite(softmax_scale)
+    ):
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
-    for name, t, nd in (("kv_indices", kv_indices, 3), ("kv_counts", kv_counts, 2), ("block_valid", block_valid, 1)):
+    for name, t, nd in (
+        ("kv_indices", kv_indices, 3),
+        ("kv_counts", kv_counts, 2),
+        ("block_valid", block_valid, 1),
+    ):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor")
         if t.dtype != torch.int32:
@@ -348,30 +464,47 @@ def _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softm
             raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
     Hm = kv_indices.shape[0]
     if Hm not in (1, H):
-        raise ValueError(f"kv_indices must have 1 or H={H} heads in dim 0, got shape {tuple(kv_indices.shape)}")
+        raise ValueError(
+            f"kv_indices must have 1 or H={H} heads in dim 0, got shape {tuple(kv_indices.shape)}"
+        )
     if kv_indices.shape[1] != n_blocks or kv_indices.shape[2] < 1:
-        raise ValueError(f"kv_indices must be [Hm, n_blocks={n_blocks}, max_kv>=1], got {tuple(kv_indices.shape)}")
+        raise ValueError(
+            f"kv_indices must be [Hm, n_blocks={n_blocks}, max_kv>=1], got {tuple(kv_indices.shape)}"
+        )
     if tuple(kv_counts.shape) != (Hm, n_blocks):
-        raise ValueError(f"kv_counts must be [Hm={Hm}, n_blocks={n_blocks}], got {tuple(kv_counts.shape)}")
+        raise ValueError(
+            f"kv_counts must be [Hm={Hm}, n_blocks={n_blocks}], got {tuple(kv_counts.shape)}"
+        )
     if tuple(block_valid.shape) != (n_blocks,):
-        raise ValueError(f"block_valid must be [n_blocks={n_blocks}], got {tuple(block_valid.shape)}")
+        raise ValueError(
+            f"block_valid must be [n_blocks={n_blocks}], got {tuple(block_valid.shape)}"
+        )
     if out is not None and (
-        out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1
+        out.shape != q.shape
+        or out.dtype != q.dtype
+        or out.device != q.device
+        or out.stride(-1) != 1
     ):
         raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
     if key_mask is not None:
-        if not isinstance(key_mask, torch.Tensor) or key_mask.dim() != 2 or key_mask.shape[0] not in (1, B) \
-                or key_mask.shape[1] != L:
-            raise ValueError(f"key_mask must be a [1 or B={B}, L={L}] tensor, got "
-                             f"{tuple(getattr(key_mask, 'shape', ()))}")
+        if (
+            not isinstance(key_mask, torch.Tensor)
+            or key_mask.dim() != 2
+            or key_mask.shape[0] not in (1, B)
+            or key_mask.shape[1] != L
+        ):
+            raise ValueError(
+                f"key_mask must be a [1 or B={B}, L={L}] tensor, got "
+                f"{tuple(getattr(key_mask, 'shape', ()))}"
+            )
         if key_mask.device != q.device:
             raise ValueError(f"key_mask must be on q's device ({q.device}), got {key_mask.device}")
 
 
 class _Plan(NamedTuple):
-    full: torch.Tensor   # int32 [Hm, NB, max_full]: start rows of fully valid key sub-blocks
+    full: torch.Tensor  # int32 [Hm, NB, max_full]: start rows of fully valid key sub-blocks
     n_full: torch.Tensor  # int32 [Hm, NB]
-    part: torch.Tensor   # int32 [Hm, NB, max_kv]: start rows of partially valid key sub-blocks
+    part: torch.Tensor  # int32 [Hm, NB, max_kv]: start rows of partially valid key sub-blocks
     part_end: torch.Tensor  # int32 [Hm, NB, max_kv]: their end rows (exclusive)
     n_part: torch.Tensor  # int32 [Hm, NB]
 
@@ -387,10 +520,21 @@ def _make_plan(kv_indices, kv_counts, block_valid, block_size, block_n) -> _Plan
     n_full = torch.empty((Hm, NB), dtype=torch.int32, device=dev)
     n_part = torch.empty((Hm, NB), dtype=torch.int32, device=dev)
     _plan_kernel[(Hm * NB,)](
-        kv_indices.contiguous(), kv_counts.contiguous(), block_valid.contiguous(),
-        full, n_full, part, part_end, n_part,
-        NB, max_kv, max_full,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, KV_P2=max(16, triton.next_power_of_2(max_kv)), SUB=sub,
+        kv_indices.contiguous(),
+        kv_counts.contiguous(),
+        block_valid.contiguous(),
+        full,
+        n_full,
+        part,
+        part_end,
+        n_part,
+        NB,
+        max_kv,
+        max_full,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        KV_P2=max(16, triton.next_power_of_2(max_kv)),
+        SUB=sub,
         num_warps=4,
     )
     return _Plan(full, n_full, part, part_end, n_part)
@@ -429,7 +573,9 @@ def block_sparse_attention_fwd(
     ``config``/``use_tma`` override the tile config and memory path (tests, benchmarks);
     ``on_launch`` is called with the launched compiled kernel (benchmarks read its registers).
     """
-    _check_inputs(q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask)
+    _check_inputs(
+        q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask
+    )
     B, L, H, D = q.shape
     Hk = k.shape[2]
     Hm, n_blocks, max_kv = kv_indices.shape
@@ -462,22 +608,50 @@ def block_sparse_attention_fwd(
     extra = {"UPCAST": True} if upcast else {}
     grid = (L // config.block_m, B * H)
     launched = _block_sparse_fwd_kernel[grid](
-        q, k, v, out, block_valid,
-        plan.full, plan.n_full, plan.part, plan.part_end, plan.n_part,
-        km, stride_kmb,
+        q,
+        k,
+        v,
+        out,
+        block_valid,
+        plan.full,
+        plan.n_full,
+        plan.part,
+        plan.part_end,
+        plan.n_part,
+        km,
+        stride_kmb,
         float(softmax_scale) * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, L, n_blocks, max_kv, plan.full.shape[-1],
-        PER_HEAD=(Hm == H and H > 1), GROUP=H // Hk, BLOCK_SIZE=block_size, HEAD_DIM=D,
-        USE_TMA=bool(use_tma), DOT_PRECISION=dot_precision,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        L,
+        n_blocks,
+        max_kv,
+        plan.full.shape[-1],
+        PER_HEAD=(Hm == H and H > 1),
+        GROUP=H // Hk,
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=D,
+        USE_TMA=bool(use_tma),
+        DOT_PRECISION=dot_precision,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
         WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma) and not interpret,
         PREFETCH_IDX=bool(config.prefetch_idx),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-        **extra, **extra_km,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        **extra,
+        **extra_km,
     )
     if on_launch is not None:
         on_launch(launched)

@@ -111,7 +111,9 @@ def fa4_block_lists(
         idx[..., : ids.shape[-1]] = ids
         cnt = keep.sum(-1).clamp(max=n_pieces)
         # every query piece of a tile shares the tile's list; pure-padding pieces get none
-        idx = idx[:, :, :, None].expand(bk, hm, nb, per, n_pieces).reshape(bk, hm, n_pieces, n_pieces)
+        idx = (
+            idx[:, :, :, None].expand(bk, hm, nb, per, n_pieces).reshape(bk, hm, n_pieces, n_pieces)
+        )
         cnt = (cnt[..., None] * q_live).reshape(bk, hm, n_pieces).to(torch.int32)
         return cnt, idx.contiguous()
 
@@ -182,5 +184,7 @@ def fa4_block_sparse_attention(
         if table.shape[0] != q.shape[0]:  # one table for the batch: the mask_mod indexes by batch
             table = table.expand(q.shape[0], -1).contiguous()
         extra = {"mask_mod": _key_table_mask_mod(), "aux_tensors": [table]}
-    out = flash_attn_func(q, k, v, softmax_scale=softmax_scale, block_sparse_tensors=tensors, **extra)
+    out = flash_attn_func(
+        q, k, v, softmax_scale=softmax_scale, block_sparse_tensors=tensors, **extra
+    )
     return out[0] if isinstance(out, tuple) else out

@@ -55,10 +55,28 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attn_fwd_block(
-    acc, l_i, m_i, q,
-    k_desc, v_desc, k_base, v_base, stride_ks, stride_vs, lo, hi, kv_end, offs_m, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_desc,
+    v_desc,
+    k_base,
+    v_base,
+    stride_ks,
+    stride_vs,
+    lo,
+    hi,
+    kv_end,
+    offs_m,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Fold key blocks ``[lo, hi)`` into (acc, l_i, m_i). ``MASKED`` adds bounds/causal masks.
@@ -110,7 +128,9 @@ def _attn_fwd_block(
                 v = tl.load(v_ptrs)
         if UPCAST:
             # round P to the input dtype as the GPU path does, then compute in fp32
-            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(
+                p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION
+            )
         else:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
@@ -119,13 +139,27 @@ def _attn_fwd_block(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, KV_LENS,
+    Q,
+    K,
+    V,
+    O,
+    KV_LENS,
     qk_scale,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
-    H, Sq, Sk,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    H,
+    Sq,
+    Sk,
     SK_BUCKET: tl.constexpr,  # autotune key only
     GROUP: tl.constexpr,  # H // Hk
     HEAD_DIM: tl.constexpr,
@@ -172,16 +206,25 @@ def _attn_fwd_kernel(
     if USE_TMA:
         # the kv views end at kv_end: padded keys are never read, they come back as zeros
         kv_rows = tl.maximum(kv_end, 1)
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_rows, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_rows, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(
+            k_base,
+            shape=[kv_rows, HEAD_DIM],
+            strides=[stride_ks, 1],
+            block_shape=[BLOCK_N, HEAD_DIM],
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_base,
+            shape=[kv_rows, HEAD_DIM],
+            strides=[stride_vs, 1],
+            block_shape=[BLOCK_N, HEAD_DIM],
+        )
     else:
         k_desc = None
         v_desc = None
     if USE_TMA and TMA_QO:
-        q_desc = tl.make_tensor_descriptor(q_base, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q_desc = tl.make_tensor_descriptor(
+            q_base, shape=[Sq, HEAD_DIM], strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
         q = q_desc.load([m0, 0])
     else:
         q_ptrs = q_base + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
@@ -194,20 +237,63 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     acc, l_i, m_i = _attn_fwd_block(
-        acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-        0, full_hi, kv_end, offs_m, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, USE_TMA, WARP_SPECIALIZE, DOT_PRECISION, UPCAST)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_desc,
+        v_desc,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        0,
+        full_hi,
+        kv_end,
+        offs_m,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        USE_TMA,
+        WARP_SPECIALIZE,
+        DOT_PRECISION,
+        UPCAST,
+    )
     acc, l_i, m_i = _attn_fwd_block(
-        acc, l_i, m_i, q, k_desc, v_desc, k_base, v_base, stride_ks, stride_vs,
-        full_hi, hi, kv_end, offs_m, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, USE_TMA, False, DOT_PRECISION, UPCAST)
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_desc,
+        v_desc,
+        k_base,
+        v_base,
+        stride_ks,
+        stride_vs,
+        full_hi,
+        hi,
+        kv_end,
+        offs_m,
+        qk_scale,
+        HEAD_DIM,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        USE_TMA,
+        False,
+        DOT_PRECISION,
+        UPCAST,
+    )
 
     # rows that saw no key have l == 0 and acc == 0: write 0, not 0/0
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(O.dtype.element_ty)
     if USE_TMA and TMA_QO:
-        o_desc = tl.make_tensor_descriptor(o_base, shape=[Sq, HEAD_DIM], strides=[stride_os, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+        o_desc = tl.make_tensor_descriptor(
+            o_base, shape=[Sq, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM]
+        )
         o_desc.store([m0, 0], out)
     else:
         o_ptrs = o_base + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :]
@@ -224,7 +310,9 @@ class FlashConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool = False  # tl.range(warp_specialize=...): no effect on Hopper in triton 3.6
+    warp_specialize: bool = (
+        False  # tl.range(warp_specialize=...): no effect on Hopper in triton 3.6
+    )
     tma_qo: bool = True  # on the TMA path, q/o through descriptors too (else plain loads/stores)
 
 
@@ -318,7 +406,9 @@ def _choose_tma(use_tma: bool | None, interpret: bool, q, k, v, out) -> bool:
     strides allow them (unless the caller forced a path), plain pointers otherwise."""
     if use_tma is None:
         use_tma = (
-            not interpret and q.is_cuda and q.dtype != torch.float32
+            not interpret
+            and q.is_cuda
+            and q.dtype != torch.float32
             and torch.cuda.get_device_capability(q.device)[0] >= 9
             and _tma_ok(q, k, v, out)
         )
@@ -342,7 +432,9 @@ def _check_inputs(q, k, v, kv_lengths, out):
     B, _Sq, H, D = q.shape
     Bk, _Sk, Hk, Dk = k.shape
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}")
+        raise ValueError(
+            f"head_dim {D} is not supported; supported head dims: {SUPPORTED_HEAD_DIMS}"
+        )
     if Dk != D or v.shape[-1] != D:
         raise ValueError(f"q, k, v head dims differ: {D}, {Dk}, {v.shape[-1]}")
     if v.shape != k.shape:
@@ -353,12 +445,17 @@ def _check_inputs(q, k, v, kv_lengths, out):
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hk})")
     if kv_lengths is not None:
         if kv_lengths.shape != (B,) or kv_lengths.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"kv_lengths must be an int32 tensor of shape [{B}], "
-                             f"got {kv_lengths.dtype} {tuple(kv_lengths.shape)}")
+            raise ValueError(
+                f"kv_lengths must be an int32 tensor of shape [{B}], "
+                f"got {kv_lengths.dtype} {tuple(kv_lengths.shape)}"
+            )
         if kv_lengths.device != q.device:
             raise ValueError("kv_lengths must be on q's device")
     if out is not None and (
-        out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1
+        out.shape != q.shape
+        or out.dtype != q.dtype
+        or out.device != q.device
+        or out.stride(-1) != 1
     ):
         raise ValueError("out must match q's shape, dtype and device, with stride(-1) == 1")
 
@@ -405,23 +502,48 @@ def attention_fwd(
     upcast = interpret and q.dtype == torch.bfloat16
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     common = dict(
-        SK_BUCKET=0, GROUP=H // Hk, HEAD_DIM=D, CAUSAL=bool(causal),
-        HAS_KV_LENS=kv_lengths is not None, USE_TMA=bool(use_tma), DOT_PRECISION=dot_precision,
+        SK_BUCKET=0,
+        GROUP=H // Hk,
+        HEAD_DIM=D,
+        CAUSAL=bool(causal),
+        HAS_KV_LENS=kv_lengths is not None,
+        USE_TMA=bool(use_tma),
+        DOT_PRECISION=dot_precision,
     )
     if upcast:
         common["UPCAST"] = True
     args = (
-        q, k, v, out, kv_lengths if kv_lengths is not None else q,
+        q,
+        k,
+        v,
+        out,
+        kv_lengths if kv_lengths is not None else q,
         float(softmax_scale) * _LOG2E,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, Sq, Sk,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        H,
+        Sq,
+        Sk,
     )
 
-    if (config is None and use_tma and not interpret and q.dtype != torch.float32
-            and os.environ.get("FV_FLASH_AUTOTUNE", "0") == "1"):
+    if (
+        config is None
+        and use_tma
+        and not interpret
+        and q.dtype != torch.float32
+        and os.environ.get("FV_FLASH_AUTOTUNE", "0") == "1"
+    ):
+
         def autotuned_grid(meta):
             return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
 
@@ -440,11 +562,14 @@ def attention_fwd(
             config = _HEURISTIC_PTR[D]
     grid = (triton.cdiv(Sq, config.block_m), B * H)
     launched = _attn_fwd_kernel[grid](
-        *args, **common,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        *args,
+        **common,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
         WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma),
         TMA_QO=bool(config.tma_qo),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if on_launch is not None:
         on_launch(launched)

@@ -124,5 +124,7 @@ def key_padded_attention(
     if padding.empty == EMPTY_UNIFORM:
         groups = query.shape[2] // value.shape[2]
         mean = value.mean(1, keepdim=True, dtype=torch.float32).to(out.dtype)  # [B, 1, Hk, Dv]
-        out = torch.where((counts == 0).view(-1, 1, 1, 1), mean.repeat_interleave(groups, dim=2), out)
+        out = torch.where(
+            (counts == 0).view(-1, 1, 1, 1), mean.repeat_interleave(groups, dim=2), out
+        )
     return out
