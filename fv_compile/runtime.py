@@ -9,7 +9,6 @@ compiled for the metadata's static fields, compiling it on first use.
 from __future__ import annotations
 
 import contextlib
-
 import re
 from collections.abc import Callable
 from typing import Any
