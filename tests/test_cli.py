@@ -8,9 +8,13 @@ import json
 import pytest
 import torch
 
+import fv_compile
+from fv_compile.backends import registry
+from fv_compile.backends.sdpa import SDPABackend
 from fv_compile.cli import main, recorded_command
-from fv_compile.report.variants import dense_steps
+from fv_compile.report.variants import dense_steps, unserved_reason
 from fv_compile.report.workload import load_workload
+from fv_compile.site import REWRITTEN, AttentionSite
 
 
 def _main(*argv):
@@ -227,3 +231,60 @@ def test_an_sta_variant_that_ran_dense_says_so_instead_of_ok(tmp_path):
         in markdown
     )
     assert "ran dense" in stdout
+
+
+# -- a variant whose backend ran no site says so -----------------------------------------------------
+
+
+class _Bfloat16OnlyBackend(SDPABackend):
+    """Declares bfloat16 only: every float32 site falls back to another backend."""
+
+    dtypes = ("bfloat16",)
+
+    @staticmethod
+    def get_name():
+        return BF16_ONLY
+
+
+BF16_ONLY = "CLI_TEST_BF16_ONLY"
+
+
+@pytest.fixture
+def bf16_only_backend():
+    fv_compile.register_backend(BF16_ONLY, _Bfloat16OnlyBackend)
+    yield BF16_ONLY
+    registry._USER.pop(BF16_ONLY, None)  # no public unregister; keep the registry clean
+
+
+@pytest.mark.filterwarnings("ignore:fv_compile. CLI_TEST_BF16_ONLY cannot run")
+def test_a_variant_whose_backend_served_no_site_says_so_instead_of_ok(bf16_only_backend, tmp_path):
+    rc, stdout, _ = _main(
+        "report", "--model", "wan-tiny", "--grid", "2,8,8", "--backends", bf16_only_backend,
+        "--skip-torch-compile", *QUICK, "--out", str(tmp_path),
+    )  # fmt: skip
+    assert rc == 0  # measured: not a failure
+    (fv,) = [
+        v
+        for v in json.loads((tmp_path / "report.json").read_text())["variants"]
+        if v["kind"] == "fv_compile"
+    ]
+    assert fv["status"] == "served no site"
+    assert f"{BF16_ONLY} ran none of the 4 site(s)" in fv["unserved_reason"]
+    assert "dtype float32 (supported: bfloat16)" in fv["unserved_reason"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert f"| fv_compile[{BF16_ONLY}] | served no site |" in markdown
+    assert f"**fv_compile[{BF16_ONLY}]** served no site, so its numbers are another backend's" in (
+        markdown
+    )
+    assert "served no site" in stdout
+
+
+def test_a_variant_whose_backend_served_some_sites_stays_ok():
+    served = AttentionSite("a", "sdpa", "BHSD", backend="TORCH_SDPA", status=REWRITTEN)
+    other = AttentionSite("b", "sdpa", "BHSD", backend="FLASH_ATTN", status=REWRITTEN)
+    assert unserved_reason("TORCH_SDPA", [served, other]) is None
+    assert unserved_reason({"self": "auto", "cross": "TORCH_SDPA"}, [served]) is None
+    assert unserved_reason("auto", [other]) is None
+    assert "TORCH_SDPA ran none of the 1 site(s), FLASH_ATTN ran them" in (
+        unserved_reason("TORCH_SDPA", [other]) or ""
+    )

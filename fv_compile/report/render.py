@@ -14,7 +14,7 @@ from typing import Any
 
 from fv_compile.report.measure import TIMING_RULE
 from fv_compile.report.run import Report
-from fv_compile.report.variants import FV_COMPILE, VariantResult
+from fv_compile.report.variants import FV_COMPILE, RAN_DENSE, SERVED_NO_SITE, VariantResult
 
 COMPILE_COLUMN = "compile s (cold / warm)"
 
@@ -35,8 +35,8 @@ NOISY = "noisy timing"
 
 
 def status_cell(r: VariantResult) -> str:
-    """ "ok", "ran dense", "FAILED (phase)"; ", noisy timing" when the timing is flagged; the
-    steps a sparse backend ran dense when only some did."""
+    """ "ok", "ran dense", "served no site", "FAILED (phase)"; ", noisy timing" when the timing
+    is flagged; the steps a sparse backend ran dense when only some did."""
     if not r.ok:
         return f"FAILED ({r.failed_during})"
     text = r.status
@@ -109,11 +109,16 @@ def report_notes(report: Report) -> list[str]:
     notes = []
     for r in report.variants:
         if r.ok and r.dense_reason and r.dense_steps:
-            if r.status == "ran dense":
+            if r.status == RAN_DENSE:
                 lead = "ran dense, not sparse: every step of the loop was full attention"
             else:
                 lead = f"ran {len(r.dense_steps)} of {report.config.get('steps')} step(s) as full attention"
             notes.append(f"**{r.name}** {lead}: {r.dense_reason}.")
+        if r.ok and r.unserved_reason:
+            notes.append(
+                f"**{r.name}** served no site, so its numbers are another backend's: "
+                f"{r.unserved_reason}."
+            )
     noisy = [r for r in report.variants if r.ok and r.timing_flag]
     if noisy:
         notes.append(
@@ -268,7 +273,7 @@ def _bar_label(r: VariantResult) -> str:
     label = (
         _ratio(r.speedup_vs_eager)
         + " vs eager"
-        + (" (ran dense)" if r.status == "ran dense" else "")
+        + (f" ({r.status})" if r.status in (RAN_DENSE, SERVED_NO_SITE) else "")
     )
     if r.error_vs_eager is not None:
         label += f"\nrel err {r.error_vs_eager.rel_fro:.1e}"

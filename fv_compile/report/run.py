@@ -349,6 +349,11 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
             "(STA: sta_dense_steps, or a window that covers the whole tile grid) ran full "
             "attention; when every step did, the status is 'ran dense', not 'ok'"
         ),
+        "served no site": (
+            "a variant named after a backend is checked site by site: when that backend runs "
+            "none of the rewritten sites (each fell back, with the reason explain gives), the "
+            "status is 'served no site', not 'ok'"
+        ),
         "attention share": (
             "torch.profiler on one step; attention = the fv_compile::attention ops (each found "
             "site is exactly one). For fv_compile variants the variant's own compiled step is "

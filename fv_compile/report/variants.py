@@ -45,13 +45,14 @@ from fv_compile.report.measure import (
 )
 from fv_compile.report.progress import Progress
 from fv_compile.report.workload import Workload
+from fv_compile.site import AttentionSite
 
 EAGER = "eager"
 TORCH_COMPILE = "torch.compile"
 REPEATED_BLOCKS = "compile_repeated_blocks"  # diffusers' ModelMixin.compile_repeated_blocks()
 FV_COMPILE = "fv_compile"
 
-OK, RAN_DENSE, FAILED = "ok", "ran dense", "failed"
+OK, RAN_DENSE, SERVED_NO_SITE, FAILED = "ok", "ran dense", "served no site", "failed"
 
 BackendSpec = str | dict[str, str]
 
@@ -86,7 +87,9 @@ class VariantResult:
     kind: str
     backend: BackendSpec | None
     # "ok"; "ran dense": measured, but a sparse backend's metadata made every step full attention
-    # (`dense_reason` says why); "failed" (`failed_during`, `error`)
+    # (`dense_reason` says why); "served no site": measured, but the backend the variant names
+    # ran none of the sites, which all went to another (`unserved_reason` says why); "failed"
+    # (`failed_during`, `error`)
     status: str = OK
     failed_during: str | None = None
     error: str | None = None
@@ -104,6 +107,7 @@ class VariantResult:
     timing_flag: str | None = None  # why the timing is noisy (measure.TIMING_RULE), or None
     dense_steps: list[int] | None = None  # steps a sparse backend ran as full attention
     dense_reason: str | None = None
+    unserved_reason: str | None = None
     regional: str | None = (
         None  # what was compiled: "the repeated blocks in blocks", "the whole model"
     )
@@ -287,10 +291,14 @@ def run_variant(
                 errors = [output_error(out, reference) for out in outputs]
                 result.error_vs_eager = functools.reduce(OutputError.worst, errors)
             if spec.kind == FV_COMPILE:
-                used = sorted({s.backend for s in model.explain().rewritten if s.backend})
+                sites = model.explain().rewritten
+                used = sorted({s.backend for s in sites if s.backend})
                 result.dense_steps, result.dense_reason = dense_steps(used, workload, plan.steps)
                 if result.dense_steps is not None and len(result.dense_steps) == plan.steps:
                     result.status = RAN_DENSE
+                result.unserved_reason = unserved_reason(spec.backend, sites)
+                if result.unserved_reason is not None:
+                    result.status = SERVED_NO_SITE
 
             phase = "warm-up"
             progress.phase(f"warm-up ({plan.warmup} x {plan.steps} steps)")
@@ -502,6 +510,25 @@ def dense_steps(
     if not dense:
         return [], None
     return dense, _dense_reason(dense, mds, workload, steps, sparse)
+
+
+def unserved_reason(spec: BackendSpec | None, sites: list[AttentionSite]) -> str | None:
+    """Why no rewritten site runs a backend the variant names (`auto` names none), or None when
+    one does. A variant named after a backend that served nothing measured another backend: its
+    row must not read "ok" beside that name."""
+    if spec is None:
+        return None
+    named = set(spec.values()) if isinstance(spec, dict) else {spec}
+    named.discard(AUTO)
+    if not named or any(s.backend in named for s in sites):
+        return None
+    backends = "/".join(sorted(named))
+    if not sites:
+        return f"{backends} ran no site: fv_compile rewrote none"
+    reasons = list(dict.fromkeys(s.reason for s in sites if s.reason))
+    ran = "/".join(sorted({s.backend or "?" for s in sites}))
+    why = "; ".join(reasons) if reasons else "the policy chose another backend for every site"
+    return f"{backends} ran none of the {len(sites)} site(s), {ran} ran them: {why}"
 
 
 def _builder(name: str) -> Any:
