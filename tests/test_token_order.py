@@ -395,6 +395,17 @@ def test_a_position_dependent_op_between_the_sites_leaves_the_graph_alone(betwee
     assert "each SLIDING_TILE_ATTN site reorders its own tokens" in str(cm.explain())
 
 
+@pytest.mark.parametrize("reduce", ["mean", "amax", "var"])
+def test_a_reduction_over_an_empty_dim_list_reduces_the_tokens_too(reduce):
+    """`x.mean(dim=())` reduces over every dim, the tokens with them: a proof that reads the
+    empty list as "no token dim among the reduced ones" would run it on permuted tokens."""
+    model = TinyDiT(between=Lambda(lambda x: x - getattr(x, reduce)(dim=(), keepdim=True))).eval()
+    ref, out, cm = run_both(model, inputs())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert not row.hoisted and f".{reduce} reduces over every dim" in row.reason, row.reason
+
+
 class Escapes(torch.nn.Module):
     """Returns an intermediate from between the sites too: it would leave the stretch."""
 

@@ -610,7 +610,8 @@ class _Prover:
         keepdim = bool(keepdim)
         dims = dim if isinstance(dim, (tuple, list)) else (dim,)
         normed = [_norm_dim(d, nd) for d in dims]
-        if dim is None or any(d is None for d in normed):
+        # an empty dim list (`dim=()`, `dim=[]`) reduces over every dim, like no dim at all
+        if dim is None or not normed or any(d is None for d in normed):
             raise r.stop(f"{_name(node)} reduces over every dim, the tokens too")
         if lay.dim in normed:
             raise r.stop(f"{_name(node)} reduces over the token dim")
@@ -1310,7 +1311,8 @@ def _reduced_dims(node: Node) -> tuple[set[int], bool] | None:
     keepdim = node.kwargs.get("keepdim", node.args[at + 1] if len(node.args) > at + 1 else False)
     dims = dim if isinstance(dim, (tuple, list)) else (dim,)
     normed = {_norm_dim(d, nd) for d in dims}
-    if dim is None or None in normed or not isinstance(keepdim, bool):
+    # an empty dim list reduces over every dim: no dims to keep the tokens out of
+    if dim is None or not normed or None in normed or not isinstance(keepdim, bool):
         return None
     if _nd(node) != (nd if keepdim else nd - len(normed)):
         return None
