@@ -379,6 +379,20 @@ class Lambda(torch.nn.Module):
         (Mutation(), r"\.mul_ writes into a tensor"),
         (OverTokens(), r"\.mean reduces over the token dim"),
         (MergeTokens(), r"merges or splits the token dim"),
+        (Lambda(lambda x: x + x.flip(1)), r"\.flip is not known"),
+        (Lambda(lambda x: x + x[:, torch.arange(N - 1, -1, -1)]), r"indexing with tensors"),
+        (Lambda(lambda x: x + x.sort(1).values), r"\.sort is not known"),
+        (
+            Lambda(lambda x: x + (x.transpose(1, 2) @ torch.eye(N)).transpose(1, 2)),
+            r"contracts over the token dim",
+        ),
+        (Lambda(lambda x: F.layer_norm(x, (N, x.shape[2]))), r"normalises over the token dim"),
+        (Lambda(lambda x: x - x.flatten(0, 1).mean(0)), r"\.mean reduces over the token dim"),
+        (Lambda(lambda x: x + x.transpose(1, 2)), r"permuted along different dims"),
+        (
+            Lambda(lambda x: x.unflatten(1, GRID).flatten(1, 3)),
+            r"merges or splits the token dim",
+        ),
     ],
 )
 def test_a_position_dependent_op_between_the_sites_leaves_the_graph_alone(between, why):
@@ -404,6 +418,134 @@ def test_a_reduction_over_an_empty_dim_list_reduces_the_tokens_too(reduce):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     (row,) = cm.explain().token_order
     assert not row.hoisted and f".{reduce} reduces over every dim" in row.reason, row.reason
+
+
+class Positional(torch.nn.Module):
+    """Adds what depends on a token's position: a learned embedding, a buffer of per-token
+    scales and RoPE-like angles from `torch.arange` over the tokens."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.pos = torch.nn.Parameter(torch.randn(1, N, dim, generator=g))
+        self.register_buffer("scale", torch.rand(N, 1, generator=g) + 0.5)
+
+    def forward(self, x):
+        angle = torch.arange(x.shape[1], dtype=x.dtype)[None, :, None]
+        return (x + self.pos) * self.scale * torch.cos(angle)
+
+
+def test_positions_computed_or_stored_between_the_sites_enter_in_tile_order():
+    model = TinyDiT(between=Positional()).eval()
+    ref, out, cm = run_both(model, inputs())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert row.hoisted and cm.variants_token_ordered == 1, row.reason
+
+
+def test_a_channel_vector_as_long_as_the_token_dim_is_not_reordered():
+    """With as many channels as tokens, a `[C]` bias and a `[N, 1]` scale have the same length:
+    only the one that broadcasts along the tokens may be gathered."""
+    g = torch.Generator().manual_seed(4)
+    bias, scale = torch.randn(N, generator=g), torch.randn(N, 1, generator=g)
+    model = TinyDiT(dim=N, between=Lambda(lambda x: (x + bias) * scale)).eval()
+    ref, out, cm = run_both(model, inputs(dim=N))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert cm.variants_token_ordered == 1
+
+
+def test_each_batch_item_keeps_its_own_per_token_table():
+    model = TinyDiT().eval()
+    g = torch.Generator().manual_seed(5)
+    x, table = torch.randn(2, N, 32, generator=g), torch.randn(2, N, 1, 16, generator=g)
+    fb = ForwardBatch(raw_latent_shape=(2, 4, *GRID))
+    ref, out, cm = run_both(model, (x, table), fb=fb)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert cm.variants_token_ordered == 1
+
+
+class MaskedMiddle(torch.nn.Module):
+    """A dense masked self-attention between two STA blocks: permuted queries and keys need the
+    mask permuted alike, which a mask over keys only can be and a `[S, S]` one is not here."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+        self.register_buffer("mask", mask)
+
+    def forward(self, x, table):
+        x = self.blocks[0](x, table)
+        b, s, c = x.shape
+        q = x.view(b, s, 2, c // 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, q, q, attn_mask=self.mask)
+        return self.blocks[1](x + o.transpose(1, 2).reshape(b, s, c), table)
+
+
+def _sta_in_blocks(site):
+    return "SLIDING_TILE_ATTN" if site.module_path.startswith("blocks") else "TORCH_SDPA"
+
+
+def test_a_key_mask_of_a_dense_site_in_the_stretch_is_gathered_with_the_keys():
+    mask = torch.rand(1, 1, 1, N, generator=torch.Generator().manual_seed(6)) > 0.3
+    mask[..., 0] = True
+    ref, out, cm = run_both(MaskedMiddle(mask).eval(), inputs(), policy=_sta_in_blocks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert [s.backend for s in cm.explain().sites].count("TORCH_SDPA") == 1
+    assert cm.variants_token_ordered == 1
+
+
+def test_a_dense_site_mask_over_queries_and_keys_leaves_the_graph_alone():
+    mask = torch.rand(1, 1, N, N, generator=torch.Generator().manual_seed(6)) > 0.3
+    mask |= torch.eye(N, dtype=torch.bool)
+    ref, out, cm = run_both(MaskedMiddle(mask).eval(), inputs(), policy=_sta_in_blocks)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert not row.hoisted and "varies over the (permuted) queries" in row.reason
+
+
+def test_dense_steps_leave_a_masked_dense_site_in_the_traced_order():
+    """On a dense step no site reorders: the mask of the dense site in between must meet its
+    keys in the traced order, and on the sparse steps in tile order."""
+    mask = torch.rand(1, 1, 1, N, generator=torch.Generator().manual_seed(6)) > 0.3
+    mask[..., 0] = True
+    model, (x, table) = MaskedMiddle(mask).eval(), inputs()
+    cm = fv_compile.compile(model, _sta_in_blocks, compiler="eager", regional=False)
+    ref = fv_compile.compile(model, _sta_in_blocks, compiler="eager", regional=False)
+    with torch.no_grad():
+        for step in range(3):
+            with fv_compile.forward_context(step, batch(), sta_args(sta_dense_steps=1)):
+                out = cm(x, table)
+            with fv_compile.forward_context(step, batch(), sta_args("per_site", sta_dense_steps=1)):
+                want = ref(x, table)
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    assert cm.variants_compiled == 2 and cm.variants_token_ordered == 1
+
+
+class JointSelfJoint(torch.nn.Module):
+    """Joint attention with the text after the video, video-only self-attention, then joint
+    attention with the text first: the text moves between the ends while the video is permuted."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+
+    def forward(self, x, table, text):
+        n, t = x.shape[1], text.shape[1]
+        ones = torch.ones_like(table[:t])
+        h = self.blocks[0](torch.cat([x, text], 1), torch.cat([table, ones]))
+        x, text = h[:, :n], h[:, n:]
+        x = self.blocks[1](x, table)
+        return self.blocks[2](torch.cat([text, x], 1), torch.cat([ones, table]))
+
+
+def test_text_after_then_before_the_video_with_a_video_only_site_between():
+    policy = {"joint": "SLIDING_TILE_ATTN", "self": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"}
+    x, table = inputs()
+    text = torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(8))
+    ref, out, cm = run_both(JointSelfJoint().eval(), (x, table, text), policy=policy)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert row.hoisted and row.sites == 3, row.reason
 
 
 class Escapes(torch.nn.Module):
@@ -567,6 +709,28 @@ def test_gradients_through_the_tile_order_equal_the_per_site_ones():
         grads[order] = [xg.grad, tg.grad] + [p.grad.clone() for p in model.parameters()]
         if order == "auto":
             assert cm.variants_token_ordered == 1
+    for a, b in zip(grads["auto"], grads["per_site"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_a_learned_positional_embedding_between_the_sites():
+    """The embedding enters the stretch through a gather: its gradient comes back through the
+    gather's backward, in the traced order."""
+    fv_compile.register_backend("SHUFFLE_TEST", _ShuffleBackend)
+    model = TinyDiT(between=Positional()).train()
+    x, table = inputs()
+    grads = {}
+    for order in ("per_site", "auto"):
+        model.zero_grad()
+        cm = fv_compile.compile(
+            model, {"self": "SHUFFLE_TEST", "default": "TORCH_SDPA"}, compiler="eager"
+        )
+        with fv_compile.forward_context(3, batch(), FastVideoArgs(sta_token_order=order)):
+            out = cm(x, table)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[order] = [p.grad.clone() for p in model.parameters()]
+        if order == "auto":
+            assert cm.variants_token_ordered >= 1
     for a, b in zip(grads["auto"], grads["per_site"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
