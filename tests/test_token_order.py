@@ -548,6 +548,60 @@ def test_text_after_then_before_the_video_with_a_video_only_site_between():
     assert row.hoisted and row.sites == 3, row.reason
 
 
+class TableWrittenBetween(torch.nn.Module):
+    """Scales the per-token table in place between the two blocks: the second site must read
+    the scaled table, which a gather taken once where the table enters would not hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x, table):
+        table = table.clone()
+        x = self.blocks[0](x, table)
+        table.mul_(2.0)
+        return self.blocks[1](x, table)
+
+
+def test_a_write_into_a_value_entering_the_stretch_leaves_the_graph_alone():
+    ref, out, cm = run_both(TableWrittenBetween().eval(), inputs())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert not row.hoisted and "which enters the stretch" in row.reason, row.reason
+
+
+def test_a_matmul_batched_over_the_tokens_with_per_token_weights_leaves_the_graph_alone():
+    """`x[:, :, None] @ W` with W `[N, C, C]` pairs token i with weight i: the weights would have
+    to move with the tokens."""
+    weights = torch.randn(N, 32, 32, generator=torch.Generator().manual_seed(9)) * 0.1
+    model = TinyDiT(between=Lambda(lambda x: x + (x.unsqueeze(2) @ weights).squeeze(2))).eval()
+    ref, out, cm = run_both(model, inputs())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert not row.hoisted and "batches over the token dim" in row.reason, row.reason
+
+
+class FlipAfterTheLastSite(torch.nn.Module):
+    """A position-dependent op after the last site: outside the stretch, so it must read the
+    tokens scattered back to the traced order."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x, table):
+        for blk in self.blocks:
+            x = blk(x, table)
+        return x + x.flip(1).cumsum(1)
+
+
+def test_a_position_dependent_op_after_the_last_site_reads_the_traced_order():
+    ref, out, cm = run_both(FlipAfterTheLastSite().eval(), inputs())
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (row,) = cm.explain().token_order
+    assert row.hoisted and row.sites == 2 and len(row.scattered) == 1, row.reason
+
+
 class Escapes(torch.nn.Module):
     """Returns an intermediate from between the sites too: it would leave the stretch."""
 
