@@ -47,7 +47,7 @@ from fv_compile.regional import (
     current_region,
 )
 from fv_compile.runtime import MetadataDispatch
-from fv_compile.site import AttentionSite, NonAttentionSoftmax
+from fv_compile.site import AttentionSite, NonAttentionSoftmax, TokenOrder
 from fv_compile.user_errors import translate as translate_error
 from fv_compile.verify import SiteVerifier
 
@@ -87,6 +87,7 @@ class FvCompileBackend:
         self.check = check
         self.sites: list[AttentionSite] = []
         self.non_attention: list[NonAttentionSoftmax] = []
+        self.token_order: list[TokenOrder] = []  # per graph with a token-order backend
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
         self.graph_runs: list[int] = []  # per graph: how many times it ran
@@ -127,6 +128,8 @@ class FvCompileBackend:
         )
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
+        if result.token_order is not None:
+            self.token_order.append(result.token_order)
         if not self.analyze_only and self.check is None:
             self._warn_symbolic(result.sites)
         if self.check is not None:
@@ -140,6 +143,7 @@ class FvCompileBackend:
             result.gm,
             result.metadata_backends,
             self.compile_graph,
+            result.permuted,
             cuda_graphs=_uses_cuda_graphs(self.compiler, self.mode, self.options),
         )
         self.dispatches.append(dispatch)
@@ -224,6 +228,7 @@ class FvCompileBackend:
             self.graphs,
             self.graph_break_report(),
             list(self.skipped_frames),
+            token_order=[dataclasses.replace(t) for t in self.token_order],
         )
 
 
@@ -802,6 +807,8 @@ class CompiledModel(OptimizedModule):
         report = self._fv_backend.report()
         if self._regional is not None:
             report.sites = _per_block(report.sites, self._fv_backend.graph_regions, self.regions)
+            for row in report.token_order:
+                row.note = _REGIONAL_TOKEN_ORDER
         return report
 
     @property
@@ -814,6 +821,22 @@ class CompiledModel(OptimizedModule):
     def variants_compiled(self) -> int:
         """How many metadata graph variants have been compiled (one per distinct static key)."""
         return sum(len(d.variants) for d in self._fv_backend.dispatches)
+
+    @property
+    def variants_token_ordered(self) -> int:
+        """Of the variants compiled, how many run the stretch between their sites in the sites'
+        token order (`explain().token_order` says where, and why not elsewhere)."""
+        return sum(d.permuted_variants for d in self._fv_backend.dispatches)
+
+
+# Regional compilation compiles each block alone and runs the code between blocks eagerly: what
+# that code does with the tokens is never traced, so the order cannot be carried from one block
+# to the next. Each block's graph gathers at its inputs and scatters at its outputs instead.
+_REGIONAL_TOKEN_ORDER = (
+    "regional compile: the order is gathered at each block's inputs and scattered at its "
+    "outputs (the eager code between blocks is never traced, so it cannot be proven to keep the "
+    "order); compile with regional=False to carry it across all the blocks"
+)
 
 
 def _per_block(

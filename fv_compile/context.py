@@ -51,6 +51,10 @@ class FastVideoArgs:
     sta_kernel: the kernel of STA's sparse steps: "auto" (flash-attn-4's block-sparse forward when
         it is installed and can run the site, measured faster on the H200; else our Triton
         kernel), "triton", or "flash_attn".
+    sta_token_order: "auto" (the default): where fv_compile proves the model token-wise between
+        its STA sites and the tile divides the token grid, that whole stretch runs in tile order,
+        gathered once where the tokens enter it and scattered once where they leave; "per_site":
+        every STA site gathers its own q, k, v into tile order and scatters its output back.
     mask_strategy_file_path: a JSON file of per-step, per-layer, per-head windows in FastVideo's
         format (`{"<step>_<layer>_<head>": [wt, wh, ww], ...}`).
     VSA_sparsity: fraction of key tiles video sparse attention skips.
@@ -63,6 +67,7 @@ class FastVideoArgs:
     sta_dense_steps: int = 0
     sta_text_attends_all: bool = True
     sta_kernel: str = "auto"
+    sta_token_order: str = "auto"
     mask_strategy_file_path: str | None = None
     VSA_sparsity: float = 0.0
 

@@ -30,6 +30,7 @@ from fv_compile.site import (
     REWRITTEN,
     AttentionSite,
     NonAttentionSoftmax,
+    TokenOrder,
 )
 
 _COLUMNS = [
@@ -196,6 +197,9 @@ class ExplainReport:
     skipped_frames: list[SkippedFrame] = field(default_factory=list)
     # None: not measured (only `fv_compile.explain` runs the model eagerly to count)
     uncaptured: list[UncapturedAttention] | None = None
+    # per graph whose sites include a backend that works in a token order: whether the graph
+    # between them runs in that order, or why not
+    token_order: list[TokenOrder] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[AttentionSite]:
@@ -230,6 +234,7 @@ class ExplainReport:
             if self.uncaptured is None
             else [u.to_dict() for u in self.uncaptured],
             "uncaptured_calls": None if self.uncaptured is None else self.uncaptured_calls,
+            "token_order": [t.to_dict() for t in self.token_order],
             "summary": {"found": len(self.sites), "rewritten": len(self.rewritten)},
             "verified": self.verified if self.checked else None,
         }
@@ -257,6 +262,9 @@ class ExplainReport:
             ["-" if (v := get(s)) is None else str(v) for _, get in columns] for s in self.sites
         ]
         lines = [head, ""] + _table(rows) if self.sites else [head]
+        if self.token_order:
+            lines += ["", "token order (backends that reorder their tokens):"]
+            lines += [f"  {t.describe()}" for t in self.token_order]
         if self.non_attention:
             lines += ["", "softmaxes that are not attention:"]
             lines += [

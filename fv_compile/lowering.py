@@ -5,7 +5,10 @@ The pass (`fv_compile.passes`) proves where attention is and rewrites each site 
 policy picks the backend, the backend's impl is built with what it needs (the site row, a dense
 fallback for the steps it runs dense), the impl is registered with the op under the id the node
 carries; and once the graph is rewritten, the backends whose metadata builder must run before
-the graph does are collected.
+the graph does are collected. Where a backend works in a token permutation of its own (sliding
+tile attention's tile order) and the graph is proven token-wise between its sites, a second copy
+of the graph runs that stretch in the permutation (`passes/token_order.py`), for the steps whose
+metadata holds one.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from fv_compile.context import layer_number
 from fv_compile.errors import FvCompileError
 from fv_compile.passes.attention_pass import SiteRewrite, attention_pass
 from fv_compile.passes.find_sites import AttentionMatch
+from fv_compile.passes.token_order import TokenSite, hoist_token_order
 from fv_compile.policy import SitePolicy, dense_default
-from fv_compile.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax
+from fv_compile.runtime import PermutedGraph
+from fv_compile.site import REWRITTEN, SKIPPED, AttentionSite, NonAttentionSoftmax, TokenOrder
 
 
 @dataclass
@@ -40,6 +45,10 @@ class LoweredGraph:
     # the graph's sites stay registered while this is alive: `gm` holds it, and whatever runs
     # the graphs compiled from `gm` (or the lifted `rewrites`) must hold it too
     owner: ops.SiteOwner = field(default_factory=ops.SiteOwner)
+    # what became of the token order of a backend that works in one (None: no such backend),
+    # and the copy of `gm` that runs in it, when the proof held
+    token_order: TokenOrder | None = None
+    permuted: PermutedGraph | None = None
 
 
 def lower_graph(
@@ -56,6 +65,7 @@ def lower_graph(
     repeated block lists `[(path, length)]` in model order, number the layers of sites inside
     them (for impls that take a `layer`)."""
     chosen: list[tuple[AttentionSite, str, type[AttentionBackend]]] = []
+    by_id: dict[int, tuple[AttentionSite, str, type[AttentionBackend]]] = {}
     owner = ops.SiteOwner()
 
     def lower(match: AttentionMatch) -> int | None:
@@ -75,7 +85,7 @@ def lower_graph(
             return None
         chosen.append((site, name, cls))
         assert site.scale is not None, "the matcher sets the scale of every site it proves"
-        return owner.register_site(
+        sid = owner.register_site(
             impl,
             name,
             site.scale,
@@ -84,6 +94,8 @@ def lower_graph(
             empty_rows=match.empty_rows,
             fill=match.fill,
         )
+        by_id[sid] = (site, name, cls)
+        return sid
 
     result = attention_pass(gm, lower, graph_index, record=record)
     # whoever holds the rewritten module keeps its sites (a plain attribute: Module.__setattr__'s
@@ -97,9 +109,89 @@ def lower_graph(
             and name not in metadata_backends
         ):
             metadata_backends.append(name)
+    token_order, permuted = _token_order(result.gm, by_id, owner, graph_index)
+    if permuted is not None:
+        permuted.gm.fv_site_owner = owner  # type: ignore[assignment]  # as result.gm's above
     return LoweredGraph(
-        result.gm, result.sites, result.non_attention, metadata_backends, result.rewrites, owner
+        result.gm,
+        result.sites,
+        result.non_attention,
+        metadata_backends,
+        result.rewrites,
+        owner,
+        token_order,
+        permuted,
     )
+
+
+def _token_order(
+    gm: GraphModule,
+    by_id: dict[int, tuple[AttentionSite, str, type[AttentionBackend]]],
+    owner: ops.SiteOwner,
+    graph_index: int,
+) -> tuple[TokenOrder | None, PermutedGraph | None]:
+    """Run the stretch between the sites of a backend that works in a token permutation in that
+    permutation, where the pass proves it token-wise: the other sites in it must be dense
+    attention (their backends declare `differentiable`: the output is dense attention, which
+    commutes with the permutation), non-causal, with no reordering of their own."""
+    rewritten = {sid: row for sid, row in by_id.items() if row[0].status == REWRITTEN}
+    ordered = {
+        name: cls for site, name, cls in rewritten.values() if capabilities(cls).token_permutation
+    }
+    if not ordered:
+        return None, None
+    if len(ordered) > 1:
+        names = " and ".join(sorted(ordered))
+        why = f"{names} each work in a token order of their own"
+        return TokenOrder(graph_index, names, False, why), None
+    ((name, cls),) = ordered.items()
+    sites: dict[int, TokenSite] = {}
+    for sid, (site, backend, site_cls) in rewritten.items():
+        if backend == name:
+            text = int(site.joint_text_len or 0) if site.role == "joint" else 0
+            sites[sid] = TokenSite(
+                True, int(site.q_len or 0) - text, text, bool(site.joint_text_first)
+            )
+            continue
+        rt = ops.site_runtime(sid)
+        if (
+            capabilities(site_cls).differentiable
+            and not site.causal
+            and not (rt.preprocess or rt.postprocess)
+        ):
+            sites[sid] = TokenSite(False)
+
+    def relabel(sid: int) -> int:
+        rt = ops.site_runtime(sid)
+        return owner.register_site(
+            rt.impl,
+            rt.backend,
+            rt.scale,
+            rt.causal,
+            rt.differentiable,
+            rt.empty_rows,
+            rt.fill,
+            tokens_permuted=True,
+        )
+
+    result = hoist_token_order(gm, sites, relabel)
+    row = TokenOrder(
+        graph_index,
+        name,
+        result.applied,
+        result.reason,
+        sites=result.sites,
+        video_len=result.video_len,
+        gathered=result.gathered,
+        scattered=result.scattered,
+        stopped_at=result.stopped_at,
+        bytes_per_site=result.bytes_per_site,
+        bytes_hoisted=result.bytes_hoisted,
+    )
+    permutation = capabilities(cls).token_permutation
+    if result.gm is None or permutation is None:  # not applied (cls is one of `ordered`)
+        return row, None
+    return row, PermutedGraph(result.gm, name, permutation, result.video_len)
 
 
 def construct_impl(

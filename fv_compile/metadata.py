@@ -47,6 +47,24 @@ class MetadataLayout:
                 object.__setattr__(obj, k, v)
         return obj
 
+    def tensor_fields(self) -> dict[str, int]:
+        """The fields that hold a tensor themselves, each with its index among the tensors."""
+        slots: list[Any] = []
+        count = 0
+        for leaf in self.static_leaves:
+            if leaf is _TENSOR:
+                slots.append(_Slot(count))
+                count += 1
+            else:
+                slots.append(leaf)
+        fields = pytree.tree_unflatten(slots, self.spec)
+        return {k: v.index for k, v in fields.items() if isinstance(v, _Slot)}
+
+
+@dataclass(frozen=True)
+class _Slot:
+    index: int
+
 
 def flatten_metadata(md: Any, device: torch.device) -> tuple[MetadataLayout, list[torch.Tensor]]:
     """`(layout, tensors)` for a dataclass metadata object."""

@@ -41,6 +41,10 @@ class SiteRuntime:
     # when no row can be; and for "uniform" the finite value blocked logits end at
     empty_rows: str | None = None
     fill: float | None = None
+    # the graph hands this site q, k and v with their video tokens already in the order its
+    # backend works in (`AttentionBackend.token_permutation`): the impl is told so through
+    # `attn_metadata.tokens_permuted`, and returns its output in that order
+    tokens_permuted: bool = False
 
 
 # site id -> what runs it; variant id -> the metadata layout of each backend (0: no metadata)
@@ -67,9 +71,11 @@ class SiteOwner:
         differentiable: bool,
         empty_rows: str | None = None,
         fill: float | None = None,
+        tokens_permuted: bool = False,
     ) -> int:
         """The id of a new site run by `impl`; `differentiable`: the backend declares its output
-        dense attention, so the op's backward (dense recomputation) is exact for it."""
+        dense attention, so the op's backward (dense recomputation) is exact for it;
+        `tokens_permuted`: the site receives its video tokens in its backend's order."""
         if empty_rows not in (None, "zero", "nan", "uniform"):
             raise ValueError(
                 f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}"
@@ -87,6 +93,7 @@ class SiteOwner:
             postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
             empty_rows=empty_rows,
             fill=fill,
+            tokens_permuted=tokens_permuted,
         )
         sid = next(_site_ids)
         _SITES[sid] = rt
@@ -141,6 +148,8 @@ def attention(
     """`[B, Sq, H, D]`, `[B, Sk, Hk, D]`, `[B, Sk, Hk, Dv]` -> `[B, Sq, H, Dv]` (contiguous)."""
     rt = site_runtime(site)
     md = _metadata_for(rt, mask, variant, metadata)
+    if rt.tokens_permuted:  # (a fresh object per call: `_metadata_for` rebuilds it)
+        object.__setattr__(md, "tokens_permuted", True)
     impl = rt.impl
     expected = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     # FastVideo stacks q, k and v for preprocess_qkv, so it calls it only when their shapes

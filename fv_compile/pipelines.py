@@ -279,3 +279,8 @@ def check_fastvideo_args(fastvideo_args: Any) -> None:
     dense = getattr(fastvideo_args, "sta_dense_steps", 0)
     if not isinstance(dense, int) or isinstance(dense, bool) or dense < 0:
         raise FvCompileError(f"fastvideo_args.sta_dense_steps must be an int >= 0, got {dense!r}")
+    order = getattr(fastvideo_args, "sta_token_order", "auto")
+    if order not in ("auto", "per_site"):
+        raise FvCompileError(
+            f"fastvideo_args.sta_token_order must be 'auto' or 'per_site', got {order!r}"
+        )

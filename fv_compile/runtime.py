@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from fv_compile.context import (
 from fv_compile.errors import FvCompileError
 from fv_compile.fx_graphs import copy_graph_module
 from fv_compile.metadata import MetadataLayout, flatten_metadata
+from fv_compile.passes.token_order import GATHER_INPUT, SCATTER_INPUT
 
 GraphCompiler = Callable[[GraphModule, list[Any]], Callable[..., Any]]
 
@@ -70,6 +72,19 @@ def context_metadata(
     return ctx.built[key]
 
 
+@dataclass
+class PermutedGraph:
+    """A copy of a graph that runs the stretch between `backend`'s sites in the backend's token
+    order (`passes/token_order.py`): it reads the order from two placeholders, which the
+    metadata fields `fields` (`(gather, scatter)`, `AttentionBackend.token_permutation`) feed
+    at the steps where they hold one, `video_len` tokens long."""
+
+    gm: GraphModule
+    backend: str
+    fields: tuple[str, str]
+    video_len: int
+
+
 class MetadataDispatch:
     """The callable Dynamo runs for a graph whose sites read backend metadata."""
 
@@ -78,6 +93,7 @@ class MetadataDispatch:
         gm: GraphModule,
         backends: list[str],
         compile_graph: GraphCompiler,
+        permuted: PermutedGraph | None = None,
         *,
         cuda_graphs: bool = False,
     ) -> None:
@@ -90,6 +106,9 @@ class MetadataDispatch:
         ] = {}  # (layouts, tensor shapes) -> graph
         self.owner = ops.SiteOwner()  # the variants' layouts, registered while the dispatch lives
         self.device = _graph_device(gm)
+        # the graph run in the token order, for the steps whose metadata holds one
+        self.permuted = permuted if permuted is not None and permuted.backend in backends else None
+        self.permuted_variants = 0  # of the variants compiled, how many run in the token order
 
     def __call__(self, *args: Any) -> Any:
         ctx = current_forward_context()
@@ -116,7 +135,9 @@ class MetadataDispatch:
 
     def _compile_variant(self, key, tensors, args) -> Callable[..., Any]:
         vid = self.owner.register_variant(dict(zip(self.backends, key)))
-        gm = copy_graph_module(self.gm)
+        slots = self._permutation_slots(key, tensors)
+        permuted = None if slots is None else self.permuted
+        gm = copy_graph_module(self.gm if permuted is None else permuted.gm)
         graph = gm.graph
         inputs = {
             name: [graph.placeholder(f"fv_md_{_ident(name)}_{i}") for i in range(len(ts))]
@@ -127,10 +148,35 @@ class MetadataDispatch:
                 name = ops.site_runtime(node.args[4]).backend
                 if name in inputs:
                     node.args = (*node.args[:5], vid, inputs[name])
+        if slots is not None and permuted is not None:  # the order's placeholders read the
+            self.permuted_variants += 1  # step's metadata tensors
+            own = inputs[permuted.backend]
+            for target, slot in zip((GATHER_INPUT, SCATTER_INPUT), slots):
+                (ph,) = graph.find_nodes(op="placeholder", target=target)
+                own[slot].meta.update(ph.meta)
+                ph.replace_all_uses_with(own[slot])
+                graph.erase_node(ph)
         _order_placeholders(graph, [p for name in self.backends for p in inputs[name]])
         gm.recompile()
         example = list(args) + [t for ts in tensors for t in ts]
         return _in_tracing_context(self.compile_graph, gm, example)
+
+    def _permutation_slots(self, key, tensors) -> tuple[int, int] | None:
+        """Where among its backend's metadata tensors this variant's token order is, when the
+        step has one of the length the permuted graph was proven for; else None."""
+        if self.permuted is None:
+            return None
+        i = self.backends.index(self.permuted.backend)
+        fields = key[i].tensor_fields()
+        gather, scatter = self.permuted.fields
+        if gather not in fields or scatter not in fields:
+            return None
+        slots = (fields[gather], fields[scatter])
+        for slot in slots:
+            t = tensors[i][slot]
+            if tuple(t.shape) != (self.permuted.video_len,) or t.dtype != torch.long:
+                return None
+        return slots
 
 
 def _in_tracing_context(compile_graph: GraphCompiler, gm: GraphModule, example: list[Any]):

@@ -10,7 +10,7 @@ speak it without importing one another. The matcher's internal details live in
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 REWRITTEN = "rewritten"
@@ -173,3 +173,43 @@ class NonAttentionSoftmax:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class TokenOrder:
+    """What became of the token order of a backend that works in one (sliding tile attention's
+    tile order) in one graph: whether the stretch between its sites runs in that order, gathered
+    once where the tokens enter it and scattered once where they leave, or why each site keeps
+    reordering its own q, k, v and output."""
+
+    graph: int
+    backend: str
+    hoisted: bool
+    reason: str = ""  # why not, when not
+    sites: int = 0  # sites that receive their tokens already in order
+    video_len: int = 0
+    gathered: list[str] = field(default_factory=list)  # graph values gathered where tokens enter
+    scattered: list[str] = field(default_factory=list)  # graph values scattered where they leave
+    stopped_at: str = ""  # the node that stopped the proof, when one did
+    note: str = ""  # e.g. what regional compilation leaves out of reach
+    bytes_per_site: int = 0  # what the sites' own reorders copy per call (q, k, v, output)
+    bytes_hoisted: int = 0  # what the gathers and scatters at the borders copy instead
+
+    def describe(self) -> str:
+        if not self.hoisted:
+            return f"graph {self.graph}: each {self.backend} site reorders its own tokens: {self.reason}"
+        text = (
+            f"graph {self.graph}: {self.sites} {self.backend} site(s) run in its token order between "
+            f"{len(self.gathered)} gather(s) where the tokens enter ({', '.join(self.gathered)}) and "
+            f"{len(self.scattered)} scatter(s) where they leave ({', '.join(self.scattered)}): "
+            f"{_mib(self.bytes_hoisted)} copied per call instead of {_mib(self.bytes_per_site)}, at the "
+            "steps whose metadata holds the order as a permutation (other steps run per site)"
+        )
+        return text + (f"; {self.note}" if self.note else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB"

@@ -614,6 +614,14 @@ def _(mp):
     return net, lambda: fv_compile.compile(net, fastvideo_args=FastVideoArgs(sta_dense_steps=-1))
 
 
+@case("sta-token-order")
+def _(mp):
+    net = Net()
+    return net, lambda: fv_compile.compile(
+        net, fastvideo_args=FastVideoArgs(sta_token_order="model")
+    )
+
+
 @case("patch-size-contradicts")
 def _(mp):
     net = Net()
@@ -837,6 +845,15 @@ def _(mp):
     model = VideoDiT()
     cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
     return model, in_context(cm, video(), args=sta_args(sta_window=(2, 1, 2), sta_kernel="cuda"))
+
+
+@case("sta-token-order-name")
+def _(mp):
+    model = VideoDiT()
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    return model, in_context(
+        cm, video(), args=sta_args(sta_window=(2, 1, 2), sta_token_order="model")
+    )
 
 
 @case("sta-kernel-fa4-missing")

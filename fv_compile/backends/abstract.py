@@ -102,6 +102,12 @@ class AttentionImpl(ABC, Generic[T]):
         """Undo `preprocess_qkv` on the `[B, S, H, D]` output."""
         return output
 
+    # An impl of a backend that declares `token_permutation` may be called with
+    # `attn_metadata.tokens_permuted = True` (an attribute fv_compile sets on the metadata object
+    # of that call): the video tokens of q, k, v, and of the site's key mask, then already sit in
+    # the order the permutation names, and the output must stay in it. Its preprocess_qkv and
+    # postprocess_output are still called, for whatever else they do (placing text tokens).
+
     @abstractmethod
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata: T
@@ -141,6 +147,14 @@ class AttentionBackend(ABC):
     # its output is dense attention, so fv_compile's backward (dense recomputation) is exact for it:
     # a compiled model can train through it
     differentiable: ClassVar[bool] = False
+    # `(gather, scatter)`: the names of two metadata fields that, at a step where both are
+    # tensors, hold the permutation of the video tokens the impl works in (long `[N]`: the token
+    # at position i of that order is raster token `gather[i]`; `scatter` is the inverse), and in
+    # which its preprocess_qkv / postprocess_output put them. Declared, fv_compile may run the
+    # whole stretch of a graph between the backend's first and last site in that order when it
+    # proves the stretch token-wise, gathering once where the tokens enter and scattering once
+    # where they leave; the impl is then told (`attn_metadata.tokens_permuted`, see AttentionImpl)
+    token_permutation: ClassVar[tuple[str, str] | None] = None
     label: ClassVar[str | None] = None  # a short name for reasons (STA); None: get_name()
 
     @staticmethod
@@ -191,6 +205,7 @@ class Capabilities:
     value_head_dim_differs: bool
     needs_head_groups: bool
     differentiable: bool
+    token_permutation: tuple[str, str] | None = None
 
     def unsupported_reasons(self, site: AttentionSite) -> list[str]:
         """Every declared limit `site` breaks, phrased for `explain`."""
@@ -287,6 +302,10 @@ def capabilities(backend_cls: type) -> Capabilities:
         head_sizes = fastvideo_sizes()
     roles, dtypes, devices = declared("roles"), declared("dtypes"), declared("devices")
     name = declared("label") or _name_of(backend_cls)
+    permutation = declared("token_permutation")
+    if permutation is not None:
+        gather, scatter = permutation  # two field names
+        permutation = (str(gather), str(scatter))
     return Capabilities(
         name=name,
         roles=None if roles is None else tuple(roles),
@@ -304,6 +323,7 @@ def capabilities(backend_cls: type) -> Capabilities:
         value_head_dim_differs=bool(declared("value_head_dim_differs")),
         needs_head_groups=bool(declared("needs_head_groups")),
         differentiable=bool(declared("differentiable")),
+        token_permutation=permutation,
     )
 
 

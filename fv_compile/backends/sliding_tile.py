@@ -11,6 +11,13 @@ Metadata tensors (graph inputs): tile gather/scatter indices, valid tokens per t
 (layer, head) key-tile lists for the current step. Static fields (a graph variant each): the token
 grid, the tile, whether this step is dense.
 
+When the tile divides the token grid, tile order is a permutation of the video tokens, and the
+metadata says so (`token_gather`, `token_scatter`; the backend declares them as its
+`token_permutation`): fv_compile may then run the whole stretch of the model between the first and
+the last STA site in tile order, when it proves that stretch token-wise, and the sites take their
+tokens as they come (`attn_metadata.tokens_permuted`). Dense steps have no order: they run as
+traced, with no reordering at all.
+
 This file is the backend as FastVideo's API shapes it: metadata, builder, impl, backend. Its
 parts live by job beside it: `tiles.py` (tile geometry, windows as key-tile lists),
 `sta_windows.py` (the token grid, mask-strategy files, the window schedule per layer, head and
@@ -67,6 +74,22 @@ class SlidingTileMetadata(AttentionMetadata):
     block_valid: torch.Tensor | None = None  # int32 [n_tiles]
     kv_indices: torch.Tensor | None = None  # int32 [L, Hm, n_tiles, K]
     kv_counts: torch.Tensor | None = None  # int32 [L, Hm, n_tiles]
+    # tile order as a permutation of the T*H*W video tokens, when the tile divides the grid (no
+    # padding slots) and `FastVideoArgs.sta_token_order` allows the graph to run in it
+    token_gather: torch.Tensor | None = None  # long [T*H*W]: the raster index of each slot
+    token_scatter: torch.Tensor | None = None  # long [T*H*W]: the slot of each raster token
+
+
+_TOKEN_ORDERS = ("auto", "per_site")
+
+
+def token_order_choice(args: Any) -> str:
+    """`FastVideoArgs.sta_token_order`, checked: "auto" lets the graph run in tile order between
+    the sites where that is proven sound, "per_site" keeps every site reordering its own."""
+    order = str(getattr(args, "sta_token_order", "auto") or "auto")
+    if order not in _TOKEN_ORDERS:
+        raise FvCompileError(f"sta_token_order={order!r} is not one of {', '.join(_TOKEN_ORDERS)}")
+    return order
 
 
 _KERNELS = ("auto", "triton", "flash_attn")
@@ -97,11 +120,13 @@ class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
         n_tiles = tiles_per_axis(grid, tile)
         text_all = bool(getattr(fastvideo_args, "sta_text_attends_all", True))
         kernel = sparse_kernel_choice(fastvideo_args)
+        order = token_order_choice(fastvideo_args)
         windows = step_windows(int(current_timestep), forward_batch, fastvideo_args, n_tiles)
         if windows is None:
             return SlidingTileMetadata(current_timestep, grid, tile, True, text_all, kernel)
         tile_index, untile_index, block_valid = tile_geometry(grid, tile)
         kv_indices, kv_counts = window_lists(n_tiles, windows)
+        permutation = order == "auto" and tile_index.shape[0] == untile_index.shape[0]
         return SlidingTileMetadata(
             current_timestep,
             grid,
@@ -114,6 +139,8 @@ class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
             block_valid,
             kv_indices,
             kv_counts,
+            tile_index if permutation else None,
+            untile_index if permutation else None,
         )
 
 
@@ -242,7 +269,8 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         if md.dense:
             return qkv
         self._seen_len = qkv.shape[1]
-        return qkv.index_select(1, self._token_order(md, qkv.shape[1])[0])
+        gather, _, _, identity = self._token_order(md, qkv.shape[1])
+        return qkv if identity else qkv.index_select(1, gather)
 
     def postprocess_output(
         self, output: torch.Tensor, attn_metadata: SlidingTileMetadata
@@ -250,16 +278,63 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         md = attn_metadata
         if md.dense:
             return output
-        return output.index_select(1, self._token_order(md)[1])
+        _, scatter, _, identity = self._token_order(md)
+        return output if identity else output.index_select(1, scatter)
 
     def _token_order(self, md: SlidingTileMetadata, length: int | None = None):
-        """`(gather, scatter, is_token)`: the site's row for every tile-major slot (video tiles,
-        then text padded to whole tiles), every site row's slot, and which slots hold a token."""
+        """`(gather, scatter, is_token, identity)`: the site's row for every tile-major slot
+        (video tiles, then text padded to whole tiles), every site row's slot, which slots hold a
+        token, and whether the order is the site's own (nothing to move).
+
+        With `md.tokens_permuted` the video tokens arrive in tile order already (the graph runs
+        in it): only the text moves, after the video and padded to whole tiles, if it must."""
         text = self._text_len(md, length)
         tile_index = _sparse_layout(md.tile_index)
-        return _cached(
+        if getattr(md, "tokens_permuted", False):
+            n = math.prod(md.grid)
+            if md.token_gather is None or md.token_gather.shape[0] != n or tile_index.shape[0] != n:
+                raise FvCompileError(
+                    f"SLIDING_TILE_ATTN at {self.prefix or 'a site'} was handed tokens in tile order, but "
+                    f"the tile {md.tile} does not divide the grid {md.grid}: tile order is no permutation"
+                )
+            return _cached(
+                "order:permuted",
+                tile_index,
+                (text, self.text_first),
+                lambda: self._build_placed_text(md, text),
+            )
+        order = _cached(
             "order", tile_index, (text, self.text_first), lambda: self._build_order(md, text)
         )
+        return (*order, False)
+
+    def _build_placed_text(self, md: SlidingTileMetadata, text: int):
+        """`_token_order` for video tokens already in tile order: the video stays, the text goes
+        after it, padded to whole tiles (an identity without text, or with whole tiles of it
+        after the video)."""
+        n = math.prod(md.grid)
+        dev = _sparse_layout(md.tile_index).device
+        pad = (-text) % math.prod(md.tile)
+        if not self.text_first and pad == 0:
+            ident = torch.arange(n + text, device=dev)
+            return ident, ident, torch.ones(n + text, dtype=torch.bool, device=dev), True
+        video_at, text_at = (text, 0) if self.text_first else (0, n)
+        gather = torch.cat(
+            [
+                torch.arange(n, device=dev) + video_at,
+                torch.arange(text, device=dev) + text_at,
+                torch.full((pad,), video_at, dtype=torch.long, device=dev),
+            ]
+        )
+        video, words = torch.arange(n, device=dev), torch.arange(n, n + text, device=dev)
+        scatter = torch.cat([words, video] if self.text_first else [video, words])
+        is_token = torch.cat(
+            [
+                torch.ones(n + text, dtype=torch.bool, device=dev),
+                torch.zeros(pad, dtype=torch.bool, device=dev),
+            ]
+        )
+        return gather, scatter, is_token, False
 
     def _build_order(self, md: SlidingTileMetadata, text: int):
         tile_index, untile_index = _sparse_layout(md.tile_index), _sparse_layout(md.untile_index)
@@ -322,8 +397,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
                 f"SLIDING_TILE_ATTN takes a boolean key padding mask [B, 1, 1, S], got "
                 f"{mask.dtype} {tuple(mask.shape)}"
             )
-        gather, _, is_token = self._token_order(md)
-        return mask[:, 0, 0].index_select(1, gather) & is_token
+        gather, _, is_token, identity = self._token_order(md)
+        keys = mask[:, 0, 0]
+        return (keys if identity else keys.index_select(1, gather)) & is_token
 
     def _block_lists(self, md: SlidingTileMetadata, volume: int, fa4: bool):
         """This layer's key-block lists with the text blocks added (as FA4 piece lists for the
@@ -382,6 +458,7 @@ _CACHE_KEY = "SLIDING_TILE_ATTN"  # this backend's entries in the step cache
 
 class SlidingTileAttentionBackend(AttentionBackend):
     label = "STA"
+    token_permutation = ("token_gather", "token_scatter")
     roles = ("self", "joint")  # video self-attention, and the video part of joint attention
     mask_kinds = (MASK_KEY_PADDING,)  # HunyuanVideo's text padding
     causal = False
