@@ -48,7 +48,7 @@ import triton.language as tl
 
 from fv_compile.backends.kernels import SAGE_HEAD_DIMS, interpreting
 
-__all__ = ["SageConfig", "fp8_available", "sage_attention_fwd"]
+__all__ = ["SageConfig", "attention_quantized", "fp8_available", "quantize", "sage_attention_fwd"]
 
 _LOG2E = 1.4426950408889634
 P_SCALE = 448.0  # P in [0, 1] times this fills e4m3's range (its largest finite value)
@@ -512,7 +512,7 @@ def sage_attention_fwd(
     if not (softmax_scale > 0.0 and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a positive finite float, got {softmax_scale}")
     B, Sq, H, D = q.shape
-    Sk, Hk = k.shape[1], k.shape[2]
+    Sk = k.shape[1]
     out = torch.empty((B, Sq, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -523,6 +523,22 @@ def sage_attention_fwd(
     qz = quantize(
         q, k, v, softmax_scale=softmax_scale, smooth_q=smooth_q, smooth_k=smooth_k, pv_fp8=pv_fp8
     )
+    return attention_quantized(qz, out, causal=causal, config=config, autotune=autotune)
+
+
+def attention_quantized(
+    qz: Quantized,
+    out: torch.Tensor,
+    *,
+    causal: bool = False,
+    config: SageConfig | None = None,
+    autotune: bool | None = None,
+) -> torch.Tensor:
+    """The attention kernel alone on what `quantize` wrote, into ``out`` ``[B, Sq, H, D]``
+    (benchmarks time it apart from the quantisation pass)."""
+    B, H, Sq, D = qz.q8.shape
+    Hk, Sk = qz.k8.shape[1], qz.k8.shape[2]
+    pv_fp8 = qz.vt.dtype != torch.float16
     args = (
         qz.q8, qz.q_scale, qz.k8, qz.k_scale,
         qz.k_bias if qz.k_bias is not None else qz.k_scale,
