@@ -60,6 +60,8 @@ CASES = [
     (1, 70, 70, 4, 2, 64, True),  # GQA, causal
     (1, 83, 19, 2, 2, 128, False),  # cross-attention to a short text, odd lengths
     (1, 50, 129, 2, 2, 64, False),  # keys past one padded V block
+    (1, 70, 19, 2, 2, 64, True),  # causal, more queries than keys (top-left, as SDPA)
+    (1, 40, 100, 2, 1, 128, True),  # causal, fewer queries than keys, GQA
 ]
 
 
