@@ -42,6 +42,7 @@ LAYERS: list[list[str]] = [
         "fv_compile.backends.flash_attn",
         "fv_compile.backends.triton_attn",
         "fv_compile.backends.sliding_tile",
+        "fv_compile.backends.sage",
     ],
     # what dense backends share (_dense), and sliding tile attention's parts by job: tile
     # geometry, windows per layer and step, block lists and attention over them

@@ -14,10 +14,10 @@ _BUILTIN: dict[str, str] = {
     "TRITON_ATTN": "fv_compile.backends.triton_attn:TritonAttentionBackend",
     "FLASH_ATTN": "fv_compile.backends.flash_attn:FlashAttentionBackend",
     "SLIDING_TILE_ATTN": "fv_compile.backends.sliding_tile:SlidingTileAttentionBackend",
+    "SAGE_ATTN": "fv_compile.backends.sage:SageAttentionBackend",
 }
 # FastVideo backend names fv_compile has no implementation of (yet): a clearer error than "unknown"
 _FASTVIDEO_ONLY = {
-    "SAGE_ATTN",
     "SAGE_ATTN_THREE",
     "VIDEO_SPARSE_ATTN",
     "VIDEO_SPARSE_ATTN_H3",

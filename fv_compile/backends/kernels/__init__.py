@@ -1,5 +1,5 @@
-"""The backends' kernels: our Triton flash-attention and block-sparse forwards, and the adapters
-to flash-attn-4's block-sparse forward.
+"""The backends' kernels: our Triton flash-attention, 8-bit and block-sparse forwards, and the
+adapters to flash-attn-4's block-sparse forward.
 
 What the kernels can run is written here, once, importable without Triton or flash-attn (the
 backends declare it as their capabilities before any kernel loads), and so is the one reading of
@@ -18,3 +18,4 @@ def interpreting() -> bool:
 
 TRITON_HEAD_DIMS = (64, 128)  # flash_fwd.py and block_sparse_fwd.py compile for these head dims
 FA4_SPARSE_HEAD_DIMS = (64, 128)  # what fa4_block_sparse.py runs through flash-attn-4
+SAGE_HEAD_DIMS = (64, 128)  # what sage_fwd.py (8-bit attention) compiles for
