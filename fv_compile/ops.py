@@ -41,6 +41,12 @@ class SiteRuntime:
     # when no row can be; and for "uniform" the finite value blocked logits end at
     empty_rows: str | None = None
     fill: float | None = None
+    # what sequence parallelism needs: the site's role (self | cross | joint), for joint
+    # attention its text segment, and the site's path for messages
+    role: str = "self"
+    joint_text_len: int | None = None
+    joint_text_first: bool | None = None
+    where: str = ""
 
 
 # site id -> what runs it; variant id -> the metadata layout of each backend (0: no metadata)
@@ -67,6 +73,11 @@ class SiteOwner:
         differentiable: bool,
         empty_rows: str | None = None,
         fill: float | None = None,
+        *,
+        role: str = "self",
+        joint_text_len: int | None = None,
+        joint_text_first: bool | None = None,
+        where: str = "",
     ) -> int:
         """The id of a new site run by `impl`; `differentiable`: the backend declares its output
         dense attention, so the op's backward (dense recomputation) is exact for it."""
@@ -87,6 +98,10 @@ class SiteOwner:
             postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
             empty_rows=empty_rows,
             fill=fill,
+            role=role,
+            joint_text_len=joint_text_len,
+            joint_text_first=joint_text_first,
+            where=where,
         )
         sid = next(_site_ids)
         _SITES[sid] = rt
