@@ -51,13 +51,13 @@ def resolve(spec: Any) -> SequenceParallel | None:
         return None
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise FvCompileError(_NO_GROUP)
     if isinstance(spec, bool) or not isinstance(spec, (int, dist.ProcessGroup)):
         raise FvCompileError(
-            "sequence_parallel must be a degree (int) or a torch.distributed.ProcessGroup, got "
-            f"{type(spec).__name__}"
+            "sequence_parallel must be a degree (int) or a torch.distributed.ProcessGroup this "
+            f"process belongs to, got {type(spec).__name__}"
         )
+    if not dist.is_available() or not dist.is_initialized():
+        raise FvCompileError(_NO_GROUP)
     if isinstance(spec, int):
         world = dist.get_world_size()
         if spec != world:
@@ -69,11 +69,11 @@ def resolve(spec: Any) -> SequenceParallel | None:
         group = dist.group.WORLD
     else:
         group = spec
-    assert group is not None
-    rank = dist.get_rank(group)
-    if rank < 0:
+    rank = dist.get_rank(group) if group is not None else -1
+    if group is None or rank < 0:
         raise FvCompileError(
-            "this process is not a member of the sequence_parallel group: pass a group it belongs to"
+            "sequence_parallel must be a degree (int) or a torch.distributed.ProcessGroup this "
+            "process belongs to, got a group it is not a member of"
         )
     return SequenceParallel(group.group_name, dist.get_world_size(group), rank)
 
@@ -194,11 +194,6 @@ def shard_attention_sites(gm: GraphModule, sp: SequenceParallel) -> GraphModule:
             raise FvCompileError(
                 f"{where}: sequence_parallel runs inference only; call the compiled model under "
                 "torch.no_grad() (or compile without sequence_parallel to train)"
-            )
-        if q.shape[1] != k.shape[1]:
-            raise FvCompileError(
-                f"{where}: a {rt.role}-attention site with {q.shape[1]} queries and {k.shape[1]} "
-                "keys cannot run sequence parallel; compile without sequence_parallel"
             )
         for what, heads in (("heads", q.shape[2]), ("key/value heads", k.shape[2])):
             if heads % sp.degree:
