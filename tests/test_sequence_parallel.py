@@ -131,3 +131,20 @@ def test_a_degree_other_than_the_group_size_names_the_fix(two_rank_errors):
 
 def test_more_ranks_than_heads_names_a_smaller_degree(two_rank_errors):
     assert "use a smaller degree" in two_rank_errors["heads"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
+def test_nccl_at_world_size_one_gives_the_output_without_sequence_parallel():
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = model_for("wan-tiny").cuda()
+        args, kwargs = example_inputs(model, grid=GRID)
+        outs = []
+        for sp in (None, 1):
+            torch._dynamo.reset()
+            cm = fv_compile.compile(model, "TORCH_SDPA", sequence_parallel=sp)
+            with torch.no_grad():
+                outs.append(cm(*args, **kwargs))
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
