@@ -148,3 +148,26 @@ def test_nccl_at_world_size_one_gives_the_output_without_sequence_parallel():
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_self_sites_run_sequence_parallel_and_cross_sites_stay_local(monkeypatch):
+    from fv_compile.distributed import ulysses
+
+    roles = []
+    real = ulysses.sequence_parallel_attention
+
+    def counted(*args, **kwargs):
+        roles.append(fv_compile.ops.site_runtime(args[4]).role)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ulysses, "sequence_parallel_attention", counted)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = model_for("wan-tiny")  # 2 blocks: self- and cross-attention each
+        args, kwargs = example_inputs(model, grid=GRID)
+        cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager", sequence_parallel=1)
+        with torch.no_grad():
+            cm(*args, **kwargs)
+    finally:
+        dist.destroy_process_group()
+    assert roles == ["self", "self"]
