@@ -23,6 +23,8 @@ from torch.utils import _pytree as pytree
 
 from fv_compile.cache import with_source_key
 from fv_compile.context import current_forward_context, reset_derived_context, set_derived_context
+from fv_compile.distributed.ulysses import SequenceParallel, shard_attention_sites
+from fv_compile.distributed.ulysses import resolve as resolve_sequence_parallel
 from fv_compile.errors import FvCompileError
 from fv_compile.explain import (
     AttentionCallCounter,
@@ -72,6 +74,7 @@ class FvCompileBackend:
         options: dict[str, Any] | None = None,
         analyze_only: bool = False,
         check: str | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> None:
         """check: "forward" or "backward" makes each graph run as traced while every rewritten
         site is checked against its replacement on the same inputs (`fv_compile.verify`)."""
@@ -85,6 +88,7 @@ class FvCompileBackend:
         self.options = dict(options or {})
         self.analyze_only = analyze_only
         self.check = check
+        self.sequence_parallel = sequence_parallel
         self.sites: list[AttentionSite] = []
         self.non_attention: list[NonAttentionSoftmax] = []
         self.token_order: list[TokenOrder] = []  # per graph with a token-order backend
@@ -195,7 +199,10 @@ class FvCompileBackend:
         self.breaks.append((str(reason.reason), at))
 
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        """Hand a rewritten graph to the chosen compiler."""
+        """Hand a rewritten graph to the chosen compiler (its sites sequence parallel first,
+        when asked for)."""
+        if self.sequence_parallel is not None:
+            gm = shard_attention_sites(gm, self.sequence_parallel)
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "aot_eager":
@@ -871,6 +878,7 @@ def compile(
     options: dict[str, Any] | None = None,
     regional: bool | str = "auto",
     fastvideo_args: Any = None,
+    sequence_parallel: Any = None,
     **torch_compile_kwargs: Any,
 ) -> CompiledModel:
     """Compile `model` with every attention site running on `attention_backend`.
@@ -894,6 +902,10 @@ def compile(
         sta_dense_steps=...)`) for calls made outside a `forward_context`, e.g. by a diffusers
         pipeline: the model then derives the step and the latent grid from each call (see
         `CompiledModel`). A `forward_context` around a call takes precedence.
+    sequence_parallel: a degree (the default process group's size) or a
+        `torch.distributed.ProcessGroup`: each video self- and joint-attention site runs Ulysses
+        sequence parallel over it (fv_compile/distributed/ulysses.py), inference only; every rank
+        gets the single-process output.
     torch_compile_kwargs: passed to `torch.compile` (`fullgraph`, `dynamic`, ...); shapes are
         static unless `dynamic` is given, so each resolution gets its own graph.
 
@@ -927,7 +939,12 @@ def compile(
         regional = blocks_hold_most_weights(model)
     torch_compile_kwargs.setdefault("dynamic", False)
     backend = FvCompileBackend(
-        attention_backend, compiler=compiler, strict=strict, mode=mode, options=options
+        attention_backend,
+        compiler=compiler,
+        strict=strict,
+        mode=mode,
+        options=options,
+        sequence_parallel=resolve_sequence_parallel(sequence_parallel),
     )
     return CompiledModel(model, backend, bool(regional), fastvideo_args, **torch_compile_kwargs)
 

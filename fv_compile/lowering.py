@@ -93,6 +93,10 @@ def lower_graph(
             differentiable=capabilities(cls).differentiable,
             empty_rows=match.empty_rows,
             fill=match.fill,
+            role=site.role,
+            joint_text_len=site.joint_text_len,
+            joint_text_first=site.joint_text_first,
+            where=site.module_path or site.node,
         )
         by_id[sid] = (site, name, cls)
         return sid

@@ -45,6 +45,12 @@ class SiteRuntime:
     # backend works in (`AttentionBackend.token_permutation`): the impl is told so through
     # `attn_metadata.tokens_permuted`, and returns its output in that order
     tokens_permuted: bool = False
+    # what sequence parallelism needs: the site's role (self | cross | joint), for joint
+    # attention its text segment, and the site's path for messages
+    role: str = "self"
+    joint_text_len: int | None = None
+    joint_text_first: bool | None = None
+    where: str = ""
 
 
 # site id -> what runs it; variant id -> the metadata layout of each backend (0: no metadata)
@@ -72,6 +78,11 @@ class SiteOwner:
         empty_rows: str | None = None,
         fill: float | None = None,
         tokens_permuted: bool = False,
+        *,
+        role: str = "self",
+        joint_text_len: int | None = None,
+        joint_text_first: bool | None = None,
+        where: str = "",
     ) -> int:
         """The id of a new site run by `impl`; `differentiable`: the backend declares its output
         dense attention, so the op's backward (dense recomputation) is exact for it;
@@ -94,6 +105,10 @@ class SiteOwner:
             empty_rows=empty_rows,
             fill=fill,
             tokens_permuted=tokens_permuted,
+            role=role,
+            joint_text_len=joint_text_len,
+            joint_text_first=joint_text_first,
+            where=where,
         )
         sid = next(_site_ids)
         _SITES[sid] = rt

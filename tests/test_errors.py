@@ -487,6 +487,59 @@ def _(mp):
     return net, lambda: fv_compile.compile(net, regional="blocks")
 
 
+def _one_rank_group(call):
+    """`call()` inside a one-process gloo group, torn down after."""
+    import torch.distributed as dist
+
+    def trigger():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            return call()
+        finally:
+            dist.destroy_process_group()
+
+    return trigger
+
+
+@case("sp-value")
+def _(mp):
+    net = Net()
+    return net, lambda: fv_compile.compile(net, sequence_parallel="ulysses")
+
+
+@case("sp-no-group")
+def _(mp):
+    net = Net()
+    return net, lambda: fv_compile.compile(net, sequence_parallel=2)
+
+
+@case("sp-degree")
+def _(mp):
+    net = Net()
+    return net, _one_rank_group(lambda: fv_compile.compile(net, sequence_parallel=2))
+
+
+@case("sp-heads")
+def _(mp):
+    from fv_compile.distributed.ulysses import SequenceParallel
+
+    net = Net()  # 4 heads
+    mp.setattr(fv_compile.api, "resolve_sequence_parallel", lambda _: SequenceParallel("g", 3, 0))
+    cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", sequence_parallel=3)
+    return net, lambda: quiet(lambda: cm(x_in()))(), lambda e: "(1, 2, 4)" in str(e)
+
+
+@case("sp-inference")
+def _(mp):
+    net = Net()
+
+    def call():
+        cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", sequence_parallel=1)
+        return cm(x_in())
+
+    return net, _one_rank_group(call)  # with gradients on: the weights train
+
+
 @case("option-unknown/torch-compile")
 def _(mp):
     gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())

@@ -31,6 +31,7 @@ LAYERS: list[list[str]] = [
         "fv_compile.regional",
         "fv_compile.pipelines",
         "fv_compile.cache",
+        "fv_compile.distributed.*",
     ],
     ["fv_compile.user_errors"],  # what went wrong, phrased for the user
     ["fv_compile.explain", "fv_compile.ops"],  # the report rows; the op sites become

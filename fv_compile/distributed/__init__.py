@@ -1,0 +1,1 @@
+"""Sequence parallelism (Ulysses) on torch.distributed functional collectives."""
