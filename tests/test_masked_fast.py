@@ -298,7 +298,7 @@ def test_an_additive_mask_over_queries_says_it_is_not_key_padding():
         0.125,
         mask="additive",
         dtype="float32",
-        device="cpu",
+        device=DEVICE,  # a device TRITON_ATTN runs on here: the mask is the only reason
     )
     why = unsupported_reason(fv_compile.get_backend("TRITON_ATTN"), site)
     assert why == (
