@@ -176,6 +176,10 @@ def _token_order(
             rt.empty_rows,
             rt.fill,
             tokens_permuted=True,
+            role=rt.role,
+            joint_text_len=rt.joint_text_len,
+            joint_text_first=rt.joint_text_first,
+            where=rt.where,
         )
 
     result = hoist_token_order(gm, sites, relabel)

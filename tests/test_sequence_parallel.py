@@ -28,8 +28,15 @@ CASES = {
     "wan_sta": ("wan-tiny", {"self": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"}),
     "hunyuan_sdpa": ("hunyuan-tiny", "TORCH_SDPA"),
     "hunyuan_sta": ("hunyuan-tiny", {"joint": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"}),
+    # a tile that divides the 3 x 3 x 5 token grid: the stretch between the sites runs in tile order
+    "wan_sta_tile_order": ("wan-tiny", {"self": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"}),
+    "hunyuan_sta_tile_order": (
+        "hunyuan-tiny",
+        {"joint": "SLIDING_TILE_ATTN", "default": "TORCH_SDPA"},
+    ),
 }
 STA = FastVideoArgs(patch_size=(1, 2, 2), sta_tile_size=(1, 2, 2), sta_window=(2, 1, 2))
+STA_DIVIDING = FastVideoArgs(patch_size=(1, 2, 2), sta_tile_size=(1, 3, 1), sta_window=(2, 1, 2))
 
 
 def model_for(preset: str) -> torch.nn.Module:
@@ -39,8 +46,9 @@ def model_for(preset: str) -> torch.nn.Module:
     return build_model(cfg)
 
 
-def run_case(name: str, sequence_parallel) -> tuple[torch.Tensor, int, int]:
-    """The case's output, its number of Dynamo graphs and graph breaks."""
+def run_case(name: str, sequence_parallel) -> tuple[torch.Tensor, int, int, int]:
+    """The case's output, its number of Dynamo graphs and graph breaks, and how many of its
+    graph variants run in tile order."""
     preset, policy = CASES[name]
     torch._dynamo.reset()
     model = model_for(preset)
@@ -49,10 +57,11 @@ def run_case(name: str, sequence_parallel) -> tuple[torch.Tensor, int, int]:
         model, policy, compiler="aot_eager", strict=True, sequence_parallel=sequence_parallel
     )
     batch = ForwardBatch(raw_latent_shape=tuple(args[0].shape))
-    with torch.no_grad(), fv_compile.forward_context(0, batch, STA):
+    args_ = STA_DIVIDING if name.endswith("tile_order") else STA
+    with torch.no_grad(), fv_compile.forward_context(0, batch, args_):
         out = cm(*args, **kwargs)
     backend = cm._fv_backend
-    return out, backend.graphs, len(backend.graph_break_report())
+    return out, backend.graphs, len(backend.graph_break_report()), cm.variants_token_ordered
 
 
 def _worker(rank: int, world: int, port: int, results: str) -> None:
@@ -79,16 +88,24 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_rank_gets_the_single_process_output(two_ranks, case):
-    expected, _, _ = run_case(case, None)
+    expected = run_case(case, None)[0]
     for rank in two_ranks:
         torch.testing.assert_close(rank[case][0], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_no_extra_dynamo_graphs_and_no_graph_breaks(two_ranks, case):
-    _, graphs, breaks = run_case(case, None)
+    _, graphs, breaks, _ = run_case(case, None)
     assert [(r[case][1], r[case][2]) for r in two_ranks] == [(graphs, 0), (graphs, 0)]
     assert breaks == 0
+
+
+@pytest.mark.parametrize("case", ["wan_sta_tile_order", "hunyuan_sta_tile_order"])
+def test_sites_in_tile_order_are_sharded_too(two_ranks, case):
+    """The token-order pass hands these sites permuted tokens (joint text kept in place); the
+    sequence-parallel rewrite after it must still shard their video tokens, not their text."""
+    assert run_case(case, None)[3] > 0
+    assert [r[case][3] > 0 for r in two_ranks] == [True, True]
 
 
 def test_no_process_group_is_a_clear_error():
