@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch.fx import GraphModule
@@ -166,21 +166,7 @@ def _token_order(
             sites[sid] = TokenSite(False)
 
     def relabel(sid: int) -> int:
-        rt = ops.site_runtime(sid)
-        return owner.register_site(
-            rt.impl,
-            rt.backend,
-            rt.scale,
-            rt.causal,
-            rt.differentiable,
-            rt.empty_rows,
-            rt.fill,
-            tokens_permuted=True,
-            role=rt.role,
-            joint_text_len=rt.joint_text_len,
-            joint_text_first=rt.joint_text_first,
-            where=rt.where,
-        )
+        return owner.register_runtime(replace(ops.site_runtime(sid), tokens_permuted=True))
 
     result = hoist_token_order(gm, sites, relabel)
     row = TokenOrder(

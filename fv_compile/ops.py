@@ -77,7 +77,6 @@ class SiteOwner:
         differentiable: bool,
         empty_rows: str | None = None,
         fill: float | None = None,
-        tokens_permuted: bool = False,
         *,
         role: str = "self",
         joint_text_len: int | None = None,
@@ -85,8 +84,7 @@ class SiteOwner:
         where: str = "",
     ) -> int:
         """The id of a new site run by `impl`; `differentiable`: the backend declares its output
-        dense attention, so the op's backward (dense recomputation) is exact for it;
-        `tokens_permuted`: the site receives its video tokens in its backend's order."""
+        dense attention, so the op's backward (dense recomputation) is exact for it."""
         if empty_rows not in (None, "zero", "nan", "uniform"):
             raise ValueError(
                 f"empty_rows must be None, 'zero', 'nan' or 'uniform', got {empty_rows!r}"
@@ -104,12 +102,16 @@ class SiteOwner:
             postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
             empty_rows=empty_rows,
             fill=fill,
-            tokens_permuted=tokens_permuted,
             role=role,
             joint_text_len=joint_text_len,
             joint_text_first=joint_text_first,
             where=where,
         )
+        return self.register_runtime(rt)
+
+    def register_runtime(self, rt: SiteRuntime) -> int:
+        """The id of a new site that `rt` runs: a copy of a registered site with one fact
+        changed (`dataclasses.replace`) keeps every other fact of it."""
         sid = next(_site_ids)
         _SITES[sid] = rt
         self.sites.append(sid)

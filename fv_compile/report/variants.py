@@ -108,9 +108,8 @@ class VariantResult:
     dense_steps: list[int] | None = None  # steps a sparse backend ran as full attention
     dense_reason: str | None = None
     unserved_reason: str | None = None
-    regional: str | None = (
-        None  # what was compiled: "the repeated blocks in blocks", "the whole model"
-    )
+    # what was compiled: "the repeated blocks in blocks", "the whole model"
+    regional: str | None = None
     graphs: int | None = None
     graph_breaks: int | None = None
     recompiles: int | None = None
