@@ -225,6 +225,9 @@ class FvCompileBackend:
         for message in list(located) + [m for m in frames if m not in located]:
             count = max(sum(1 for m, _ in self.breaks if m == message), frames.get(message, 0))
             reason, hint = dynamo_reason(message)
+            if "CompiledModel.forward" in reason:  # our own break (CompiledModel.forward)
+                reason = "a CompiledModel is called here: it runs its own compiled code"
+                hint = "nothing to fix; its sites are listed by its own explain()"
             out.append(GraphBreak(reason, located.get(message, []), count, hint))
         return out
 
@@ -740,6 +743,12 @@ class CompiledModel(OptimizedModule):
 
     # -- calls -------------------------------------------------------------------------------
 
+    # Opaque to an outer compiled frame (a pipeline under torch.compile, or another
+    # CompiledModel): the outer frame breaks around the call and this model runs its own
+    # compiled code with its own settings. Traced through, the call bookkeeping below would be
+    # Dynamo's to replay (torch 2.11 reads `_calls.depth` as its class default there, so inner
+    # calls marked CUDA-graph steps) and the contexts it sets would break the outer graph.
+    @torch.compiler.disable(reason="a CompiledModel runs its own compiled code")
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         outermost = _calls.depth == 0
         if outermost and self._cuda_graphs:

@@ -42,8 +42,15 @@ def test_compiling_200_models_keeps_the_registries_and_memory_flat():
     # generated source of every GraphModule for tracebacks, the fake-tensor dispatch cache a key
     # per shape environment. A compile's guards alone (kept alive by Dynamo's finalizers on the
     # modules they match, until fv_compile detached them) were 150 more; a model, its graphs and
-    # impls, thousands.
-    assert got["objects_per_compile"] < 40, got
+    # impls, thousands. torch 2.11 keeps more of its own: every compile's Dynamo stack summaries
+    # (StackSummary, FrameSummary and their lists, about 45 objects; gone by torch 2.13).
+    bound = 40 if _torch_at_least(2, 13) else 100
+    assert got["objects_per_compile"] < bound, got
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return have >= (major, minor)
 
 
 def test_a_rewritten_graph_module_keeps_its_sites_and_frees_them_with_it():

@@ -128,10 +128,31 @@ def test_each_outermost_call_is_one_cuda_graph_step(monkeypatch):
         object.__setattr__(cm, "_cuda_graphs", True)  # as reduce-overhead sets it
     run(inner, *inputs())
     assert len(marks) == 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the outer frame runs the inner model's entry eagerly
-        run(outer, *inputs())
+    run(outer, *inputs())
     assert len(marks) == 2
+
+
+def test_a_compiled_model_called_in_an_outer_compiled_frame_runs_its_own_compiled_code():
+    inner = fv_compile.compile(Net().eval(), "TORCH_SDPA", compiler="eager")
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, text):
+            return self.inner(x, text) * 2
+
+    outer = fv_compile.compile(Outer(), "TRITON_ATTN", compiler="eager", regional=False)
+    runs = sum(inner._entry.backend.graph_runs)
+    args = inputs()
+    with torch.no_grad():
+        out = outer(*args)
+        torch.testing.assert_close(out, inner._orig_mod(*args) * 2)
+    assert sum(inner._entry.backend.graph_runs) > runs  # the inner model's graphs ran
+    assert {s.backend for s in inner.explain().sites} == {"TORCH_SDPA"}  # with its settings
+    (brk,) = outer.explain().graph_breaks
+    assert "a CompiledModel is called here" in brk.reason
 
 
 def test_explain_of_a_regional_model_lists_every_block(monkeypatch):
