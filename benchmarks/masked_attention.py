@@ -32,6 +32,7 @@ on an H200 without `--model`.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -176,8 +177,11 @@ def bench_shape(shape: dict, compiler: str) -> list[dict]:
 
 
 def bench_model(args) -> list[dict]:
-    """One step of diffusers' HunyuanVideo transformer (random weights, full width, fewer
-    blocks, a reduced video) with its text padding mask at every joint site."""
+    """One step of diffusers' HunyuanVideo transformer (random weights, full width; depth and
+    video from `--model-layers` / `--model-video`) with its text padding mask at every joint
+    site, for each of `--model-variants`: eager, diffusers' own regional compile
+    (`compile_repeated_blocks`), fv_compile `auto` or a named backend. At the full 13B size and
+    720p x 129f a step is tens of seconds: `--model-reps 1` times one step after the first."""
     from fv_compile.models import from_diffusers
 
     frames, height, width = args.model_video
@@ -192,42 +196,50 @@ def bench_model(args) -> list[dict]:
     )
     model.eval()
     rows = []
-    with torch.no_grad():
-        ref = model(*inputs, **kwargs)[0]
-        variants = [("eager", model)]
-        for backend in ("TORCH_SDPA", "FLASH_ATTN", "TRITON_ATTN"):
-            if backend == "FLASH_ATTN" and flash_varlen_kernel() is None:
-                continue
-            torch._dynamo.reset()
-            variants.append((backend, fv_compile.compile(model, backend, compiler="inductor")))
-        for name, fn in variants:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                out = fn(*inputs, **kwargs)[0]
-                t = time_cuda(
-                    lambda fn=fn: fn(*inputs, **kwargs),
-                    warmup=1,
-                    min_reps=3,
-                    max_reps=10,
-                    target_s=2.0,
-                )
-            err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            sites = fn.explain().sites if name != "eager" else []
-            on = sorted({s.backend for s in sites if s.role == "joint"})
-            rows.append(
-                dict(
-                    shape=f"hunyuanvideo-step {frames}x{height}x{width} L{config}",
-                    variant=name,
-                    ms=t["ms"],
-                    rel_err=err,
-                    joint_sites_on=on,
-                    first_call_s=t["first_call_s"],
-                )
+    ref = None
+    for name in args.model_variants.split(","):
+        if name == "FLASH_ATTN" and flash_varlen_kernel() is None:
+            continue
+        torch._dynamo.reset()
+        if name == "eager":
+            fn = model
+        elif name == "compile_repeated_blocks":
+            fn = copy.deepcopy(model)  # it compiles the blocks in place
+            fn.compile_repeated_blocks(fullgraph=True)
+        else:
+            fn = fv_compile.compile(model, name, compiler="inductor")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = time_cuda(
+                lambda fn=fn: fn(*inputs, **kwargs),
+                warmup=0,
+                min_reps=args.model_reps,
+                max_reps=max(args.model_reps, 3),
+                target_s=2.0,
             )
-            print(
-                f"  model step {name:14} {t['ms']:9.1f} ms  rel err {err:.2e}  joint sites on {on}",
-                flush=True,
+            out = fn(*inputs, **kwargs)[0].float()
+        if ref is None:
+            ref = out  # the first variant (eager, by default) is the reference
+        err = float((out - ref).norm() / ref.norm())
+        sites = fn.explain().sites if isinstance(fn, fv_compile.CompiledModel) else []
+        on = sorted({s.backend for s in sites if s.role == "joint"})
+        rows.append(
+            dict(
+                shape=f"hunyuanvideo-step {frames}x{height}x{width} L{config}",
+                variant=name,
+                ms=t["ms"],
+                rel_err=err,
+                joint_sites_on=on,
+                first_call_s=t["first_call_s"],
             )
+        )
+        print(
+            f"  model step {name:24} {t['ms']:9.1f} ms  first call {t['first_call_s']:6.1f} s  "
+            f"rel err {err:.2e}  joint sites on {on}",
+            flush=True,
+        )
+        del fn, out
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -245,11 +257,18 @@ def main() -> None:
     ap.add_argument(
         "--model-layers", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE")
     )
+    ap.add_argument(
+        "--model-variants",
+        default="eager,TORCH_SDPA,FLASH_ATTN,TRITON_ATTN",
+        help="comma-separated: eager, compile_repeated_blocks, auto or a backend name",
+    )
+    ap.add_argument("--model-reps", type=int, default=3, help="timed steps per variant")
+    ap.add_argument("--model-only", action="store_true", help="skip the site-shape rows")
     args = ap.parse_args()
 
     shapes = [dict(sh, S=args.seq) if args.seq else sh for sh in SHAPES]
     rows: list[dict] = []
-    for shape in shapes:
+    for shape in [] if args.model_only else shapes:
         rows += bench_shape(shape, args.compiler)
         torch.cuda.empty_cache()  # the shape's tensors went with its frame
     model_rows = bench_model(args) if args.model else []

@@ -15,6 +15,7 @@ keep every impl of every compile alive. Ids are never reused.
 from __future__ import annotations
 
 import itertools
+import math
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -197,7 +198,40 @@ def attention(
     sdpa_again = rt.empty_rows == "zero" and rt.backend == "TORCH_SDPA"
     if rt.empty_rows is not None and mask is not None and not sdpa_again:
         out = _eager_empty_rows(out, v, mask, rt)
+    if mask is not None and mask.is_floating_point() and not sdpa_again:
+        out = _eager_overflowed_rows(out, v, mask, rt.causal)
     return out.contiguous()
+
+
+# Logits below this overflow to -inf once a kernel scales them by log2(e) for exp2.
+_EXP2_OVERFLOW = -torch.finfo(torch.float32).max / math.log2(math.e)
+
+
+def _eager_overflowed_rows(
+    out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """Rows whose every additive mask value is finite but below -finfo(float32).max / log2(e)
+    (a `finfo.min` padding mask blocking a whole row) get what eager gives them: eager adds the
+    mask to logits far below half its ulp (2e31), so its weights are softmax(mask row) (the mean
+    of v for one fill); fused kernels (SDPA's on CUDA, measured on the H200) scale the logits by
+    log2(e) first, overflow to -inf and return zeros. One `[..., Sq|1, Sk] @ v` product: cheap
+    for key masks, a second value product for masks over queries."""
+    m = mask.float()
+    if causal:
+        keys = torch.arange(m.shape[-1], device=m.device)
+        later = keys[None, :] > torch.arange(out.shape[1], device=m.device)[:, None]
+        m = m.masked_fill(later, float("-inf"))
+    overflowed = (m < _EXP2_OVERFLOW).all(-1, keepdim=True) & (m > float("-inf")).any(
+        -1, keepdim=True
+    )  # [B|1, H|1, Sq|1, 1]
+    heads, kv_heads = out.shape[2], v.shape[2]
+    vh = v.transpose(1, 2).float()  # [B, Hk, Sk, Dv]
+    if m.shape[1] != 1:
+        vh = vh.repeat_interleave(heads // kv_heads, 1)
+    eager = m.softmax(-1) @ vh
+    if eager.shape[1] != heads:
+        eager = eager.repeat_interleave(heads // eager.shape[1], 1)
+    return torch.where(overflowed.transpose(1, 2), eager.transpose(1, 2).to(out.dtype), out)
 
 
 def _rows_with_a_key(mask: torch.Tensor, causal: bool, q_len: int) -> torch.Tensor:

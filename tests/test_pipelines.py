@@ -1,6 +1,7 @@
 """diffusers pipelines as they are: `pipe.transformer = fv_compile.compile(pipe.transformer)`, then
 `pipe(...)`, with no forward context; and what the compiled model derives from its own calls."""
 
+import inspect
 import pickle
 
 import pytest
@@ -211,6 +212,9 @@ def test_hooks_dtype_moves_and_attributes_set_after_compile_reach_every_call():
 
 def test_cache_context_gives_the_step_index_to_the_derived_context():
     model = tiny_transformer()
+    params = inspect.signature(model.cache_context).parameters.values()
+    if not any(p.name == "step_index" or p.kind is p.VAR_KEYWORD for p in params):
+        pytest.skip("this diffusers' cache_context takes no step_index (its pipelines pass none)")
     cm = fv_compile.compile(model, "TORCH_SDPA", compiler="eager")
     latent, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([500]), torch.randn(1, 3, 16)
     resolve = None

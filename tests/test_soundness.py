@@ -280,6 +280,37 @@ def test_a_float32_min_padding_mask_keeps_uniform_rows_in_bfloat16():
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
 
 
+def _sdpa_as_fused_kernels_run_it(q, k, v, attn_mask=None, scale=None, **kwargs):
+    """SDPA as its fused CUDA kernels compute it (measured on the H200: the efficient kernel in
+    float32): logits in the exp2 domain, where a float32 finfo.min overflows to -inf, and
+    rows with no finite logit zeroed."""
+    assert attn_mask is not None and attn_mask.is_floating_point() and not kwargs.get("is_causal")
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    s = (q @ k.transpose(-1, -2) * (scale or q.shape[-1] ** -0.5) + attn_mask) * math.log2(math.e)
+    p = torch.exp2(s - s.amax(-1, keepdim=True)).nan_to_num(0.0)
+    return p / p.sum(-1, keepdim=True).clamp(min=1e-30) @ v
+
+
+@pytest.mark.parametrize("heads_in_mask", [False, True])
+def test_rows_a_finfo_min_mask_blocks_entirely_stay_uniform_when_the_kernel_overflows(
+    monkeypatch, heads_in_mask
+):
+    """A matmul-spelled site with an HF-style float32 finfo.min mask, run by TORCH_SDPA: eager
+    gives a row whose every key is masked the mean of v, whatever the kernel computes."""
+    from fv_compile.backends import _dense
+
+    q, k, v = qkv(2, 4, 6, D)
+    keep = torch.ones(2, 4 if heads_in_mask else 1, 1, 6, dtype=torch.bool)
+    keep[0] = False  # batch 0: every key is padding
+    keep[1, ..., 2:4] = False
+    monkeypatch.setattr(_dense.F, "scaled_dot_product_attention", _sdpa_as_fused_kernels_run_it)
+    out, ref, cm, _ = run_both(PaddingMaskFloat32Min(), q, k, v, keep)
+    assert statuses(cm) == ["rewritten"]
+    torch.testing.assert_close(ref[0], v[0].mean(1, keepdim=True).expand_as(ref[0]))
+    torch.testing.assert_close(out, ref)
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), -1e9], ids=["-inf", "-1e9"])
 def test_gradients_through_fully_masked_rows_match_eager(fill):
     q, k, v = qkv(2, 4, 6, D, requires_grad=True)
