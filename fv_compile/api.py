@@ -304,7 +304,7 @@ class TuneOnFirstCall:
             return self.fn(*args)
         first = self.first
         assert first is not None
-        measure = {}
+        measure: dict[int, Callable[[tuple[Any, ...]], None]] = {}
         for sid, site in first.site_ids.items():
             plan = self.policy.pending.get(site.node)
             if plan is not None:

@@ -269,8 +269,10 @@ class ExplainReport:
         if tuned:
             lines += ["", _tuning_head(tuned)]
             for site in tuned:
-                lines.append(f"  {site.module_path or site.node}: {site.tuning.choice} "
-                             f"({_TUNING_SOURCES.get(site.tuning.source, site.tuning.source)})")
+                lines.append(
+                    f"  {site.module_path or site.node}: {site.tuning.choice} "
+                    f"({_TUNING_SOURCES.get(site.tuning.source, site.tuning.source)})"
+                )
                 lines += [f"    {line}" for line in site.tuning.describe()]
         if self.token_order:
             lines += ["", "token order (backends that reorder their tokens):"]

@@ -302,7 +302,7 @@ class TuningCache:
         return tuning
 
     def store(self, key: dict[str, Any], tuning: SiteTuning) -> None:
-        entry = {"key": key, "choice": tuning.choice}
+        entry: dict[str, Any] = {"key": key, "choice": tuning.choice}
         entry["candidates"] = [c.to_dict() for c in tuning.candidates]
         path = self.path(key)
         try:
@@ -346,10 +346,10 @@ def _parse_entry(
 Timer = Callable[..., float]
 
 
-def time_on_device(run: Callable[[], Any], device: torch.device, **_: Any) -> float:
+def time_on_device(run: Callable[[], Any], device: torch.device, **about: Any) -> float:
     """Seconds per call of `run`, the median of a few after a warm-up (kernels JIT on their
     first call): CUDA events on a GPU, the wall clock elsewhere. The tuner looks this name up at
-    each use, so a test can replace it (it is called with `backend=` and `site=` too)."""
+    each use, so a test can replace it (`about`: the `backend` and `site` being timed)."""
     repeats = 5
     run()
     if device.type == "cuda":

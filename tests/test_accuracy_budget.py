@@ -1,0 +1,409 @@
+"""`fv_compile.compile(model, accuracy_budget=...)`: `auto` choosing each site's backend by
+measured error and time (fv_compile/tuning.py).
+
+Timings are injected (`fv_compile.tuning.time_on_device` replaced), so the choice is decided by
+numbers the test sets; errors are never injected: they come from running each candidate on the
+site's real inputs. On the CPU, SAGE_ATTN and TRITON_ATTN run under the Triton interpreter
+(tests/conftest.py); shapes are tiny."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fv_compile
+from fv_compile import FvCompileError, tuning
+from fv_compile.backends import registry
+from fv_compile.backends.sdpa import SDPABackend, SDPAImpl
+from tests.test_errors import ROWS, assert_unchanged, snapshot
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EPS = 0.01  # the relative error the deliberately inaccurate backend adds
+
+
+class ScaledImpl(SDPAImpl):
+    """Exact attention times (1 + EPS): relative L2 error EPS against any exact reference."""
+
+    def forward(self, query, key, value, attn_metadata):
+        return super().forward(query, key, value, attn_metadata) * (1 + EPS)
+
+
+class ScaledBackend(SDPABackend):
+    """A registered approximate backend: `auto` may take it only under a budget it meets."""
+
+    differentiable = False
+    approximate = True
+    version = "1"
+
+    @staticmethod
+    def get_name():
+        return "SCALED_ATTN"
+
+    @staticmethod
+    def get_impl_cls():
+        return ScaledImpl
+
+
+class TwoSites(torch.nn.Module):
+    """Self-attention (SDPA) then cross-attention to 8 other tokens (matmul + softmax)."""
+
+    def forward(self, q, k, v, text_k, text_v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        w = (a @ text_k.transpose(-2, -1) * 0.125).softmax(-1)
+        return w @ text_v
+
+
+def two_site_inputs(dtype=torch.float32, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 2, seq, 64)] * 3 + [(1, 2, 8, 64)] * 2
+    return [torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes]
+
+
+class FakeTimes:
+    """Per-backend seconds; records every timing asked for."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, run, device, *, backend, site):
+        self.calls.append((backend, site.module_path or site.node))
+        return self.seconds.get(backend, 1.0)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A tuning cache of this test's own: Inductor's cache root, where the tuner keeps it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    return tmp_path / "fv_compile_tuning"
+
+
+@pytest.fixture
+def scaled(monkeypatch):
+    monkeypatch.setitem(registry._USER, "SCALED_ATTN", ScaledBackend)
+    return ScaledBackend
+
+
+def timed(monkeypatch, **seconds: float) -> FakeTimes:
+    fake = FakeTimes(seconds)
+    monkeypatch.setattr(tuning, "time_on_device", fake)
+    return fake
+
+
+def run(cm, args, calls=1):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [cm(*args) for _ in range(calls)]
+
+
+def choices(cm) -> list[str | None]:
+    return [s.backend for s in cm.explain().sites]
+
+
+FAST_SCALED = {"SCALED_ATTN": 1e-3, "TRITON_ATTN": 2e-3, "TORCH_SDPA": 3e-3, "SAGE_ATTN": 5e-3}
+
+
+# -- the choice -----------------------------------------------------------------------------------
+
+
+def test_the_fastest_candidate_within_budget_wins_and_runs_every_later_call(
+    cache, scaled, monkeypatch
+):
+    timed(monkeypatch, **FAST_SCALED)
+    model, args = TwoSites(), two_site_inputs()
+    cm = fv_compile.compile(model, compiler="eager", accuracy_budget=0.05)
+    first, second = run(cm, args, 2)
+    assert choices(cm) == ["SCALED_ATTN", "SCALED_ATTN"]
+    with torch.no_grad():
+        want = model(*args)
+    # the first call ran auto's exact default while measuring; later calls run the choice
+    torch.testing.assert_close(first, want)
+    rel = float((second - want).norm() / want.norm())
+    assert rel > EPS / 2, "the later call did not run the chosen (scaled) backend"
+    for site in cm.explain().sites:
+        t = site.tuning
+        assert t.choice == "SCALED_ATTN" and t.source == "measured" and t.budget == 0.05
+        by_name = {c.backend: c for c in t.candidates}
+        assert set(by_name) == {"TORCH_SDPA", "TRITON_ATTN", "SCALED_ATTN"}
+        assert by_name["SCALED_ATTN"].qualifies and not by_name["SCALED_ATTN"].exact
+
+
+def test_a_faster_candidate_over_budget_loses_to_the_fastest_exact_one(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    model, args = TwoSites(), two_site_inputs()
+    cm = fv_compile.compile(model, compiler="eager", accuracy_budget=EPS / 2)
+    run(cm, args, 2)
+    assert choices(cm) == ["TRITON_ATTN", "TRITON_ATTN"]
+    for site in cm.explain().sites:
+        loser = next(c for c in site.tuning.candidates if c.backend == "SCALED_ATTN")
+        assert not loser.qualifies and loser.time_s < 2e-3
+
+
+@pytest.mark.parametrize("budget, wins", [(EPS * 0.8, False), (EPS * 1.25, True)])
+def test_the_error_is_measured_on_the_sites_inputs(cache, scaled, monkeypatch, budget, wins):
+    """The inaccurate backend declares nothing about its error: only running it shows EPS."""
+    timed(monkeypatch, **FAST_SCALED)
+    cm = fv_compile.compile(TwoSites(), compiler="eager", accuracy_budget=budget)
+    run(cm, two_site_inputs())
+    for site in cm.explain().sites:
+        by_name = {c.backend: c for c in site.tuning.candidates}
+        assert by_name["SCALED_ATTN"].rel_l2 == pytest.approx(EPS, rel=1e-3)
+        assert by_name["TORCH_SDPA"].rel_l2 < 1e-5  # float32 SDPA against float32 SDPA
+        assert by_name["SCALED_ATTN"].qualifies is wins
+        assert site.backend == ("SCALED_ATTN" if wins else "TRITON_ATTN")
+
+
+def test_without_a_budget_nothing_is_measured_and_auto_stays_exact(cache, scaled, monkeypatch):
+    fake = timed(monkeypatch, **FAST_SCALED)
+    cm = fv_compile.compile(TwoSites(), compiler="eager")
+    run(cm, two_site_inputs(), 2)
+    assert cm._fv_backend.tuner is None and not fake.calls
+    assert choices(cm) == ["TORCH_SDPA", "TORCH_SDPA"]
+    assert all(s.tuning is None for s in cm.explain().sites)
+    assert not cache.exists()
+    assert "tuned" not in str(cm.explain())
+
+
+def test_sites_the_user_named_are_not_tuned(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    cm = fv_compile.compile(
+        TwoSites(), {"cross": "TORCH_SDPA"}, compiler="eager", accuracy_budget=0.05
+    )
+    run(cm, two_site_inputs(), 2)
+    self_site, cross_site = cm.explain().sites
+    assert self_site.backend == "SCALED_ATTN" and self_site.tuning is not None
+    assert cross_site.backend == "TORCH_SDPA" and cross_site.tuning is None
+
+
+def test_under_grad_only_differentiable_backends_are_candidates(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    args = two_site_inputs()
+    args[0].requires_grad_(True)
+    cm = fv_compile.compile(TwoSites(), compiler="eager", accuracy_budget=0.05)
+    for _ in range(2):
+        cm(*args).sum().backward()
+    for site in cm.explain().sites:
+        assert {c.backend for c in site.tuning.candidates} == {"TORCH_SDPA", "TRITON_ATTN"}
+    assert choices(cm) == ["TRITON_ATTN", "TRITON_ATTN"]
+
+
+# -- SAGE_ATTN, the approximate backend fv_compile ships --------------------------------------
+
+
+@pytest.mark.parametrize("budget, sage", [(1e-3, False), (0.1, True)])
+def test_sage_is_chosen_only_where_its_measured_error_fits(cache, monkeypatch, budget, sage):
+    timed(monkeypatch, SAGE_ATTN=1e-3, TRITON_ATTN=2e-3, TORCH_SDPA=3e-3)
+    model, args = TwoSites(), two_site_inputs(torch.bfloat16)
+    cm = fv_compile.compile(model, compiler="eager", accuracy_budget=budget)
+    out = run(cm, args, 2)[-1]
+    want = "SAGE_ATTN" if sage else "TRITON_ATTN"
+    assert choices(cm) == [want, want]
+    for site in cm.explain().sites:
+        measured = next(c for c in site.tuning.candidates if c.backend == "SAGE_ATTN")
+        assert 1e-3 < measured.rel_l2 < 0.1, measured  # 8-bit: more than bf16's rounding
+    with torch.no_grad():
+        ref = model(*[a.double() for a in args])
+    rel = float((out.double() - ref).norm() / ref.norm())
+    assert rel < (0.1 if sage else 0.02), rel
+
+
+# -- no recompilation, the model untouched ---------------------------------------------------
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_a_loop_of_calls_tunes_once_and_compiles_once(cache, scaled, monkeypatch, compiler):
+    fake = timed(monkeypatch, **FAST_SCALED)
+    compiled = []
+    original = fv_compile.api.FvCompileBackend.compile_graph
+
+    def counting(self, gm, example_inputs):
+        compiled.append(gm)
+        return original(self, gm, example_inputs)
+
+    monkeypatch.setattr(fv_compile.api.FvCompileBackend, "compile_graph", counting)
+    model, args = TwoSites(), two_site_inputs()
+    cm = fv_compile.compile(model, compiler=compiler, accuracy_budget=0.05)
+    run(cm, args)
+    timings = len(fake.calls)
+    outs = run(cm, args, 5)
+    backend = cm._fv_backend
+    assert backend.graphs == 1 and len(compiled) == 1, "recompiled during the loop"
+    assert backend.tuner.measured == 2 and len(fake.calls) == timings
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), "the choice changed between calls"
+    ops = [n.args[4] for n in compiled[0].graph.nodes if "fv_compile.attention" in str(n.target)]
+    assert [fv_compile.ops.site_runtime(sid).backend for sid in ops] == ["SCALED_ATTN"] * 2
+
+
+def test_the_users_model_is_unchanged(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    from tests.test_errors import Net
+
+    net = Net()
+    before = snapshot(net)
+    cm = fv_compile.compile(net, compiler="eager", accuracy_budget=0.05)
+    x = torch.randn(2, 12, 32)
+    run(cm, (x,), 3)
+    assert_unchanged(net, before)
+
+
+def test_regional_blocks_share_the_first_blocks_choice(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    from tests.test_errors import Net
+
+    cm = fv_compile.compile(Net(), compiler="eager", regional=True, accuracy_budget=0.05)
+    run(cm, (torch.randn(2, 12, 32),), 2)
+    rows = cm.explain().sites
+    assert [s.module_path for s in rows] == ["blocks.0", "blocks.1"]
+    assert {s.backend for s in rows} == {"SCALED_ATTN"} and all(s.tuning for s in rows)
+
+
+# -- the cache -----------------------------------------------------------------------------------
+
+
+def test_a_second_process_reads_the_decisions_and_measures_nothing(cache, scaled, monkeypatch):
+    fake = timed(monkeypatch, **FAST_SCALED)
+    args = two_site_inputs()
+    first = fv_compile.compile(TwoSites(), compiler="eager", accuracy_budget=0.05)
+    run(first, args)
+    assert len(list(cache.glob("*.json"))) == 2  # one entry per site
+    fake.calls.clear()
+    torch._dynamo.reset()
+    second = fv_compile.compile(TwoSites(), compiler="eager", accuracy_budget=0.05)
+    (out,) = run(second, args)
+    assert second._fv_backend.tuner.measured == 0 and not fake.calls
+    assert choices(second) == ["SCALED_ATTN", "SCALED_ATTN"]
+    assert {s.tuning.source for s in second.explain().sites} == {"cache"}
+    with torch.no_grad():  # the first call already runs the cached choice (both sites scaled)
+        want = TwoSites()(*args)
+    assert EPS / 2 < float((out - want).norm() / want.norm()) < 3 * EPS
+    assert "from the tuning cache" in str(second.explain())
+
+
+def _tune(budget=0.05, args=None, model_cls=TwoSites) -> fv_compile.CompiledModel:
+    torch._dynamo.reset()
+    cm = fv_compile.compile(model_cls(), compiler="eager", accuracy_budget=budget)
+    run(cm, args if args is not None else two_site_inputs())
+    return cm
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["shape", "dtype", "budget", "backend version", "model"],
+)
+def test_a_decision_is_reused_only_for_the_same_key(cache, scaled, monkeypatch, change):
+    timed(monkeypatch, **FAST_SCALED)
+    _tune()
+    assert _tune().explain().sites[0].tuning.source == "cache"  # the same key hits
+    args, budget, model_cls = two_site_inputs(), 0.05, TwoSites
+    if change == "shape":
+        args = two_site_inputs(seq=24)
+    elif change == "dtype":
+        args = two_site_inputs(torch.bfloat16)
+    elif change == "budget":
+        budget = 0.04
+    elif change == "backend version":
+        monkeypatch.setattr(ScaledBackend, "version", "2")
+    else:  # the same sites in another model: its activations are not the first one's
+        model_cls = type("OtherModel", (TwoSites,), {})
+    cm = _tune(budget, args, model_cls)
+    assert cm._fv_backend.tuner.measured == 2
+    assert {s.tuning.source for s in cm.explain().sites} == {"measured"}
+
+
+def _entries(cache):
+    return sorted(cache.glob("*.json"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "choice", "numbers", "key"])
+def test_a_corrupt_or_stale_entry_is_ignored_and_rewritten(cache, scaled, monkeypatch, damage):
+    timed(monkeypatch, **FAST_SCALED)
+    _tune(budget=EPS / 2)  # TRITON_ATTN wins: SCALED_ATTN is over budget
+    for path in _entries(cache):
+        text = path.read_text()
+        entry = json.loads(text)
+        if damage == "truncated":
+            path.write_text(text[: len(text) // 2])
+            continue
+        if damage == "not json":
+            path.write_bytes(b"\x00\xff garbage")
+            continue
+        if damage == "choice":  # a choice its own numbers do not give
+            entry["choice"] = "SCALED_ATTN"
+        elif damage == "numbers":  # numbers doctored to make the choice look right
+            entry["choice"] = "SCALED_ATTN"
+            for c in entry["candidates"]:
+                if c["backend"] == "SCALED_ATTN":
+                    c["rel_l2"] = "oops"
+        else:  # an entry written for another key, under this key's file name
+            entry["key"]["budget"] = 0.5
+            entry["choice"] = "SCALED_ATTN"
+        path.write_text(json.dumps(entry))
+    cm = _tune(budget=EPS / 2)
+    assert cm._fv_backend.tuner.measured == 2 and cm._fv_backend.tuner.cache.rejected == 2
+    assert choices(cm) == ["TRITON_ATTN", "TRITON_ATTN"]
+    for path in _entries(cache):  # rewritten whole, with the measured decision
+        assert json.loads(path.read_text())["choice"] == "TRITON_ATTN"
+    assert _tune(budget=EPS / 2)._fv_backend.tuner.measured == 0
+
+
+def test_the_cache_lives_under_inductors_cache_root(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    _tune()
+    (entry, *_) = _entries(cache)
+    assert os.path.dirname(entry) == str(cache)
+    key = json.loads(entry.read_text())["key"]
+    assert key["dtype"] == "float32" and key["budget"] == 0.05 and key["grad"] is False
+    assert key["packages"]["torch"] == torch.__version__.split("+")[0] or key["packages"]["torch"]
+    assert set(key["backends"]) == {"TORCH_SDPA", "TRITON_ATTN", "SCALED_ATTN"}
+
+
+# -- explain ---------------------------------------------------------------------------------------
+
+
+def test_explain_lists_every_candidates_error_and_time_and_the_choice(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    cm = _tune(budget=EPS / 2)
+    text = str(cm.explain())
+    assert "accuracy budget 0.005" in text and "tuned" in text
+    for name in ("TORCH_SDPA", "TRITON_ATTN", "SCALED_ATTN"):
+        assert name in text
+    assert "over budget 0.005" in text and "<- chosen" in text and "2 ms" in text
+    row = cm.explain().to_dict()["sites"][0]["tuning"]
+    assert row["choice"] == "TRITON_ATTN" and len(row["candidates"]) == 3
+    scaled_row = next(c for c in row["candidates"] if c["backend"] == "SCALED_ATTN")
+    assert math.isclose(scaled_row["rel_l2"], EPS, rel_tol=1e-3)
+
+
+# -- bad values ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [-0.01, 1.5, float("nan"), float("inf"), "0.02", True])
+def test_a_bad_budget_is_the_documented_error(budget):
+    net = TwoSites()
+    with pytest.raises(FvCompileError) as info:
+        fv_compile.compile(net, accuracy_budget=budget)
+    assert info.match(ROWS["accuracy-budget"].regex())
+
+
+def test_torch_compile_takes_the_budget_as_an_fv_compile_option(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    fn = torch.compile(
+        TwoSites(),
+        backend="fv_compile",
+        options={"accuracy_budget": 0.05, "compiler": "eager"},
+        dynamic=False,
+    )
+    args = two_site_inputs()
+    with torch.no_grad():
+        fn(*args)
+        out = fn(*args)
+        want = TwoSites()(*args)
+    assert EPS / 2 < float((out - want).norm() / want.norm()) < 3 * EPS
