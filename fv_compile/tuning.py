@@ -17,11 +17,13 @@ once more with every site's choice and compiled, and every later call runs the c
 one re-lowering per graph, never per call, and the same backend at every step of a loop. A
 process whose cache answers every site lowers and compiles once, measuring nothing.
 
-What qualifies: a backend whose output is dense attention (it declares `differentiable` and not
-`approximate`) always does; an approximate one when its error is within the budget and its
-NaN/inf pattern is the reference's. The fastest qualifying candidate wins. Under grad mode only
-differentiable backends are candidates (the approximate ones are forward only). Sites the user
-routed to a named backend are not tuned.
+What qualifies: `auto`'s exact default always does; another backend whose output is dense
+attention (it declares `differentiable` and not `approximate`) is not held to the budget, only
+to what `verify` checks of any rewrite (the NaN/inf pattern, the dtype's rounding tolerance); an
+approximate one when its error is within the budget and its NaN/inf pattern is the reference's.
+The fastest qualifying candidate wins. Under grad mode only differentiable backends are
+candidates (the approximate ones are forward only). Sites the user routed to a named backend are
+not tuned.
 
 Regionally compiled, a block's sites are measured on the first block's inputs, and the choice
 serves every block of the list (they share one graph).
@@ -57,7 +59,7 @@ from fv_compile.errors import FvCompileError
 from fv_compile.lowering import construct_impl
 from fv_compile.policy import SitePolicy, dense_default
 from fv_compile.site import AttentionSite
-from fv_compile.verify import compare
+from fv_compile.verify import compare, tolerance
 
 # bump when the entry format or the decision rule changes: older entries are then misses
 CACHE_FORMAT = 1
@@ -84,7 +86,7 @@ class CandidateResult:
     """One backend run at one site: its error against the float32 reference and its time."""
 
     backend: str
-    exact: bool  # dense attention by declaration: qualifies whatever rounding shows
+    exact: bool  # dense attention by declaration: not held to the budget, only to `verify`'s check
     rel_l2: float
     nan_match: bool
     time_s: float
@@ -122,14 +124,16 @@ class SiteTuning:
     def describe(self) -> list[str]:
         """One line per candidate, for explain's section under the table."""
         lines = []
-        for c in self.candidates:
-            kind = "exact" if c.exact else "approximate"
+        for i, c in enumerate(self.candidates):
+            kind = "default" if i == 0 else "exact" if c.exact else "approximate"
             if c.error:
                 verdict = f"failed: {c.error}"
             elif c.qualifies:
                 verdict = "within budget" if not c.exact else "qualifies (exact)"
             elif not c.nan_match:
                 verdict = "NaN/inf pattern differs from the reference"
+            elif c.exact:
+                verdict = "error above the dtype's rounding: not exact at this site"
             else:
                 verdict = f"over budget {self.budget:g}"
             mark = "  <- chosen" if c.backend == self.choice else ""
@@ -152,10 +156,28 @@ def pick(results: list[CandidateResult]) -> CandidateResult | None:
     return min(qualified, key=lambda r: (r.time_s, results.index(r)))
 
 
-def _qualifies(exact: bool, rel_l2: float, nan_match: bool, budget: float, error: str) -> bool:
-    if error:
+def _qualifies(
+    *,
+    default: bool,
+    exact: bool,
+    rel_l2: float,
+    nan_match: bool,
+    limits: tuple[float, float],
+    error: str,
+) -> bool:
+    """`limits`: (the budget, what `verify` lets a rewrite of the site's dtype show).
+
+    `auto`'s default always qualifies: it is what runs the site without a budget. Another exact
+    backend is not held to the budget (a budget below the dtype's rounding would leave nothing
+    but the default), but to what `verify` checks of every rewrite, the NaN/inf pattern and
+    the dtype's tolerance: a kernel that computes something else must not win by being fast.
+    An approximate backend must keep the NaN/inf pattern and stay within the budget."""
+    if default:
+        return True
+    if error or not nan_match or not math.isfinite(rel_l2):
         return False
-    return exact or (nan_match and math.isfinite(rel_l2) and rel_l2 <= budget)
+    budget, rounding = limits
+    return rel_l2 <= (max(budget, rounding) if exact else budget)
 
 
 def candidates(site: AttentionSite, *, grad: bool) -> list[str]:
@@ -328,14 +350,17 @@ def _parse_entry(
     rows = data["candidates"]
     if not isinstance(rows, list) or [r["backend"] for r in rows] != names:
         return None
+    limits = (budget, tolerance(getattr(torch, key["dtype"])))
     results = []
-    for r in rows:
+    for i, r in enumerate(rows):
         rel, t = float(r["rel_l2"]), float(r["time_s"])
         nan_match, error = r["nan_match"], r.get("error", "")
         if not isinstance(nan_match, bool) or not isinstance(error, str) or not t >= 0:
             return None
         exact = _exact(registry.get_backend(r["backend"]))  # today's declaration, not the file's
-        ok = _qualifies(exact, rel, nan_match, budget, error)
+        ok = _qualifies(
+            default=i == 0, exact=exact, rel_l2=rel, nan_match=nan_match, limits=limits, error=error
+        )
         results.append(CandidateResult(r["backend"], exact, rel, nan_match, t, ok, error))
     won = pick(results)
     if won is None or won.backend != data["choice"]:
@@ -420,7 +445,8 @@ class SiteTuner:
             ref_dtype = torch.promote_types(q.dtype, torch.float32)
             ref_sid = _register(owner, rt, site, _REFERENCE)
             want = _call(ref_sid, q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), mask)
-            for name in plan.names:
+            limits = (self.budget, tolerance(q.dtype))
+            for i, name in enumerate(plan.names):
                 exact = _exact(registry.get_backend(name))
                 try:
                     cand = _register(owner, rt, site, name)
@@ -434,7 +460,14 @@ class SiteTuner:
                 except Exception as e:  # a candidate that cannot run the site loses; not a crash
                     rel, nan_match, elapsed = math.inf, False, math.inf
                     error = f"{type(e).__name__}: {e}"[:200]
-                ok = _qualifies(exact, rel, nan_match, self.budget, error)
+                ok = _qualifies(
+                    default=i == 0,
+                    exact=exact,
+                    rel_l2=rel,
+                    nan_match=nan_match,
+                    limits=limits,
+                    error=error,
+                )
                 results.append(CandidateResult(name, exact, rel, nan_match, elapsed, ok, error))
         won = pick(results)
         tuning = SiteTuning(self.budget, won.backend if won else plan.names[0], results)

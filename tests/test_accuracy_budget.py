@@ -161,6 +161,33 @@ def test_the_error_is_measured_on_the_sites_inputs(cache, scaled, monkeypatch, b
         assert site.backend == ("SCALED_ATTN" if wins else "TRITON_ATTN")
 
 
+class FalselyExactBackend(ScaledBackend):
+    """Declares its output dense attention, and is off by EPS: a broken kernel."""
+
+    differentiable = True
+    approximate = False
+
+    @staticmethod
+    def get_name():
+        return "FALSELY_EXACT"
+
+
+def test_an_exact_backend_that_computes_something_else_does_not_win_by_speed(cache, monkeypatch):
+    monkeypatch.setitem(registry._USER, "FALSELY_EXACT", FalselyExactBackend)
+    timed(monkeypatch, FALSELY_EXACT=1e-3, TRITON_ATTN=2e-3, TORCH_SDPA=3e-3)
+    cm = _tune(budget=EPS / 2)  # below its error, and float32 rounding is far below too
+    assert choices(cm) == ["TRITON_ATTN", "TRITON_ATTN"]
+    assert "not exact at this site" in str(cm.explain())
+
+
+def test_budget_zero_admits_no_approximation_but_still_times_the_exact_backends(
+    cache, scaled, monkeypatch
+):
+    timed(monkeypatch, **FAST_SCALED)
+    cm = _tune(budget=0)
+    assert choices(cm) == ["TRITON_ATTN", "TRITON_ATTN"]
+
+
 def test_without_a_budget_nothing_is_measured_and_auto_stays_exact(cache, scaled, monkeypatch):
     fake = timed(monkeypatch, **FAST_SCALED)
     cm = fv_compile.compile(TwoSites(), compiler="eager")
