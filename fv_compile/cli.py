@@ -219,6 +219,15 @@ def _add_report(commands: Any) -> None:
         "compiles the whole model; diffusers' compile_repeated_blocks is its own variant",
     )
     variants.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=None,
+        metavar="ERROR",
+        help="add the variant fv_compile.compile(model, accuracy_budget=ERROR): auto choosing "
+        "each site's backend (8-bit SAGE_ATTN included) by its measured relative L2 error "
+        "against float32 attention and its time; e.g. 0.02",
+    )
+    variants.add_argument(
         "--skip-torch-compile",
         action="store_true",
         help="leave out plain torch.compile and diffusers' compile_repeated_blocks",
@@ -326,6 +335,7 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
         torch_compile=not args.skip_torch_compile,
         regional=args.regional,
         warm_compile=not args.skip_warm_compile,
+        accuracy_budget=args.accuracy_budget,
         fastvideo_args=dict(args.fastvideo_args),
     )
     try:

@@ -434,3 +434,39 @@ def test_torch_compile_takes_the_budget_as_an_fv_compile_option(cache, scaled, m
         out = fn(*args)
         want = TwoSites()(*args)
     assert EPS / 2 < float((out - want).norm() / want.norm()) < 3 * EPS
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def test_the_report_runs_auto_under_the_budget_and_lists_its_sites_candidates(cache, tmp_path):
+    import contextlib
+    import io
+
+    from fv_compile.cli import main
+
+    out = tmp_path / "report"
+    argv = [
+        "report", "--model", "wan-tiny", "--grid", "2,8,8", "--compiler", "eager",
+        "--device", "cpu", "--backends", "auto", "--accuracy-budget", "0.05", "--steps", "1",
+        "--warmup", "0", "--repeat", "1", "--skip-torch-compile", "--skip-warm-compile",
+        "--no-plot", "--out", str(out),
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert main(argv) == 0
+    variants = {v["name"]: v for v in json.loads((out / "report.json").read_text())["variants"]}
+    tuned = variants["fv_compile[auto, budget 0.05]"]
+    assert all(s["tuning"] is None for s in variants["fv_compile[auto]"]["explain"]["sites"])
+    rewritten = [s for s in tuned["explain"]["sites"] if s["status"] == "rewritten"]
+    assert rewritten and all(s["tuning"]["budget"] == 0.05 for s in rewritten)
+    assert all(s["tuning"]["choice"] == s["backend"] for s in rewritten)
+    assert "accuracy budget 0.05" in (out / "report.md").read_text()
+
+
+def test_the_report_refuses_a_bad_budget_before_running(tmp_path, capsys):
+    from fv_compile.cli import main
+
+    argv = ["report", "--model", "wan-tiny", "--accuracy-budget", "2", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "accuracy_budget must be None or a relative L2 error" in capsys.readouterr().err

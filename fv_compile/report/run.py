@@ -28,6 +28,7 @@ from fv_compile.report.variants import (
     run_variant,
 )
 from fv_compile.report.workload import WorkloadSpec, resolve_device, resolve_dtype
+from fv_compile.tuning import check_accuracy_budget
 
 
 @dataclass
@@ -45,6 +46,9 @@ class ReportConfig(WorkloadSpec):
     # weights), True (blocks), False (the whole model)
     regional: bool | str = "auto"
     warm_compile: bool = True  # compile each variant a second time, from the caches
+    # fv_compile's auto tuned under this budget, as one more variant (fv_compile.compile's
+    # accuracy_budget: each site's backend chosen by measured error and time)
+    accuracy_budget: float | None = None
 
 
 @dataclass
@@ -87,6 +91,9 @@ def run_report(
     variant are recorded in its result instead.
     """
     started = time.perf_counter()
+    check_accuracy_budget(
+        config.accuracy_budget
+    )  # a bad value is the caller's error, not a variant's
     device = resolve_device(config.device)
     # before anything runs, so the load average shows competition from other processes only
     environment = collect_environment(device, sys.argv if argv is None else argv)
@@ -98,6 +105,7 @@ def run_report(
         backends,
         torch_compile=config.torch_compile,
         repeated_blocks=config.torch_compile and has_repeated_blocks(workload.model),
+        accuracy_budget=config.accuracy_budget,
     )
     progress = make_progress() if progress is None else progress
     resolved = dataclasses.replace(
