@@ -228,6 +228,7 @@ def backend_version(cls: type) -> str:
     return ":".join(parts)
 
 
+@functools.cache
 def _package_version(name: str) -> str | None:
     try:
         return importlib_metadata.version(name)
