@@ -470,3 +470,69 @@ def test_the_report_refuses_a_bad_budget_before_running(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "accuracy_budget must be None or a relative L2 error" in capsys.readouterr().err
+
+
+# -- beside a backend with per-step metadata ---------------------------------------------------
+
+
+class StaThenCross(torch.nn.Module):
+    """Video self-attention (routed to sliding tile attention) then cross-attention to text."""
+
+    def forward(self, x, text):
+        a = F.scaled_dot_product_attention(x, x, x)
+        return F.scaled_dot_product_attention(a, text, text)
+
+
+def test_sites_left_to_auto_are_tuned_beside_a_metadata_backend(cache, scaled, monkeypatch):
+    from tests.test_sliding_tile import GRID, batch, sta_args
+
+    timed(monkeypatch, **FAST_SCALED)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, GRID[0] * GRID[1] * GRID[2], 16, generator=g)
+    text = torch.randn(1, 2, 8, 16, generator=g)
+    policy = {"self": "SLIDING_TILE_ATTN"}
+    args = sta_args(sta_window=(1, 1, 1))
+
+    def steps(cm, n):
+        outs = []
+        for step in range(n):
+            with fv_compile.forward_context(step, batch(), args):
+                outs += run(cm, (x, text))
+        return outs
+
+    plain = fv_compile.compile(StaThenCross(), policy, compiler="eager")
+    want = steps(plain, 1)[0]
+    with torch.no_grad():  # (the window is narrower than the grid: STA is not dense here)
+        assert not torch.allclose(want, StaThenCross()(x, text), atol=1e-3)
+    torch._dynamo.reset()
+    cm = fv_compile.compile(StaThenCross(), policy, compiler="eager", accuracy_budget=0.05)
+    first, second, third = steps(cm, 3)
+    torch.testing.assert_close(
+        first, want
+    )  # STA ran on the first call too, cross on auto's default
+    sta_site, cross_site = cm.explain().sites
+    assert sta_site.backend == "SLIDING_TILE_ATTN" and sta_site.tuning is None
+    assert cross_site.backend == "SCALED_ATTN" and cross_site.tuning.source == "measured"
+    torch.testing.assert_close(second, want * (1 + EPS))  # the cross site's output, scaled
+    torch.testing.assert_close(third, second)
+    assert cm._fv_backend.graphs == 1 and cm._fv_backend.tuner.measured == 1
+
+
+def test_a_second_process_starts_from_the_cache(cache):
+    """Two real processes, one cache root: the second measures nothing, runs the same choices."""
+    import subprocess
+    import sys
+
+    probe = os.path.join(os.path.dirname(__file__), "_tuning_probe.py")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache.parent)}
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, probe], env=env, capture_output=True, text=True, check=True
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(2)
+    ]
+    assert runs[0]["measured"] == 2 and runs[0]["sources"] == ["measured", "measured"]
+    assert runs[1]["measured"] == 0 and runs[1]["sources"] == ["cache", "cache"]
+    assert runs[1]["choices"] == runs[0]["choices"]
