@@ -180,6 +180,36 @@ def test_an_exact_backend_that_computes_something_else_does_not_win_by_speed(cac
     assert "not exact at this site" in str(cm.explain())
 
 
+class OneNaNImpl(SDPAImpl):
+    """Exact attention but for one NaN: tiny relative error over the finite entries."""
+
+    def forward(self, query, key, value, attn_metadata):
+        out = super().forward(query, key, value, attn_metadata).clone()
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+
+class OneNaNBackend(ScaledBackend):
+    @staticmethod
+    def get_name():
+        return "ONE_NAN"
+
+    @staticmethod
+    def get_impl_cls():
+        return OneNaNImpl
+
+
+def test_a_candidate_with_nans_the_reference_lacks_loses_at_any_budget(cache, monkeypatch):
+    monkeypatch.setitem(registry._USER, "ONE_NAN", OneNaNBackend)
+    timed(monkeypatch, ONE_NAN=1e-3, TRITON_ATTN=2e-3, TORCH_SDPA=3e-3)
+    cm = _tune(budget=1.0)
+    assert choices(cm) == ["TRITON_ATTN", "TRITON_ATTN"]
+    for site in cm.explain().sites:
+        bad = next(c for c in site.tuning.candidates if c.backend == "ONE_NAN")
+        assert not bad.nan_match and bad.rel_l2 < 1e-3 and not bad.qualifies
+    assert "NaN/inf pattern differs" in str(cm.explain())
+
+
 def test_budget_zero_admits_no_approximation_but_still_times_the_exact_backends(
     cache, scaled, monkeypatch
 ):
@@ -536,3 +566,29 @@ def test_a_second_process_starts_from_the_cache(cache):
     assert runs[0]["measured"] == 2 and runs[0]["sources"] == ["measured", "measured"]
     assert runs[1]["measured"] == 0 and runs[1]["sources"] == ["cache", "cache"]
     assert runs[1]["choices"] == runs[0]["choices"]
+
+
+class PaddedSelf(torch.nn.Module):
+    def forward(self, q, k, v, keep):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+
+def test_a_masked_site_is_measured_with_its_mask(cache, scaled, monkeypatch):
+    timed(monkeypatch, **FAST_SCALED)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 64, generator=g) for _ in range(3))
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[0, 10:] = False
+    keep[1] = False  # batch element 1 attends no key: its rows are what eager gives them
+    model = PaddedSelf()
+    cm = fv_compile.compile(model, compiler="eager", accuracy_budget=0.05)
+    out = run(cm, (q, k, v, keep), 2)[-1]
+    (site,) = cm.explain().sites
+    by_name = {c.backend: c for c in site.tuning.candidates}
+    assert set(by_name) == {"TORCH_SDPA", "TRITON_ATTN", "SCALED_ATTN"}  # key padding kinds
+    assert by_name["TORCH_SDPA"].rel_l2 < 1e-5 and by_name["TRITON_ATTN"].rel_l2 < 1e-3
+    assert by_name["SCALED_ATTN"].rel_l2 == pytest.approx(EPS, rel=1e-3)
+    assert site.backend == "SCALED_ATTN"
+    with torch.no_grad():
+        want = model(q, k, v, keep)
+    torch.testing.assert_close(out, want * (1 + EPS), equal_nan=True)
