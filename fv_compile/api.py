@@ -1008,7 +1008,8 @@ def compile(
         first call at a shape, every site left to `auto` is run on each backend that can run it
         (exact ones, SAGE_ATTN, registered backends declaring `approximate`), its error measured
         on the site's real inputs and its time on the device, and the fastest within the budget
-        runs it from then on (exact backends always qualify). Decisions are cached on disk (under
+        runs it from then on (exact backends are not held to the budget, only to `verify`'s
+        tolerance for the dtype; `auto`'s default always qualifies). Decisions are cached on disk (under
         Inductor's cache directory), so a second process starts without measuring.
         `compiled.explain()` lists every candidate's error and time.
     torch_compile_kwargs: passed to `torch.compile` (`fullgraph`, `dynamic`, ...); shapes are

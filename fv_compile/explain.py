@@ -321,7 +321,9 @@ def _tuning_head(tuned: list[AttentionSite]) -> str:
     return (
         f"accuracy budget {', '.join(f'{b:g}' for b in budgets)} (relative L2 error of a site's "
         "output against float32 attention on the same inputs): each candidate's error and time, "
-        "the fastest within the budget chosen (exact backends always qualify):"
+        "the fastest qualifying one chosen (approximate backends must be within the budget; "
+        "exact ones are held to verify's tolerance for the dtype instead, auto's default always "
+        "qualifies):"
     )
 
 
