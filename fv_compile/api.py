@@ -133,7 +133,8 @@ class FvCompileBackend:
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
         tuned = None
-        if self.tuner is not None and self.check is None and not self.analyze_only:
+        if self.tuner is not None and (self.check is not None or not self.analyze_only):
+            # (a checked graph runs as traced: only the decisions the cache holds apply)
             tuned = TunedPolicy(self.policy, self.tuner, grad=torch.is_grad_enabled())
         result = lower_graph(
             gm,
@@ -153,7 +154,7 @@ class FvCompileBackend:
             return self._counted(verifier, index, result.owner)
         if self.analyze_only:
             return self._counted(gm.forward, index, result.owner)
-        if tuned is not None and tuned.pending:
+        if tuned is not None and tuned.pending and self.check is None:
             first = TuneOnFirstCall(self, gm, index, tuned, result)
             return self._counted(first, index, result.owner)
         return self._counted(self._runnable(result, example_inputs), index, result.owner)
@@ -1054,9 +1055,14 @@ def compile(
         sequence_parallel=resolve_sequence_parallel(sequence_parallel),
         accuracy_budget=accuracy_budget,
     )
-    if backend.tuner is not None:  # decisions are the model's: its name is in their keys
-        backend.tuner.model = f"{type(model).__module__}.{type(model).__qualname__}"
+    _name_tuner(backend, model)
     return CompiledModel(model, backend, bool(regional), fastvideo_args, **torch_compile_kwargs)
+
+
+def _name_tuner(backend: FvCompileBackend, model: torch.nn.Module) -> None:
+    """Decisions are made on one model's activations: its class is in their cache keys."""
+    if backend.tuner is not None:
+        backend.tuner.model = f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 def fv_compile_backend(
@@ -1131,21 +1137,41 @@ def explain(
     *args: Any,
     attention_backend: PolicySpec = AUTO,
     verify: bool = False,
+    accuracy_budget: float | None = None,
     **kwargs: Any,
 ) -> ExplainReport:
     """Trace `model(*args, **kwargs)` once and report every attention site: what was found, how,
     which backend would run it, and what was left alone and why; and what Dynamo did not capture:
     graph breaks and frames it ran eagerly (with Dynamo's reasons), and the attention calls that
     ran outside every graph. The model runs twice (no grad): compiled, then eagerly to count its
-    attention calls. `verify=True` also checks each rewritten site (see `fv_compile.verify`)."""
+    attention calls. `verify=True` also checks each rewritten site (see `fv_compile.verify`).
+
+    `accuracy_budget`: the sites left to `auto` are tuned as `fv_compile.compile(model,
+    accuracy_budget=...)` tunes them (its tuning cache is this one: a compile of the same model
+    afterwards measures nothing), and each row lists its candidates' errors and times. The
+    traced call then runs on the rewritten sites, not as traced; with `verify=True`, one more
+    call checks the tuned choices."""
     if not isinstance(model, torch.nn.Module):
         raise FvCompileError(
             f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}"
         )
-    backend = FvCompileBackend(
-        attention_backend, compiler="eager", analyze_only=True, check="forward" if verify else None
-    )
-    _trace_once(backend, model, args, kwargs, grad=False)
+    check_accuracy_budget(accuracy_budget)
+    if accuracy_budget is not None:  # tune: the first call of each graph measures its sites
+        backend = FvCompileBackend(
+            attention_backend, compiler="eager", accuracy_budget=accuracy_budget
+        )
+        _name_tuner(backend, model)
+        _trace_once(backend, model, args, kwargs, grad=False)
+    if accuracy_budget is None or verify:  # (the checks read the decisions the tuning stored)
+        backend = FvCompileBackend(
+            attention_backend,
+            compiler="eager",
+            analyze_only=True,
+            check="forward" if verify else None,
+            accuracy_budget=accuracy_budget,
+        )
+        _name_tuner(backend, model)
+        _trace_once(backend, model, args, kwargs, grad=False)
     report = backend.report()
     counter = AttentionCallCounter()
     with torch.no_grad(), counter:

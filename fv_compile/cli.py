@@ -169,6 +169,14 @@ def _add_explain(commands: Any) -> None:
         help="also check every rewritten site against the traced code on the model's own inputs "
         "(fv_compile.verify); exit status 1 when a check fails",
     )
+    options.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=None,
+        metavar="ERROR",
+        help="tune the sites left to auto as fv_compile.compile(model, accuracy_budget=ERROR) "
+        "does, and list each site's candidates with their measured error and time",
+    )
     options.add_argument("--json", metavar="PATH", help="also write the table as JSON to PATH")
     explain.set_defaults(run=_run_explain, parser=explain)
 
@@ -294,6 +302,7 @@ def _run_explain(args: argparse.Namespace, command_line: list[str]) -> int:
         backend=args.backends[0] if args.backends else "auto",
         fastvideo_args=dict(args.fastvideo_args),
         verify=args.verify,
+        accuracy_budget=args.accuracy_budget,
     )
     try:
         workload, report = explain_model(config)
