@@ -275,7 +275,7 @@ def test_sage_is_chosen_only_where_its_measured_error_fits(cache, monkeypatch, b
 # -- no recompilation, the model untouched ---------------------------------------------------
 
 
-@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
 def test_a_loop_of_calls_tunes_once_and_compiles_once(cache, scaled, monkeypatch, compiler):
     fake = timed(monkeypatch, **FAST_SCALED)
     compiled = []
