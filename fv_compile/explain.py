@@ -313,6 +313,7 @@ _TUNING_SOURCES = {
     "measured": "measured on this call's inputs",
     "cache": "from the tuning cache: measured by an earlier process",
     "only": "the one backend that can run it",
+    "unmeasured": "auto's default: the site could not be measured",
 }
 
 

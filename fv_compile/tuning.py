@@ -104,26 +104,31 @@ class SiteTuning:
     budget: float
     choice: str
     candidates: list[CandidateResult] = field(default_factory=list)
-    source: str = "measured"  # "measured" (this process), "cache" (an earlier one), "only"
+    # "measured" (this process), "cache" (an earlier one), "only" (one candidate), "unmeasured"
+    source: str = "measured"
+    note: str = ""  # why a site could not be measured
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "budget": self.budget,
             "choice": self.choice,
             "source": self.source,
+            "note": self.note,
             "candidates": [c.to_dict() for c in self.candidates],
         }
 
     def cell(self) -> str:
         """The explain table's cell: the choice, its error and time."""
         won = next((c for c in self.candidates if c.backend == self.choice), None)
+        if self.source == "unmeasured":
+            return f"{self.choice} (unmeasured)"
         if won is None or self.source == "only":
             return f"{self.choice} (only candidate)"
         return f"{self.choice} {_ms(won.time_s)} err {won.rel_l2:.1e} ({self.source})"
 
     def describe(self) -> list[str]:
         """One line per candidate, for explain's section under the table."""
-        lines = []
+        lines = [self.note] if self.note else []
         for i, c in enumerate(self.candidates):
             kind = "default" if i == 0 else "exact" if c.exact else "approximate"
             if c.error:
@@ -444,8 +449,14 @@ class SiteTuner:
         owner = ops.SiteOwner()  # the candidates' runtimes, registered while measuring
         with torch.no_grad():
             ref_dtype = torch.promote_types(q.dtype, torch.float32)
-            ref_sid = _register(owner, rt, site, _REFERENCE)
-            want = _call(ref_sid, q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), mask)
+            try:
+                ref_sid = _register(owner, rt, site, _REFERENCE)
+                want = _call(ref_sid, q.to(ref_dtype), k.to(ref_dtype), v.to(ref_dtype), mask)
+            except Exception as e:  # (out of memory at a long site): nothing can be judged, so
+                # the site stays on auto's default, and nothing is cached: the next process tries
+                self.measured += 1
+                why = f"the float32 reference failed ({type(e).__name__}: {e})"[:300]
+                return SiteTuning(self.budget, plan.names[0], [], source="unmeasured", note=why)
             limits = (self.budget, tolerance(q.dtype))
             for i, name in enumerate(plan.names):
                 exact = _exact(registry.get_backend(name))

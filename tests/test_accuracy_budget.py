@@ -636,3 +636,37 @@ def test_the_explain_command_takes_a_budget(cache, capsys):
     argv = ["explain", "--model", "wan-tiny", "--grid", "2,8,8", "--device", "cpu"]
     assert main([*argv, "--accuracy-budget", "0.05"]) == 0
     assert "accuracy budget 0.05" in capsys.readouterr().out
+
+
+class RaisingImpl(SDPAImpl):
+    def forward(self, query, key, value, attn_metadata):
+        raise torch.OutOfMemoryError("the test's reference ran out of memory")
+
+
+class RaisingBackend(SDPABackend):
+    @staticmethod
+    def get_name():
+        return "RAISING_REFERENCE"
+
+    @staticmethod
+    def get_impl_cls():
+        return RaisingImpl
+
+
+def test_a_site_whose_reference_cannot_run_stays_on_the_default_uncached(
+    cache, scaled, monkeypatch
+):
+    timed(monkeypatch, **FAST_SCALED)
+    monkeypatch.setitem(registry._USER, "RAISING_REFERENCE", RaisingBackend)
+    monkeypatch.setattr(tuning, "_REFERENCE", "RAISING_REFERENCE")
+    model, args = TwoSites(), two_site_inputs()
+    cm = fv_compile.compile(model, compiler="eager", accuracy_budget=0.05)
+    outs = run(cm, args, 2)
+    with torch.no_grad():
+        want = model(*args)
+    for out in outs:
+        torch.testing.assert_close(out, want)
+    assert choices(cm) == ["TORCH_SDPA", "TORCH_SDPA"]
+    assert {s.tuning.source for s in cm.explain().sites} == {"unmeasured"}
+    assert "the float32 reference failed (OutOfMemoryError" in str(cm.explain())
+    assert not _entries(cache)
