@@ -490,7 +490,8 @@ def test_the_report_runs_auto_under_the_budget_and_lists_its_sites_candidates(ca
     rewritten = [s for s in tuned["explain"]["sites"] if s["status"] == "rewritten"]
     assert rewritten and all(s["tuning"]["budget"] == 0.05 for s in rewritten)
     assert all(s["tuning"]["choice"] == s["backend"] for s in rewritten)
-    assert "accuracy budget 0.05" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert "accuracy budget 0.05" in markdown and "**accuracy budget**" in markdown
 
 
 def test_the_report_refuses_a_bad_budget_before_running(tmp_path, capsys):

@@ -305,7 +305,7 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
         True: "regional=True",
         False: "regional=False",
     }
-    return {
+    methods = {
         "loop": (
             f"each variant runs a loop of {plan.steps} transformer call(s), call i inside "
             "fv_compile.forward_context(current_timestep=i), on the same inputs"
@@ -376,6 +376,20 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
             )
         ),
     }
+    if config.accuracy_budget is not None:
+        methods["accuracy budget"] = (
+            f"fv_compile[auto, budget {config.accuracy_budget:g}] is fv_compile.compile(model, "
+            f"accuracy_budget={config.accuracy_budget:g}): on its first call every site left to "
+            "auto runs on auto's exact default while each candidate backend is run on the "
+            "site's inputs, its relative L2 error against float32 attention measured and its "
+            "time taken; the graph is then compiled with the fastest candidate within the budget "
+            "per site (its sites' table lists every candidate). The measurement is in its cold "
+            "compile figure. The first call of each graph computes with the exact default (a "
+            "regional compile's: the first block of step 0), every later one with the chosen "
+            "backends; the error column is the worst step. Its warm compile reads the decisions "
+            "the cold one cached, next to Inductor's caches"
+        )
+    return methods
 
 
 def _plain(value: Any) -> Any:
