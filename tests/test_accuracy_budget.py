@@ -418,7 +418,12 @@ def test_the_cache_lives_under_inductors_cache_root(cache, scaled, monkeypatch):
     assert os.path.dirname(entry) == str(cache)
     key = json.loads(entry.read_text())["key"]
     assert key["dtype"] == "float32" and key["budget"] == 0.05 and key["grad"] is False
-    assert key["packages"]["torch"] == torch.__version__.split("+")[0] or key["packages"]["torch"]
+    from importlib.metadata import version
+
+    assert key["packages"]["torch"] == version("torch") and "triton" in key["packages"]
+    assert key["fv_compile"] == fv_compile.cache.source_key()
+    assert key["model"].endswith("TwoSites") and key["mask"] is None
+    assert {json.loads(e.read_text())["key"]["site"] for e in _entries(cache)} == {"a", "w"}
     assert set(key["backends"]) == {"TORCH_SDPA", "TRITON_ATTN", "SCALED_ATTN"}
 
 
