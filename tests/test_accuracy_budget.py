@@ -676,3 +676,33 @@ def test_a_site_whose_reference_cannot_run_stays_on_the_default_uncached(
     assert {s.tuning.source for s in cm.explain().sites} == {"unmeasured"}
     assert "the float32 reference failed (OutOfMemoryError" in str(cm.explain())
     assert not _entries(cache)
+
+
+def test_sequence_parallel_sites_run_their_tuned_backend(cache, scaled, monkeypatch):
+    import torch.distributed as dist
+
+    from fv_compile.distributed import ulysses
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed gloo")
+    timed(monkeypatch, **FAST_SCALED)
+    backends = []
+    real = ulysses.sequence_parallel_attention
+
+    def counted(*args, **kwargs):
+        backends.append(fv_compile.ops.site_runtime(args[4]).backend)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ulysses, "sequence_parallel_attention", counted)
+    model, args = SelfOnly(), two_site_inputs()[:3]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cm = fv_compile.compile(model, compiler="eager", sequence_parallel=1, accuracy_budget=0.05)
+        first, second = run(cm, args, 2)
+    finally:
+        dist.destroy_process_group()
+    with torch.no_grad():
+        want = model(*args)
+    torch.testing.assert_close(first, want)  # measured on the unsharded graph: the default
+    torch.testing.assert_close(second, want * (1 + EPS))
+    assert backends == ["SCALED_ATTN"]  # only the compiled (sharded) graph's call
