@@ -625,11 +625,8 @@ class SelfOnly(torch.nn.Module):
 
 def test_explain_with_verify_checks_the_tuned_choices(cache, scaled, monkeypatch):
     timed(monkeypatch, **FAST_SCALED)
-    # (one site: verify fails on TwoSites, whose second site reads the first one's output
-    # through a transpose the rewrite emitted; a verify issue of its own, without a budget too)
-    args = two_site_inputs()[:3]
-    report = fv_compile.explain(SelfOnly(), *args, accuracy_budget=0.05, verify=True)
-    assert [s.backend for s in report.sites] == ["SCALED_ATTN"]
+    report = fv_compile.explain(TwoSites(), *two_site_inputs(), accuracy_budget=0.05, verify=True)
+    assert [s.backend for s in report.sites] == ["SCALED_ATTN", "SCALED_ATTN"]
     for site in report.sites:  # the check ran the scaled backend: float32's tolerance fails it
         assert site.tuning.source == "cache"
         assert site.check.output.rel_l2 == pytest.approx(EPS, rel=1e-2)
