@@ -703,3 +703,19 @@ def test_sequence_parallel_sites_run_their_tuned_backend(cache, scaled, monkeypa
     torch.testing.assert_close(first, want)  # measured on the unsharded graph: the default
     torch.testing.assert_close(second, want * (1 + EPS))
     assert backends == ["SCALED_ATTN"]  # only the compiled (sharded) graph's call
+
+
+def test_a_dropped_tuned_model_takes_its_sites_with_it(cache, scaled, monkeypatch):
+    import gc
+
+    from fv_compile import ops
+
+    timed(monkeypatch, **FAST_SCALED)
+    gc.collect()
+    before = set(ops._SITES)
+    cm = fv_compile.compile(TwoSites(), compiler="eager", accuracy_budget=0.05)
+    run(cm, two_site_inputs(), 2)
+    assert set(ops._SITES) - before  # the tuned graph's sites, registered while it lives
+    del cm  # (no torch._dynamo.reset(): the compiled model releases its own code)
+    gc.collect()
+    assert set(ops._SITES) - before == set()
