@@ -35,6 +35,7 @@ from fv_compile.errors import FvCompileError
 from fv_compile.explain import ExplainReport
 from fv_compile.graph import find_attention_sites, rewrite_attention
 from fv_compile.site import AttentionSite, NonAttentionSoftmax
+from fv_compile.tuning import CandidateResult, SiteTuning
 from fv_compile.verify import SiteCheck, TensorCheck
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "AttentionMetadata",
     "AttentionMetadataBuilder",
     "AttentionSite",
+    "CandidateResult",
     "CompiledModel",
     "DiTConfig",
     "ExplainReport",
@@ -59,6 +61,7 @@ __all__ = [
     "NonAttentionSoftmax",
     "PipelineConfig",
     "SiteCheck",
+    "SiteTuning",
     "TensorCheck",
     "available_backends",
     "compile",

@@ -36,7 +36,7 @@ from fv_compile.explain import (
     uncaptured_attention,
     where,
 )
-from fv_compile.lowering import lower_graph
+from fv_compile.lowering import LoweredGraph, lower_graph
 from fv_compile.ops import SiteOwner
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
@@ -48,8 +48,9 @@ from fv_compile.regional import (
     blocks_hold_most_weights,
     current_region,
 )
-from fv_compile.runtime import MetadataDispatch
+from fv_compile.runtime import MetadataDispatch, compile_at_run_time
 from fv_compile.site import AttentionSite, NonAttentionSoftmax, TokenOrder
+from fv_compile.tuning import MeasuringInterpreter, SiteTuner, TunedPolicy, check_accuracy_budget
 from fv_compile.user_errors import translate as translate_error
 from fv_compile.verify import SiteVerifier
 
@@ -75,9 +76,11 @@ class FvCompileBackend:
         analyze_only: bool = False,
         check: str | None = None,
         sequence_parallel: SequenceParallel | None = None,
+        accuracy_budget: float | None = None,
     ) -> None:
         """check: "forward" or "backward" makes each graph run as traced while every rewritten
-        site is checked against its replacement on the same inputs (`fv_compile.verify`)."""
+        site is checked against its replacement on the same inputs (`fv_compile.verify`).
+        accuracy_budget: the sites left to `auto` are decided by measurement (fv_compile/tuning.py)."""
         if compiler not in COMPILERS:
             raise FvCompileError(
                 f"compiler must be one of {', '.join(COMPILERS)}; got {compiler!r}"
@@ -89,6 +92,8 @@ class FvCompileBackend:
         self.analyze_only = analyze_only
         self.check = check
         self.sequence_parallel = sequence_parallel
+        budget = check_accuracy_budget(accuracy_budget)
+        self.tuner = None if budget is None else SiteTuner(budget)
         self.sites: list[AttentionSite] = []
         self.non_attention: list[NonAttentionSoftmax] = []
         self.token_order: list[TokenOrder] = []  # per graph with a token-order backend
@@ -127,8 +132,16 @@ class FvCompileBackend:
         self.graph_regions.append(set())
         self.anchors.append(graph_anchors(gm))
         self._note_break(gm)
+        tuned = None
+        if self.tuner is not None and (self.check is not None or not self.analyze_only):
+            # (a checked graph runs as traced: only the decisions the cache holds apply)
+            tuned = TunedPolicy(self.policy, self.tuner, grad=torch.is_grad_enabled())
         result = lower_graph(
-            gm, self.policy, index, record=self.check is not None, block_lists=self.block_lists
+            gm,
+            tuned or self.policy,
+            index,
+            record=self.check is not None,
+            block_lists=self.block_lists,
         )
         self.sites.extend(result.sites)
         self.non_attention.extend(result.non_attention)
@@ -141,8 +154,21 @@ class FvCompileBackend:
             return self._counted(verifier, index, result.owner)
         if self.analyze_only:
             return self._counted(gm.forward, index, result.owner)
+        if tuned is not None and tuned.pending and self.check is None:
+            first = TuneOnFirstCall(self, gm, index, tuned, result)
+            return self._counted(first, index, result.owner)
+        return self._counted(self._runnable(result, example_inputs), index, result.owner)
+
+    def _runnable(
+        self, result: LoweredGraph, example_inputs: list[Any], *, at_run_time: bool = False
+    ) -> Callable[..., Any]:
+        """What runs a lowered graph: its compiled code, or the dispatch over its metadata
+        variants. `at_run_time`: compiled after Dynamo returned (a tuned graph's re-lowering),
+        inside a tracing context of its own as the variants are."""
         if not result.metadata_backends:
-            return self._counted(self.compile_graph(result.gm, example_inputs), index, result.owner)
+            if at_run_time:
+                return compile_at_run_time(self.compile_graph, result.gm, example_inputs)
+            return self.compile_graph(result.gm, example_inputs)
         dispatch = MetadataDispatch(
             result.gm,
             result.metadata_backends,
@@ -151,7 +177,17 @@ class FvCompileBackend:
             cuda_graphs=_uses_cuda_graphs(self.compiler, self.mode, self.options),
         )
         self.dispatches.append(dispatch)
-        return self._counted(dispatch, index, result.owner)
+        return dispatch
+
+    def replace_graph(self, index: int, result: LoweredGraph) -> None:
+        """Graph `index` was lowered again (with its tuned backends): its rows become the new
+        lowering's, in place."""
+        at = next((i for i, s in enumerate(self.sites) if s.graph == index), len(self.sites))
+        self.sites = [s for s in self.sites if s.graph != index]
+        self.sites[at:at] = result.sites
+        self.token_order = [t for t in self.token_order if t.graph != index]
+        if result.token_order is not None:
+            self.token_order.append(result.token_order)
 
     def _warn_symbolic(self, sites: list[AttentionSite]) -> None:
         """Say once when a graph's sites were left alone for their symbolic shapes: asked for
@@ -240,6 +276,57 @@ class FvCompileBackend:
             list(self.skipped_frames),
             token_order=[dataclasses.replace(t) for t in self.token_order],
         )
+
+
+class TuneOnFirstCall:
+    """The callable Dynamo runs for a graph with sites to tune (fv_compile/tuning.py).
+
+    Its first call runs the graph as lowered with `auto`'s defaults, op by op, measuring every
+    candidate of each undecided site on the inputs that site's op receives (the output is the
+    default backends', as without a budget), then lowers the graph again with the decisions and
+    compiles that once. Every later call runs the compiled graph: the choice never changes
+    while the graph lives, and nothing recompiles per call."""
+
+    def __init__(
+        self,
+        backend: FvCompileBackend,
+        gm: torch.fx.GraphModule,
+        index: int,
+        policy: TunedPolicy,
+        first: LoweredGraph,
+    ) -> None:
+        self.backend, self.gm, self.index, self.policy = backend, gm, index, policy
+        self.first: LoweredGraph | None = first  # dropped once tuned
+        self.tuned: LoweredGraph | None = None  # keeps the tuned graph's sites registered
+        self.fn: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.fn is not None:
+            return self.fn(*args)
+        first = self.first
+        assert first is not None
+        measure: dict[int, Callable[[tuple[Any, ...]], None]] = {}
+        for sid, site in first.site_ids.items():
+            plan = self.policy.pending.get(site.node)
+            if plan is not None:
+                measure[sid] = functools.partial(self._decide, plan, sid)
+
+        def interpret(gm: torch.fx.GraphModule, example: list[Any]) -> Callable[..., Any]:
+            return MeasuringInterpreter(gm, measure).run
+
+        if first.metadata_backends:  # (per-site token order: the measured ids are those of gm)
+            out = MetadataDispatch(first.gm, first.metadata_backends, interpret)(*args)
+        else:
+            out = interpret(first.gm, list(args))(*args)
+        tuned = lower_graph(self.gm, self.policy, self.index, block_lists=self.backend.block_lists)
+        self.backend.replace_graph(self.index, tuned)
+        self.fn = self.backend._runnable(tuned, list(args), at_run_time=True)
+        self.tuned, self.first = tuned, None
+        return out
+
+    def _decide(self, plan: Any, sid: int, args: tuple[Any, ...]) -> None:
+        assert self.backend.tuner is not None
+        self.policy.decided[plan.site.node] = self.backend.tuner.measure(plan, sid, args)
 
 
 # -- the frame Dynamo compiles ------------------------------------------------------------------
@@ -888,6 +975,7 @@ def compile(
     regional: bool | str = "auto",
     fastvideo_args: Any = None,
     sequence_parallel: Any = None,
+    accuracy_budget: float | None = None,
     **torch_compile_kwargs: Any,
 ) -> CompiledModel:
     """Compile `model` with every attention site running on `attention_backend`.
@@ -915,6 +1003,16 @@ def compile(
         `torch.distributed.ProcessGroup`: each video self- and joint-attention site runs Ulysses
         sequence parallel over it (fv_compile/distributed/ulysses.py), inference only; every rank
         gets the single-process output.
+    accuracy_budget: None (the default) keeps `auto` exact: dense attention at every site, chosen
+        by the measured rules of fv_compile/policy.py. A float (0.02 for 2%) is the relative L2
+        error a site's output may show against float32 attention on the same inputs: on the
+        first call at a shape, every site left to `auto` is run on each backend that can run it
+        (exact ones, SAGE_ATTN, registered backends declaring `approximate`), its error measured
+        on the site's real inputs and its time on the device, and the fastest within the budget
+        runs it from then on (exact backends are not held to the budget, only to `verify`'s
+        tolerance for the dtype; `auto`'s default always qualifies). Decisions are cached on disk (under
+        Inductor's cache directory), so a second process starts without measuring.
+        `compiled.explain()` lists every candidate's error and time.
     torch_compile_kwargs: passed to `torch.compile` (`fullgraph`, `dynamic`, ...); shapes are
         static unless `dynamic` is given, so each resolution gets its own graph.
 
@@ -944,6 +1042,7 @@ def compile(
             )
     check_fastvideo_args(fastvideo_args)
     check_options(options, own_keys=False)
+    check_accuracy_budget(accuracy_budget)
     if regional == "auto":
         regional = blocks_hold_most_weights(model)
     torch_compile_kwargs.setdefault("dynamic", False)
@@ -954,8 +1053,16 @@ def compile(
         mode=mode,
         options=options,
         sequence_parallel=resolve_sequence_parallel(sequence_parallel),
+        accuracy_budget=accuracy_budget,
     )
+    _name_tuner(backend, model)
     return CompiledModel(model, backend, bool(regional), fastvideo_args, **torch_compile_kwargs)
+
+
+def _name_tuner(backend: FvCompileBackend, model: torch.nn.Module) -> None:
+    """Decisions are made on one model's activations: its class is in their cache keys."""
+    if backend.tuner is not None:
+        backend.tuner.model = f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 def fv_compile_backend(
@@ -967,24 +1074,27 @@ def fv_compile_backend(
 ):
     """`torch.compile(model, backend="fv_compile", options={...})`.
 
-    options: `attention_backend`, `compiler`, `strict`; any other key is an Inductor option.
+    options: `attention_backend`, `compiler`, `strict`, `accuracy_budget`; any other key is an
+    Inductor option.
     Dynamo calls this at the first call of the compiled function: a misspelt key is reported
     then, with fv_compile's own keys listed.
     """
     check_options(options, own_keys=True)
     opts = dict(options or {})
+    budget = opts.pop("accuracy_budget", None)
     backend = FvCompileBackend(
         opts.pop("attention_backend", AUTO),
         compiler=opts.pop("compiler", "inductor"),
         strict=opts.pop("strict", False),
         mode=mode,
         options=opts,
+        accuracy_budget=budget,
     )
     return backend(gm, example_inputs)
 
 
 # The keys of `torch.compile(backend="fv_compile", options={...})` that are fv_compile's own.
-OPTIONS = ("attention_backend", "compiler", "strict")
+OPTIONS = ("attention_backend", "compiler", "strict", "accuracy_budget")
 
 
 def check_options(options: dict[str, Any] | None, *, own_keys: bool) -> None:
@@ -1027,21 +1137,41 @@ def explain(
     *args: Any,
     attention_backend: PolicySpec = AUTO,
     verify: bool = False,
+    accuracy_budget: float | None = None,
     **kwargs: Any,
 ) -> ExplainReport:
     """Trace `model(*args, **kwargs)` once and report every attention site: what was found, how,
     which backend would run it, and what was left alone and why; and what Dynamo did not capture:
     graph breaks and frames it ran eagerly (with Dynamo's reasons), and the attention calls that
     ran outside every graph. The model runs twice (no grad): compiled, then eagerly to count its
-    attention calls. `verify=True` also checks each rewritten site (see `fv_compile.verify`)."""
+    attention calls. `verify=True` also checks each rewritten site (see `fv_compile.verify`).
+
+    `accuracy_budget`: the sites left to `auto` are tuned as `fv_compile.compile(model,
+    accuracy_budget=...)` tunes them (its tuning cache is this one: a compile of the same model
+    afterwards measures nothing), and each row lists its candidates' errors and times. The
+    traced call then runs on the rewritten sites, not as traced; with `verify=True`, one more
+    call checks the tuned choices."""
     if not isinstance(model, torch.nn.Module):
         raise FvCompileError(
             f"fv_compile.explain expects a torch.nn.Module, got {type(model).__name__}"
         )
-    backend = FvCompileBackend(
-        attention_backend, compiler="eager", analyze_only=True, check="forward" if verify else None
-    )
-    _trace_once(backend, model, args, kwargs, grad=False)
+    check_accuracy_budget(accuracy_budget)
+    if accuracy_budget is not None:  # tune: the first call of each graph measures its sites
+        backend = FvCompileBackend(
+            attention_backend, compiler="eager", accuracy_budget=accuracy_budget
+        )
+        _name_tuner(backend, model)
+        _trace_once(backend, model, args, kwargs, grad=False)
+    if accuracy_budget is None or verify:  # (the checks read the decisions the tuning stored)
+        backend = FvCompileBackend(
+            attention_backend,
+            compiler="eager",
+            analyze_only=True,
+            check="forward" if verify else None,
+            accuracy_budget=accuracy_budget,
+        )
+        _name_tuner(backend, model)
+        _trace_once(backend, model, args, kwargs, grad=False)
     report = backend.report()
     counter = AttentionCallCounter()
     with torch.no_grad(), counter:

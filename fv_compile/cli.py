@@ -169,6 +169,14 @@ def _add_explain(commands: Any) -> None:
         help="also check every rewritten site against the traced code on the model's own inputs "
         "(fv_compile.verify); exit status 1 when a check fails",
     )
+    options.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=None,
+        metavar="ERROR",
+        help="tune the sites left to auto as fv_compile.compile(model, accuracy_budget=ERROR) "
+        "does, and list each site's candidates with their measured error and time",
+    )
     options.add_argument("--json", metavar="PATH", help="also write the table as JSON to PATH")
     explain.set_defaults(run=_run_explain, parser=explain)
 
@@ -217,6 +225,15 @@ def _add_report(commands: Any) -> None:
         "blocks compiled once when they hold most of the weights, else the whole model), on "
         "(blocks; also plain --regional), off (the whole model). Plain torch.compile always "
         "compiles the whole model; diffusers' compile_repeated_blocks is its own variant",
+    )
+    variants.add_argument(
+        "--accuracy-budget",
+        type=float,
+        default=None,
+        metavar="ERROR",
+        help="add the variant fv_compile.compile(model, accuracy_budget=ERROR): auto choosing "
+        "each site's backend (8-bit SAGE_ATTN included) by its measured relative L2 error "
+        "against float32 attention and its time; e.g. 0.02",
     )
     variants.add_argument(
         "--skip-torch-compile",
@@ -285,6 +302,7 @@ def _run_explain(args: argparse.Namespace, command_line: list[str]) -> int:
         backend=args.backends[0] if args.backends else "auto",
         fastvideo_args=dict(args.fastvideo_args),
         verify=args.verify,
+        accuracy_budget=args.accuracy_budget,
     )
     try:
         workload, report = explain_model(config)
@@ -326,6 +344,7 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
         torch_compile=not args.skip_torch_compile,
         regional=args.regional,
         warm_compile=not args.skip_warm_compile,
+        accuracy_budget=args.accuracy_budget,
         fastvideo_args=dict(args.fastvideo_args),
     )
     try:

@@ -80,6 +80,8 @@ def _check_cell(site: AttentionSite) -> str:
 
 # shown when any site was checked (fv_compile.verify, or explain(verify=True))
 _CHECK_COLUMN = ("verify", _check_cell)
+# shown when any site was tuned under an accuracy budget: the winner, its time and error
+_TUNED_COLUMN = ("tuned", lambda s: s.tuning.cell() if s.tuning is not None else "-")
 
 
 # -- source locations ---------------------------------------------------------------------------
@@ -256,12 +258,22 @@ class ExplainReport:
             extra.append(f"verified {len(self.checked) - len(bad)}/{len(self.checked)} ok")
         if extra:
             head += "; " + ", ".join(extra)
-        columns = _COLUMNS[:-1] + ([_CHECK_COLUMN] if self.checked else []) + _COLUMNS[-1:]
+        tuned = [s for s in self.sites if s.tuning is not None]
+        columns = _COLUMNS[:-1] + ([_CHECK_COLUMN] if self.checked else [])
+        columns += ([_TUNED_COLUMN] if tuned else []) + _COLUMNS[-1:]
         rows = [[name for name, _ in columns]]
         rows += [
             ["-" if (v := get(s)) is None else str(v) for _, get in columns] for s in self.sites
         ]
         lines = [head, ""] + _table(rows) if self.sites else [head]
+        if tuned:
+            lines += ["", _tuning_head(tuned)]
+            for site in tuned:
+                lines.append(
+                    f"  {site.module_path or site.node}: {site.tuning.choice} "
+                    f"({_TUNING_SOURCES.get(site.tuning.source, site.tuning.source)})"
+                )
+                lines += [f"    {line}" for line in site.tuning.describe()]
         if self.token_order:
             lines += ["", "token order (backends that reorder their tokens):"]
             lines += [f"  {t.describe()}" for t in self.token_order]
@@ -295,6 +307,25 @@ class ExplainReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_TUNING_SOURCES = {
+    "measured": "measured on this call's inputs",
+    "cache": "from the tuning cache: measured by an earlier process",
+    "only": "the one backend that can run it",
+    "unmeasured": "auto's default: the site could not be measured",
+}
+
+
+def _tuning_head(tuned: list[AttentionSite]) -> str:
+    budgets = sorted({s.tuning.budget for s in tuned})
+    return (
+        f"accuracy budget {', '.join(f'{b:g}' for b in budgets)} (relative L2 error of a site's "
+        "output against float32 attention on the same inputs): each candidate's error and time, "
+        "the fastest qualifying one chosen (approximate backends must be within the budget; "
+        "exact ones are held to verify's tolerance for the dtype instead, auto's default always "
+        "qualifies):"
+    )
 
 
 def _table(rows: list[list[str]]) -> list[str]:

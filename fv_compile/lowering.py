@@ -49,6 +49,8 @@ class LoweredGraph:
     # and the copy of `gm` that runs in it, when the proof held
     token_order: TokenOrder | None = None
     permuted: PermutedGraph | None = None
+    # the id each rewritten site's op node carries in `gm` (what a run can tell its sites by)
+    site_ids: dict[int, AttentionSite] = field(default_factory=dict)
 
 
 def lower_graph(
@@ -125,6 +127,7 @@ def lower_graph(
         owner,
         token_order,
         permuted,
+        {sid: row[0] for sid, row in by_id.items() if row[0].status == REWRITTEN},
     )
 
 

@@ -81,6 +81,16 @@ class SitePolicy:
             registry.get_backend(name)
 
     def requested(self, site: AttentionSite) -> str:
+        name = self._named(site)
+        return dense_default(site) if name.lower() == AUTO else name.upper()
+
+    def asks_auto(self, site: AttentionSite) -> bool:
+        """Whether the user left `site` to `auto` (the default): only such sites are tuned under
+        an accuracy budget; a backend the user named runs where they named it."""
+        return self._named(site).lower() == AUTO
+
+    def _named(self, site: AttentionSite) -> str:
+        """The name the user's spec gives `site`, `auto` unresolved."""
         spec = self.spec
         if isinstance(spec, str):
             name = spec
@@ -98,7 +108,7 @@ class SitePolicy:
                     "backend name for each"
                 ) from e
             self._check_name(name)
-        return dense_default(site) if name.lower() == AUTO else name.upper()
+        return name
 
     def choose(self, site: AttentionSite) -> tuple[str, type[AttentionBackend]]:
         """The backend that will run `site`; records a fallback in `site.reason`."""

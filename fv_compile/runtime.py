@@ -159,7 +159,7 @@ class MetadataDispatch:
         _order_placeholders(graph, [p for name in self.backends for p in inputs[name]])
         gm.recompile()
         example = list(args) + [t for ts in tensors for t in ts]
-        return _in_tracing_context(self.compile_graph, gm, example)
+        return compile_at_run_time(self.compile_graph, gm, example)
 
     def _permutation_slots(self, key, tensors) -> tuple[int, int] | None:
         """Where among its backend's metadata tensors this variant's token order is, when the
@@ -179,10 +179,11 @@ class MetadataDispatch:
         return slots
 
 
-def _in_tracing_context(compile_graph: GraphCompiler, gm: GraphModule, example: list[Any]):
+def compile_at_run_time(compile_graph: GraphCompiler, gm: GraphModule, example: list[Any]):
     """Compile `gm` inside a tracing context of its own, as Dynamo compiles a graph inside its.
 
-    Variants compile at run time, after Dynamo returned: without a context (and its fake mode's
+    Variants (and graphs lowered again once their sites are tuned) compile at run time, after
+    Dynamo returned: without a context (and its fake mode's
     ShapeEnv) Inductor's FX graph and AOTAutograd caches bypass the graph ("No shape env"), so a
     warm process would compile every STA variant cold."""
     from torch._guards import TracingContext, tracing

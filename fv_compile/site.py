@@ -99,6 +99,8 @@ class AttentionSite:
     joint_text_first: bool | None = None  # joint attention: text tokens precede the video ones
     # `fv_compile.verify`'s comparison of the rewrite with the traced code (a SiteCheck), if run
     check: Any = None
+    # under an accuracy budget: the backends measured for the site, and which won (a SiteTuning)
+    tuning: Any = None
 
     @property
     def mask_kind(self) -> str | None:
@@ -157,6 +159,7 @@ class AttentionSite:
     def to_dict(self) -> dict[str, Any]:
         row = asdict(self)
         row["check"] = self.check.to_dict() if self.check is not None else None
+        row["tuning"] = self.tuning.to_dict() if self.tuning is not None else None
         if self.mask_values is not None:  # strict JSON: -inf as a string
             row["mask_values"] = [v if math.isfinite(v) else str(v) for v in self.mask_values]
         return row

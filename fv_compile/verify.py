@@ -69,9 +69,14 @@ class SiteCheck:
         }
 
 
+def tolerance(dtype: torch.dtype) -> float:
+    """The relative L2 error a rewrite of a site computing in `dtype` may show and pass."""
+    return _TOLERANCE.get(dtype, 1e-4)
+
+
 def compare(what: str, got: torch.Tensor, want: torch.Tensor) -> TensorCheck:
     """`got` against `want`: NaN/inf patterns, then the error over the finite entries."""
-    tol = _TOLERANCE.get(want.dtype, 1e-4)
+    tol = tolerance(want.dtype)
     got, want = got.detach(), want.detach()
     if got.shape != want.shape:
         return TensorCheck(what, math.inf, math.inf, False, False)

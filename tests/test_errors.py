@@ -487,6 +487,22 @@ def _(mp):
     return net, lambda: fv_compile.compile(net, regional="blocks")
 
 
+@case("accuracy-budget")
+def _(mp):
+    net = Net()
+    return net, lambda: fv_compile.compile(net, accuracy_budget=2)
+
+
+@case("accuracy-budget/torch-compile-option")
+def _(mp):
+    gm = torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())
+
+    def trigger():
+        return fv_compile.fv_compile_backend(gm, [], options={"accuracy_budget": "2%"})
+
+    return Net(), trigger
+
+
 def _one_rank_group(call):
     """`call()` inside a one-process gloo group, torn down after."""
     import torch.distributed as dist

@@ -23,6 +23,7 @@ LAYERS: list[list[str]] = [
     ["fv_compile.report.*"],  # the speedup report, over the public API
     ["fv_compile"],  # the public API
     ["fv_compile.api"],  # compile, explain, verify, the torch.compile backend
+    ["fv_compile.tuning"],  # auto under an accuracy budget: measure, decide, cache
     ["fv_compile.graph", "fv_compile.verify"],  # user-traced graphs; checking rewrites
     ["fv_compile.lowering"],  # sites -> backends: policy, impls, site registration, metadata
     [
@@ -60,7 +61,7 @@ LAYERS: list[list[str]] = [
 ]
 
 # the backend modules of the per-backend layer: none may import another
-BACKENDS = LAYERS[11]
+BACKENDS = LAYERS[12]
 assert "fv_compile.backends.sdpa" in BACKENDS
 
 _IMPORT_STRING = re.compile(r"^(fv_compile(?:\.\w+)*):\w+$")

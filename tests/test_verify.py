@@ -64,6 +64,34 @@ def test_verify_reports_a_backend_that_gets_the_numbers_wrong():
     assert "FAIL" in str(report)
 
 
+class ChainedSites(torch.nn.Module):
+    """The second site's queries are the first site's output itself (no projection between)."""
+
+    def forward(self, q, k, v, text_k, text_v):
+        a = F.scaled_dot_product_attention(q, k, v)
+        return ((a @ text_k.transpose(-2, -1)) * D**-0.5).softmax(-1) @ text_v
+
+
+@pytest.mark.parametrize("cross", ["TORCH_SDPA", "SHIFTED_FOR_VERIFY_TEST"])
+def test_a_site_reading_an_earlier_sites_output_is_checked_on_eagers_values(cross, monkeypatch):
+    """The earlier site's output is an op of the rewritten graph: the later site's original
+    nodes are fed the traced value, as its replacement is (a lookup of the op's name failed)."""
+    monkeypatch.setitem(
+        fv_compile.backends.registry._USER, "SHIFTED_FOR_VERIFY_TEST", ShiftedBackend
+    )
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1, 2, 6, D)] * 3 + [(1, 2, 4, D)] * 2
+    args = [torch.randn(*s, generator=g) for s in shapes]
+    policy = {"self": "TORCH_SDPA", "cross": cross}
+    report = fv_compile.verify(ChainedSites(), *args, attention_backend=policy)
+    first, second = report.sites
+    assert first.check.ok and first.check.output.rel_l2 < 1e-6
+    if cross == "TORCH_SDPA":
+        assert second.check.ok and second.check.output.rel_l2 < 1e-6
+    else:
+        assert not second.check.ok and second.check.output.max_abs == pytest.approx(1e-2, rel=1e-3)
+
+
 class LearnedBias(torch.nn.Module):
     def __init__(self):
         super().__init__()

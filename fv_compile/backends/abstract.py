@@ -147,6 +147,10 @@ class AttentionBackend(ABC):
     # its output is dense attention, so fv_compile's backward (dense recomputation) is exact for it:
     # a compiled model can train through it
     differentiable: ClassVar[bool] = False
+    # its output approximates dense attention (quantised kernels: SAGE_ATTN): `auto` runs it only
+    # under an accuracy budget (`fv_compile.compile(..., accuracy_budget=...)`), and only at
+    # sites where its error, measured on the site's own inputs, is within the budget
+    approximate: ClassVar[bool] = False
     # `(gather, scatter)`: the names of two metadata fields that, at a step where both are
     # tensors, hold the permutation of the video tokens the impl works in (long `[N]`: the token
     # at position i of that order is raster token `gather[i]`; `scatter` is the inverse), and in
@@ -206,6 +210,7 @@ class Capabilities:
     needs_head_groups: bool
     differentiable: bool
     token_permutation: tuple[str, str] | None = None
+    approximate: bool = False
 
     def unsupported_reasons(self, site: AttentionSite) -> list[str]:
         """Every declared limit `site` breaks, phrased for `explain`."""
@@ -324,6 +329,7 @@ def capabilities(backend_cls: type) -> Capabilities:
         needs_head_groups=bool(declared("needs_head_groups")),
         differentiable=bool(declared("differentiable")),
         token_permutation=permutation,
+        approximate=bool(declared("approximate")),
     )
 
 

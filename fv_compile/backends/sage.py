@@ -7,7 +7,9 @@ bf16/fp16, causal (top-left, as SDPA), GQA, cross-attention; no masks.
 
 Approximate by design: its output is not dense attention (cosine >= 0.999 against exact attention
 in the tests), so it is forward only (`differentiable = False`: a backward through it raises)
-and `auto` never picks it; choose it by name (`attention_backend="SAGE_ATTN"`, or per role).
+and plain `auto` never picks it; `auto` with an accuracy budget (`fv_compile.compile(model,
+accuracy_budget=0.02)`) picks it at the sites where it is faster and its error, measured on the
+site's own inputs, is within the budget (`fv_compile/tuning.py`). Or choose it by name.
 On the CPU it runs only under the Triton interpreter (`TRITON_INTERPRET=1`).
 """
 
@@ -41,6 +43,7 @@ class SageAttentionBackend(DenseBackend):
     mask_kinds = ()
     causal_cross = True  # top-left aligned, as SDPA
     differentiable = False  # an approximation: fv_compile's exact dense backward would not match
+    approximate = True  # a candidate of `auto` under an accuracy budget, measured per site
 
     @staticmethod
     def get_name() -> str:

@@ -92,13 +92,16 @@ def attention_pass(
 def _lift_site(
     gm: GraphModule, match: AttentionMatch, replaced: dict[Node, Node], own: set[Node]
 ) -> SiteRewrite:
-    original, original_inputs = lift(gm, match.nodes, match.output)
-    # an operand that an earlier site's op now computes is fed the traced node's value
+    # an operand that an earlier site's op now computes is fed the traced node's value, on
+    # both sides: the site's own nodes read the earlier op's output by now too
     traced = {new: old for old, new in replaced.items()}
+
+    def traced_name(n: Node) -> str:
+        return traced.get(n, n).name
+
+    original, original_inputs = lift(gm, match.nodes, match.output, traced_name)
     out = replaced[match.output]
-    rewritten, rewritten_inputs = lift(
-        gm, emitted_closure(out, own.__contains__), out, lambda n: traced.get(n, n).name
-    )
+    rewritten, rewritten_inputs = lift(gm, emitted_closure(out, own.__contains__), out, traced_name)
     return SiteRewrite(match.site, original, original_inputs, rewritten, rewritten_inputs)
 
 

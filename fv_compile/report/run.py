@@ -28,6 +28,7 @@ from fv_compile.report.variants import (
     run_variant,
 )
 from fv_compile.report.workload import WorkloadSpec, resolve_device, resolve_dtype
+from fv_compile.tuning import check_accuracy_budget
 
 
 @dataclass
@@ -45,6 +46,9 @@ class ReportConfig(WorkloadSpec):
     # weights), True (blocks), False (the whole model)
     regional: bool | str = "auto"
     warm_compile: bool = True  # compile each variant a second time, from the caches
+    # fv_compile's auto tuned under this budget, as one more variant (fv_compile.compile's
+    # accuracy_budget: each site's backend chosen by measured error and time)
+    accuracy_budget: float | None = None
 
 
 @dataclass
@@ -87,6 +91,9 @@ def run_report(
     variant are recorded in its result instead.
     """
     started = time.perf_counter()
+    check_accuracy_budget(
+        config.accuracy_budget
+    )  # a bad value is the caller's error, not a variant's
     device = resolve_device(config.device)
     # before anything runs, so the load average shows competition from other processes only
     environment = collect_environment(device, sys.argv if argv is None else argv)
@@ -98,6 +105,7 @@ def run_report(
         backends,
         torch_compile=config.torch_compile,
         repeated_blocks=config.torch_compile and has_repeated_blocks(workload.model),
+        accuracy_budget=config.accuracy_budget,
     )
     progress = make_progress() if progress is None else progress
     resolved = dataclasses.replace(
@@ -297,7 +305,7 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
         True: "regional=True",
         False: "regional=False",
     }
-    return {
+    methods = {
         "loop": (
             f"each variant runs a loop of {plan.steps} transformer call(s), call i inside "
             "fv_compile.forward_context(current_timestep=i), on the same inputs"
@@ -368,6 +376,20 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
             )
         ),
     }
+    if config.accuracy_budget is not None:
+        methods["accuracy budget"] = (
+            f"fv_compile[auto, budget {config.accuracy_budget:g}] is fv_compile.compile(model, "
+            f"accuracy_budget={config.accuracy_budget:g}): on its first call every site left to "
+            "auto runs on auto's exact default while each candidate backend is run on the "
+            "site's inputs, its relative L2 error against float32 attention measured and its "
+            "time taken; the graph is then compiled with the fastest candidate within the budget "
+            "per site (its sites' table lists every candidate). The measurement is in its cold "
+            "compile figure. The first call of each graph computes with the exact default (a "
+            "regional compile's: the first block of step 0), every later one with the chosen "
+            "backends; the error column is the worst step. Its warm compile reads the decisions "
+            "the cold one cached, next to Inductor's caches"
+        )
+    return methods
 
 
 def _plain(value: Any) -> Any:

@@ -18,6 +18,7 @@ class ExplainConfig(WorkloadSpec):
 
     backend: BackendSpec = "auto"
     verify: bool = False
+    accuracy_budget: float | None = None  # tune the sites left to auto (fv_compile/tuning.py)
 
 
 def explain_model(config: ExplainConfig) -> tuple[Workload, fv_compile.ExplainReport]:
@@ -37,6 +38,7 @@ def explain_model(config: ExplainConfig) -> tuple[Workload, fv_compile.ExplainRe
                 *workload.args,
                 attention_backend=config.backend,
                 verify=config.verify,
+                accuracy_budget=config.accuracy_budget,
                 **workload.kwargs,
             )
     finally:

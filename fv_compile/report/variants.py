@@ -61,12 +61,14 @@ BackendSpec = str | dict[str, str]
 class VariantSpec:
     kind: str  # EAGER | TORCH_COMPILE | REPEATED_BLOCKS | FV_COMPILE
     backend: BackendSpec | None = None
+    accuracy_budget: float | None = None  # fv_compile.compile's, for an fv_compile variant
 
     @property
     def name(self) -> str:
         if self.kind != FV_COMPILE:
             return self.kind
-        return f"fv_compile[{backend_label(self.backend)}]"
+        budget = "" if self.accuracy_budget is None else f", budget {self.accuracy_budget:g}"
+        return f"fv_compile[{backend_label(self.backend)}{budget}]"
 
 
 @dataclass(frozen=True)
@@ -225,16 +227,23 @@ def _probe_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def build_variants(
-    backends: list[BackendSpec], *, torch_compile: bool, repeated_blocks: bool = False
+    backends: list[BackendSpec],
+    *,
+    torch_compile: bool,
+    repeated_blocks: bool = False,
+    accuracy_budget: float | None = None,
 ) -> list[VariantSpec]:
     """eager, plain torch.compile (`torch_compile`), diffusers' `compile_repeated_blocks`
-    (`repeated_blocks`: the model has it), then fv_compile per backend."""
+    (`repeated_blocks`: the model has it), then fv_compile per backend, and with an
+    `accuracy_budget` fv_compile's `auto` tuned under it (beside exact `auto`, to compare)."""
     variants = [VariantSpec(EAGER)]
     if torch_compile:
         variants.append(VariantSpec(TORCH_COMPILE))
     if repeated_blocks:
         variants.append(VariantSpec(REPEATED_BLOCKS))
     variants += [VariantSpec(FV_COMPILE, b) for b in backends]
+    if accuracy_budget is not None:
+        variants.append(VariantSpec(FV_COMPILE, "auto", accuracy_budget))
     return variants
 
 
@@ -659,7 +668,13 @@ def _build(
         return model
     # what a user gets from fv_compile.compile(model, backend): regional="auto" unless asked
     assert spec.backend is not None, "an fv_compile variant names its backend"
-    return fv_compile.compile(model, spec.backend, compiler=compiler, regional=regional)
+    return fv_compile.compile(
+        model,
+        spec.backend,
+        compiler=compiler,
+        regional=regional,
+        accuracy_budget=spec.accuracy_budget,
+    )
 
 
 def _undo_in_place_compile(model: torch.nn.Module) -> None:
