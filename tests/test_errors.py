@@ -605,7 +605,7 @@ def _(mp):
 @case("fastvideo-only-backend")
 def _(mp):
     net = Net()
-    return net, lambda: fv_compile.compile(net, "VIDEO_SPARSE_ATTN")
+    return net, lambda: fv_compile.compile(net, "VMOBA_ATTN")
 
 
 @case("unknown-role")
