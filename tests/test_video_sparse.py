@@ -183,8 +183,10 @@ def test_padding_slots_never_reach_the_output():
 def _grads(fn, tensors):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
-    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
-    return out, torch.autograd.grad(out, leaves, grad_out)
+    grad_out = torch.randn(
+        out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -317,14 +319,16 @@ def test_a_sparsity_schedule_runs_fifty_steps_on_one_graph():
     assert cm.variants_compiled == 1
 
 
-def test_a_compiled_model_trains_like_the_reference():
+@pytest.mark.parametrize("head_dim", [16, 64])  # the torch path; the Triton kernels
+def test_a_compiled_model_trains_like_the_reference(head_dim):
     torch.manual_seed(0)
-    model = VideoDiT()
+    dim = 2 * head_dim
+    model = VideoDiT(dim=dim)
     ref = reference_model(model, ODD_GRID, 0.6)
     cm = fv_compile.compile(model, "VIDEO_SPARSE_ATTN", compiler="aot_eager")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
-    x, target = torch.randn(1, math.prod(ODD_GRID), 32), torch.randn(1, math.prod(ODD_GRID), 32)
+    x, target = (torch.randn(1, math.prod(ODD_GRID), dim) for _ in range(2))
     for step in range(3):
         with fv_compile.forward_context(step, batch(), args(VSA_sparsity=0.6)):
             loss = F.mse_loss(cm(x), target)
@@ -358,3 +362,46 @@ def test_the_triton_fine_stage_equals_the_reference(gated):
         text_len=5,
     )
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_transposed_lists_name_the_query_blocks_that_list_each_key_block():
+    from fv_compile.backends.kernels.block_sparse_bwd import transposed_lists
+
+    idx = torch.tensor([[[2, 0, 1], [1, 2, 0], [0, 1, 2]]], dtype=torch.int32)
+    cnt = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    q_idx, q_cnt = transposed_lists(idx, cnt)
+    assert q_cnt.tolist() == [[1, 2, 3]]
+    assert [q_idx[0, n, : q_cnt[0, n]].tolist() for n in range(3)] == [[2], [1, 2], [0, 1, 2]]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_gradients_equal_the_references(gated):
+    q, k, v = qkv(ODD_GRID, dim=64, text=5, dtype=torch.float32, batch_size=2)
+    gate = torch.rand_like(q)
+    impl = VideoSparseAttentionImpl(2, 64, 0.125, joint_text_len=5)
+    md = metadata(sparsity=0.6)
+    inputs = [q, k, v, gate] if gated else [q, k, v]
+
+    def ref(*xs):
+        xs = [x.double() for x in xs]
+        g = xs[3] if gated else None
+        return video_sparse_attention_reference(
+            *xs[:3], ODD_GRID, 0.6, scale=0.125, gate=g, text_len=5
+        )
+
+    _, grads = _grads(lambda *xs: run_impl(impl, md, *xs), inputs)
+    _, want = _grads(ref, inputs)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+
+
+def test_triton_impl_backward_equals_the_references():
+    q, k, v = qkv(ODD_GRID, dim=64, dtype=torch.float32)
+    impl = VideoSparseAttentionImpl(2, 64, 0.125)
+    grad = torch.randn_like(q)
+    got = impl.backward(grad, q, k, v, metadata(sparsity=0.7))
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out = video_sparse_attention_reference(*leaves, ODD_GRID, 0.7, scale=0.125)
+    want = torch.autograd.grad(out, leaves, grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5)

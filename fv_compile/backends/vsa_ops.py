@@ -12,8 +12,9 @@ Lists: every query row lists all blocks, text first, then the video cubes in fal
 score; its count is `n_text + topk` for a video cube, all blocks for text. The list width never
 depends on `topk`: one shape for every sparsity. The fine stage's forward runs on
 `kernels/block_sparse_fwd.py` (lists per batch element and head) where Triton runs (CUDA or its
-interpreter, head dim 64/128), on masked dense torch elsewhere; its backward is masked dense
-torch for now (it materialises `[B, H, L, L]`: fine-tuning at small sizes only).
+interpreter, head dim 64/128), and so does its backward, on `kernels/block_sparse_bwd.py` (the
+forward is run again for its output and row statistics: nothing is saved between the two);
+elsewhere both are masked dense torch (materialising `[B, H, L, L]`: small sizes only).
 
 The coarse stage is a few small torch ops (pooling, a `[n_cubes, n_cubes]` softmax per head, an
 argsort): at Wan-1.3B 480p it is 624 cubes, cheap beside the fine stage; its backward is
@@ -153,6 +154,15 @@ def vsa_forward(q, k, v, gate, block_valid, topk, n_video: int, scale: float) ->
 
 def _fine_backward(grad, q, k, v, kv_indices, kv_counts, block_valid, scale):
     """`[dq, dk, dv]` of `fine_stage` (zero on padding rows)."""
+    if _use_kernel(q):
+        from fv_compile.backends.kernels.block_sparse_bwd import block_sparse_attention_bwd
+
+        b, length, h, _ = q.shape
+        lse = torch.empty((b, h, length), dtype=torch.float32, device=q.device)
+        out = fine_stage(q, k, v, kv_indices, kv_counts, block_valid, scale, lse=lse)
+        return block_sparse_attention_bwd(
+            grad, q, k, v, out, lse, kv_indices, kv_counts, block_valid, BLOCK, scale
+        )
     p, _, token = _fine_weights(q, k, kv_indices, kv_counts, block_valid, scale)
     qt, kt, vt, go = (_zero_padding(x, token).transpose(1, 2) for x in (q, k, v, grad))
     dv = p.transpose(-2, -1) @ go
