@@ -405,3 +405,18 @@ def test_triton_impl_backward_equals_the_references():
     want = torch.autograd.grad(out, leaves, grad.double())
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, atol=2e-5, rtol=2e-5)
+
+
+def test_gqa_ranks_cubes_per_query_head_and_sums_key_gradients_per_kv_head():
+    q = torch.randn(1, math.prod(ODD_GRID), 2, 16, dtype=torch.float64)
+    k, v = (torch.randn(1, math.prod(ODD_GRID), 1, 16, dtype=torch.float64) for _ in range(2))
+    impl, md = impl_for(), metadata(sparsity=0.6)
+    grad = torch.randn_like(q)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    want = video_sparse_attention_reference(
+        leaves[0], *(x.repeat_interleave(2, 2) for x in leaves[1:]), ODD_GRID, 0.6, scale=SCALE
+    )
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    torch.testing.assert_close(run_impl(impl, md, q, k, v), want, atol=1e-12, rtol=1e-12)
+    for g, w in zip(impl.backward(grad, q, k, v, md), want_grads):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)

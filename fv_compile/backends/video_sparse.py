@@ -235,7 +235,7 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
         else:
             gate, md = gate_compress, attn_metadata
         if getattr(md, "attn_mask", None) is not None:
-            raise FvCompileError("VIDEO_SPARSE_ATTN takes no attention mask")
+            raise ValueError("VIDEO_SPARSE_ATTN takes no attention mask")
         _, _, valid = self._order(md)
         if query.shape[1] != valid.shape[0] * BLOCK:
             raise FvCompileError(
