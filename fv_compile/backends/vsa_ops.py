@@ -45,9 +45,10 @@ def _valid_rows(block_valid: torch.Tensor, n_blocks: int) -> torch.Tensor:
 def pool_cubes(x: torch.Tensor, block_valid: torch.Tensor, n_video: int) -> torch.Tensor:
     """`[B, H, n_video, D]`: the mean of each video cube's tokens (padding excluded), in float32
     at least."""
-    cubes = x[:, : n_video * BLOCK].unflatten(1, (n_video, BLOCK)).to(_compute_dtype(x.dtype))
+    cubes = x[:, : n_video * BLOCK].unflatten(1, (n_video, BLOCK))
     keep = _valid_rows(block_valid, n_video)[None, :, :, None, None]
-    total = torch.where(keep, cubes, 0.0).sum(2)  # [B, Nv, H, D]
+    # masked in x's dtype, summed in float32 at least: one pass, no float32 copy of x
+    total = torch.where(keep, cubes, 0.0).sum(2, dtype=_compute_dtype(x.dtype))  # [B, Nv, H, D]
     count = block_valid[:n_video].to(total.dtype).clamp(min=1)
     return (total / count[None, :, None, None]).transpose(1, 2)
 

@@ -257,7 +257,9 @@ def block_sparse_attention_bwd(
     interpret = interpreting()
     upcast = interpret and q.dtype == torch.bfloat16
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
-    tile = _tile(block_size, 32 if interpret else 64)
+    # float32 tiles are twice the bytes: 32 rows keep them within shared memory (as the
+    # forward's float32 config does)
+    tile = _tile(block_size, 32 if interpret or q.dtype == torch.float32 else 64)
     common = dict(
         BLOCK_SIZE=block_size,
         HEAD_DIM=d,
@@ -265,7 +267,8 @@ def block_sparse_attention_bwd(
         BLOCK_N=tile,
         DOT_PRECISION=precision,
         UPCAST=upcast,
-        num_warps=4,
+        # not tuned on a GPU yet: two 64 x D float32 accumulators want 8 warps at D128
+        num_warps=8 if d == 128 else 4,
         num_stages=1 if interpret else 2,
     )
     stats = (softmax_scale * _LOG2E, softmax_scale, q.stride(0), q.stride(1), q.stride(2), h)
