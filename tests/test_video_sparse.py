@@ -420,3 +420,66 @@ def test_gqa_ranks_cubes_per_query_head_and_sums_key_gradients_per_kv_head():
     torch.testing.assert_close(run_impl(impl, md, q, k, v), want, atol=1e-12, rtol=1e-12)
     for g, w in zip(impl.backward(grad, q, k, v, md), want_grads):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def test_float64_runs_on_the_torch_path_where_the_kernels_would_run():
+    q, k, v = qkv(ODD_GRID, dim=64)  # float64: the interpreter runs the kernels for float32
+    got = run_impl(VideoSparseAttentionImpl(2, 64, 0.125), metadata(sparsity=0.5), q, k, v)
+    want = video_sparse_attention_reference(q, k, v, ODD_GRID, 0.5, scale=0.125)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_the_forward_kernel_returns_each_rows_log2_sum_exp2_for_per_batch_lists():
+    from fv_compile.backends.kernels.block_sparse_fwd import block_sparse_attention_fwd
+    from fv_compile.backends.vsa_ops import _fine_torch, top_cube_lists
+
+    q, k, v = qkv((4, 4, 8), dim=64, dtype=torch.float32, batch_size=2)  # two full cubes
+    scores = torch.randn(2, 2, 2, 2)
+    idx, cnt = top_cube_lists(scores, torch.tensor([1], dtype=torch.int32), 2)
+    valid = torch.tensor([64, 64], dtype=torch.int32)
+    lse = torch.empty(2, 2, 128)
+    out = block_sparse_attention_fwd(
+        q, k, v, idx, cnt, valid, block_size=64, softmax_scale=0.125, lists_per_batch=True, lse=lse
+    )
+    want_out = _fine_torch(q.double(), k.double(), v.double(), idx, cnt, valid, 0.125)
+    torch.testing.assert_close(out, want_out.float(), atol=2e-5, rtol=2e-5)
+    # row r of (b, h) attends the cube its list keeps: log2(sum exp2(s)) over that cube's keys
+    logits = 0.125 * torch.einsum("bqhd,bkhd->bhqk", q, k) * math.log2(math.e)
+    kept = idx.view(2, 2, 2, 2)[..., 0].repeat_interleave(64, -1)  # [B, H, L]: the kept cube
+    cube_of_key = torch.arange(128) // 64
+    logits = logits.masked_fill(cube_of_key != kept[..., None], float("-inf"))
+    want = torch.logsumexp(logits / math.log2(math.e), -1) * math.log2(math.e)
+    torch.testing.assert_close(lse, want, atol=1e-4, rtol=1e-5)
+
+
+class JointDiT(torch.nn.Module):
+    """Text joins the video inside each block (HunyuanVideo's double blocks), text last."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(Block(dim, heads) for _ in range(2))
+
+    def forward(self, x, text):
+        n = x.shape[1]
+        for blk in self.blocks:
+            out = blk(torch.cat([x, text], 1))
+            x, text = x + out[:, :n], text + out[:, n:]
+        return x
+
+
+def test_joint_text_sites_attend_and_are_attended_densely_through_the_pass():
+    model = JointDiT().eval()
+    x, text = torch.randn(1, math.prod(ODD_GRID), 32), torch.randn(1, 7, 32)
+    cm = fv_compile.compile(model, "VIDEO_SPARSE_ATTN", compiler="eager", regional=False)
+    with torch.no_grad(), fv_compile.forward_context(0, batch(), args(VSA_sparsity=0.6)):
+        out = cm(x, text)
+    sites = cm.explain().sites
+    assert {(s.role, s.backend) for s in sites} == {("joint", "VIDEO_SPARSE_ATTN")}
+    ref = JointDiT().eval()
+    ref.load_state_dict(model.state_dict())
+    for blk in ref.blocks:
+        blk.attend = lambda q, k, v: video_sparse_attention_reference(
+            q.double(), k.double(), v.double(), ODD_GRID, 0.6, scale=16**-0.5, text_len=7
+        ).float()
+    with torch.no_grad():
+        torch.testing.assert_close(out, ref(x, text), atol=1e-5, rtol=1e-5)

@@ -93,8 +93,16 @@ def coarse_per_token(coarse: torch.Tensor, block_valid: torch.Tensor, n_blocks: 
     return torch.nn.functional.pad(rows, (0, 0, 0, 0, 0, (n_blocks - nv) * BLOCK))
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def _use_kernel(q: torch.Tensor) -> bool:
-    return (q.is_cuda or interpreting()) and q.shape[-1] in TRITON_HEAD_DIMS
+    """Whether the Triton kernels run this call (float64, say, runs on the torch path)."""
+    return (
+        (q.is_cuda or interpreting())
+        and q.shape[-1] in TRITON_HEAD_DIMS
+        and q.dtype in _KERNEL_DTYPES
+    )
 
 
 def _fine_weights(q, k, kv_indices, kv_counts, block_valid, scale):
