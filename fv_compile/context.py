@@ -57,7 +57,10 @@ class FastVideoArgs:
         every STA site gathers its own q, k, v into tile order and scatters its output back.
     mask_strategy_file_path: a JSON file of per-step, per-layer, per-head windows in FastVideo's
         format (`{"<step>_<layer>_<head>": [wt, wh, ww], ...}`).
-    VSA_sparsity: fraction of key tiles video sparse attention skips.
+    VSA_sparsity: fraction of key cubes video sparse attention skips (0 = dense); a number, or one
+        per step (the last holds for the steps after it). `ForwardBatch.VSA_sparsity` overrides it.
+    vsa_dense_steps: how many first denoising steps run video sparse attention at sparsity 0
+        (dense), on the same compiled graph as the sparse steps.
     """
 
     pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
@@ -69,7 +72,8 @@ class FastVideoArgs:
     sta_kernel: str = "auto"
     sta_token_order: str = "auto"
     mask_strategy_file_path: str | None = None
-    VSA_sparsity: float = 0.0
+    VSA_sparsity: float | tuple[float, ...] = 0.0
+    vsa_dense_steps: int = 0
 
 
 @dataclass

@@ -46,6 +46,8 @@ class SiteRuntime:
     # backend works in (`AttentionBackend.token_permutation`): the impl is told so through
     # `attn_metadata.tokens_permuted`, and returns its output in that order
     tokens_permuted: bool = False
+    # the impl overrides `backward`: the op's backward is the impl's own, not dense recomputation
+    own_backward: bool = False
     # what sequence parallelism needs: the site's role (self | cross | joint), for joint
     # attention its text segment, and the site's path for messages
     role: str = "self"
@@ -100,6 +102,7 @@ class SiteOwner:
             causal=causal,
             differentiable=differentiable,
             preprocess=cls.preprocess_qkv is not AttentionImpl.preprocess_qkv,
+            own_backward=cls.backward is not AttentionImpl.backward,
             postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
             empty_rows=empty_rows,
             fill=fill,
@@ -374,14 +377,56 @@ def _attention_backward_fake(grad, q, k, v, mask, site, mask_grad):
     return out
 
 
+@torch.library.custom_op("fv_compile::attention_impl_backward", mutates_args=())
+def attention_impl_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    site: int,
+    variant: int,
+    metadata: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """`[dq, dk, dv]` from the site impl's own `backward` (`AttentionImpl.backward`), given the
+    metadata the forward was called with: for backends whose output is not dense attention."""
+    rt = site_runtime(site)
+    md = _metadata_for(rt, mask, variant, metadata)
+    if rt.tokens_permuted:
+        object.__setattr__(md, "tokens_permuted", True)
+    grads = rt.impl.backward(grad, q, k, v, md)
+    return [g.to(x.dtype).contiguous() for g, x in zip(grads, (q, k, v))]
+
+
+@attention_impl_backward.register_fake
+def _attention_impl_backward_fake(grad, q, k, v, mask, site, variant, metadata):
+    return [x.new_empty(x.shape) for x in (q, k, v)]
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, site, _variant, _metadata = inputs
-    ctx.save_for_backward(q, k, v, mask)
+    q, k, v, mask, site, variant, metadata = inputs
     ctx.site = site
-    ctx.n_metadata = len(_metadata)
+    ctx.n_metadata = len(metadata)
+    ctx.own_backward = site_runtime(site).own_backward
+    if ctx.own_backward:  # the impl's backward rebuilds the forward's metadata
+        ctx.variant = variant
+        ctx.save_for_backward(q, k, v, mask, *metadata)
+    else:
+        ctx.save_for_backward(q, k, v, mask)
 
 
 def _backward(ctx, grad):
+    if ctx.own_backward:
+        q, k, v, mask, *metadata = ctx.saved_tensors
+        if mask is not None and ctx.needs_input_grad[3]:
+            raise NotSupportedByBackend(
+                f"backend {site_runtime(ctx.site).backend} computes no gradient for a learned "
+                "attention mask: detach the mask, or choose a dense backend (TORCH_SDPA) to train it"
+            )
+        grads = torch.ops.fv_compile.attention_impl_backward(
+            grad, q, k, v, mask, ctx.site, ctx.variant, metadata
+        )
+        return grads[0], grads[1], grads[2], None, None, None, [None] * ctx.n_metadata
     q, k, v, mask = ctx.saved_tensors
     mask_grad = bool(mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3])
     grads = torch.ops.fv_compile.attention_backward(grad, q, k, v, mask, ctx.site, mask_grad)

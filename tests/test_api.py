@@ -299,8 +299,8 @@ def test_gqa_causal_gradients_match_eager():
 
 
 def test_fastvideo_backend_without_implementation_says_how_to_register(net):
-    with pytest.raises(FvCompileError, match="register_backend\\('VIDEO_SPARSE_ATTN'"):
-        fv_compile.compile(net, "video_sparse_attn")
+    with pytest.raises(FvCompileError, match="register_backend\\('VMOBA_ATTN'"):
+        fv_compile.compile(net, "vmoba_attn")
 
 
 def test_regional_compile_compiles_the_block_once_and_leaves_the_model_alone(net):

@@ -621,7 +621,7 @@ def _(mp):
 @case("fastvideo-only-backend")
 def _(mp):
     net = Net()
-    return net, lambda: fv_compile.compile(net, "VIDEO_SPARSE_ATTN")
+    return net, lambda: fv_compile.compile(net, "VMOBA_ATTN")
 
 
 @case("unknown-role")
@@ -1015,6 +1015,38 @@ def _(mp):
     return model, run, lambda err: isinstance(err, NotImplementedError)
 
 
+@case("own-backward-mask-grad")
+def _(mp):
+    class OwnBackwardImpl(SDPAImpl):
+        def backward(self, grad, query, key, value, attn_metadata):
+            return [torch.zeros_like(x) for x in (query, key, value)]
+
+    class OwnBackward(SDPABackend):
+        differentiable = False
+
+        @staticmethod
+        def get_name() -> str:
+            return "OWN_BACKWARD"
+
+        @staticmethod
+        def get_impl_cls():
+            return OwnBackwardImpl
+
+    class LearnedBias(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(1, 2, 12, 12))
+
+        def forward(self, x):
+            q = x.view(1, 12, 2, 16).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, q, q, attn_mask=self.bias)
+
+    mp.setitem(registry._USER, "OWN_BACKWARD", OwnBackward)
+    model = LearnedBias()
+    cm = fv_compile.compile(model, "OWN_BACKWARD", compiler="eager", strict=True)
+    return model, lambda: cm(torch.randn(1, 12, 32)).sum().backward()
+
+
 # after compile
 
 
@@ -1067,6 +1099,49 @@ def _(mp):
     from fv_compile.backends.sliding_tile import SlidingTileAttentionImpl
 
     return Net(), lambda: SlidingTileAttentionImpl(2, 64, 0.125, joint_text_len=-1)
+
+
+def _vsa_model():
+    model = VideoDiT()
+    return model, fv_compile.compile(model, "VIDEO_SPARSE_ATTN", compiler="eager")
+
+
+@case("vsa-no-latent-shape")
+def _(mp):
+    model, cm = _vsa_model()
+    return model, in_context(cm, video(), batch=ForwardBatch(), args=sta_args())
+
+
+@case("vsa-sequence-vs-grid")
+def _(mp):
+    model, cm = _vsa_model()
+    stale = sta_batch((GRID[0], GRID[1], GRID[2] - 1))
+    return model, in_context(cm, video(), batch=stale, args=sta_args())
+
+
+@case("vsa-sparsity")
+def _(mp):
+    model, cm = _vsa_model()
+    return model, in_context(cm, video(), args=sta_args(VSA_sparsity=1.5))
+
+
+@case("vsa-causal")
+def _(mp):
+    from fv_compile.backends.video_sparse import VideoSparseAttentionImpl
+
+    return Net(), lambda: VideoSparseAttentionImpl(2, 64, 0.125, causal=True)
+
+
+@case("vsa-forward-order")
+def _(mp):
+    from fv_compile.backends.video_sparse import (
+        VideoSparseAttentionImpl,
+        VideoSparseMetadataBuilder,
+    )
+
+    md = VideoSparseMetadataBuilder().build(0, sta_batch(), sta_args())
+    q = torch.randn(1, GRID[0] * GRID[1] * GRID[2], 2, 16)
+    return Net(), lambda: VideoSparseAttentionImpl(2, 16, 0.25).forward(q, q, q, md)
 
 
 # reference models

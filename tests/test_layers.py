@@ -45,13 +45,17 @@ LAYERS: list[list[str]] = [
         "fv_compile.backends.triton_attn",
         "fv_compile.backends.sliding_tile",
         "fv_compile.backends.sage",
+        "fv_compile.backends.video_sparse",
     ],
     # what dense backends share (_dense), and sliding tile attention's parts by job: tile
-    # geometry, windows per layer and step, block lists and attention over them
+    # geometry, windows per layer and step, block lists and attention over them; video sparse
+    # attention's stages and ops (over block lists) and its reference
     [
         "fv_compile.backends._dense",
         "fv_compile.backends.sta_windows",
         "fv_compile.backends.block_lists",
+        "fv_compile.backends.vsa_ops",
+        "fv_compile.backends.vsa_reference",
     ],
     ["fv_compile.backends.tiles"],
     ["fv_compile.backends.abstract"],  # FastVideo's API and the declared capabilities

@@ -118,6 +118,24 @@ class AttentionImpl(ABC, Generic[T]):
         or additive float, broadcastable to `[B, H, Sq, Sk]`; `None` when the site has none. Only
         masks of the kinds the backend declares (`AttentionBackend.mask_kinds`) reach it."""
 
+    def backward(
+        self,
+        grad: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_metadata: T,
+    ) -> list[torch.Tensor]:
+        """`[dq, dk, dv]` of this impl's whole site (preprocess, forward, postprocess) for the
+        output gradient `grad`, each like its input, from the site's own (unpreprocessed) q, k,
+        v and the call's metadata, rebuilt as the forward had it.
+
+        An impl whose output is not dense attention (a sparse one that chooses what to attend
+        from the data) overrides this to train: fv_compile's op then runs it as its backward.
+        Not overridden, the op's backward is dense recomputation, which only a backend declaring
+        `differentiable = True` (its output is dense attention) may use."""
+        raise NotImplementedError
+
 
 class AttentionBackend(ABC):
     """A registry entry: static factories and declared capabilities, never instantiated.

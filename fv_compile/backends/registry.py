@@ -15,11 +15,11 @@ _BUILTIN: dict[str, str] = {
     "FLASH_ATTN": "fv_compile.backends.flash_attn:FlashAttentionBackend",
     "SLIDING_TILE_ATTN": "fv_compile.backends.sliding_tile:SlidingTileAttentionBackend",
     "SAGE_ATTN": "fv_compile.backends.sage:SageAttentionBackend",
+    "VIDEO_SPARSE_ATTN": "fv_compile.backends.video_sparse:VideoSparseAttentionBackend",
 }
 # FastVideo backend names fv_compile has no implementation of (yet): a clearer error than "unknown"
 _FASTVIDEO_ONLY = {
     "SAGE_ATTN_THREE",
-    "VIDEO_SPARSE_ATTN",
     "VIDEO_SPARSE_ATTN_H3",
     "VMOBA_ATTN",
     "SLA_ATTN",

@@ -204,6 +204,7 @@ def _block_sparse_fwd_kernel(
     NPART,
     KM,
     stride_kmb,  # key mask [B|1, L] int8 (1 = attend), read only when HAS_KEY_MASK
+    LSE,  # float32 [B, H, L]: each row's log2-sum-exp2 of its scaled logits, when STORE_LSE
     qk_scale,
     stride_qb,
     stride_qs,
@@ -234,6 +235,8 @@ def _block_sparse_fwd_kernel(
     PREFETCH_IDX: tl.constexpr = False,
     UPCAST: tl.constexpr = False,  # interpreter only: its bf16 dot is wrong, dot in fp32 instead
     HAS_KEY_MASK: tl.constexpr = False,
+    LISTS_PER_BATCH: tl.constexpr = False,  # lists per (batch, head): Hm == B * H
+    STORE_LSE: tl.constexpr = False,
 ):
     # last query blocks first: lists that grow towards the end (a text block attending to every
     # block, causal-like layouts) start early instead of forming the tail
@@ -247,7 +250,9 @@ def _block_sparse_fwd_kernel(
     local0 = m0 - qb * BLOCK_SIZE
 
     q_valid = tl.minimum(tl.maximum(tl.load(VALID + qb), 0), BLOCK_SIZE)
-    if PER_HEAD:
+    if LISTS_PER_BATCH:
+        prow = pid_bh * n_blocks + qb
+    elif PER_HEAD:
         prow = h * n_blocks + qb
     else:
         prow = qb
@@ -348,6 +353,9 @@ def _block_sparse_fwd_kernel(
     row_ok = ((offs_m - qb * BLOCK_SIZE) < q_valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0).to(O.dtype.element_ty)
+    if STORE_LSE:  # +inf where the row is padding or saw no key: a backward gives it p = 0
+        lse = tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse)
     if USE_TMA:
         o_desc = tl.make_tensor_descriptor(
             o_base, shape=[L, HEAD_DIM], strides=[stride_os, 1], block_shape=[BLOCK_M, HEAD_DIM]
@@ -408,7 +416,18 @@ def _fit(cfg: BlockSparseConfig, block_size: int) -> BlockSparseConfig:
 
 
 def _check_inputs(
-    q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask=None
+    q,
+    k,
+    v,
+    kv_indices,
+    kv_counts,
+    block_valid,
+    block_size,
+    softmax_scale,
+    out,
+    key_mask=None,
+    lists_per_batch=False,
+    lse=None,
 ):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -463,10 +482,19 @@ def _check_inputs(
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
     Hm = kv_indices.shape[0]
-    if Hm not in (1, H):
+    if lists_per_batch and Hm != B * H:
+        raise ValueError(
+            f"lists_per_batch: kv_indices must have B*H={B * H} rows in dim 0 (batch-major), got "
+            f"shape {tuple(kv_indices.shape)}"
+        )
+    if not lists_per_batch and Hm not in (1, H):
         raise ValueError(
             f"kv_indices must have 1 or H={H} heads in dim 0, got shape {tuple(kv_indices.shape)}"
         )
+    if lse is not None and (
+        lse.shape != (B, H, L) or lse.dtype != torch.float32 or not lse.is_contiguous()
+    ):
+        raise ValueError(f"lse must be a contiguous float32 [B={B}, H={H}, L={L}] tensor")
     if kv_indices.shape[1] != n_blocks or kv_indices.shape[2] < 1:
         raise ValueError(
             f"kv_indices must be [Hm, n_blocks={n_blocks}, max_kv>=1], got {tuple(kv_indices.shape)}"
@@ -555,6 +583,8 @@ def block_sparse_attention_fwd(
     use_tma: bool | None = None,
     key_mask: torch.Tensor | None = None,
     on_launch: Callable[[Any], None] | None = None,
+    lists_per_batch: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax(q k^T * softmax_scale) v over a tile-major layout.
 
@@ -569,12 +599,28 @@ def block_sparse_attention_fwd(
     padding (masked as keys, written as 0 as queries). A row with no valid key is 0.
     key_mask: optional ``[1 or B, L]`` (bool or integer, nonzero = attend): keys it clears are
     masked as well (a key padding mask; listed blocks are then all run with a key mask).
+    lists_per_batch: the lists are ``[B*H, n_blocks, max_kv]``, row ``b*H + h`` for batch b, head h
+    (data-dependent lists, such as video sparse attention's top-k, differ per batch element).
+    lse: optional float32 ``[B, H, L]`` output: each row's ``log2(sum_j exp2(s_j))`` of the logits
+    ``s = q k^T * softmax_scale * log2(e)`` it attended (``+inf`` on padding rows and rows that saw
+    no key), what a flash-attention backward recomputes the weights from.
     Returns ``[B, L, H, D]`` contiguous in q's dtype (or writes into ``out``).
     ``config``/``use_tma`` override the tile config and memory path (tests, benchmarks);
     ``on_launch`` is called with the launched compiled kernel (benchmarks read its registers).
     """
     _check_inputs(
-        q, k, v, kv_indices, kv_counts, block_valid, block_size, softmax_scale, out, key_mask
+        q,
+        k,
+        v,
+        kv_indices,
+        kv_counts,
+        block_valid,
+        block_size,
+        softmax_scale,
+        out,
+        key_mask,
+        lists_per_batch,
+        lse,
     )
     B, L, H, D = q.shape
     Hk = k.shape[2]
@@ -620,6 +666,7 @@ def block_sparse_attention_fwd(
         plan.n_part,
         km,
         stride_kmb,
+        block_valid if lse is None else lse,  # (never written without STORE_LSE)
         float(softmax_scale) * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -650,6 +697,8 @@ def block_sparse_attention_fwd(
         PREFETCH_IDX=bool(config.prefetch_idx),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        LISTS_PER_BATCH=bool(lists_per_batch),
+        STORE_LSE=lse is not None,
         **extra,
         **extra_km,
     )
