@@ -220,20 +220,21 @@ def _eager_overflowed_rows(
     log2(e) first, overflow to -inf and return zeros. One `[..., Sq|1, Sk] @ v` product: cheap
     for key masks, a second value product for masks over queries."""
     m = mask.float()
+    while m.dim() < 4:  # broadcastable to [B, H, Sq, Sk]
+        m = m.unsqueeze(0)
     if causal:
         keys = torch.arange(m.shape[-1], device=m.device)
         later = keys[None, :] > torch.arange(out.shape[1], device=m.device)[:, None]
         m = m.masked_fill(later, float("-inf"))
+    heads, kv_heads = out.shape[2], v.shape[2]
+    m = m.expand(out.shape[0], heads, m.shape[-2], v.shape[1])
     overflowed = (m < _EXP2_OVERFLOW).all(-1, keepdim=True) & (m > float("-inf")).any(
         -1, keepdim=True
-    )  # [B|1, H|1, Sq|1, 1]
-    heads, kv_heads = out.shape[2], v.shape[2]
+    )  # [B, H, Sq|1, 1]
     vh = v.transpose(1, 2).float()  # [B, Hk, Sk, Dv]
-    if m.shape[1] != 1:
+    if heads != kv_heads:
         vh = vh.repeat_interleave(heads // kv_heads, 1)
-    eager = m.softmax(-1) @ vh
-    if eager.shape[1] != heads:
-        eager = eager.repeat_interleave(heads // eager.shape[1], 1)
+    eager = m.softmax(-1) @ vh  # [B, H, Sq|1, Dv]
     return torch.where(overflowed.transpose(1, 2), eager.transpose(1, 2).to(out.dtype), out)
 
 
