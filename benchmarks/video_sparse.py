@@ -197,11 +197,91 @@ def bench(args) -> dict:
     return {"rows": rows, "cudnn_ms": base}
 
 
+def sweep(args) -> dict:
+    """Launch configs of the fine stage's kernels at the Wan shape, on the lists VSA picks at the
+    first --sparsity: forward (tile config, TMA) and backward (warps, stages), each checked
+    against the default config's result before it is timed."""
+    from fv_compile.backends.kernels.block_sparse_bwd import block_sparse_attention_bwd
+    from fv_compile.backends.kernels.block_sparse_fwd import (
+        BlockSparseConfig,
+        block_sparse_attention_fwd,
+    )
+    from fv_compile.backends.vsa_ops import BLOCK
+
+    from _timing import time_cuda
+
+    s, scale, sparsity = math.prod(GRID), HEAD_DIM**-0.5, args.sparsity[0]
+    dev, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    q, k, v = (torch.randn(1, s, HEADS, HEAD_DIM, device=dev, dtype=dtype) for _ in range(3))
+    impl, md = VideoSparseAttentionImpl(HEADS, HEAD_DIM, scale), metadata(GRID, sparsity, dev)
+    with forward_context(0), torch.no_grad():
+        tq, tk, tv = (impl.preprocess_qkv(x, md) for x in (q, k, v))
+        _, _, valid = impl._order(md)
+        scores = coarse_stage(tq, tk, tv, valid, md.block_valid.shape[0], scale)[1]
+        idx, cnt = top_cube_lists(scores, md.topk, valid.shape[0])
+    keys = float(cnt.float().mean()) * BLOCK
+    flop = 4 * HEADS * s * keys * HEAD_DIM  # the forward's work on the kept keys
+    lse = torch.empty(1, HEADS, tq.shape[1], device=dev)
+    base = block_sparse_attention_fwd(
+        tq, tk, tv, idx, cnt, valid, block_size=BLOCK, softmax_scale=scale, lists_per_batch=True,
+        lse=lse,
+    )  # fmt: skip
+    rows = []
+
+    def record(kind, name, fn, want):
+        try:
+            got = fn()
+            err = max(rel(g, w) for g, w in zip(got, want))
+            t = time_cuda(fn) if err < 5e-3 else {"ms": float("nan")}
+        except Exception as e:  # a config that does not fit (shared memory, registers)
+            err, t = float("nan"), {"ms": float("nan"), "error": f"{type(e).__name__}: {e}"[:120]}
+        mult = 1 if kind == "fwd" else 2.5  # a backward is ~2.5 forwards of matmul work
+        rows.append(dict(kind=kind, config=name, rel=err, tflops=mult * flop / t["ms"] / 1e9, **t))
+        print(
+            f"{kind} {name:<34} {t['ms']:8.3f} ms {rows[-1]['tflops']:7.1f} TFLOP/s rel {err:.1e}"
+        )
+
+    for bn in (32, 64):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                for tma in (False, True):
+                    for pre in (False, True) if tma else (False,):
+                        cfg = BlockSparseConfig(64, bn, warps, stages, False, pre)
+                        record(
+                            "fwd", f"n{bn} w{warps} s{stages} tma{int(tma)} pre{int(pre)}",
+                            lambda cfg=cfg, tma=tma: [block_sparse_attention_fwd(
+                                tq, tk, tv, idx, cnt, valid, block_size=BLOCK, softmax_scale=scale,
+                                lists_per_batch=True, config=cfg, use_tma=tma,
+                            )],
+                            [base],
+                        )  # fmt: skip
+    grad = torch.randn_like(tq)
+
+    def bwd(**kw):
+        return block_sparse_attention_bwd(
+            grad, tq, tk, tv, base, lse, idx, cnt, valid, BLOCK, scale, **kw
+        )
+
+    want = bwd()
+    for warps in (4, 8):
+        for stages in (1, 2, 3):
+            record(
+                "bwd",
+                f"w{warps} s{stages}",
+                lambda w=warps, st=stages: bwd(num_warps=w, num_stages=st),
+                want,
+            )
+    return {"sweep": rows, "sparsity": sparsity, "kept_keys_per_query": keys}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--smoke", action="store_true", help="the checks only, on a tiny grid")
     parser.add_argument("--sparsity", type=float, nargs="+", default=list(SPARSITIES))
+    parser.add_argument(
+        "--sweep", action="store_true", help="time the fine stage's launch configs instead"
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -223,7 +303,9 @@ def main() -> int:
     if failed:
         print(f"FAILED checks: {failed}; not timing a wrong kernel")
         return 1
-    if not args.smoke:
+    if args.sweep:
+        result.update(sweep(args))
+    elif not args.smoke:
         if not cuda:
             print("no CUDA: timing needs a GPU (use --smoke for the checks)")
             return 1

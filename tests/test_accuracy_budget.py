@@ -582,8 +582,8 @@ class PaddedSelf(torch.nn.Module):
 def test_a_masked_site_is_measured_with_its_mask(cache, scaled, monkeypatch):
     timed(monkeypatch, **FAST_SCALED)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 16, 64, generator=g) for _ in range(3))
-    keep = torch.ones(2, 16, dtype=torch.bool)
+    q, k, v = (torch.randn(2, 2, 16, 64, generator=g).to(DEVICE) for _ in range(3))
+    keep = torch.ones(2, 16, dtype=torch.bool, device=DEVICE)
     keep[0, 10:] = False
     keep[1] = False  # batch element 1 attends no key: its rows are what eager gives them
     model = PaddedSelf()
@@ -692,7 +692,8 @@ def test_sequence_parallel_sites_run_their_tuned_backend(cache, scaled, monkeypa
 
     monkeypatch.setattr(ulysses, "sequence_parallel_attention", counted)
     model, args = SelfOnly(), two_site_inputs()[:3]
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = "nccl" if DEVICE == "cuda" else "gloo"  # (gloo's all-gather crashes on CUDA)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         cm = fv_compile.compile(model, compiler="eager", sequence_parallel=1, accuracy_budget=0.05)
         first, second = run(cm, args, 2)

@@ -545,6 +545,21 @@ def _(mp):
     return net, lambda: quiet(lambda: cm(x_in()))(), lambda e: "(1, 2, 4)" in str(e)
 
 
+@case("sp-device")
+def _(mp):
+    from fv_compile.distributed.ulysses import SequenceParallel
+
+    net = Net()  # on the CPU, the group's collectives NCCL's
+    group = SequenceParallel("g", 1, 0, "nccl")
+    mp.setattr(fv_compile.api, "resolve_sequence_parallel", lambda _: group)
+    cm = fv_compile.compile(net, "TORCH_SDPA", compiler="eager", sequence_parallel=1)
+    return (
+        net,
+        lambda: quiet(lambda: cm(x_in()))(),
+        lambda e: "init_process_group('gloo')" in str(e),
+    )
+
+
 @case("sp-inference")
 def _(mp):
     net = Net()

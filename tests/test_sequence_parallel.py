@@ -188,3 +188,28 @@ def test_self_sites_run_sequence_parallel_and_cross_sites_stay_local(monkeypatch
     finally:
         dist.destroy_process_group()
     assert roles == ["self", "self"]
+
+
+@pytest.mark.parametrize(
+    "backends, device, serves",
+    [
+        ("gloo", "cpu", True),
+        ("nccl", "cuda", True),
+        ("cpu:gloo,cuda:nccl", "cpu", True),
+        ("cpu:gloo,cuda:nccl", "cuda", True),
+        ("nccl", "cpu", False),
+        ("gloo", "cuda", False),
+        ("cpu:gloo,cuda:gloo", "cuda", False),
+    ],
+)
+def test_a_group_serves_a_device_only_with_that_devices_collective_backend(
+    backends, device, serves
+):
+    from fv_compile.distributed.ulysses import SequenceParallel
+
+    sp = SequenceParallel("g", 1, 0, backends)
+    if serves:
+        sp.check_serves(torch.device(device), "site")
+    else:
+        with pytest.raises(fv_compile.FvCompileError, match="needs a process group that runs"):
+            sp.check_serves(torch.device(device), "site")

@@ -437,10 +437,16 @@ def test_the_forward_kernel_returns_each_rows_log2_sum_exp2_for_per_batch_lists(
     scores = torch.randn(2, 2, 2, 2)
     idx, cnt = top_cube_lists(scores, torch.tensor([1], dtype=torch.int32), 2)
     valid = torch.tensor([64, 64], dtype=torch.int32)
-    lse = torch.empty(2, 2, 128)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs it interpreted)
+    lse = torch.empty(2, 2, 128, device=dev)
     out = block_sparse_attention_fwd(
-        q, k, v, idx, cnt, valid, block_size=64, softmax_scale=0.125, lists_per_batch=True, lse=lse
-    )
+        *(x.to(dev) for x in (q, k, v, idx, cnt, valid)),
+        block_size=64,
+        softmax_scale=0.125,
+        lists_per_batch=True,
+        lse=lse,
+    ).cpu()
+    lse = lse.cpu()
     want_out = _fine_torch(q.double(), k.double(), v.double(), idx, cnt, valid, 0.125)
     torch.testing.assert_close(out, want_out.float(), atol=2e-5, rtol=2e-5)
     # row r of (b, h) attends the cube its list keeps: log2(sum exp2(s)) over that cube's keys

@@ -42,6 +42,32 @@ class SequenceParallel:
     group_name: str
     degree: int
     rank: int
+    backends: str = ""  # `torch.distributed.get_backend(group)`: "nccl", "cpu:gloo,cuda:nccl", ...
+
+    def backend_for(self, device: torch.device) -> str | None:
+        """The collective backend the group runs for tensors on `device`, None where unknown."""
+        if not self.backends:
+            return None
+        if ":" not in self.backends:
+            return self.backends
+        for part in self.backends.split(","):
+            kind, _, name = part.partition(":")
+            if kind.strip() == device.type:
+                return name.strip()
+        return None
+
+    def check_serves(self, device: torch.device, where: str) -> None:
+        """The collectives run where the tensors are: NCCL only on CUDA, and gloo's all-gather on
+        CUDA tensors has been seen to crash the process (a segmentation fault, no Python error),
+        so CUDA needs NCCL and the CPU gloo."""
+        want = {"cuda": "nccl", "cpu": "gloo"}.get(device.type)
+        backend = self.backend_for(device)
+        if want is not None and backend in ("nccl", "gloo") and backend != want:
+            raise FvCompileError(
+                f"{where}: sequence_parallel on {device.type} tensors needs a process group that "
+                f"runs {want} for {device.type}, this one runs {backend} ({self.backends!r}); call "
+                f"torch.distributed.init_process_group('{want}') (or 'cpu:gloo,cuda:nccl' for both)"
+            )
 
 
 def resolve(spec: Any) -> SequenceParallel | None:
@@ -75,7 +101,9 @@ def resolve(spec: Any) -> SequenceParallel | None:
             "sequence_parallel must be a degree (int) or a torch.distributed.ProcessGroup this "
             "process belongs to, got a group it is not a member of"
         )
-    return SequenceParallel(group.group_name, dist.get_world_size(group), rank)
+    return SequenceParallel(
+        group.group_name, dist.get_world_size(group), rank, str(dist.get_backend(group))
+    )
 
 
 def _wait(t: torch.Tensor) -> torch.Tensor:
@@ -195,6 +223,7 @@ def shard_attention_sites(gm: GraphModule, sp: SequenceParallel) -> GraphModule:
                 f"{where}: sequence_parallel runs inference only; call the compiled model under "
                 "torch.no_grad() (or compile without sequence_parallel to train)"
             )
+        sp.check_serves(q.device, where)
         for what, heads in (("heads", q.shape[2]), ("key/value heads", k.shape[2])):
             if heads % sp.degree:
                 fits = [d for d in range(1, heads + 1) if heads % d == 0]

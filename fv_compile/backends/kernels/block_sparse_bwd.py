@@ -221,13 +221,17 @@ def block_sparse_attention_bwd(
     block_valid: torch.Tensor,
     block_size: int,
     softmax_scale: float,
+    *,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> list[torch.Tensor]:
     """`[dq, dk, dv]` (``[B, L, H, D]`` contiguous, q's dtype) of
     ``block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_valid, lists_per_batch=True)``
     for the output gradient ``grad``, given that call's ``out`` and ``lse``.
 
     q, k, v, grad, out: ``[B, L, H, D]`` (k and v with q's heads), D in (64, 128); lists int32
-    ``[B*H, n_blocks, max_kv]`` / ``[B*H, n_blocks]``; ``lse`` float32 ``[B, H, L]``."""
+    ``[B*H, n_blocks, max_kv]`` / ``[B*H, n_blocks]``; ``lse`` float32 ``[B, H, L]``.
+    ``num_warps``/``num_stages`` override the launch config (benchmark sweeps)."""
     b, length, h, d = q.shape
     for name, t in (("grad", grad), ("k", k), ("v", v), ("out", out)):
         if t.shape != q.shape:
@@ -268,8 +272,8 @@ def block_sparse_attention_bwd(
         DOT_PRECISION=precision,
         UPCAST=upcast,
         # not tuned on a GPU yet: two 64 x D float32 accumulators want 8 warps at D128
-        num_warps=8 if d == 128 else 4,
-        num_stages=1 if interpret else 2,
+        num_warps=num_warps or (8 if d == 128 else 4),
+        num_stages=1 if interpret else (num_stages or 2),
     )
     stats = (softmax_scale * _LOG2E, softmax_scale, q.stride(0), q.stride(1), q.stride(2), h)
     _bwd_dkdv_kernel[(length // tile, b * h)](
