@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fv_compile
+from tests._torch_bugs import inductor_cpu_masked_gather
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -55,11 +56,7 @@ def test_explain_lists_the_wan_sites():
     assert "blocks.1.attn2" in text
 
 
-@pytest.mark.skipif(
-    torch.__version__ < "2.13",
-    reason="torch < 2.13: Inductor's C++ code for an index_select fused under a mask does not "
-    "compile (at::vec::VecMask built from a bool); the graph is the same, torch 2.13 compiles it",
-)
+@inductor_cpu_masked_gather
 def test_an_sta_variant_under_inductor_computes_what_eager_computes():
     """Metadata variants compile at run time, outside Dynamo. They must compile the static graph
     Dynamo traced: fakified afresh, the text length (16) and the head dim (16) became one

@@ -271,8 +271,10 @@ def block_sparse_attention_bwd(
         BLOCK_N=tile,
         DOT_PRECISION=precision,
         UPCAST=upcast,
-        # not tuned on a GPU yet: two 64 x D float32 accumulators want 8 warps at D128
-        num_warps=num_warps or (8 if d == 128 else 4),
+        # H200, bf16, D128, VSA's lists at sparsity 0.875 on Wan-1.3B 480p (benchmarks/
+        # video_sparse.py --sweep, 2026-12-03): 4 warps 2 stages 9.3 ms; 3 stages 10.5, 1 stage
+        # 11.5; 8 warps 19.4-23.6 (the earlier default, 20.6). D64 takes the same, unmeasured.
+        num_warps=num_warps or 4,
         num_stages=1 if interpret else (num_stages or 2),
     )
     stats = (softmax_scale * _LOG2E, softmax_scale, q.stride(0), q.stride(1), q.stride(2), h)

@@ -391,6 +391,15 @@ _HEURISTIC = {
     (128, "ptr"): BlockSparseConfig(128, 64, 8, 3),
     (64, "ptr"): BlockSparseConfig(128, 64, 4, 3),
 }
+# Blocks of 64 rows (video sparse attention's cubes): one warpgroup per query tile. H200, bf16,
+# D128, VSA's lists at sparsity 0.875 on Wan-1.3B 480p (benchmarks/video_sparse.py --sweep,
+# 2026-12-03): the 128-row configs trimmed to 64 rows, (64,64,8,3) + prefetch, 6.3 ms; 8 warps
+# 4.8-7.3 ms whatever the rest; (64,64,4,3) 2.9; (64,32,4,3) + prefetch 2.49 (best; pointer path
+# (64,32,4,2) 2.58; 4 stages slower). D64 is not measured: it takes the same.
+_HEURISTIC_64_ROWS = {
+    "tma": BlockSparseConfig(64, 32, 4, 3, False, True),
+    "ptr": BlockSparseConfig(64, 32, 4, 2),
+}
 _FP32_CONFIG = BlockSparseConfig(64, 32, 4, 2)
 _INTERPRET_CONFIG = BlockSparseConfig(32, 32, 4, 1)
 
@@ -637,6 +646,8 @@ def block_sparse_attention_fwd(
             config = _INTERPRET_CONFIG
         elif q.dtype == torch.float32:
             config = _FP32_CONFIG
+        elif _largest_divisor(block_size, 128) <= 64:
+            config = _HEURISTIC_64_ROWS["tma" if use_tma else "ptr"]
         else:
             config = _HEURISTIC[(D, "tma" if use_tma else "ptr")]
     config = _fit(config, block_size)
