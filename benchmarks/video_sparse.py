@@ -132,14 +132,19 @@ def time_vsa(impl, md, sparsity, qkv, leaves, grad) -> list[dict]:
         return _time_vsa(impl, md, sparsity, qkv, leaves, grad, time_cuda)
 
 
+def cube_lists(impl, md, tiled):
+    """What the coarse stage hands the fine one for cube-ordered q, k, v: the top-k key cubes of
+    each query cube (indices, counts), and each cube's valid rows."""
+    _, _, valid = impl._order(md)
+    scores = coarse_stage(*tiled, valid, md.block_valid.shape[0], impl.scale)[1]
+    return (*top_cube_lists(scores, md.topk, valid.shape[0]), valid)
+
+
 def _time_vsa(impl, md, sparsity, qkv, leaves, grad, time_cuda) -> list[dict]:
     tiled = [impl.preprocess_qkv(x, md) for x in qkv]
-    _, _, valid = impl._order(md)
-    n_video = md.block_valid.shape[0]
 
     def coarse():
-        scores = coarse_stage(*tiled, valid, n_video, impl.scale)[1]
-        return top_cube_lists(scores, md.topk, valid.shape[0])
+        return cube_lists(impl, md, tiled)
 
     with torch.no_grad():
         timed = {
@@ -216,9 +221,7 @@ def sweep(args) -> dict:
     impl, md = VideoSparseAttentionImpl(HEADS, HEAD_DIM, scale), metadata(GRID, sparsity, dev)
     with forward_context(0), torch.no_grad():
         tq, tk, tv = (impl.preprocess_qkv(x, md) for x in (q, k, v))
-        _, _, valid = impl._order(md)
-        scores = coarse_stage(tq, tk, tv, valid, md.block_valid.shape[0], scale)[1]
-        idx, cnt = top_cube_lists(scores, md.topk, valid.shape[0])
+        idx, cnt, valid = cube_lists(impl, md, (tq, tk, tv))
     keys = float(cnt.float().mean()) * BLOCK
     flop = 4 * HEADS * s * keys * HEAD_DIM  # the forward's work on the kept keys
     lse = torch.empty(1, HEADS, tq.shape[1], device=dev)
