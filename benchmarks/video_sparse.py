@@ -19,8 +19,8 @@ Variants, bf16 random normal inputs in the site's raster token order, CUDA event
   ``coarse``: the coarse stage and the lists alone (its share of ``vsa``);
 * ``cudnn-dense``: SDPA with ``sdpa_kernel(CUDNN_ATTENTION)``; ``fa4-dense``: flash-attn-4.
 
-``fwd+bwd`` rows time forward and backward of the same call (VSA's backward reruns the fine
-forward for its row statistics). ``speedup`` is cuDNN's time over the variant's, per mode.
+``fwd+bwd`` rows time forward and backward of the same call (the op's backward reuses the
+forward's lists, fine output and row statistics). ``speedup`` is cuDNN's time over the variant's, per mode.
 flash-attn-4's block-sparse path is not used for VSA: its query tiles are 128 rows, two 64-token
 cubes whose top-k lists differ.
 """

@@ -226,6 +226,17 @@ def test_impl_backward_equals_the_references():
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_op_passes_opcheck(gated):
+    from fv_compile.backends.vsa_ops import video_sparse_attention_saving
+
+    q, k, v, gate = (torch.randn(1, 128, 2, 16, dtype=torch.float64) for _ in range(4))
+    valid = torch.tensor([64, 30], dtype=torch.int32)
+    topk = torch.tensor([1], dtype=torch.int32)
+    args = (q, k, v, gate if gated else None, valid, topk, 2, SCALE)
+    torch.library.opcheck(video_sparse_attention_saving, args)
+
+
 def test_op_is_traced_without_a_graph_break():
     q, k, v = (x.float() for x in qkv((4, 4, 4)))
     valid = torch.tensor([64], dtype=torch.int32)
@@ -393,6 +404,30 @@ def test_triton_gradients_equal_the_references(gated):
     _, want = _grads(ref, inputs)
     for g, w in zip(grads, want):
         torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_backward_reuses_the_forwards_fine_stage(gated, monkeypatch):
+    from fv_compile.backends.kernels import block_sparse_fwd
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs it interpreted)
+    q, k, v = (x.to(dev) for x in qkv(ODD_GRID, dim=64, text=5, dtype=torch.float32))
+    gate = torch.rand_like(q)
+    impl = VideoSparseAttentionImpl(2, 64, 0.125, joint_text_len=5)
+    md = VideoSparseMetadataBuilder().build(0, batch(), args(VSA_sparsity=0.6))
+    md.tile_index, md.untile_index, md.block_valid, md.topk = (
+        x.to(dev) for x in (md.tile_index, md.untile_index, md.block_valid, md.topk)
+    )
+    calls = []
+    kernel = block_sparse_fwd.block_sparse_attention_fwd
+    monkeypatch.setattr(
+        block_sparse_fwd,
+        "block_sparse_attention_fwd",
+        lambda *a, **kw: calls.append(1) or kernel(*a, **kw),
+    )
+    inputs = [q, k, v, gate] if gated else [q, k, v]
+    _grads(lambda *xs: run_impl(impl, md, *xs), inputs)
+    assert len(calls) == 1  # the forward's; the backward ran on its saved output and lse
 
 
 def test_triton_impl_backward_equals_the_references():

@@ -12,9 +12,10 @@ Lists: every query row lists all blocks, text first, then the video cubes in fal
 score; its count is `n_text + topk` for a video cube, all blocks for text. The list width never
 depends on `topk`: one shape for every sparsity. The fine stage's forward runs on
 `kernels/block_sparse_fwd.py` (lists per batch element and head) where Triton runs (CUDA or its
-interpreter, head dim 64/128), and so does its backward, on `kernels/block_sparse_bwd.py` (the
-forward is run again for its output and row statistics: nothing is saved between the two);
-elsewhere both are masked dense torch (materialising `[B, H, L, L]`: small sizes only).
+interpreter, head dim 64/128), and so does its backward, on `kernels/block_sparse_bwd.py`, from
+the forward's saved fine output, row statistics and lists (a backward handed only q, k, v, as
+fv_compile's graph op hands an impl, recomputes them); elsewhere both are masked dense torch
+(materialising `[B, H, L, L]`: small sizes only).
 
 The coarse stage is a few small torch ops (pooling, a `[n_cubes, n_cubes]` softmax per head, an
 argsort): at Wan-1.3B 480p it is 624 cubes, cheap beside the fine stage; its backward is
@@ -152,23 +153,38 @@ def fine_stage(q, k, v, kv_indices, kv_counts, block_valid, scale, lse=None):
 def vsa_forward(q, k, v, gate, block_valid, topk, n_video: int, scale: float) -> torch.Tensor:
     """VSA on tile-major `[B, L, H, D]` tensors: fine + gate * coarse (fine only without a
     gate), in q's dtype."""
+    return _vsa_forward_saving(q, k, v, gate, block_valid, topk, n_video, scale)[0]
+
+
+def _vsa_forward_saving(q, k, v, gate, block_valid, topk, n_video: int, scale: float):
+    """`(out, fine, lse, kv_indices, kv_counts)`: `vsa_forward`'s output and what its backward
+    needs from it: the fine stage's output (`out` itself without a gate) and float32 row
+    statistics `[B, H, L]` (zeros where the torch path runs: its backward recomputes), and the
+    block lists."""
     n_blocks = q.shape[1] // BLOCK
     coarse, scores = coarse_stage(q, k, v, block_valid, n_video, scale)
     kv_indices, kv_counts = top_cube_lists(scores, topk, n_blocks)
-    out = fine_stage(q, k, v, kv_indices, kv_counts, block_valid, scale)
-    if gate is None:
-        return out
-    return (out + gate * coarse_per_token(coarse, block_valid, n_blocks)).to(q.dtype)
+    b, length, h, _ = q.shape
+    lse = torch.zeros((b, h, length), dtype=torch.float32, device=q.device)
+    fine = fine_stage(
+        q, k, v, kv_indices, kv_counts, block_valid, scale, lse=lse if _use_kernel(q) else None
+    )
+    out = fine if gate is None else (fine + gate * coarse_per_token(coarse, block_valid, n_blocks))
+    return out.to(q.dtype), fine, lse, kv_indices, kv_counts
 
 
-def _fine_backward(grad, q, k, v, kv_indices, kv_counts, block_valid, scale):
-    """`[dq, dk, dv]` of `fine_stage` (zero on padding rows)."""
+def _fine_backward(grad, q, k, v, kv_indices, kv_counts, block_valid, scale, saved=None):
+    """`[dq, dk, dv]` of `fine_stage` (zero on padding rows); `saved`, the forward's `(fine
+    output, lse)`, spares the kernel path a second forward."""
     if _use_kernel(q):
         from fv_compile.backends.kernels.block_sparse_bwd import block_sparse_attention_bwd
 
-        b, length, h, _ = q.shape
-        lse = torch.empty((b, h, length), dtype=torch.float32, device=q.device)
-        out = fine_stage(q, k, v, kv_indices, kv_counts, block_valid, scale, lse=lse)
+        if saved is None:
+            b, length, h, _ = q.shape
+            lse = torch.empty((b, h, length), dtype=torch.float32, device=q.device)
+            out = fine_stage(q, k, v, kv_indices, kv_counts, block_valid, scale, lse=lse)
+        else:
+            out, lse = saved
         return block_sparse_attention_bwd(
             grad, q, k, v, out, lse, kv_indices, kv_counts, block_valid, BLOCK, scale
         )
@@ -197,16 +213,29 @@ def _coarse_backward(d_per_token, q, k, v, block_valid, n_video: int, scale: flo
     return [coarse_per_token(g / count, block_valid, n_blocks) for g in (dqc, dkc, dvc)]
 
 
-def vsa_backward(grad, q, k, v, gate, block_valid, topk, n_video: int, scale: float):
-    """`[dq, dk, dv]` (+ `dgate` with a gate) of `vsa_forward`; the top-k choice is recomputed
-    from the same inputs, so it is the forward's, and passes no gradient (a selection)."""
+def vsa_backward(
+    grad, q, k, v, gate, block_valid, topk, n_video: int, scale: float, saved=None
+):
+    """`[dq, dk, dv]` (+ `dgate` with a gate) of `vsa_forward`; the top-k choice is the
+    forward's (recomputed from the same inputs, or `saved`: `(fine, lse, kv_indices,
+    kv_counts)` from `_vsa_forward_saving`) and passes no gradient (a selection)."""
     n_blocks = q.shape[1] // BLOCK
     dt = _compute_dtype(q.dtype)
-    coarse, scores = coarse_stage(q, k, v, block_valid, n_video, scale)
-    kv_indices, kv_counts = top_cube_lists(scores, topk, n_blocks)
-    dq, dk, dv = _fine_backward(grad, q, k, v, kv_indices, kv_counts, block_valid, scale)
+    coarse = None
+    if saved is None:
+        coarse, scores = coarse_stage(q, k, v, block_valid, n_video, scale)
+        kv_indices, kv_counts = top_cube_lists(scores, topk, n_blocks)
+        fine_saved = None
+    else:
+        fine, lse, kv_indices, kv_counts = saved
+        fine_saved = (fine, lse)
+    dq, dk, dv = _fine_backward(
+        grad, q, k, v, kv_indices, kv_counts, block_valid, scale, saved=fine_saved
+    )
     if gate is None:
         return [dq, dk, dv]
+    if coarse is None:
+        coarse = coarse_stage(q, k, v, block_valid, n_video, scale)[0]
     dgate = grad.to(dt) * coarse_per_token(coarse, block_valid, n_blocks)
     coarse_grads = _coarse_backward(grad.to(dt) * gate.to(dt), q, k, v, block_valid, n_video, scale)
     dq, dk, dv = (
@@ -218,8 +247,15 @@ def vsa_backward(grad, q, k, v, gate, block_valid, topk, n_video: int, scale: fl
 # -- custom ops: one differentiable call, opaque to Dynamo and Inductor ---------------------------
 
 
+def video_sparse_attention(q, k, v, gate, block_valid, topk, n_video: int, scale: float):
+    """`vsa_forward` on tile-major `[B, L, H, D]` tensors (`gate` `[B, L, H, Dv]` or None),
+    differentiable in q, k, v and the gate; its backward reuses the forward's block lists and
+    row statistics (no second forward)."""
+    return video_sparse_attention_saving(q, k, v, gate, block_valid, topk, n_video, scale)[0]
+
+
 @torch.library.custom_op("fv_compile::video_sparse_attention", mutates_args=())
-def video_sparse_attention(
+def video_sparse_attention_saving(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -228,15 +264,27 @@ def video_sparse_attention(
     topk: torch.Tensor,
     n_video: int,
     scale: float,
-) -> torch.Tensor:
-    """`vsa_forward` on tile-major `[B, L, H, D]` tensors (`gate` `[B, L, H, Dv]` or None),
-    differentiable in q, k, v and the gate."""
-    return vsa_forward(q, k, v, gate, block_valid, topk, n_video, scale).contiguous()
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(out, fine, lse, kv_indices, kv_counts)` of `_vsa_forward_saving`; `fine` is empty
+    without a gate (it is `out`, and an op's outputs may not alias). Only `out` is
+    differentiable."""
+    out, fine, lse, kv_indices, kv_counts = _vsa_forward_saving(
+        q, k, v, gate, block_valid, topk, n_video, scale
+    )
+    fine = fine.contiguous() if gate is not None else q.new_empty(0)
+    return out.contiguous(), fine, lse, kv_indices, kv_counts
 
 
-@video_sparse_attention.register_fake
-def _video_sparse_attention_fake(q, k, v, gate, block_valid, topk, n_video, scale):
-    return q.new_empty((*q.shape[:3], v.shape[-1]))
+@video_sparse_attention_saving.register_fake
+def _video_sparse_attention_saving_fake(q, k, v, gate, block_valid, topk, n_video, scale):
+    b, length, h, _ = q.shape
+    n_blocks = length // BLOCK
+    out = q.new_empty((b, length, h, v.shape[-1]))
+    fine = q.new_empty(out.shape if gate is not None else (0,))
+    lse = q.new_empty((b, h, length), dtype=torch.float32)
+    kv_indices = q.new_empty((b * h, n_blocks, n_blocks), dtype=torch.int32)
+    kv_counts = q.new_empty((b * h, n_blocks), dtype=torch.int32)
+    return out, fine, lse, kv_indices, kv_counts
 
 
 @torch.library.custom_op("fv_compile::video_sparse_attention_backward", mutates_args=())
@@ -248,16 +296,24 @@ def video_sparse_attention_backward(
     gate: torch.Tensor | None,
     block_valid: torch.Tensor,
     topk: torch.Tensor,
+    fine: torch.Tensor,
+    lse: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
     n_video: int,
     scale: float,
 ) -> list[torch.Tensor]:
-    """`[dq, dk, dv]`, and `dgate` when there is a gate (see `vsa_backward`)."""
-    grads = vsa_backward(grad, q, k, v, gate, block_valid, topk, n_video, scale)
+    """`[dq, dk, dv]`, and `dgate` when there is a gate (see `vsa_backward`), from the
+    forward's saved fine output, row statistics and lists."""
+    saved = (fine, lse, kv_indices, kv_counts)
+    grads = vsa_backward(grad, q, k, v, gate, block_valid, topk, n_video, scale, saved=saved)
     return [g.contiguous() for g in grads]
 
 
 @video_sparse_attention_backward.register_fake
-def _video_sparse_attention_backward_fake(grad, q, k, v, gate, block_valid, topk, n_video, scale):
+def _video_sparse_attention_backward_fake(
+    grad, q, k, v, gate, block_valid, topk, fine, lse, kv_indices, kv_counts, n_video, scale
+):
     out = [x.new_empty(x.shape) for x in (q, k, v)]
     if gate is not None:
         out.append(gate.new_empty(gate.shape))
@@ -266,17 +322,22 @@ def _video_sparse_attention_backward_fake(grad, q, k, v, gate, block_valid, topk
 
 def _setup_context(ctx, inputs, output):
     q, k, v, gate, block_valid, topk, n_video, scale = inputs
-    ctx.save_for_backward(q, k, v, gate, block_valid, topk)
+    out, fine, lse, kv_indices, kv_counts = output
+    ctx.mark_non_differentiable(fine, lse, kv_indices, kv_counts)
+    ctx.save_for_backward(
+        q, k, v, gate, block_valid, topk, out if gate is None else fine, lse, kv_indices, kv_counts
+    )
     ctx.n_video, ctx.scale = n_video, scale
 
 
-def _backward(ctx, grad):
-    q, k, v, gate, block_valid, topk = ctx.saved_tensors
+def _backward(ctx, grad, *_non_differentiable):
+    q, k, v, gate, block_valid, topk, fine, lse, kv_indices, kv_counts = ctx.saved_tensors
     grads = torch.ops.fv_compile.video_sparse_attention_backward(
-        grad, q, k, v, gate, block_valid, topk, ctx.n_video, ctx.scale
+        grad, q, k, v, gate, block_valid, topk, fine, lse, kv_indices, kv_counts,
+        ctx.n_video, ctx.scale,
     )
     dgate = grads[3] if gate is not None else None
     return grads[0], grads[1], grads[2], dgate, None, None, None, None
 
 
-video_sparse_attention.register_autograd(_backward, setup_context=_setup_context)
+video_sparse_attention_saving.register_autograd(_backward, setup_context=_setup_context)
