@@ -213,9 +213,7 @@ def _coarse_backward(d_per_token, q, k, v, block_valid, n_video: int, scale: flo
     return [coarse_per_token(g / count, block_valid, n_blocks) for g in (dqc, dkc, dvc)]
 
 
-def vsa_backward(
-    grad, q, k, v, gate, block_valid, topk, n_video: int, scale: float, saved=None
-):
+def vsa_backward(grad, q, k, v, gate, block_valid, topk, n_video: int, scale: float, saved=None):
     """`[dq, dk, dv]` (+ `dgate` with a gate) of `vsa_forward`; the top-k choice is the
     forward's (recomputed from the same inputs, or `saved`: `(fine, lse, kv_indices,
     kv_counts)` from `_vsa_forward_saving`) and passes no gradient (a selection)."""
@@ -333,8 +331,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *_non_differentiable):
     q, k, v, gate, block_valid, topk, fine, lse, kv_indices, kv_counts = ctx.saved_tensors
     grads = torch.ops.fv_compile.video_sparse_attention_backward(
-        grad, q, k, v, gate, block_valid, topk, fine, lse, kv_indices, kv_counts,
-        ctx.n_video, ctx.scale,
+        grad,
+        q,
+        k,
+        v,
+        gate,
+        block_valid,
+        topk,
+        fine,
+        lse,
+        kv_indices,
+        kv_counts,
+        ctx.n_video,
+        ctx.scale,
     )
     dgate = grads[3] if gate is not None else None
     return grads[0], grads[1], grads[2], dgate, None, None, None, None
