@@ -202,6 +202,29 @@ def bench(args) -> dict:
     return {"rows": rows, "cudnn_ms": base}
 
 
+def profile_coarse(sparsity: float) -> None:
+    """The coarse stage's kernels at the benchmark shape, by CUDA time (where its ms go)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s = math.prod(GRID)
+    qkv = [torch.randn(1, s, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in "qkv"]
+    impl = VideoSparseAttentionImpl(HEADS, HEAD_DIM, HEAD_DIM**-0.5)
+    md = metadata(GRID, sparsity, "cuda")
+    with forward_context(0), torch.no_grad():
+        tiled = [impl.preprocess_qkv(x, md) for x in qkv]
+        for _ in range(3):
+            cube_lists(impl, md, tiled)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                cube_lists(impl, md, tiled)
+            torch.cuda.synchronize()
+    print(f"coarse stage + lists at sparsity {sparsity}, 10 calls:")
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    )
+
+
 def sweep(args) -> dict:
     """Launch configs of the fine stage's kernels at the Wan shape, on the lists VSA picks at the
     first --sparsity: forward (tile config, TMA) and backward (warps, stages), each checked
@@ -285,6 +308,11 @@ def main() -> int:
     parser.add_argument(
         "--sweep", action="store_true", help="time the fine stage's launch configs instead"
     )
+    parser.add_argument(
+        "--profile-coarse",
+        action="store_true",
+        help="also print the CUDA kernels of the coarse stage and lists, by time",
+    )
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -320,6 +348,8 @@ def main() -> int:
                 f"{r['variant']:<12} {r['mode']:<8} {r.get('sparsity', ''):>8} "
                 f"{r['ms']:>9.3f} {sp:>8}"
             )
+        if args.profile_coarse:
+            profile_coarse(args.sparsity[len(args.sparsity) // 2])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
