@@ -220,9 +220,13 @@ def profile_coarse(sparsity: float) -> None:
                 cube_lists(impl, md, tiled)
             torch.cuda.synchronize()
     print(f"coarse stage + lists at sparsity {sparsity}, 10 calls:")
-    print(
-        prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
-    )
+    table = prof.key_averages()
+    for key in ("device_time_total", "cuda_time_total"):  # the name differs across releases
+        try:
+            print(table.table(sort_by=key, row_limit=14, max_name_column_width=60))
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
 
 
 def sweep(args) -> dict:
