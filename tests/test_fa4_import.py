@@ -63,3 +63,14 @@ def test_a_failed_import_leaves_the_environment_as_it_was(clean_env):
     with pytest.raises(ModuleNotFoundError):
         fa4_import.import_flash_attn_cute()
     assert dict(os.environ) == before
+
+
+def test_a_report_variants_throwaway_cache_never_becomes_the_kernel_cache(clean_env):
+    # the report compiles each variant in an Inductor cache directory it deletes afterwards; a
+    # first import of flash-attn-4 there must not pin its kernel cache to that directory
+    from fv_compile.report.variants import fresh_inductor_cache
+
+    with fresh_inductor_cache(True):
+        assert persistent_cache_settings() == {}
+    assert CACHE_ENABLED not in os.environ
+    assert persistent_cache_settings()[CACHE_ENABLED] == "1"

@@ -17,6 +17,8 @@ import contextlib
 import functools
 import gc
 import itertools
+import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 import fv_compile
 from fv_compile import ops
+from fv_compile.backends.kernels.fa4_import import CACHE_ENABLED
 from fv_compile.backends.registry import needs_metadata
 from fv_compile.errors import FvCompileError
 from fv_compile.policy import AUTO, ROLES
@@ -447,8 +450,25 @@ def fresh_inductor_cache(enabled: bool) -> Iterator[str | None]:
     from torch._inductor import utils
 
     fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
-    with fresh():
+    with fresh(), _flash_attn_kernels_in_memory():
         yield "an empty Inductor cache directory, in-memory caches cleared"
+
+
+@contextlib.contextmanager
+def _flash_attn_kernels_in_memory() -> Iterator[None]:
+    """flash-attn-4 fixes its kernel cache directory when it is first imported, beside Inductor's
+    (`fa4_import`). Imported inside a variant's throwaway cache directory, it would go on using
+    that directory after it is deleted, and the next variant's first new kernel fails to open its
+    lock file there. A first import while this is active keeps its kernels in memory instead: the
+    variants of one report share them in-process, and none is read from an earlier run's disk."""
+    if "flash_attn.cute" in sys.modules or CACHE_ENABLED in os.environ:
+        yield
+        return
+    os.environ[CACHE_ENABLED] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(CACHE_ENABLED, None)
 
 
 def _clear_inductor_memory() -> None:
