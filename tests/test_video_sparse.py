@@ -375,6 +375,24 @@ def test_the_triton_fine_stage_equals_the_reference(gated):
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dim", [64, 48])
+def test_triton_cube_means_skip_padding_rows_whatever_they_hold(dim):
+    from fv_compile.backends.kernels.cube_pool import cube_means
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs it interpreted)
+    valid = torch.tensor([64, 5, 0, 33], dtype=torch.int32, device=dev)
+    x = torch.randn(2, 4 * BLOCK + 64, 3, dim, device=dev)  # a text block after the cubes
+    rows = torch.arange(BLOCK, device=dev)[None, :] < valid[:, None].long()
+    x[:, : 4 * BLOCK].view(2, 4, BLOCK, 3, dim)[:, ~rows] = float("nan")
+    x = x.transpose(2, 3).contiguous().transpose(2, 3)  # strided, as a view may be
+    got = cube_means(x, valid, 4, BLOCK)
+    cubes = x[:, : 4 * BLOCK].unflatten(1, (4, BLOCK)).double()
+    kept = torch.where(rows[None, :, :, None, None], cubes, 0.0).sum(2)
+    want = (kept / valid.clamp(min=1)[None, :, None, None]).transpose(1, 2)
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-6)
+    assert got.dtype == torch.float32 and got.shape == (2, 3, 4, dim)
+
+
 def test_transposed_lists_name_the_query_blocks_that_list_each_key_block():
     from fv_compile.backends.kernels.block_sparse_bwd import transposed_lists
 

@@ -17,8 +17,9 @@ the forward's saved fine output, row statistics and lists (a backward handed onl
 fv_compile's graph op hands an impl, recomputes them); elsewhere both are masked dense torch
 (materialising `[B, H, L, L]`: small sizes only).
 
-The coarse stage is a few small torch ops (pooling, a `[n_cubes, n_cubes]` softmax per head, an
-argsort): at Wan-1.3B 480p it is 624 cubes, cheap beside the fine stage; its backward is
+The coarse stage is the cubes' means (`kernels/cube_pool.py` where Triton runs, else torch), a
+`[n_cubes, n_cubes]` softmax per head and an argsort: at Wan-1.3B 480p it is 624 cubes, cheap
+beside the fine stage; its backward is
 written out (recomputed from q, k, v: it is cheap). No autograd runs inside the ops: a custom
 op's body runs below autograd.
 """
@@ -31,6 +32,7 @@ from fv_compile.backends.block_lists import block_mask
 from fv_compile.backends.kernels import TRITON_HEAD_DIMS, interpreting
 
 BLOCK = 64  # tokens per block: a (4, 4, 4) cube, and a block of text
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton kernels take
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,6 +48,10 @@ def _valid_rows(block_valid: torch.Tensor, n_blocks: int) -> torch.Tensor:
 def pool_cubes(x: torch.Tensor, block_valid: torch.Tensor, n_video: int) -> torch.Tensor:
     """`[B, H, n_video, D]`: the mean of each video cube's tokens (padding excluded), in float32
     at least."""
+    if (x.is_cuda or interpreting()) and x.dtype in _KERNEL_DTYPES:
+        from fv_compile.backends.kernels.cube_pool import cube_means
+
+        return cube_means(x, block_valid, n_video, BLOCK)
     cubes = x[:, : n_video * BLOCK].unflatten(1, (n_video, BLOCK))
     keep = _valid_rows(block_valid, n_video)[None, :, :, None, None]
     # masked in x's dtype, summed in float32 at least: one pass, no float32 copy of x
@@ -92,9 +98,6 @@ def coarse_per_token(coarse: torch.Tensor, block_valid: torch.Tensor, n_blocks: 
     rows = rows * _valid_rows(block_valid, nv)[None, :, :, None, None]
     rows = rows.reshape(b, nv * BLOCK, h, dv)
     return torch.nn.functional.pad(rows, (0, 0, 0, 0, 0, (n_blocks - nv) * BLOCK))
-
-
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
