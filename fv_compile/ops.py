@@ -274,16 +274,17 @@ def _attention_fake(q, k, v, mask, site, variant, metadata):
 
 
 def _blocked_logits(
-    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime
+    qh: torch.Tensor, kh: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime, row0: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`[B, H, Sq, Sk]` logits as the site's eager code makes them (scale, causal, mask; k with
-    its heads repeated for GQA), and where a fill replaced them (their gradient is cut there)."""
-    kh = k.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], 1)
-    scores = rt.scale * (q.transpose(1, 2) @ kh.transpose(-2, -1))
+    """`[B, H, rows, Sk]` logits of the query rows `row0...` (`qh`, `[B, H, rows, D]`, and `mask`
+    cut to those rows) as the site's eager code makes them (scale, causal, mask; `kh` with its
+    heads repeated for GQA), and where a fill replaced them (their gradient is cut there)."""
+    scores = rt.scale * (qh @ kh.transpose(-2, -1))
     filled = None
     if rt.causal:
-        keys = torch.arange(scores.shape[-1], device=q.device)
-        filled = keys[None, :] > torch.arange(scores.shape[-2], device=q.device)[:, None]
+        keys = torch.arange(scores.shape[-1], device=qh.device)
+        rows = torch.arange(row0, row0 + scores.shape[-2], device=qh.device)
+        filled = keys[None, :] > rows[:, None]
         scores = scores.masked_fill(filled, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -295,23 +296,10 @@ def _blocked_logits(
     return scores, filled
 
 
-def _weights(scores: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime) -> torch.Tensor:
-    probs = scores.softmax(-1)
-    if rt.empty_rows == "zero" and mask is not None:  # SDPA: a row with no key gives zeros
-        probs = torch.where(
-            _rows_with_a_key(mask, rt.causal, scores.shape[-2]).unsqueeze(-1), probs, 0.0
-        )
-    return probs
-
-
-def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, rt: SiteRuntime
-) -> torch.Tensor:
-    """Dense attention on `[B, S, H, D]` tensors exactly as the site's eager code computes it,
-    blocked rows included (materialises the `[B, H, Sq, Sk]` weights)."""
-    scores, _ = _blocked_logits(q, k, mask, rt)
-    vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // v.shape[2], 1)
-    return (_weights(scores, mask, rt) @ vh).transpose(1, 2)
+# The float32 recomputation works on blocks of query rows whose `[B, H, rows, Sk]` weights hold
+# at most this many elements (256 MiB each of the few it keeps at once): any length trains
+# without the whole score matrix in memory, and short sequences stay one block.
+_BACKWARD_BLOCK_ELEMENTS = 1 << 26
 
 
 @torch.library.custom_op("fv_compile::attention_backward", mutates_args=())
@@ -324,11 +312,13 @@ def attention_backward(
     site: int,
     mask_grad: bool,
 ) -> list[torch.Tensor]:
-    """`[dq, dk, dv]` (and `dmask`, summed to the mask's broadcast shape, when `mask_grad`) of
-    `reference_attention`, by recomputation in float32 at least: exact for dense backends, with
-    eager's gradients on blocked rows (a fill passes no gradient to the logits it replaced).
+    """`[dq, dk, dv]` (and `dmask`, summed to the mask's broadcast shape, when `mask_grad`) of the
+    site's dense attention, by recomputation.
 
-    Materialises the `[B, H, Sq, Sk]` weights, so it suits fine-tuning at moderate lengths."""
+    Half-precision CUDA sites with no mask take SDPA's flash-attention backward (memory linear
+    in the length, the rounding of eager's own fused attention). Everything else is recomputed in
+    float32 at least, a block of query rows at a time: exact for dense backends, with eager's
+    gradients on blocked rows (a fill passes no gradient to the logits it replaced)."""
     rt = site_runtime(site)
     if not rt.differentiable:
         raise NotSupportedByBackend(
@@ -336,36 +326,128 @@ def attention_backward(
             "or choose a dense backend (TORCH_SDPA, TRITON_ATTN, FLASH_ATTN) to train; a backend "
             "whose output is dense attention declares `differentiable = True`"
         )
+    if mask is None and _flash_backward_applies(q, k, v, rt):
+        return _flash_backward(grad, q, k, v, rt)
+    return _blockwise_backward(grad, q, k, v, mask, rt, mask_grad)
+
+
+def _flash_backward_applies(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rt: SiteRuntime
+) -> bool:
+    d = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.dtype == k.dtype == v.dtype
+        and v.shape[-1] == d
+        and d % 8 == 0
+        and d <= 256
+        and not (rt.causal and q.shape[1] != k.shape[1])  # SDPA's causal corner would differ
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability(q.device)[0] >= 8
+        and not torch.are_deterministic_algorithms_enabled()  # its dq sums with atomics
+    )
+
+
+def _flash_backward(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rt: SiteRuntime
+) -> list[torch.Tensor]:
+    heads = q.shape[2]
+    qh, go = (_unit_stride_last(x.transpose(1, 2)) for x in (q, grad))
+    kh, vh = (x.transpose(1, 2).repeat_interleave(heads // x.shape[2], 1) for x in (k, v))
+    kh, vh = _unit_stride_last(kh), _unit_stride_last(vh)
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention(
+        qh, kh, vh, 0.0, rt.causal, False, scale=rt.scale
+    )
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset = fwd[:8]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        go,
+        qh,
+        kh,
+        vh,
+        out,
+        lse,
+        cum_q,
+        cum_k,
+        max_q,
+        max_k,
+        0.0,
+        rt.causal,
+        seed,
+        offset,
+        scale=rt.scale,
+    )
+    return [_to_bshd(dq, q), _to_bshd(dk, k), _to_bshd(dv, v)]
+
+
+def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _to_bshd(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A `[B, H, S, D]` gradient in the layout, heads and dtype of `like` (`[B, S, Hk, D]`): under
+    GQA each kv head's gradient sums over its query heads."""
+    heads = like.shape[2]
+    if g.shape[1] != heads:
+        g = g.unflatten(1, (heads, g.shape[1] // heads)).sum(2)
+    return g.transpose(1, 2).to(like.dtype).contiguous()
+
+
+def _query_rows(x: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The block `rows` of a `[..., Sq|1, Sk|1]` tensor (all of it where it broadcasts)."""
+    return x if x.shape[-2] == 1 else x[..., rows, :]
+
+
+def _blockwise_backward(
+    grad: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    rt: SiteRuntime,
+    mask_grad: bool,
+) -> list[torch.Tensor]:
     dt = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf, go = (x.to(dt) for x in (q, k, v, grad))
-    h = q.shape[2]
-    scores, filled = _blocked_logits(qf, kf, mask, rt)
-    p = _weights(scores, mask, rt)
+    b, sq, h, _ = q.shape
+    sk = k.shape[1]
     kh = kf.transpose(1, 2).repeat_interleave(h // k.shape[2], 1)
     vh = vf.transpose(1, 2).repeat_interleave(h // v.shape[2], 1)
-    goh = go.transpose(1, 2)
-    dv = p.transpose(-2, -1) @ goh
-    dp = goh @ vh.transpose(-2, -1)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dmask = ds
-    if filled is not None:
-        ds = ds.masked_fill(filled, 0.0)
-    dq = rt.scale * (ds @ kh)
-    dk = rt.scale * (ds.transpose(-2, -1) @ q.transpose(1, 2).to(dt))
-
-    def to_bshd(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        heads = like.shape[2]
-        if g.shape[1] != heads:  # GQA: each kv head's gradient sums over its query heads
-            g = g.unflatten(1, (heads, g.shape[1] // heads)).sum(2)
-        return g.transpose(1, 2).to(like.dtype).contiguous()
-
-    out = [to_bshd(dq, q), to_bshd(dk, k), to_bshd(dv, v)]
+    m4 = None if mask is None else mask[(None,) * (4 - mask.dim())]
+    has_key = None
+    if rt.empty_rows == "zero" and m4 is not None:  # SDPA: a row with no key gives zeros
+        has_key = _rows_with_a_key(m4, rt.causal, sq).unsqueeze(-1)  # [B|1, H|1, Sq|1, 1]
+    rows_per_block = max(1, _BACKWARD_BLOCK_ELEMENTS // max(1, b * h * sk))
+    dq_blocks, dmask_blocks = [], []
+    dk = kh.new_zeros(kh.shape)
+    dv = vh.new_zeros(vh.shape)
+    for r0 in range(0, sq, rows_per_block):
+        rows = slice(r0, min(sq, r0 + rows_per_block))
+        qb = qf[:, rows].transpose(1, 2)
+        mb = None if m4 is None else _query_rows(m4, rows)
+        scores, filled = _blocked_logits(qb, kh, mb, rt, r0)
+        p = scores.softmax(-1)
+        if has_key is not None:
+            p = torch.where(_query_rows(has_key, rows), p, 0.0)
+        gob = go[:, rows].transpose(1, 2)
+        dv += p.transpose(-2, -1) @ gob
+        dp = gob @ vh.transpose(-2, -1)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        if mask_grad:
+            assert m4 is not None
+            dims = [d for d in range(4) if m4.shape[d] == 1 and ds.shape[d] != 1]
+            dmask_blocks.append(ds.sum(dims, keepdim=True) if dims else ds)
+        if filled is not None:
+            ds = ds.masked_fill(filled, 0.0)
+        dq_blocks.append(rt.scale * (ds @ kh))
+        dk += rt.scale * (ds.transpose(-2, -1) @ qb)
+    out = [_to_bshd(torch.cat(dq_blocks, 2), q), _to_bshd(dk, k), _to_bshd(dv, v)]
     if mask_grad:
-        assert mask is not None
-        dims = [d for d in range(4) if mask.shape[d] == 1 and dmask.shape[d] != 1]
-        if dims:  # (an empty dim list would sum over everything)
-            dmask = dmask.sum(dims, keepdim=True)
-        out.append(dmask.to(mask.dtype).contiguous())
+        assert mask is not None and m4 is not None
+        # a mask shared by every query row gets the sum over the blocks
+        shared = m4.shape[2] == 1
+        dmask = torch.stack(dmask_blocks).sum(0) if shared else torch.cat(dmask_blocks, 2)
+        out.append(dmask.reshape(mask.shape).to(mask.dtype).contiguous())
     return out
 
 
