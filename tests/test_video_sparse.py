@@ -403,6 +403,25 @@ def test_transposed_lists_name_the_query_blocks_that_list_each_key_block():
     assert [q_idx[0, n, : q_cnt[0, n]].tolist() for n in range(3)] == [[2], [1, 2], [0, 1, 2]]
 
 
+def test_transposed_lists_order_every_key_blocks_row_listing_blocks_first():
+    """Random top-k lists: each key block's row holds the query blocks listing it, ascending,
+    then every other query block, ascending (the kernel reads only the first `count`)."""
+    from fv_compile.backends.kernels.block_sparse_bwd import transposed_lists
+
+    g = torch.Generator().manual_seed(0)
+    rows, nb = 3, 9
+    idx = torch.stack([torch.randperm(nb, generator=g) for _ in range(rows * nb)])
+    idx = idx.view(rows, nb, nb).to(torch.int32)
+    cnt = torch.randint(0, nb + 1, (rows, nb), generator=g, dtype=torch.int32)
+    q_idx, q_cnt = transposed_lists(idx, cnt)
+    for r in range(rows):
+        for n in range(nb):
+            listing = [m for m in range(nb) if n in idx[r, m, : cnt[r, m]].tolist()]
+            rest = [m for m in range(nb) if m not in listing]
+            assert q_cnt[r, n] == len(listing)
+            assert q_idx[r, n].tolist() == listing + rest
+
+
 @pytest.mark.parametrize("gated", [False, True])
 def test_triton_gradients_equal_the_references(gated):
     q, k, v = qkv(ODD_GRID, dim=64, text=5, dtype=torch.float32, batch_size=2)

@@ -11,10 +11,10 @@ Three steps, no host sync:
 
 1. ``delta = rowsum(dO * O)`` (torch) and the transposed lists (torch): for each key block, the
    query blocks whose lists hold it; the lists change at every call (top-k), so they are built
-   per call, on the device, in a few vector ops.
-2. ``_bwd_dkdv_kernel``, one program per ``BLOCK_N`` key sub-tile and (batch, head): over every
-   query block that listed its key block, ``dV += P^T dO`` and ``dK += dS^T Q`` (``dS = P (dP -
-   delta)``, ``dP = dO V^T``).
+   per call, on the device, in a few vector ops (a stable partition by prefix sums, no sort).
+2. ``_bwd_dkdv_kernel``, one program per ``BLOCK_N`` key sub-tile and (batch, head), launched
+   in falling order of their work: over every query block that listed its key block,
+   ``dV += P^T dO`` and ``dK += dS^T Q`` (``dS = P (dP - delta)``, ``dP = dO V^T``).
 3. ``_bwd_dq_kernel``, one program per ``BLOCK_M`` query sub-tile and (batch, head): over its
    listed key blocks, ``dQ += dS K``.
 
@@ -31,6 +31,7 @@ import triton.language as tl
 
 from fv_compile.backends.kernels import interpreting
 from fv_compile.backends.kernels.flash_fwd import _LOG2E, SUPPORTED_HEAD_DIMS
+from fv_compile.backends.kernels.key_padding import kept_first_order
 
 __all__ = ["block_sparse_attention_bwd", "transposed_lists"]
 
@@ -48,6 +49,8 @@ def _bwd_dkdv_kernel(
     VALID,
     QIDX,
     QCNT,  # int32 [B*H, NB, NB], [B*H, NB]: the query blocks that list each key block
+    WORK,  # int32 [B*H * n_tiles]: (batch-head, key sub-tile) items, heaviest first
+    n_tiles,
     qk_scale,
     scale,
     stride_b,
@@ -63,8 +66,9 @@ def _bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    item = tl.load(WORK + tl.program_id(0))
+    pid_n = item % n_tiles
+    bh = item // n_tiles
     b = bh // H
     h = bh % H
     n0 = pid_n * BLOCK_N
@@ -195,11 +199,12 @@ def transposed_lists(
     rows, nb, max_kv = kv_indices.shape
     live = torch.arange(max_kv, device=kv_indices.device) < kv_counts[..., None]
     live &= (kv_indices >= 0) & (kv_indices < nb)
-    listed = torch.zeros(rows, nb, nb + 1, dtype=torch.int8, device=kv_indices.device)
-    listed.scatter_(-1, torch.where(live, kv_indices.long(), nb), 1)
-    by_key = listed[..., :nb].transpose(1, 2)  # [R, key block, query block]
-    order = (1 - by_key).argsort(dim=-1, stable=True)  # listing query blocks first
-    return order.to(torch.int32).contiguous(), by_key.sum(-1, dtype=torch.int32).contiguous()
+    listed = torch.zeros(rows, nb, nb + 1, dtype=torch.bool, device=kv_indices.device)
+    listed.scatter_(-1, torch.where(live, kv_indices.long(), nb), True)
+    by_key = listed[..., :nb].transpose(1, 2).reshape(rows * nb, nb)  # [R * key block, query block]
+    order = kept_first_order(by_key).view(rows, nb, nb)  # listing query blocks first
+    counts = by_key.sum(-1, dtype=torch.int32).view(rows, nb)
+    return order.to(torch.int32), counts
 
 
 def _tile(block_size: int, cap: int) -> int:
@@ -278,8 +283,15 @@ def block_sparse_attention_bwd(
         num_stages=1 if interpret else (num_stages or 2),
     )
     stats = (softmax_scale * _LOG2E, softmax_scale, q.stride(0), q.stride(1), q.stride(2), h)
-    _bwd_dkdv_kernel[(length // tile, b * h)](
-        q, k, v, grad, dk, dv, lse, delta, block_valid, q_indices, q_counts,
+    # A key block's work is the number of query blocks listing it, which top-k lists skew (a
+    # cube every query ranks high is listed by all of them): launched heaviest first, the long
+    # programs start at once and the short ones fill in behind them, instead of a tail of long
+    # programs running alone.
+    n_tiles = length // tile
+    work = q_counts.repeat_interleave(block_size // tile, dim=1).flatten()
+    work = work.argsort(descending=True).to(torch.int32)
+    _bwd_dkdv_kernel[(n_tiles * b * h,)](
+        q, k, v, grad, dk, dv, lse, delta, block_valid, q_indices, q_counts, work, n_tiles,
         *stats, length, n_blocks, **common,
     )  # fmt: skip
     _bwd_dq_kernel[(length // tile, b * h)](

@@ -84,7 +84,7 @@ def keys_first(
 
     `keep`: bool `[B|1, Sk]`; with one row, every batch element keeps the same keys."""
     b = key.shape[0]
-    order = _kept_first_order(keep)  # [B|1, Sk]
+    order = kept_first_order(keep)  # [B|1, Sk]
     counts = keep.sum(1, dtype=torch.int32).expand(b).contiguous()
     if keep.shape[0] == 1:
         return key.index_select(1, order[0]), value.index_select(1, order[0]), counts
@@ -96,14 +96,14 @@ def keys_first(
     return k, v, counts
 
 
-def _kept_first_order(keep: torch.Tensor) -> torch.Tensor:
-    """int64 `[B|1, Sk]`: the key positions with the kept ones first, each group in order (a
-    stable partition, by prefix sums: no sort)."""
-    sk = keep.shape[1]
-    kept_before = keep.cumsum(1)  # kept keys at positions <= j (int64)
+def kept_first_order(keep: torch.Tensor) -> torch.Tensor:
+    """int64 `[R, N]` of bool `keep` `[R, N]`: each row's positions with the kept ones first,
+    each group in order (a stable partition, by prefix sums: no sort)."""
+    n = keep.shape[1]
+    kept_before = keep.cumsum(1)  # kept positions <= j (int64)
     count = kept_before[:, -1:]
-    j = torch.arange(sk, device=keep.device)
-    # a kept key goes to its rank among the kept; a blocked one after all of them, by its rank
+    j = torch.arange(n, device=keep.device)
+    # a kept position goes to its rank among the kept; a blocked one after all of them, by its rank
     dest = torch.where(keep, kept_before - 1, count + j - kept_before)
     return torch.empty_like(dest).scatter_(1, dest, j.expand_as(dest))
 
