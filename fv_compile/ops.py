@@ -427,18 +427,20 @@ def _blockwise_backward(
         mb = None if m4 is None else _query_rows(m4, rows)
         scores, filled = _blocked_logits(qb, kh, mb, rt, r0)
         p = scores.softmax(-1)
+        del scores  # (a block holds few `[B, H, rows, Sk]` tensors at once: ds reuses dp)
         if has_key is not None:
             p = torch.where(_query_rows(has_key, rows), p, 0.0)
         gob = go[:, rows].transpose(1, 2)
         dv += p.transpose(-2, -1) @ gob
         dp = gob @ vh.transpose(-2, -1)
-        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        ds = dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
+        del p, dp
         if mask_grad:
             assert m4 is not None
             dims = [d for d in range(4) if m4.shape[d] == 1 and ds.shape[d] != 1]
-            dmask_blocks.append(ds.sum(dims, keepdim=True) if dims else ds)
+            dmask_blocks.append(ds.sum(dims, keepdim=True) if dims else ds.clone())
         if filled is not None:
-            ds = ds.masked_fill(filled, 0.0)
+            ds.masked_fill_(filled, 0.0)
         dq_blocks.append(rt.scale * (ds @ kh))
         dk += rt.scale * (ds.transpose(-2, -1) @ qb)
     out = [_to_bshd(torch.cat(dq_blocks, 2), q), _to_bshd(dk, k), _to_bshd(dv, v)]
