@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, TypedDict
 
 import torch
 
@@ -54,6 +54,29 @@ class SiteRuntime:
     joint_text_len: int | None = None
     joint_text_first: bool | None = None
     where: str = ""
+
+    def on_backend(self, impl: AttentionImpl, backend: str, differentiable: bool) -> SiteRuntime:
+        """The same site run by `impl` of `backend` (an accuracy-budget candidate): the site's
+        facts kept (scale, causal, blocked rows, role, ...), the impl's own derived again."""
+        return replace(
+            self, impl=impl, backend=backend, differentiable=differentiable, **_impl_overrides(impl)
+        )
+
+
+class _ImplOverrides(TypedDict):
+    preprocess: bool
+    postprocess: bool
+    own_backward: bool
+
+
+def _impl_overrides(impl: AttentionImpl) -> _ImplOverrides:
+    """Which of `AttentionImpl`'s optional steps `impl`'s class overrides."""
+    cls = type(impl)
+    return _ImplOverrides(
+        preprocess=cls.preprocess_qkv is not AttentionImpl.preprocess_qkv,
+        postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
+        own_backward=cls.backward is not AttentionImpl.backward,
+    )
 
 
 # site id -> what runs it; variant id -> the metadata layout of each backend (0: no metadata)
@@ -94,16 +117,13 @@ class SiteOwner:
             )
         if (empty_rows == "uniform") != (fill is not None):
             raise ValueError("a finite fill value goes with empty_rows='uniform', and only with it")
-        cls = type(impl)
         rt = SiteRuntime(
             impl=impl,
             backend=backend,
             scale=scale,
             causal=causal,
             differentiable=differentiable,
-            preprocess=cls.preprocess_qkv is not AttentionImpl.preprocess_qkv,
-            own_backward=cls.backward is not AttentionImpl.backward,
-            postprocess=cls.postprocess_output is not AttentionImpl.postprocess_output,
+            **_impl_overrides(impl),
             empty_rows=empty_rows,
             fill=fill,
             role=role,

@@ -494,19 +494,7 @@ def _register(owner: ops.SiteOwner, rt: ops.SiteRuntime, site: AttentionSite, na
     causal, what eager gives fully blocked rows)."""
     cls = registry.get_backend(name)
     impl = construct_impl(cls.get_impl_cls(), site)
-    return owner.register_site(
-        impl,
-        name,
-        rt.scale,
-        rt.causal,
-        differentiable=capabilities(cls).differentiable,
-        empty_rows=rt.empty_rows,
-        fill=rt.fill,
-        role=rt.role,
-        joint_text_len=rt.joint_text_len,
-        joint_text_first=rt.joint_text_first,
-        where=rt.where,
-    )
+    return owner.register_runtime(rt.on_backend(impl, name, capabilities(cls).differentiable))
 
 
 def _call(sid: int, q, k, v, mask) -> torch.Tensor:
