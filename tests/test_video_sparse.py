@@ -561,22 +561,3 @@ def test_joint_text_sites_attend_and_are_attended_densely_through_the_pass():
         ).float()
     with torch.no_grad():
         torch.testing.assert_close(out, ref(x, text), atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("n", [5, 64, 624])
-def test_triton_cube_order_is_a_stable_falling_argsort(n):
-    """Ties (equal scores, -0.0 beside 0.0, runs of one value), infinities and rows of any
-    length: the kernel's order is torch's `argsort(descending=True, stable=True)`."""
-    from fv_compile.backends.kernels.cube_rank import falling_order
-
-    g = torch.Generator().manual_seed(n)
-    scores = torch.randn(2, 3, 2, n, generator=g).round(decimals=1)  # many ties
-    scores[0, 0, 0] = 0.0
-    scores[0, 0, 0, ::2] = -0.0
-    scores[0, 1, 1] = 2.5
-    scores[1, 2, -1, 0] = float("inf")
-    scores[1, 2, -1, -1] = float("-inf")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # (the CPU runs it interpreted)
-    got = falling_order(scores.to(dev)).cpu()
-    want = scores.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-    assert got.dtype == torch.int32 and torch.equal(got, want)

@@ -18,9 +18,9 @@ fv_compile's graph op hands an impl, recomputes them); elsewhere both are masked
 (materialising `[B, H, L, L]`: small sizes only).
 
 The coarse stage is the cubes' means (`kernels/cube_pool.py` where Triton runs, else torch), a
-`[n_cubes, n_cubes]` softmax per head and a stable argsort (`kernels/cube_rank.py` where Triton
-runs): at Wan-1.3B 480p it is 624 cubes, cheap beside the fine stage; its backward is written
-out (recomputed from q, k, v: it is cheap). No autograd runs inside the ops: a custom
+`[n_cubes, n_cubes]` softmax per head and an argsort: at Wan-1.3B 480p it is 624 cubes, cheap
+beside the fine stage; its backward is
+written out (recomputed from q, k, v: it is cheap). No autograd runs inside the ops: a custom
 op's body runs below autograd.
 """
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from fv_compile.backends.block_lists import block_mask
-from fv_compile.backends.kernels import CUBE_RANK_MAX, TRITON_HEAD_DIMS, interpreting
+from fv_compile.backends.kernels import TRITON_HEAD_DIMS, interpreting
 
 BLOCK = 64  # tokens per block: a (4, 4, 4) cube, and a block of text
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the Triton kernels take
@@ -77,7 +77,7 @@ def top_cube_lists(
     b, h, nv, _ = coarse_scores.shape
     n_text = n_blocks - nv
     dev = coarse_scores.device
-    order = _falling_order(coarse_scores)
+    order = coarse_scores.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
     keep = topk.reshape(()).to(torch.int32).clamp(1, nv)
     counts = (keep + n_text).expand(b, h, nv)
     if n_text:
@@ -89,17 +89,6 @@ def top_cube_lists(
         order.reshape(b * h, n_blocks, n_blocks).contiguous(),
         counts.reshape(b * h, n_blocks).contiguous(),
     )
-
-
-def _falling_order(scores: torch.Tensor) -> torch.Tensor:
-    """int32: `scores.argsort(dim=-1, descending=True, stable=True)`, one Triton program a row
-    where Triton runs."""
-    fits = scores.dtype == torch.float32 and scores.shape[-1] <= CUBE_RANK_MAX
-    if (scores.is_cuda or interpreting()) and fits:
-        from fv_compile.backends.kernels.cube_rank import falling_order
-
-        return falling_order(scores)
-    return scores.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
 
 
 def coarse_per_token(coarse: torch.Tensor, block_valid: torch.Tensor, n_blocks: int):

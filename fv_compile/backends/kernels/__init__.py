@@ -19,4 +19,3 @@ def interpreting() -> bool:
 TRITON_HEAD_DIMS = (64, 128)  # flash_fwd.py and block_sparse_fwd.py compile for these head dims
 FA4_SPARSE_HEAD_DIMS = (64, 128)  # what fa4_block_sparse.py runs through flash-attn-4
 SAGE_HEAD_DIMS = (64, 128)  # what sage_fwd.py (8-bit attention) compiles for
-CUBE_RANK_MAX = 4096  # the longest row cube_rank.py sorts (one row of int64 keys per program)
