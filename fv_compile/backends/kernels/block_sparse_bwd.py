@@ -12,9 +12,9 @@ Three steps, no host sync:
 1. ``delta = rowsum(dO * O)`` (torch) and the transposed lists (torch): for each key block, the
    query blocks whose lists hold it; the lists change at every call (top-k), so they are built
    per call, on the device, in a few vector ops (a stable partition by prefix sums, no sort).
-2. ``_bwd_dkdv_kernel``, one program per ``BLOCK_N`` key sub-tile and (batch, head), launched
-   in falling order of their work: over every query block that listed its key block,
-   ``dV += P^T dO`` and ``dK += dS^T Q`` (``dS = P (dP - delta)``, ``dP = dO V^T``).
+2. ``_bwd_dkdv_kernel``, one program per ``BLOCK_N`` key sub-tile and (batch, head): over every
+   query block that listed its key block, ``dV += P^T dO`` and ``dK += dS^T Q`` (``dS = P (dP -
+   delta)``, ``dP = dO V^T``).
 3. ``_bwd_dq_kernel``, one program per ``BLOCK_M`` query sub-tile and (batch, head): over its
    listed key blocks, ``dQ += dS K``.
 
@@ -49,8 +49,6 @@ def _bwd_dkdv_kernel(
     VALID,
     QIDX,
     QCNT,  # int32 [B*H, NB, NB], [B*H, NB]: the query blocks that list each key block
-    WORK,  # int32 [B*H * n_tiles]: (batch-head, key sub-tile) items, heaviest first
-    n_tiles,
     qk_scale,
     scale,
     stride_b,
@@ -66,9 +64,8 @@ def _bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    item = tl.load(WORK + tl.program_id(0))
-    pid_n = item % n_tiles
-    bh = item // n_tiles
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     n0 = pid_n * BLOCK_N
@@ -283,15 +280,8 @@ def block_sparse_attention_bwd(
         num_stages=1 if interpret else (num_stages or 2),
     )
     stats = (softmax_scale * _LOG2E, softmax_scale, q.stride(0), q.stride(1), q.stride(2), h)
-    # A key block's work is the number of query blocks listing it, which top-k lists skew (a
-    # cube every query ranks high is listed by all of them): launched heaviest first, the long
-    # programs start at once and the short ones fill in behind them, instead of a tail of long
-    # programs running alone.
-    n_tiles = length // tile
-    work = q_counts.repeat_interleave(block_size // tile, dim=1).flatten()
-    work = work.argsort(descending=True).to(torch.int32)
-    _bwd_dkdv_kernel[(n_tiles * b * h,)](
-        q, k, v, grad, dk, dv, lse, delta, block_valid, q_indices, q_counts, work, n_tiles,
+    _bwd_dkdv_kernel[(length // tile, b * h)](
+        q, k, v, grad, dk, dv, lse, delta, block_valid, q_indices, q_counts,
         *stats, length, n_blocks, **common,
     )  # fmt: skip
     _bwd_dq_kernel[(length // tile, b * h)](
