@@ -186,7 +186,7 @@ def _grads(fn, tensors):
     grad_out = torch.randn(
         out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
     )
-    return out, torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return out, torch.autograd.grad(out, leaves, grad_out.to(out.device, out.dtype))
 
 
 @pytest.mark.parametrize("gated", [False, True])
