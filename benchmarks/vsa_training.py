@@ -9,6 +9,9 @@ and the weights' gradients dropped (no optimiser: its cost does not depend on at
 Variants, each in the same process:
 
 * ``eager``: the model as diffusers runs it (SDPA: cuDNN on the H200);
+* ``torch.compile``: ``torch.compile(model)`` with the same compiler, attention as the model
+  wrote it: the control for the gradient column (how far compiled bf16 arithmetic alone moves
+  the gradients from eager's);
 * ``auto``: ``fv_compile.compile(model)``: exact dense attention on the fastest backend;
 * ``vsa``: ``fv_compile.compile(model, {"self": "VIDEO_SPARSE_ATTN"})`` at ``--sparsity``
   (cross-attention on the dense default). VSA's backward is its impl's own: the coarse stage, the
@@ -126,6 +129,7 @@ def main() -> int:
 
     variants = {
         "eager": model,
+        "torch.compile": torch.compile(model, backend=a.compiler),
         "auto": fv_compile.compile(model, compiler=a.compiler),
         "vsa": fv_compile.compile(model, {"self": "VIDEO_SPARSE_ATTN"}, compiler=a.compiler),
     }
@@ -140,7 +144,7 @@ def main() -> int:
             row["grad_rel_l2"] = float((grads - base).norm() / base.norm())
         except torch.cuda.OutOfMemoryError as err:
             row["error"] = f"out of memory: {str(err).splitlines()[0]} (try --layers)"
-        if name != "eager":
+        if name in ("auto", "vsa"):
             sites = call.explain().sites
             row["vsa_sites"] = sum(s.backend == "VIDEO_SPARSE_ATTN" for s in sites)
             row["sites"] = len(sites)
@@ -158,19 +162,19 @@ def main() -> int:
         f"{str(dtype).removeprefix('torch.')}, {len(list(model.parameters()))} weight tensors"
     )
     heads = ("ms/step", "vs eager", "peak GiB", "first s", "grad rel-L2", "VSA sites")
-    print(f"{'variant':8s} " + " ".join(f"{h:>11s}" for h in heads))
+    print(f"{'variant':13s} " + " ".join(f"{h:>11s}" for h in heads))
     ref = rows[0].get("ms")
     failed = False
     for r in rows:
         if "error" in r:
             failed = True
-            print(f"{r['variant']:8s} {r['error']}")
+            print(f"{r['variant']:13s} {r['error']}")
             continue
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         speed = f"{ref / r['ms']:.2f}x" if ref else "-"
         vsa = f"{r['vsa_sites']}/{r['sites']}" if "sites" in r else "-"
         print(
-            f"{r['variant']:8s} {r['ms']:11.1f} {speed:>11s} {peak:>11s} {r['first_call_s']:11.1f} "
+            f"{r['variant']:13s} {r['ms']:11.1f} {speed:>11s} {peak:>11s} {r['first_call_s']:11.1f} "
             f"{r['grad_rel_l2']:11.2e} {vsa:>11s}"
         )
     print(f"(wall {time.perf_counter() - start:.0f} s)")
