@@ -1121,7 +1121,7 @@ def _vsa_model():
     return model, fv_compile.compile(model, "VIDEO_SPARSE_ATTN", compiler="eager")
 
 
-@case("vsa-no-latent-shape")
+@case("no-latent-shape/vsa")
 def _(mp):
     model, cm = _vsa_model()
     return model, in_context(cm, video(), batch=ForwardBatch(), args=sta_args())

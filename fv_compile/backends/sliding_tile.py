@@ -53,8 +53,14 @@ from fv_compile.backends.kernels.fa4_block_sparse import (
     has_ragged_tiles,
 )
 from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_supports
-from fv_compile.backends.sta_windows import step_windows, token_grid
-from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, window_lists
+from fv_compile.backends.sta_windows import step_windows
+from fv_compile.backends.tiles import (
+    Grid,
+    tile_geometry,
+    tiles_per_axis,
+    token_grid,
+    window_lists,
+)
 from fv_compile.context import current_layer, patch_size_of, step_cache
 from fv_compile.errors import FvCompileError
 from fv_compile.site import MASK_KEY_PADDING, AttentionSite
@@ -111,7 +117,9 @@ def sparse_kernel_choice(args: Any) -> str:
 class SlidingTileMetadataBuilder(AttentionMetadataBuilder[SlidingTileMetadata]):
     def build(self, current_timestep, forward_batch, fastvideo_args) -> SlidingTileMetadata:
         grid = token_grid(
-            getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args)
+            getattr(forward_batch, "raw_latent_shape", None),
+            patch_size_of(fastvideo_args),
+            "SLIDING_TILE_ATTN",
         )
         # the user's (t, h, w); a tile of another length fails where it is unpacked
         tile = cast(

@@ -1,4 +1,4 @@
-"""Sliding tile attention's windows: the token grid of a call, FastVideo's mask-strategy files,
+"""Sliding tile attention's windows: FastVideo's mask-strategy files,
 and the window each layer and head uses at each denoising step (or none: a dense step).
 
 Windows are in tiles, `(wt, wh, ww)`; `tiles.window_lists` turns them into key-tile lists.
@@ -13,23 +13,6 @@ from typing import Any, cast
 
 from fv_compile.backends.tiles import Grid
 from fv_compile.errors import FvCompileError
-
-
-def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
-    """Token grid from the latent `(B, C, T, H, W)` and the DiT patch size."""
-    if raw_latent_shape is None or len(raw_latent_shape) != 5:
-        raise FvCompileError(
-            "SLIDING_TILE_ATTN needs the latent shape: pass "
-            "forward_batch=ForwardBatch(raw_latent_shape=latent.shape) ([B, C, T, H, W])"
-        )
-    t, h, w = (int(s) for s in raw_latent_shape[2:])
-    if t % patch[0] or h % patch[1] or w % patch[2]:
-        raise FvCompileError(
-            f"latent grid {(t, h, w)} is not divisible by patch size {patch}: pass the latent as the "
-            "model receives it, before patchify (ForwardBatch(raw_latent_shape=latent.shape)), and "
-            "the DiT's patch size (FastVideoArgs(patch_size=...))"
-        )
-    return (t // patch[0], h // patch[1], w // patch[2])
 
 
 def _window(values: Any) -> Grid:

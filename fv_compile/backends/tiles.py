@@ -10,11 +10,31 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 
+from fv_compile.errors import FvCompileError
+
 Grid = tuple[int, int, int]
+
+
+def token_grid(raw_latent_shape: Any, patch: Grid, backend: str) -> Grid:
+    """Token grid `(T, H, W)` from the latent `(B, C, T, H, W)` and the DiT patch size, for the
+    tiling backend named `backend` (named in its errors)."""
+    if raw_latent_shape is None or len(raw_latent_shape) != 5:
+        raise FvCompileError(
+            f"{backend} needs the latent shape: pass "
+            "forward_batch=ForwardBatch(raw_latent_shape=latent.shape) ([B, C, T, H, W])"
+        )
+    t, h, w = (int(s) for s in raw_latent_shape[2:])
+    if t % patch[0] or h % patch[1] or w % patch[2]:
+        raise FvCompileError(
+            f"latent grid {(t, h, w)} is not divisible by patch size {patch}: pass the latent as "
+            "the model receives it, before patchify (ForwardBatch(raw_latent_shape=latent.shape)), "
+            "and the DiT's patch size (FastVideoArgs(patch_size=...))"
+        )
+    return (t // patch[0], h // patch[1], w // patch[2])
 
 
 def tiles_per_axis(grid: Grid, tile: Grid) -> Grid:

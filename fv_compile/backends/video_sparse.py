@@ -38,7 +38,7 @@ from fv_compile.backends.abstract import (
     AttentionMetadataBuilder,
 )
 from fv_compile.backends.kernels import TRITON_HEAD_DIMS
-from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis
+from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, token_grid
 from fv_compile.backends.vsa_ops import BLOCK, video_sparse_attention, vsa_backward
 from fv_compile.backends.vsa_reference import CUBE, topk_cubes
 from fv_compile.context import patch_size_of, step_cache
@@ -53,23 +53,6 @@ class VideoSparseMetadata(AttentionMetadata):
     untile_index: torch.Tensor | None = None  # long [T*H*W]: slot of each raster token
     block_valid: torch.Tensor | None = None  # int32 [n_cubes]: tokens per cube
     topk: torch.Tensor | None = None  # int32 [1]: key cubes each query cube keeps
-
-
-def token_grid(raw_latent_shape: Any, patch: Grid) -> Grid:
-    """Token grid `(T, H, W)` from the latent `(B, C, T, H, W)` and the DiT patch size."""
-    if raw_latent_shape is None or len(raw_latent_shape) != 5:
-        raise FvCompileError(
-            "VIDEO_SPARSE_ATTN needs the latent shape: pass "
-            "forward_batch=ForwardBatch(raw_latent_shape=latent.shape) ([B, C, T, H, W])"
-        )
-    t, h, w = (int(s) for s in raw_latent_shape[2:])
-    if t % patch[0] or h % patch[1] or w % patch[2]:
-        raise FvCompileError(
-            f"latent grid {(t, h, w)} is not divisible by patch size {patch}: pass the latent as "
-            "the model receives it, before patchify (ForwardBatch(raw_latent_shape=latent.shape)), "
-            "and the DiT's patch size (FastVideoArgs(patch_size=...))"
-        )
-    return (t // patch[0], h // patch[1], w // patch[2])
 
 
 def step_sparsity(step: int, forward_batch: Any, fastvideo_args: Any) -> float:
@@ -102,7 +85,9 @@ def step_sparsity(step: int, forward_batch: Any, fastvideo_args: Any) -> float:
 class VideoSparseMetadataBuilder(AttentionMetadataBuilder[VideoSparseMetadata]):
     def build(self, current_timestep, forward_batch, fastvideo_args) -> VideoSparseMetadata:
         grid = token_grid(
-            getattr(forward_batch, "raw_latent_shape", None), patch_size_of(fastvideo_args)
+            getattr(forward_batch, "raw_latent_shape", None),
+            patch_size_of(fastvideo_args),
+            "VIDEO_SPARSE_ATTN",
         )
         sparsity = step_sparsity(int(current_timestep), forward_batch, fastvideo_args)
         tile_index, untile_index, block_valid = tile_geometry(grid, CUBE)  # lru-cached per grid
