@@ -142,8 +142,9 @@ class SelfAttention(torch.nn.Module):
 
 
 @needs_cuda
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", ["TORCH_SDPA", "TRITON_ATTN"])
-def test_half_precision_cuda_sites_train_through_flash_backward(backend, monkeypatch):
+def test_half_precision_cuda_sites_train_through_flash_backward(backend, compiler, monkeypatch):
     taken = []
     real = ops._flash_backward
     monkeypatch.setattr(ops, "_flash_backward", lambda *a: taken.append(1) or real(*a))
@@ -151,7 +152,7 @@ def test_half_precision_cuda_sites_train_through_flash_backward(backend, monkeyp
     model = SelfAttention().cuda().to(torch.bfloat16)
     twin = copy.deepcopy(model).float()
     x = torch.randn(2, 1024, 256, device="cuda")
-    cm = fv_compile.compile(model, backend, compiler="aot_eager")
+    cm = fv_compile.compile(model, backend, compiler=compiler)
     cm(x.to(torch.bfloat16).requires_grad_()).float().square().sum().backward()
     twin(x.requires_grad_()).square().sum().backward()
     assert taken
