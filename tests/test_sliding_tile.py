@@ -232,7 +232,7 @@ def test_missing_windows_and_latent_shape_are_clear_errors():
     builder = SlidingTileMetadataBuilder()
     with pytest.raises(fv_compile.FvCompileError, match="sta_window"):
         builder.build(0, batch(), sta_args())
-    with pytest.raises(fv_compile.FvCompileError, match="raw_latent_shape"):
+    with pytest.raises(fv_compile.FvCompileError, match="SLIDING_TILE_ATTN needs the latent shape"):
         builder.build(0, ForwardBatch(), sta_args(sta_window=(1, 1, 1)))
 
 

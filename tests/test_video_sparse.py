@@ -117,7 +117,7 @@ def test_sparsity_schedule_dense_steps_then_the_batch_over_the_args():
 def test_bad_sparsity_and_missing_latent_are_clear_errors():
     with pytest.raises(FvCompileError, match=r"outside \[0, 1\]"):
         step_sparsity(0, ForwardBatch(), args(VSA_sparsity=1.5))
-    with pytest.raises(FvCompileError, match="raw_latent_shape"):
+    with pytest.raises(FvCompileError, match="VIDEO_SPARSE_ATTN needs the latent shape"):
         VideoSparseMetadataBuilder().build(0, ForwardBatch(), args())
 
 
