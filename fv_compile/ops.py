@@ -374,8 +374,7 @@ def _flash_backward(
 ) -> list[torch.Tensor]:
     heads = q.shape[2]
     qh, go = (_unit_stride_last(x.transpose(1, 2)) for x in (q, grad))
-    kh, vh = (x.transpose(1, 2).repeat_interleave(heads // x.shape[2], 1) for x in (k, v))
-    kh, vh = _unit_stride_last(kh), _unit_stride_last(vh)
+    kh, vh = (_unit_stride_last(_with_heads(x.transpose(1, 2), heads)) for x in (k, v))
     fwd = torch.ops.aten._scaled_dot_product_flash_attention(
         qh, kh, vh, 0.0, rt.causal, False, scale=rt.scale
     )
@@ -398,6 +397,12 @@ def _flash_backward(
         scale=rt.scale,
     )
     return [_to_bshd(dq, q), _to_bshd(dk, k), _to_bshd(dv, v)]
+
+
+def _with_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """`[B, Hk, S, D]` with each kv head repeated for its query heads (GQA); itself, not a copy,
+    when the heads already match."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], 1)
 
 
 def _unit_stride_last(x: torch.Tensor) -> torch.Tensor:
@@ -431,8 +436,7 @@ def _blockwise_backward(
     qf, kf, vf, go = (x.to(dt) for x in (q, k, v, grad))
     b, sq, h, _ = q.shape
     sk = k.shape[1]
-    kh = kf.transpose(1, 2).repeat_interleave(h // k.shape[2], 1)
-    vh = vf.transpose(1, 2).repeat_interleave(h // v.shape[2], 1)
+    kh, vh = (_with_heads(x.transpose(1, 2), h) for x in (kf, vf))
     m4 = None if mask is None else mask[(None,) * (4 - mask.dim())]
     has_key = None
     if rt.empty_rows == "zero" and m4 is not None:  # SDPA: a row with no key gives zeros

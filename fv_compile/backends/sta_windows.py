@@ -1,5 +1,5 @@
-"""Sliding tile attention's windows: FastVideo's mask-strategy files,
-and the window each layer and head uses at each denoising step (or none: a dense step).
+"""Sliding tile attention's windows: FastVideo's mask-strategy files, and the window each layer
+and head uses at each denoising step (or none: a dense step).
 
 Windows are in tiles, `(wt, wh, ww)`; `tiles.window_lists` turns them into key-tile lists.
 """
