@@ -18,13 +18,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch.fx import GraphModule
 
 from fv_compile import ops
 from fv_compile.backends import registry
 from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, capabilities
+from fv_compile.backends.sdpa import SDPAImpl, trains_on_a_fused_kernel
 from fv_compile.context import layer_number
 from fv_compile.errors import FvCompileError
+from fv_compile.fx_graphs import copy_graph_module
 from fv_compile.passes.attention_pass import SiteRewrite, attention_pass
 from fv_compile.passes.find_sites import AttentionMatch
 from fv_compile.passes.token_order import TokenSite, hoist_token_order
@@ -99,6 +102,7 @@ def lower_graph(
             joint_text_len=site.joint_text_len,
             joint_text_first=site.joint_text_first,
             where=site.module_path or site.node,
+            sdpa_autograd=_sdpa_autograd(site, name, impl),
         )
         by_id[sid] = (site, name, cls)
         return sid
@@ -129,6 +133,40 @@ def lower_graph(
         permuted,
         {sid: row[0] for sid, row in by_id.items() if row[0].status == REWRITTEN},
     )
+
+
+def _sdpa_autograd(site: AttentionSite, backend: str, impl: AttentionImpl) -> bool:
+    """Whether a training graph runs `site` as SDPA itself (`trace_sdpa_training_sites`): an
+    unmasked site that trains, on TORCH_SDPA's own impl, which SDPA runs on a fused kernel."""
+    return (
+        backend == "TORCH_SDPA"
+        and type(impl) is SDPAImpl
+        and site.trains
+        and site.mask is None
+        and trains_on_a_fused_kernel(site)
+    )
+
+
+def trace_sdpa_training_sites(gm: GraphModule) -> GraphModule:
+    """`gm`, or a copy whose sites marked `sdpa_autograd` (unmasked TORCH_SDPA sites that train
+    on a fused SDPA kernel) run as SDPA itself (`ops.sdpa_site`): the op's backward recomputes
+    the forward before its own, SDPA's fused backward (cuDNN's or flash's, as eager's) reuses the
+    log-sum-exp its forward saved. The forward is the same SDPA call either way. Applied to the
+    graph handed to the compiler only: the passes and `explain` see the op."""
+    op = torch.ops.fv_compile.attention.default
+    chosen = {
+        node.name
+        for node in gm.graph.find_nodes(op="call_function", target=op)
+        if node.args[3] is None and ops.site_runtime(node.args[4]).sdpa_autograd
+    }
+    if not chosen:
+        return gm
+    gm = copy_graph_module(gm)
+    for node in gm.graph.find_nodes(op="call_function", target=op):
+        if node.name in chosen:
+            node.target = ops.sdpa_site
+    gm.recompile()
+    return gm
 
 
 def _token_order(

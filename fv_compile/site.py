@@ -90,6 +90,9 @@ class AttentionSite:
     role: str = "self"  # self | cross | joint
     dtype: str = ""
     device: str = ""
+    # the site's output takes part in autograd where it runs (a training graph): gradients flow
+    # back through it to q, k, v or the mask
+    trains: bool = False
     backend: str | None = None
     status: str = SKIPPED
     reason: str = ""

@@ -1065,6 +1065,7 @@ def _finish(
         mask_values=mask_values,
         dtype=str(compute_dtype).replace("torch.", ""),
         device=str(sp.device_of(q.node)),
+        trains=sp.requires_grad(out),
         node=anchor.name,
     )
     return AttentionMatch(
