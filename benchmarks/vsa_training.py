@@ -14,9 +14,9 @@ Variants, each in the same process:
   the gradients from eager's);
 * ``auto``: ``fv_compile.compile(model)``: exact dense attention on the fastest backend;
 * ``vsa``: ``fv_compile.compile(model, {"self": "VIDEO_SPARSE_ATTN"})`` at ``--sparsity``
-  (cross-attention on the dense default). VSA's backward is its impl's own: the coarse stage, the
-  lists and the fine forward are recomputed from the site's q, k, v, then the block-sparse
-  backward kernel runs.
+  (cross-attention on the dense default). Each VSA site of the training graph runs as its impl's
+  own code, so the block-sparse backward kernel gets the lists, fine output and row statistics
+  the forward saved (nothing is recomputed).
 
 Per variant: ms per step (CUDA events, median, the compiling call and warm-up excluded), the
 first call, peak memory; for each compiled variant the relative L2 difference of its loss

@@ -36,7 +36,7 @@ from fv_compile.explain import (
     uncaptured_attention,
     where,
 )
-from fv_compile.lowering import LoweredGraph, lower_graph, trace_sdpa_training_sites
+from fv_compile.lowering import LoweredGraph, lower_graph, trace_training_sites
 from fv_compile.ops import SiteOwner
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
@@ -236,10 +236,10 @@ class FvCompileBackend:
 
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """Hand a rewritten graph to the chosen compiler (its sites sequence parallel first,
-        when asked for; its unmasked SDPA sites that train as SDPA itself)."""
+        when asked for; the sites that train and may, as their impl's own code)."""
         if self.sequence_parallel is not None:
             gm = shard_attention_sites(gm, self.sequence_parallel)
-        gm = trace_sdpa_training_sites(gm)
+        gm = trace_training_sites(gm)
         if self.compiler == "eager":
             return gm.forward
         if self.compiler == "aot_eager":

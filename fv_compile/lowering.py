@@ -24,7 +24,6 @@ from torch.fx import GraphModule
 from fv_compile import ops
 from fv_compile.backends import registry
 from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, capabilities
-from fv_compile.backends.sdpa import SDPAImpl, trains_on_a_fused_kernel
 from fv_compile.context import layer_number
 from fv_compile.errors import FvCompileError
 from fv_compile.fx_graphs import copy_graph_module
@@ -102,7 +101,7 @@ def lower_graph(
             joint_text_len=site.joint_text_len,
             joint_text_first=site.joint_text_first,
             where=site.module_path or site.node,
-            sdpa_autograd=_sdpa_autograd(site, name, impl),
+            traced=site.trains and _traced_in_training(cls, impl, site),
         )
         by_id[sid] = (site, name, cls)
         return sid
@@ -135,36 +134,37 @@ def lower_graph(
     )
 
 
-def _sdpa_autograd(site: AttentionSite, backend: str, impl: AttentionImpl) -> bool:
-    """Whether a training graph runs `site` as SDPA itself (`trace_sdpa_training_sites`): an
-    unmasked site that trains, on TORCH_SDPA's own impl, which SDPA runs on a fused kernel."""
-    return (
-        backend == "TORCH_SDPA"
-        and type(impl) is SDPAImpl
-        and site.trains
-        and site.mask is None
-        and trains_on_a_fused_kernel(site)
-    )
+def _traced_in_training(
+    cls: type[AttentionBackend], impl: AttentionImpl, site: AttentionSite
+) -> bool:
+    """`cls.traced_in_training(site)`, for the impl class of the backend class that declares
+    it only: a subclass that brings an impl of its own (a kernel autograd cannot see through)
+    inherits the declaration, not its truth."""
+    owner = next(c for c in cls.__mro__ if "traced_in_training" in vars(c))
+    if owner is AttentionBackend or not issubclass(owner, AttentionBackend):
+        return False
+    return type(impl) is owner.get_impl_cls() and bool(cls.traced_in_training(site))
 
 
-def trace_sdpa_training_sites(gm: GraphModule) -> GraphModule:
-    """`gm`, or a copy whose sites marked `sdpa_autograd` (unmasked TORCH_SDPA sites that train
-    on a fused SDPA kernel) run as SDPA itself (`ops.sdpa_site`): the op's backward recomputes
-    the forward before its own, SDPA's fused backward (cuDNN's or flash's, as eager's) reuses the
-    log-sum-exp its forward saved. The forward is the same SDPA call either way. Applied to the
-    graph handed to the compiler only: the passes and `explain` see the op."""
+def trace_training_sites(gm: GraphModule) -> GraphModule:
+    """`gm`, or a copy whose sites marked `traced` (sites that train, on a backend that
+    declares `traced_in_training` for them) call `ops.traced_site`, the op's own code, instead
+    of the op: autograd then runs the impl's backward with what its forward saved (SDPA's fused
+    backward on its log-sum-exp, VSA's on its lists), where the op's backward recomputes the
+    forward first. The forward is the same code either way. Applied to the graph handed to the
+    compiler only: the passes and `explain` see the op."""
     op = torch.ops.fv_compile.attention.default
     chosen = {
         node.name
         for node in gm.graph.find_nodes(op="call_function", target=op)
-        if node.args[3] is None and ops.site_runtime(node.args[4]).sdpa_autograd
+        if ops.site_runtime(node.args[4]).traced
     }
     if not chosen:
         return gm
     gm = copy_graph_module(gm)
     for node in gm.graph.find_nodes(op="call_function", target=op):
         if node.name in chosen:
-            node.target = ops.sdpa_site
+            node.target = ops.traced_site
     gm.recompile()
     return gm
 

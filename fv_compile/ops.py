@@ -22,7 +22,6 @@ from typing import Any, TypedDict
 
 import torch
 
-from fv_compile.backends._dense import sdpa_bshd
 from fv_compile.backends.abstract import AttentionImpl, SiteMetadata
 from fv_compile.errors import FvCompileError, NotSupportedByBackend
 from fv_compile.metadata import MetadataLayout
@@ -55,9 +54,10 @@ class SiteRuntime:
     joint_text_len: int | None = None
     joint_text_first: bool | None = None
     where: str = ""
-    # an unmasked TORCH_SDPA site that trains on a fused SDPA kernel: the graph handed to the
-    # compiler runs it as SDPA itself (`sdpa_site`), so SDPA's own backward runs
-    sdpa_autograd: bool = False
+    # a site that trains whose backend lets a training graph run it as the impl's own code
+    # (`AttentionBackend.traced_in_training`): the graph handed to the compiler calls
+    # `traced_site`, not the op, so autograd keeps what the impl's backward needs
+    traced: bool = False
 
     def on_backend(self, impl: AttentionImpl, backend: str, differentiable: bool) -> SiteRuntime:
         """The same site run by `impl` of `backend` (an accuracy-budget candidate): the site's
@@ -67,7 +67,7 @@ class SiteRuntime:
             impl=impl,
             backend=backend,
             differentiable=differentiable,
-            sdpa_autograd=self.sdpa_autograd and backend == "TORCH_SDPA",
+            traced=False,  # a candidate is measured through the op
             **_impl_overrides(impl),
         )
 
@@ -117,7 +117,7 @@ class SiteOwner:
         joint_text_len: int | None = None,
         joint_text_first: bool | None = None,
         where: str = "",
-        sdpa_autograd: bool = False,
+        traced: bool = False,
     ) -> int:
         """The id of a new site run by `impl`; `differentiable`: the backend declares its output
         dense attention, so the op's backward (dense recomputation) is exact for it."""
@@ -140,7 +140,7 @@ class SiteOwner:
             joint_text_len=joint_text_len,
             joint_text_first=joint_text_first,
             where=where,
-            sdpa_autograd=sdpa_autograd,
+            traced=traced,
         )
         return self.register_runtime(rt)
 
@@ -198,6 +198,35 @@ def attention(
     metadata: list[torch.Tensor],
 ) -> torch.Tensor:
     """`[B, Sq, H, D]`, `[B, Sk, Hk, D]`, `[B, Sk, Hk, Dv]` -> `[B, Sq, H, Dv]` (contiguous)."""
+    return _run_site(q, k, v, mask, site, variant, metadata)
+
+
+def traced_site(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    site: int,
+    variant: int,
+    metadata: list[torch.Tensor],
+) -> torch.Tensor:
+    """What `fv_compile::attention` computes, as the code a trace sees through: a training graph
+    calls it for the sites marked `traced` (`lowering.trace_training_sites`), so autograd runs
+    the impl's own differentiable ops and keeps what their backward needs from the forward
+    (SDPA's log-sum-exp, VSA's block lists), where the op's backward recomputes the forward."""
+    assert site_runtime(site).traced, "trace_training_sites chose this site"
+    return _run_site(q, k, v, mask, site, variant, metadata)
+
+
+def _run_site(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    site: int,
+    variant: int,
+    metadata: list[torch.Tensor],
+) -> torch.Tensor:
     rt = site_runtime(site)
     md = _metadata_for(rt, mask, variant, metadata)
     if rt.tokens_permuted:  # (a fresh object per call: `_metadata_for` rebuilds it)
@@ -235,25 +264,6 @@ def attention(
     if mask is not None and mask.is_floating_point() and not sdpa_again:
         out = _eager_overflowed_rows(out, v, mask, rt.causal)
     return out.contiguous()
-
-
-def sdpa_site(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: None,
-    site: int,
-    variant: int,
-    metadata: list[torch.Tensor],
-) -> torch.Tensor:
-    """What `fv_compile::attention` computes for an unmasked TORCH_SDPA site, as torch ops a
-    trace sees through: the same SDPA call on the same views, so the output is the op's; under
-    autograd SDPA's own backward runs, which keeps the forward's log-sum-exp where the op's
-    backward has to recompute the forward first (`lowering.trace_sdpa_training_sites`)."""
-    rt = site_runtime(site)
-    assert mask is None and rt.sdpa_autograd, "trace_sdpa_training_sites chose this site"
-    out = sdpa_bshd(q, k, v, attn_mask=None, scale=rt.scale, causal=rt.causal)
-    return out.to(q.dtype).contiguous()
 
 
 # Logits below this overflow to -inf once a kernel scales them by log2(e) for exp2.

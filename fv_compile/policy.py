@@ -32,8 +32,16 @@ def dense_default(site: AttentionSite) -> str:
     Key padded sites follow the same rule: flash-attn-4 runs them whenever it runs the site
     (`supports` and the declared mask kinds decide; 1.62x masked SDPA at the 720p HunyuanVideo
     site). Where it does not, a very long key padded site goes to TRITON_ATTN (1.32-1.37x masked
-    SDPA there), any other to SDPA."""
+    SDPA there), any other to SDPA.
+
+    A site that trains goes to SDPA where a training graph may run it as SDPA itself
+    (`SDPABackend.traced_in_training`): SDPA's fused backward then reuses the forward's
+    log-sum-exp, where the op's backward, every other dense backend's, recomputes the forward
+    first (a Wan-1.3B-size training step on the H200, 10 blocks: 990.8 ms with flash-attn-4's
+    forward and that recomputation, 686.3 ms eager, docs/benchmarks.md)."""
     kv_len = site.kv_len or 0
+    if site.trains and registry.get_backend("TORCH_SDPA").traced_in_training(site):
+        return "TORCH_SDPA"
     if site.device.startswith("cuda") and kv_len >= _FLASH_MIN_KV:
         if unsupported_reason(registry.get_backend("FLASH_ATTN"), site) is None:
             return "FLASH_ATTN"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fv_compile
 from fv_compile import ops
 from fv_compile.backends import registry
-from fv_compile.backends.sdpa import SDPABackend
+from fv_compile.backends.sdpa import SDPABackend, SDPAImpl
 from fv_compile.policy import dense_default
 from fv_compile.site import AttentionSite
 
@@ -23,13 +23,22 @@ B, H, S, D = 2, 4, 7, 8
 ROWS_PER_BLOCK = 2  # 7 query rows: blocks of 2, 2, 2 and 1
 
 
+class _OwnSDPAImpl(SDPAImpl):
+    """SDPA's forward in an impl class of its own, as a backend bringing its own kernel has."""
+
+
 class _DenseThroughTheOp(SDPABackend):
-    """SDPA's forward under another name: a dense backend whose sites train through the op's
-    backward, as FLASH_ATTN's and TRITON_ATTN's do (neither runs on the CPU)."""
+    """A dense backend whose sites train through the op's backward, as FLASH_ATTN's and
+    TRITON_ATTN's do (neither runs on the CPU): SDPA's, but with an impl of its own, so it
+    does not inherit SDPA's `traced_in_training`."""
 
     @staticmethod
     def get_name() -> str:
         return OP_BACKWARD
+
+    @staticmethod
+    def get_impl_cls() -> type[SDPAImpl]:
+        return _OwnSDPAImpl
 
 
 OP_BACKWARD = "TEST_DENSE_THROUGH_THE_OP"
@@ -152,7 +161,7 @@ def test_a_long_site_trains_in_blocks_of_bounded_size(monkeypatch, op_backward):
 
 def _spy_on_backwards(monkeypatch) -> list[str]:
     taken: list[str] = []
-    for name in ("_blockwise_backward", "_flash_backward", "sdpa_site"):
+    for name in ("_blockwise_backward", "_flash_backward", "traced_site"):
         real = getattr(ops, name)
         monkeypatch.setattr(
             ops, name, lambda *a, _n=name, _f=real, **kw: taken.append(_n) or _f(*a, **kw)
@@ -180,7 +189,7 @@ def test_unmasked_sdpa_sites_train_through_sdpas_own_backward(compiler, monkeypa
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v, text), g)
     want = torch.autograd.grad(ref, (q, k, v, text), g)
-    assert taken == ["sdpa_site"] * (2 if compiler == "eager" else 4)
+    assert "traced_site" in taken and set(taken) == {"traced_site"}
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -220,16 +229,25 @@ def test_a_gqa_sdpa_site_trains_through_the_ops_backward(monkeypatch):
 
 
 def _site(**kw):
-    row = dict(module_path="attn", form="sdpa", layout="BHSD", heads=12, head_dim=128)
-    row.update(q_len=32760, kv_len=32760, device="cuda:0", dtype="bfloat16")
-    return AttentionSite(**{**row, **kw})
+    row = dict(module_path="attn", form="sdpa", layout="BHSD", batch=1, heads=12, kv_heads=12)
+    row.update(head_dim=128, value_head_dim=128, q_len=32760, kv_len=32760, device="cuda:0")
+    return AttentionSite(**{**row, "dtype": "bfloat16", **kw})
 
 
-def test_auto_trains_an_unmasked_cuda_site_on_sdpa():
+def test_auto_trains_an_unmasked_cuda_site_on_sdpa_and_infers_on_flash_attn(monkeypatch):
+    """As on the H200 with flash-attn-4 installed: a long site runs FLASH_ATTN for inference,
+    and SDPA (its own fused backward) when it trains; a GQA site that trains keeps FLASH_ATTN
+    (SDPA's autograd could keep its weights), as does a masked one."""
+    from fv_compile import policy
+
+    monkeypatch.setattr(policy, "unsupported_reason", lambda cls, site: None)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert dense_default(_site()) == "FLASH_ATTN"
     assert dense_default(_site(trains=True)) == "TORCH_SDPA"
-    assert dense_default(_site(trains=True, mask="bool", mask_keys_only=True)) == dense_default(
-        _site(mask="bool", mask_keys_only=True)
-    )
+    assert dense_default(_site(trains=True, kv_heads=4)) == "FLASH_ATTN"
+    padded = dict(mask="bool", mask_keys_only=True)
+    assert dense_default(_site(trains=True, **padded)) == "FLASH_ATTN"
 
 
 def test_a_site_that_trains_is_marked_so():
@@ -263,7 +281,7 @@ class SelfAttention(torch.nn.Module):
 @needs_cuda
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize(
-    "backend, path", [("TORCH_SDPA", "sdpa_site"), ("TRITON_ATTN", "_flash_backward")]
+    "backend, path", [("TORCH_SDPA", "traced_site"), ("TRITON_ATTN", "_flash_backward")]
 )
 def test_half_precision_cuda_sites_train_on_a_fused_backward(backend, path, compiler, monkeypatch):
     """TORCH_SDPA's sites train through SDPA's own backward, TRITON_ATTN's through the op's

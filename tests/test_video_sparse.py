@@ -561,3 +561,66 @@ def test_joint_text_sites_attend_and_are_attended_densely_through_the_pass():
         ).float()
     with torch.no_grad():
         torch.testing.assert_close(out, ref(x, text), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])  # the torch path; the Triton kernels
+def test_a_training_graph_runs_vsa_on_what_its_forward_saved(head_dim, monkeypatch):
+    """A site that trains runs as the impl's own code in the graph, so the VSA op's backward
+    gets the forward's lists and row statistics: no impl backward recomputing the forward.
+    Joint text of 7 tokens fills one block of 64 slots; the partial cubes and that block's
+    padding slots are read by the gather and must pass no gradient to the token they read."""
+    from fv_compile.backends import video_sparse
+
+    def recomputing(*a, **kw):
+        raise AssertionError("the impl's recomputing backward ran")
+
+    monkeypatch.setattr(video_sparse.VideoSparseAttentionImpl, "backward", recomputing)
+    torch.manual_seed(0)
+    dim = 2 * head_dim
+    model = JointDiT(dim=dim)
+    ref = JointDiT(dim=dim)
+    ref.load_state_dict(model.state_dict())
+    for blk in ref.blocks:
+        blk.attend = lambda q, k, v: video_sparse_attention_reference(
+            q.double(), k.double(), v.double(), ODD_GRID, 0.6, scale=head_dim**-0.5, text_len=7
+        ).to(q.dtype)
+    x, text = torch.randn(1, math.prod(ODD_GRID), dim), torch.randn(1, 7, dim)
+    x, text = x.requires_grad_(), text.requires_grad_()
+    cm = fv_compile.compile(model, "VIDEO_SPARSE_ATTN", compiler="aot_eager", regional=False)
+    with fv_compile.forward_context(0, batch(), args(VSA_sparsity=0.6)):
+        out = cm(x, text)
+    want = ref(x, text)
+    assert [s.trains for s in cm.explain().sites] == [True, True]
+    g = torch.randn_like(want)
+    got = torch.autograd.grad(out, [x, text, *model.parameters()], g)
+    expected = torch.autograd.grad(want, [x, text, *ref.parameters()], g)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_the_gpu_a_traced_training_site_gives_the_ops_gradients(monkeypatch):
+    """The Triton kernels on the GPU: the traced site's gradients (the op's saved backward,
+    through the cube gather) equal those of the op with the impl's own backward, padding slots
+    of partial cubes and of the text block included."""
+    from fv_compile import lowering
+
+    def grads(traced: bool):
+        with monkeypatch.context() as m:
+            if not traced:
+                m.setattr(lowering, "_traced_in_training", lambda *a: False)
+            torch.manual_seed(0)
+            model = JointDiT(dim=128).cuda()
+            x = torch.randn(1, math.prod(ODD_GRID), 128, device="cuda", requires_grad=True)
+            text = torch.randn(1, 7, 128, device="cuda", requires_grad=True)
+            cm = fv_compile.compile(
+                model, "VIDEO_SPARSE_ATTN", compiler="aot_eager", regional=False
+            )
+            with fv_compile.forward_context(0, batch(), args(VSA_sparsity=0.6)):
+                out = cm(x, text)
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).cuda()
+            return torch.autograd.grad(out, [x, text, *model.parameters()], g)
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

@@ -205,6 +205,17 @@ class AttentionBackend(ABC):
         default has nothing to add."""
         return None
 
+    @staticmethod
+    def traced_in_training(site: AttentionSite) -> bool:
+        """Whether a training graph may run `site` (one whose output requires grad) as its
+        impl's own code: preprocess_qkv, forward and postprocess_output traced into the graph
+        as fv_compile's op runs them, so that autograd differentiates them and keeps what their
+        backward needs from the forward (the op's backward recomputes the forward first).
+        Declare it only where that code is torch ops and custom ops with exact autograd
+        formulas, with no Python decision on tensor values, and where the tokens preprocessing
+        adds (padding slots) get no gradient. The default: never."""
+        return False
+
     @classmethod
     def unsupported_reason(cls, site: AttentionSite) -> str | None:
         """Every reason this backend cannot run `site`, joined; None when it can."""

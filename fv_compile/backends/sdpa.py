@@ -65,3 +65,10 @@ class SDPABackend(DenseBackend):
     @staticmethod
     def get_impl_cls() -> type[SDPAImpl]:
         return SDPAImpl
+
+    @staticmethod
+    def traced_in_training(site: AttentionSite) -> bool:
+        """Unmasked sites SDPA trains on a fused kernel: SDPA's own backward (cuDNN's or
+        flash's, as eager's) then reuses the forward's log-sum-exp. A mask keeps the op, whose
+        backward gives eager's gradients on fully blocked rows."""
+        return site.mask is None and trains_on_a_fused_kernel(site)

@@ -176,7 +176,7 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
         if hit is not None and hit[0] is tile_index and not capturing:
             return hit[1]
         order = self._build_order(md)
-        if cache is not None:
+        if cache is not None and not torch.compiler.is_compiling():  # (a trace's are not reused)
             cache[key] = (tile_index, order)
         return order
 
@@ -283,6 +283,13 @@ class VideoSparseAttentionBackend(AttentionBackend):
     @staticmethod
     def get_builder_cls() -> type[VideoSparseMetadataBuilder]:
         return VideoSparseMetadataBuilder
+
+    @staticmethod
+    def traced_in_training(site: AttentionSite) -> bool:
+        """Always: the cube reorder is two index_selects, the attention the VSA op whose
+        backward reuses the forward's lists and row statistics; padding slots (read by the
+        gather, dropped by the scatter) get exactly zero gradient from both stages."""
+        return True
 
     @staticmethod
     def supports(site: AttentionSite) -> str | None:
