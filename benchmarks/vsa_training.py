@@ -21,15 +21,19 @@ Variants, each in the same process:
 Per variant: ms per step (CUDA events, median, the compiling call and warm-up excluded), the
 first call, peak memory; for each compiled variant the relative L2 difference of its loss
 gradients against eager's (``vsa`` is a different attention: its difference is the sparsity's,
-not an error), and how many self-attention sites VSA served. The table is printed last.
+not an error), with ``--against-fp32`` also against a float32 copy of the model (the yardstick
+eager's bf16 gradients are held to as well), and how many self-attention sites VSA served. The
+table is printed last.
 
     python benchmarks/vsa_training.py --json vsa_training.json
+    python benchmarks/vsa_training.py --layers 2 --against-fp32   # the gradient column's yardstick
     python benchmarks/vsa_training.py --smoke      # CPU, tiny model, aot_eager: the script itself
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -100,6 +104,11 @@ def main() -> int:
     p.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager", "eager"])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, aot_eager")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--against-fp32",
+        action="store_true",
+        help="also each variant's gradients against a float32 copy of the model (memory: x3)",
+    )
     a = p.parse_args()
     start = time.perf_counter()
     device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
@@ -133,6 +142,17 @@ def main() -> int:
         "auto": fv_compile.compile(model, compiler=a.compiler),
         "vsa": fv_compile.compile(model, {"self": "VIDEO_SPARSE_ATTN"}, compiler=a.compiler),
     }
+    fp32 = None
+    if a.against_fp32:  # the yardstick both eager and the compiled variants are held to
+        twin = copy.deepcopy(model).float()
+        fargs = [x.float() if torch.is_tensor(x) and x.is_floating_point() else x for x in args]
+        fkw = {
+            k: x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+            for k, x in kwargs.items()
+        }
+        make_step(twin, twin, fargs, fkw, grad.float(), fb, fva)()
+        fp32 = weight_grads(twin)
+        del twin
     rows, base = [], None
     for name, call in variants.items():
         row: dict = {"variant": name}
@@ -142,6 +162,8 @@ def main() -> int:
             if base is None:
                 base = grads
             row["grad_rel_l2"] = float((grads - base).norm() / base.norm())
+            if fp32 is not None:
+                row["grad_rel_l2_fp32"] = float((grads - fp32).norm() / fp32.norm())
         except torch.cuda.OutOfMemoryError as err:
             row["error"] = f"out of memory: {str(err).splitlines()[0]} (try --layers)"
         if name in ("auto", "vsa"):
@@ -161,7 +183,7 @@ def main() -> int:
         f"({tokens} tokens), VSA sparsity {a.sparsity}, {a.compiler}, {device} "
         f"{str(dtype).removeprefix('torch.')}, {len(list(model.parameters()))} weight tensors"
     )
-    heads = ("ms/step", "vs eager", "peak GiB", "first s", "grad rel-L2", "VSA sites")
+    heads = ("ms/step", "vs eager", "peak GiB", "first s", "grad rel-L2", "vs fp32", "VSA sites")
     print(f"{'variant':13s} " + " ".join(f"{h:>11s}" for h in heads))
     ref = rows[0].get("ms")
     failed = False
@@ -173,9 +195,10 @@ def main() -> int:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         speed = f"{ref / r['ms']:.2f}x" if ref else "-"
         vsa = f"{r['vsa_sites']}/{r['sites']}" if "sites" in r else "-"
+        vs32 = f"{r['grad_rel_l2_fp32']:.2e}" if "grad_rel_l2_fp32" in r else "-"
         print(
             f"{r['variant']:13s} {r['ms']:11.1f} {speed:>11s} {peak:>11s} {r['first_call_s']:11.1f} "
-            f"{r['grad_rel_l2']:11.2e} {vsa:>11s}"
+            f"{r['grad_rel_l2']:11.2e} {vs32:>11s} {vsa:>11s}"
         )
     print(f"(wall {time.perf_counter() - start:.0f} s)")
     if a.json:
