@@ -120,6 +120,24 @@ def test_a_constant_mask_written_in_place_is_not_folded_away():
     torch.testing.assert_close(out, ref)
 
 
+class MaskJoinedWithOr(torch.nn.Module):
+    """`pad | extra` builds a new mask: `operator.or_` writes into nothing."""
+
+    def forward(self, q, k, v, pad, extra):
+        s = (q @ k.transpose(-1, -2)) * D**-0.5
+        return s.masked_fill(~(pad | extra), float("-inf")).softmax(-1) @ v
+
+
+def test_masks_joined_with_or_are_not_taken_for_writes():
+    q, k, v = qkv(2, 4, 6, D)
+    g = torch.Generator().manual_seed(5)
+    pad, extra = (torch.rand(2, 1, 1, 6, generator=g) > 0.5 for _ in range(2))
+    pad[..., 0] = True
+    out, ref, cm, _ = run_both(MaskJoinedWithOr(), q, k, v, pad, extra)
+    assert [s.status for s in cm.explain().sites] == ["rewritten"]
+    torch.testing.assert_close(out, ref)
+
+
 # --- 2. learned masks get their gradient -------------------------------------------------------
 
 

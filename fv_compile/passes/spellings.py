@@ -497,6 +497,8 @@ def mutates(node: Node) -> bool:
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.is_mutable:
             return True
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return False  # `or_`, `and_`, `not_`, `is_`: the in-place ones are listed above
         name = getattr(node.target, "__name__", "")
     else:
         return False
