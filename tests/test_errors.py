@@ -1140,6 +1140,14 @@ def _(mp):
     return model, in_context(cm, video(), args=sta_args(VSA_sparsity=1.5))
 
 
+@case("empty-schedule")
+def _(mp):
+    model = VideoDiT()
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager")
+    batch = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=[])
+    return model, in_context(cm, video(), batch=batch, args=sta_args())
+
+
 @case("vsa-causal")
 def _(mp):
     from fv_compile.backends.video_sparse import VideoSparseAttentionImpl

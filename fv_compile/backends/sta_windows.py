@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any, cast
 
-from fv_compile.backends.tiles import Grid
+from fv_compile.backends.tiles import Grid, at_step, dense_step
 from fv_compile.errors import FvCompileError
 
 
@@ -43,13 +43,13 @@ def step_windows(
     step: int, forward_batch: Any, args: Any, n_tiles: Grid
 ) -> list[list[Grid]] | None:
     """Windows `[layer][head]` (in tiles) for this step, or None for a full-attention step."""
-    if step < int(getattr(args, "sta_dense_steps", 0) or 0):
+    if dense_step(step, args, "sta_dense_steps"):
         return None
     windows: list[list[Grid]] | None = None
     param = getattr(forward_batch, "STA_param", None)
     path = getattr(args, "mask_strategy_file_path", None)
     if param is not None:
-        per_step = param[min(step, len(param) - 1)]
+        per_step = at_step(param, step, "STA_param")
         windows = [[_window(w) for w in layer] for layer in per_step]
     elif path:
         table = _load_strategy(path)

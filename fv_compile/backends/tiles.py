@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -35,6 +36,19 @@ def token_grid(raw_latent_shape: Any, patch: Grid, backend: str) -> Grid:
             "and the DiT's patch size (FastVideoArgs(patch_size=...))"
         )
     return (t // patch[0], h // patch[1], w // patch[2])
+
+
+def dense_step(step: int, fastvideo_args: Any, field: str) -> bool:
+    """Whether `step` is one of the first steps a recipe runs dense (`sta_dense_steps`,
+    `vsa_dense_steps` of the args)."""
+    return step < int(getattr(fastvideo_args, field, 0) or 0)
+
+
+def at_step(schedule: Sequence[Any], step: int, name: str) -> Any:
+    """The entry of a per-step schedule for `step`; its last entry holds for the steps after it."""
+    if not schedule:
+        raise FvCompileError(f"{name} is an empty schedule: give one entry per step")
+    return schedule[min(step, len(schedule) - 1)]
 
 
 def tiles_per_axis(grid: Grid, tile: Grid) -> Grid:

@@ -38,7 +38,14 @@ from fv_compile.backends.abstract import (
     AttentionMetadataBuilder,
 )
 from fv_compile.backends.kernels import TRITON_HEAD_DIMS
-from fv_compile.backends.tiles import Grid, tile_geometry, tiles_per_axis, token_grid
+from fv_compile.backends.tiles import (
+    Grid,
+    at_step,
+    dense_step,
+    tile_geometry,
+    tiles_per_axis,
+    token_grid,
+)
 from fv_compile.backends.vsa_ops import BLOCK, video_sparse_attention, vsa_backward
 from fv_compile.backends.vsa_reference import CUBE, topk_cubes
 from fv_compile.context import patch_size_of, step_cache
@@ -59,15 +66,13 @@ def step_sparsity(step: int, forward_batch: Any, fastvideo_args: Any) -> float:
     """This step's sparsity: 0 for the first `vsa_dense_steps` steps, else the forward batch's
     `VSA_sparsity` (FastVideo's training loop sets it per step), else the args'. Either may be a
     per-step sequence (its last value holds for the steps after it)."""
-    if step < int(getattr(fastvideo_args, "vsa_dense_steps", 0) or 0):
+    if dense_step(step, fastvideo_args, "vsa_dense_steps"):
         return 0.0
     value: Any = getattr(forward_batch, "VSA_sparsity", None)
     if value is None:
         value = getattr(fastvideo_args, "VSA_sparsity", 0.0)
     if isinstance(value, Sequence) and not isinstance(value, str):
-        if not value:
-            raise FvCompileError("VSA_sparsity is an empty schedule: give one value per step")
-        value = value[min(step, len(value) - 1)]
+        value = at_step(value, step, "VSA_sparsity")
     try:
         sparsity = float(value)
     except (TypeError, ValueError):
