@@ -99,7 +99,9 @@ def child(args: argparse.Namespace) -> dict:
             profiler.disable()
             with open(f"{args.profile}.{args.run}.txt", "w") as f:
                 stats = pstats.Stats(profiler, stream=f).sort_stats("cumulative")
+                stats.print_stats(40)
                 stats.print_stats(r"fv_compile|flash_attn|cutlass|_inductor|_functorch", 80)
+                stats.sort_stats("tottime").print_stats(40)
         first_out = (
             first_out[0]
             if isinstance(first_out, tuple)
