@@ -38,6 +38,7 @@ from fv_compile.explain import (
 )
 from fv_compile.lowering import LoweredGraph, lower_graph, trace_training_sites
 from fv_compile.ops import SiteOwner
+from fv_compile.passes.token_order import TokenOrderResult
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
 from fv_compile.policy import AUTO, PolicySpec, SitePolicy
@@ -49,7 +50,7 @@ from fv_compile.regional import (
     current_region,
 )
 from fv_compile.runtime import MetadataDispatch, compile_at_run_time
-from fv_compile.site import AttentionSite, NonAttentionSoftmax, TokenOrder
+from fv_compile.site import AttentionSite, NonAttentionSoftmax, SequenceShard, TokenOrder
 from fv_compile.tuning import MeasuringInterpreter, SiteTuner, TunedPolicy, check_accuracy_budget
 from fv_compile.user_errors import translate as translate_error
 from fv_compile.verify import SiteVerifier
@@ -97,6 +98,8 @@ class FvCompileBackend:
         self.sites: list[AttentionSite] = []
         self.non_attention: list[NonAttentionSoftmax] = []
         self.token_order: list[TokenOrder] = []  # per graph with a token-order backend
+        # with sequence_parallel: what became of the stretch between the sites, by outcome
+        self.sequence_shards: list[SequenceShard] = []
         self.graphs = 0
         self.dispatches: list[MetadataDispatch] = []
         self.graph_runs: list[int] = []  # per graph: how many times it ran
@@ -238,7 +241,8 @@ class FvCompileBackend:
         """Hand a rewritten graph to the chosen compiler (its sites sequence parallel first,
         when asked for; the sites that train and may, as their impl's own code)."""
         if self.sequence_parallel is not None:
-            gm = shard_attention_sites(gm, self.sequence_parallel)
+            gm, stretch = shard_attention_sites(gm, self.sequence_parallel, example_inputs)
+            self._note_shard(stretch)
         gm = trace_training_sites(gm)
         if self.compiler == "eager":
             return gm.forward
@@ -247,6 +251,24 @@ class FvCompileBackend:
         options = with_source_key(self.options)  # fv_compile's version in Inductor's cache keys
         inductor = torch._TorchCompileInductorWrapper(self.mode, options, False)
         return inductor(gm, example_inputs)
+
+    def _note_shard(self, stretch: TokenOrderResult) -> None:
+        assert self.sequence_parallel is not None, "called for sequence-parallel graphs"
+        row = SequenceShard(
+            self.sequence_parallel.degree,
+            stretch.applied,
+            stretch.reason,
+            sites=stretch.sites,
+            video_len=stretch.video_len,
+            cut=list(stretch.gathered),
+            gathered=list(stretch.scattered),
+            stopped_at=stretch.stopped_at,
+        )
+        for seen in self.sequence_shards:
+            if dataclasses.replace(seen, graphs=1) == row:
+                seen.graphs += 1
+                return
+        self.sequence_shards.append(row)
 
     def graph_break_report(self) -> list[GraphBreak]:
         """Graph breaks by reason: where each split a graph, and in how many frames."""
@@ -276,6 +298,7 @@ class FvCompileBackend:
             self.graph_break_report(),
             list(self.skipped_frames),
             token_order=[dataclasses.replace(t) for t in self.token_order],
+            sequence_parallel=[dataclasses.replace(t) for t in self.sequence_shards],
         )
 
 

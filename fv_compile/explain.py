@@ -30,6 +30,7 @@ from fv_compile.site import (
     REWRITTEN,
     AttentionSite,
     NonAttentionSoftmax,
+    SequenceShard,
     TokenOrder,
 )
 
@@ -202,6 +203,8 @@ class ExplainReport:
     # per graph whose sites include a backend that works in a token order: whether the graph
     # between them runs in that order, or why not
     token_order: list[TokenOrder] = field(default_factory=list)
+    # with sequence_parallel: what became of the stretch between the video sites
+    sequence_parallel: list[SequenceShard] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[AttentionSite]:
@@ -237,6 +240,7 @@ class ExplainReport:
             else [u.to_dict() for u in self.uncaptured],
             "uncaptured_calls": None if self.uncaptured is None else self.uncaptured_calls,
             "token_order": [t.to_dict() for t in self.token_order],
+            "sequence_parallel": [t.to_dict() for t in self.sequence_parallel],
             "summary": {"found": len(self.sites), "rewritten": len(self.rewritten)},
             "verified": self.verified if self.checked else None,
         }
@@ -277,6 +281,9 @@ class ExplainReport:
         if self.token_order:
             lines += ["", "token order (backends that reorder their tokens):"]
             lines += [f"  {t.describe()}" for t in self.token_order]
+        if self.sequence_parallel:
+            lines += ["", f"sequence parallel over {self.sequence_parallel[0].degree} ranks:"]
+            lines += [f"  {t.describe()}" for t in self.sequence_parallel]
         if self.non_attention:
             lines += ["", "softmaxes that are not attention:"]
             lines += [

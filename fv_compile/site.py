@@ -217,5 +217,36 @@ class TokenOrder:
         return asdict(self)
 
 
+@dataclass
+class SequenceShard:
+    """What sequence parallelism made of the graphs compiled with one outcome: whether the
+    stretch between their video self- and joint-attention sites runs on each rank's share of the
+    video tokens (cut where the tokens enter it, gathered once where they leave), or why each
+    such site takes its share of replicated tokens and gathers its own output."""
+
+    degree: int
+    sharded: bool
+    reason: str = ""  # why not, when not
+    sites: int = 0  # sites run on their share, per graph
+    video_len: int = 0
+    cut: list[str] = field(default_factory=list)  # graph values cut to the share where they enter
+    gathered: list[str] = field(default_factory=list)  # values gathered whole where they leave
+    stopped_at: str = ""  # the node that stopped the proof, when one did
+    graphs: int = 1  # compiled graphs (blocks, metadata variants) with this outcome
+
+    def describe(self) -> str:
+        times = f"{self.graphs} compiled graph(s)"
+        if not self.sharded:
+            return f"{times}: each video site shards and gathers its own tokens: {self.reason}"
+        return (
+            f"{times}: {self.sites} site(s) and the ops between them run on this rank's share "
+            f"of the {self.video_len} video tokens (1/{self.degree}), cut where they enter "
+            f"({', '.join(self.cut)}) and gathered where they leave ({', '.join(self.gathered)})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.3g} MiB"

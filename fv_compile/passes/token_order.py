@@ -386,8 +386,12 @@ class _Reader:
 
 
 class _Prover:
-    def __init__(self, gm: GraphModule, sites: dict[int, TokenSite]) -> None:
+    def __init__(self, gm: GraphModule, sites: dict[int, TokenSite], sharded: bool = False) -> None:
         self.gm = gm
+        # the stretch is to run on one rank's share of the video tokens, not a permutation of
+        # them all: an op must then also keep each token's value apart from every other token's
+        # (no size read of the token dim, no attention over sharded keys but at the anchors)
+        self.sharded = sharded
         self.graph = gm.graph
         self.sites = sites
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
@@ -438,6 +442,8 @@ class _Prover:
             return self._setitem(node, r)
         if node.op == "call_function" and node.target is getattr:
             if node.args[1] in _SIZE_ATTRS:
+                if self.sharded and node.args[1] == "shape":
+                    raise r.stop("reads the shape of a value whose tokens are sharded")
                 return NEUTRAL
             if node.args[1] in ("T", "mT"):
                 return self._permute(node, r)
@@ -453,6 +459,8 @@ class _Prover:
         if node.op == "call_method":
             name = node.target
             if name in _SIZE_METHODS:
+                if self.sharded and name in ("size", "numel", "nelement"):
+                    raise r.stop(f"{_name(node)} of a value whose tokens are sharded")
                 return NEUTRAL
             if name in _ELEMENTWISE_METHODS:
                 return self._elementwise(node, r, list(node.args) + list(node.kwargs.values()))
@@ -1011,6 +1019,10 @@ class _Prover:
                 raise r.stop("queries permuted along a dim that is not their sequence")
             if (lk is None) != (lv is None) or (lk is not None and (lk != lv or lk.dim != 1)):
                 raise r.stop("keys and values permuted differently")
+            if self.sharded and lk is not None:
+                raise r.stop(
+                    "attention over keys sharded across ranks, at a site that does not gather them"
+                )
         read_mask = None  # the layout the mask is read in, when it is permuted
         if isinstance(mask, Node):
             shape = sp.shape_of(mask)
@@ -1019,7 +1031,11 @@ class _Prover:
                 raise r.stop("an attention mask of unknown shape")
             if shape[2] != 1:
                 raise r.stop("an attention mask that varies over the (permuted) queries")
-            if lk is None:
+            if self.sharded:
+                if lm is not None:
+                    raise r.stop("an attention mask computed from sharded tokens")
+                # the anchors gather every key before attending: they take the whole mask
+            elif lk is None:
                 if lm is not None:
                     raise r.stop("a permuted mask over keys that are not")
             elif lm is not None:
@@ -1394,10 +1410,13 @@ def hoist_token_order(
     return result
 
 
-def _retrace(gm: GraphModule, shapes: dict[str, Any]) -> str | None:
+def _retrace(
+    gm: GraphModule, shapes: dict[str, Any], example: list[Any] | None = None
+) -> str | None:
     """Run the rewritten graph on fake tensors: every node must trace (a stride-sensitive op
     outside the stretch, a view of a value whose strides changed, would fail here rather than
-    when compiling) and keep the shape it had. None when it does, else what went wrong."""
+    when compiling) and keep the shape it had. None when it does, else what went wrong.
+    `example`: the graph's inputs, for placeholders the trace gave no value (metadata inputs)."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     inputs = [sp.value_of(n) for n in gm.graph.find_nodes(op="placeholder")]
@@ -1409,6 +1428,8 @@ def _retrace(gm: GraphModule, shapes: dict[str, Any]) -> str | None:
         ),
         None,
     )
+    if mode is not None and example is not None and len(example) == len(inputs):
+        inputs = [_fake_like(mode, x) if v is None else v for v, x in zip(inputs, example)]
     if mode is None or any(v is None for v in inputs):
         return "has no fake inputs to check it with"
     before = {n: n.meta.get("val") for n in gm.graph.nodes}
@@ -1429,6 +1450,14 @@ def _retrace(gm: GraphModule, shapes: dict[str, Any]) -> str | None:
         elif before[n] is not None and val is None:
             n.meta["val"] = before[n]
     return None
+
+
+def _fake_like(mode: Any, x: Any) -> Any:
+    """A tensor of `mode` shaped and strided as `x` (real or of another fake mode)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    with mode:
+        return torch.empty_strided(tuple(x.shape), x.stride(), dtype=x.dtype, device=x.device)
 
 
 def _bytes_moved(plan: _Plan, state) -> tuple[int, int]:
@@ -1578,7 +1607,7 @@ def _accept_upstream(p: _Prover, inside: set[Node]) -> set[Node]:
                 u in accepted
                 or u in inside
                 or u in writes
-                or _only_reads_shape(u, n)
+                or (not p.sharded and _only_reads_shape(u, n))
                 or _reads_text_only(u, n, lay)
                 for u in n.users
             ):
@@ -1927,9 +1956,336 @@ class _FakeValues:
         shape = tuple(val.shape) if order is None else tuple(val.shape[d] for d in order)
         return self._make(lambda: torch.empty(shape, dtype=val.dtype, device=val.device))
 
+    def shaped(self, x: Node, shape: tuple[int, ...]) -> Any:
+        val = sp.value_of(x)
+        return self._make(lambda: torch.empty(shape, dtype=val.dtype, device=val.device))
+
     def _make(self, fn: Callable[[], Any]) -> Any:
         if self.mode is None:
             with torch.device("meta"):
                 return fn()
         with self.mode:
             return fn()
+
+
+# --------------------------------------------------------------------------------------------
+# the stretch on one rank's share of the tokens (sequence parallelism between the sites)
+
+
+@dataclass(frozen=True)
+class TokenShard:
+    """One rank's share of `n` video tokens: chunks of `ceil(n / degree)` consecutive tokens in
+    rank order, the last one shorter when `n` does not divide."""
+
+    degree: int
+    rank: int
+
+    def chunk(self, n: int) -> int:
+        return -(-n // self.degree)
+
+    def start(self, n: int) -> int:
+        return self.rank * self.chunk(n)
+
+    def local(self, n: int) -> int:
+        return min(self.chunk(n), n - self.start(n))
+
+
+def shard_token_stretch(
+    gm: GraphModule,
+    sites: dict[int, TokenSite],
+    shard: TokenShard,
+    anchor: Callable[[Node], tuple[Callable[..., Any], dict[str, Any]]],
+    gather: tuple[Callable[..., Any], dict[str, Any]],
+    example: list[Any] | None = None,
+) -> TokenOrderResult:
+    """Run the stretch of `gm` around its anchor sites on this rank's share of the video tokens,
+    in a copy; `gm` itself is left untouched.
+
+    The proof is the permutation's (`hoist_token_order`) with what a share needs beyond it: an op
+    in the stretch keeps every token's value apart from the others' (no size read of the token
+    dim; attention over sharded keys only at the anchors, which gather every key first). A value
+    entering the stretch is cut to the rank's tokens (text tokens kept whole); one leaving it is
+    made whole by `fn(x, dim=, segments=, video_len=, chunk=, order=, **kwargs)`, `gather` being
+    `(fn, kwargs)` (a collective the caller supplies); each anchor `node` calls the function of
+    `anchor(node) = (function, kwargs)` instead of the op, on its share of q, k and v, returning
+    its share of the output. Sizes the graph
+    holds as constants (views, expands, slices and splits of the token dim) are rewritten to the
+    share's; the copy is then run on fake tensors, and every node must have the shape the proof
+    says its share has, or the copy is dropped (`example`: the graph's inputs, for placeholders
+    the trace gave no value)."""
+    new = copy_graph_module(gm)
+    prover = _Prover(new, sites, sharded=True)
+    try:
+        plan = _plan(prover)
+        if isinstance(plan, TokenOrderResult):
+            return plan
+        n = plan.video_len
+        if (shard.degree - 1) * shard.chunk(n) >= n:
+            return TokenOrderResult(
+                None, reason=f"{n} video tokens leave a rank of {shard.degree} with none"
+            )
+        expected = _sharded_shapes(prover, n, shard.local(n))
+        result = _apply_shard(prover, plan, shard, anchor, gather)
+    except _Stop as stop:
+        where = _where(stop.node)
+        return TokenOrderResult(
+            None,
+            reason=f"{stop.why} (node {stop.node.name}{', ' + where if where else ''})",
+            stopped_at=stop.node.name,
+        )
+    why = _retrace(new, expected, example)
+    if why is not None:
+        return TokenOrderResult(None, reason=f"internal check failed: the sharded graph {why}")
+    return result
+
+
+def _local_length(lay: Layout, n: int, local: int) -> int:
+    """A share's length of `lay` (every video segment is `n` long: `_sharded_shapes` checks)."""
+    return sum(local if permuted else m for m, permuted in lay.segments)
+
+
+def _sharded_shapes(p: _Prover, n: int, local: int) -> dict[str, Any]:
+    """Each node's shape on one rank: the traced shape, with the token dim of a value in the
+    stretch holding the share's tokens (whole text segments, `local` of each video segment)."""
+    shapes: dict[str, Any] = {}
+    for node in p.graph.nodes:
+        shape = sp.shape_of(node)
+        value = p.state.get(node)
+        if isinstance(value, tuple):
+            shape = None  # its items are checked where they are taken
+        elif isinstance(value, Layout) and shape is not None:
+            if any(permuted and m != n for m, permuted in value.segments):
+                raise _Stop(node, "a video segment of another length than the sites'")
+            dims = list(shape)
+            dims[value.dim] = _local_length(value, n, local)
+            shape = tuple(dims)
+        shapes[node.name] = shape
+    return shapes
+
+
+class _Localizer:
+    """Positions and sizes along the token dim, from the traced sequence to the share's."""
+
+    def __init__(self, n: int, start: int, local: int) -> None:
+        self.n, self.start, self.local = n, start, local
+
+    def length(self, lay: Layout) -> int:
+        return _local_length(lay, self.n, self.local)
+
+    def position(self, lay: Layout, pos: int, node: Node) -> int:
+        """The share's position of traced position `pos`: a segment border, or inside text."""
+        at = loc = 0
+        for m, permuted in lay.segments:
+            if pos == at:
+                return loc
+            if at < pos < at + m:
+                if permuted:
+                    raise _Stop(node, "a cut inside the sharded video tokens")
+                return loc + pos - at
+            at += m
+            loc += self.local if permuted else m
+        if pos == at:
+            return loc
+        raise _Stop(node, f"position {pos} past the token dim")
+
+    def index(self, lay: Layout, x: Node, index: Any, node: Node) -> tuple[Any, ...]:
+        """A basic index of `x` (its tokens held in `lay`) with its token-dim entry moved to
+        the share's positions."""
+        placed = _place_index(_nd(x), index)
+        if placed is None:
+            raise _Stop(node, "an index the pass cannot follow")
+        out: list[Any] = []
+        for i, entry in placed:
+            if entry is None or i != lay.dim:
+                out.append(entry)
+            elif isinstance(entry, int):
+                out.append(self.position(lay, entry % lay.length, node))
+            elif entry == slice(None):
+                out.append(entry)
+            else:
+                start, stop, step = entry.indices(lay.length)
+                if step != 1:
+                    raise _Stop(node, "a strided slice of the token dim")
+                out.append(slice(self.position(lay, start, node), self.position(lay, stop, node)))
+        return tuple(out)
+
+
+def _sizes_arg(node: Node) -> tuple[list[Any], Callable[[list[Any]], None]] | None:
+    """The sizes a view, reshape, expand or broadcast_to takes, and how to put them back."""
+    if node.op == "call_method" and node.target in ("view", "reshape", "expand"):
+        rest = list(node.args[1:])
+        if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)):
+
+            def put_packed(sizes: list[Any]) -> None:
+                node.args = (node.args[0], tuple(sizes))
+
+            return list(rest[0]), put_packed
+
+        def put(sizes: list[Any]) -> None:
+            node.args = (node.args[0], *sizes)
+
+        return rest, put
+    if node.op == "call_function" and node.target in (torch.reshape, torch.broadcast_to):
+        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
+        if not isinstance(sizes, (tuple, list, torch.Size)):
+            return None
+
+        def put_fn(new: list[Any]) -> None:
+            node.args = (node.args[0], tuple(new))
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "shape"}
+
+        return list(sizes), put_fn
+    return None
+
+
+def _localize(p: _Prover, plan: _Plan, node: Node, loc: _Localizer) -> None:
+    """Rewrite the constants of `node` that name positions or sizes along the token dim."""
+    value = p.state.get(node)
+    sizes = _sizes_arg(node)
+    if sizes is not None and isinstance(value, Layout):
+        entries, put = sizes
+        at = value.dim
+        if at < len(entries) and entries[at] != -1:
+            if entries[at] != value.length:
+                raise _Stop(node, f"{_name(node)} with a token size the pass cannot follow")
+            entries[at] = loc.length(value)
+            put(entries)
+        return
+    src = node.args[0] if node.args and isinstance(node.args[0], Node) else None
+    lay = None
+    if src is not None:  # a value of the stretch, or one cut to the share as it enters
+        lay = p.state.get(src, plan.gathers.get(node, {}).get(src))
+    if not isinstance(lay, Layout):
+        return
+    assert src is not None
+    if node.op == "call_function" and node.target is operator.getitem:
+        if not isinstance(sp.value_of(src), (tuple, list)):
+            node.args = (src, loc.index(lay, src, node.args[1], node))
+        return
+    if node.op == "call_function" and node.target is operator.setitem:
+        node.args = (src, loc.index(lay, src, node.args[1], node), node.args[2])
+        return
+    if (node.op == "call_method" and node.target == "narrow") or node.target is torch.narrow:
+        dim, start, length = (
+            sp.arg(node, i, k) for i, k in ((1, "dim"), (2, "start"), (3, "length"))
+        )
+        if _norm_dim(dim, _nd(src)) == lay.dim:
+            begin = loc.position(lay, start % lay.length, node)
+            end = loc.position(lay, start % lay.length + length, node)
+            node.args, node.kwargs = (src, lay.dim, begin, end - begin), {}
+        return
+    kind = _split_kind(node)
+    if kind in ("split", "chunk"):
+        dim = sp.arg(node, 2, "dim", 0)
+        if _norm_dim(dim, _nd(src)) != lay.dim:
+            return
+        pieces = sp.value_of(node)
+        assert isinstance(pieces, (tuple, list)), "the prover read the split's pieces"
+        lengths: list[int] = []
+        pos = 0
+        for piece in pieces:
+            m = piece.shape[lay.dim]
+            lengths.append(loc.position(lay, pos + m, node) - loc.position(lay, pos, node))
+            pos += m
+        # the share splits into the same pieces only at explicit sizes
+        if node.op == "call_method":
+            node.target, node.args, node.kwargs = "split", (src, lengths, lay.dim), {}
+        else:
+            node.target, node.args, node.kwargs = torch.split, (src, lengths, lay.dim), {}
+
+
+def _apply_shard(
+    p: _Prover,
+    plan: _Plan,
+    shard: TokenShard,
+    anchor: Callable[[Node], tuple[Callable[..., Any], dict[str, Any]]],
+    gather: tuple[Callable[..., Any], dict[str, Any]],
+) -> TokenOrderResult:
+    graph = p.graph
+    gather_fn, gather_kwargs = gather
+    n = plan.video_len
+    loc = _Localizer(n, shard.start(n), shard.local(n))
+    device = _graph_device(plan.anchors[0])
+    fake = _FakeValues(plan.anchors[0])
+    first_use = next(x for x in graph.nodes if x.op != "placeholder")
+    indices: dict[Any, Node] = {}
+
+    def index_for(segments) -> Node:
+        """The traced positions of the share's tokens: whole text segments, each video
+        segment's own chunk."""
+        if segments in indices:
+            return indices[segments]
+        parts: list[Node] = []
+        pos = 0
+        with graph.inserting_before(first_use):
+            for length, permuted in segments:
+                lo = pos + loc.start if permuted else pos
+                m = loc.local if permuted else length
+                part = graph.call_function(
+                    torch.arange, (lo, lo + m), {"dtype": torch.long, "device": device}
+                )
+                part.meta["example_value"] = part.meta["val"] = fake.index(m, device)
+                parts.append(part)
+                pos += length
+            node = parts[0] if len(parts) == 1 else graph.call_function(torch.cat, (parts,))
+            total = sum(loc.local if permuted else m for m, permuted in segments)
+            node.meta["example_value"] = node.meta["val"] = fake.index(total, device)
+        indices[segments] = node
+        return node
+
+    for node in list(p.state):
+        _localize(p, plan, node, loc)
+    gathered: dict[tuple[Node, Layout], Node] = {}
+    for reader in sorted(plan.gathers, key=p.order.__getitem__):
+        for x, lay in plan.gathers[reader].items():
+            g = gathered.get((x, lay))
+            if g is None:
+                at = min(
+                    (u for u in x.users if u in plan.gathers and x in plan.gathers[u]),
+                    key=p.order.__getitem__,
+                )
+                with graph.inserting_before(at):
+                    g = graph.call_function(
+                        torch.index_select, (x, lay.dim, index_for(lay.segments))
+                    )
+                shape = list(_shape(x))
+                shape[lay.dim] = loc.length(lay)
+                g.meta["example_value"] = g.meta["val"] = fake.shaped(x, tuple(shape))
+                gathered[(x, lay)] = g
+            reader.replace_input_with(x, g)
+    scattered: list[str] = []
+    for x, readers in sorted(plan.exits.items(), key=lambda kv: p.order[kv[0]]):
+        lay = p.state[x]
+        with graph.inserting_before(x.next):
+            whole = graph.call_function(
+                gather_fn,
+                (x,),
+                dict(
+                    **gather_kwargs,
+                    dim=lay.dim,
+                    segments=tuple(
+                        (loc.local if permuted else m, permuted) for m, permuted in lay.segments
+                    ),
+                    video_len=n,
+                    chunk=shard.chunk(n),
+                    order=_memory_order(sp.value_of(x)),
+                ),
+            )
+        whole.meta["example_value"] = whole.meta["val"] = fake.like(x, keep_strides=True)
+        for u in readers:
+            u.replace_input_with(x, whole)
+        scattered.append(x.name)
+    for node in p.views_to_reshape:
+        if node in plan.region:
+            node.target = "reshape" if node.target == "view" else "reshape_as"
+    for a in plan.anchors:
+        a.target, a.kwargs = anchor(a)
+    graph.lint()
+    p.gm.recompile()
+    return TokenOrderResult(
+        p.gm,
+        video_len=n,
+        sites=len(plan.anchors),
+        gathered=sorted({x.name for x, _ in gathered}),
+        scattered=scattered,
+    )
