@@ -41,6 +41,7 @@ CASES = {
     # an op between the sites that mixes tokens: each site shards and gathers on its own
     "token_mixing_between_sites": ("token-mixing", "TORCH_SDPA"),
     "diffusers_wan": ("diffusers-wan", "TORCH_SDPA"),
+    "wan_vsa": ("wan-tiny", {"self": "VIDEO_SPARSE_ATTN", "default": "TORCH_SDPA"}),
 }
 # run by 4 processes (models with 4 heads): 45 tokens in shares of 12, 12, 12 and 9
 CASES_4 = {
@@ -52,6 +53,7 @@ CASES_4 = {
 }
 STA = FastVideoArgs(patch_size=(1, 2, 2), sta_tile_size=(1, 2, 2), sta_window=(2, 1, 2))
 STA_DIVIDING = FastVideoArgs(patch_size=(1, 2, 2), sta_tile_size=(1, 3, 1), sta_window=(2, 1, 2))
+VSA = FastVideoArgs(patch_size=(1, 2, 2), VSA_sparsity=0.5)
 
 
 class TokenMixing(torch.nn.Module):
@@ -122,7 +124,7 @@ def run_case(name: str, sequence_parallel) -> tuple[torch.Tensor, int, int, int,
         regional=False if name.endswith("whole_model") else "auto",
     )
     batch = ForwardBatch(raw_latent_shape=tuple(args[0].shape))
-    args_ = STA_DIVIDING if name.endswith("tile_order") else STA
+    args_ = STA_DIVIDING if name.endswith("tile_order") else VSA if name.endswith("vsa") else STA
     with torch.no_grad(), fv_compile.forward_context(0, batch, args_):
         out = cm(*args, **kwargs)
     out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
@@ -198,6 +200,7 @@ def test_sites_in_tile_order_are_sharded_too(two_ranks, case):
 
 SHARDED_BETWEEN_SITES = [
     "wan_sdpa",
+    "wan_vsa",
     "wan_sta",
     "hunyuan_sdpa",
     "hunyuan_sta",
