@@ -2,8 +2,9 @@
 
 Launch with torchrun; every rank compiles the model twice, without and with
 `sequence_parallel=<world size>`, checks that its output equals the one without, and times both
-(CUDA: NCCL; else gloo on the CPU). At world size 1 the difference is the cost of the collectives
-and the shard/unshard copies at each self-attention site:
+(CUDA: NCCL; else gloo on the CPU), and says whether the ops between the sites ran on each rank's
+share of the tokens. At world size 1 the difference is the cost of the collectives and of the cuts
+and gathers at the borders:
 
     torchrun --nproc_per_node 1 benchmarks/sequence_parallel.py            # one H200
     torchrun --nproc_per_node 2 benchmarks/sequence_parallel.py --smoke    # CPU, tiny shapes
@@ -85,7 +86,7 @@ def main() -> None:
     reps = args.reps or (3 if args.smoke else 10)
     model, inputs = build(args.smoke, device, dtype)
 
-    results, outputs = {}, {}
+    results, outputs, stretch = {}, {}, []
     for name, sp in (("no_sp", None), (f"sp{world}", world)):
         cm = fv_compile.compile(model, "TORCH_SDPA", compiler=compiler, sequence_parallel=sp)
         with torch.no_grad():
@@ -95,6 +96,8 @@ def main() -> None:
 
             outputs[name] = call()  # compiles
             results[name] = timed(call, reps, device)
+        if sp is not None:  # whether the ops between the sites ran on the share, or why not
+            stretch = [row.describe() for row in cm.explain().sequence_parallel]
     out, ref = outputs[f"sp{world}"], outputs["no_sp"]
     err = (out.float() - ref.float()).abs().max().item()
     if rank == 0:
@@ -102,9 +105,15 @@ def main() -> None:
         for name, ms in results.items():
             print(f"  {name:>6}: {ms:9.2f} ms")
         print(f"  overhead {results[f'sp{world}'] / results['no_sp']:.3f}x, max |diff| {err:.3g}")
+        for line in stretch:
+            print(f"  {line}")
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"world": world, "ms": results, "max_abs_diff": err}, f, indent=2)
+                json.dump(
+                    {"world": world, "ms": results, "max_abs_diff": err, "stretch": stretch},
+                    f,
+                    indent=2,
+                )
     torch.testing.assert_close(out, ref, atol=1e-5 if not cuda else 2e-2, rtol=1e-5)
     dist.destroy_process_group()
 
