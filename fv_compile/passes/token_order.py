@@ -1855,23 +1855,8 @@ def _apply(p: _Prover, plan: _Plan, relabel: Callable[[int], int]) -> TokenOrder
         indices[key] = node
         return node
 
-    gathered: dict[tuple[Node, Layout], Node] = {}
-    moved = 0
-    for reader in sorted(plan.gathers, key=p.order.__getitem__):
-        for x, lay in plan.gathers[reader].items():
-            g = gathered.get((x, lay))
-            if g is None:
-                idx = index_for(lay.segments, False)
-                at = min(
-                    (u for u in x.users if u in plan.gathers and x in plan.gathers[u]),
-                    key=p.order.__getitem__,
-                )
-                with graph.inserting_before(at):
-                    g = graph.call_function(torch.index_select, (x, lay.dim, idx))
-                g.meta["example_value"] = g.meta["val"] = fake.like(x)
-                gathered[(x, lay)] = g
-                moved += _nbytes(x)
-            reader.replace_input_with(x, g)
+    gathered = _insert_gathers(p, plan, fake, lambda segs: index_for(segs, False), None)
+    moved = sum(_nbytes(x) for x in gathered)
     scattered: list[str] = []
     for x, readers in sorted(plan.exits.items(), key=lambda kv: p.order[kv[0]]):
         lay = p.state[x]
@@ -1908,11 +1893,45 @@ def _apply(p: _Prover, plan: _Plan, relabel: Callable[[int], int]) -> TokenOrder
         p.gm,
         video_len=n,
         sites=len(plan.anchors),
-        gathered=sorted({x.name for x, _ in gathered}, key=lambda s: s),
+        gathered=sorted({x.name for x in gathered}),
         scattered=scattered,
         bytes_per_site=per_site,
         bytes_hoisted=moved,
     )
+
+
+def _insert_gathers(
+    p: _Prover,
+    plan: _Plan,
+    fake: _FakeValues,
+    index_for: Callable[[tuple[tuple[int, bool], ...]], Node],
+    length_of: Callable[[Layout], int] | None,
+) -> list[Node]:
+    """Gather each value entering the stretch once, before its first reader, with the index
+    `index_for(segments)` (a permutation, or one rank's share), and point every reader at the
+    gathered value; `length_of(layout)`: the gathered token dim's length (None: unchanged).
+    Returns the values gathered, once per token layout they were gathered in."""
+    graph = p.graph
+    gathered: dict[tuple[Node, Layout], Node] = {}
+    for reader in sorted(plan.gathers, key=p.order.__getitem__):
+        for x, lay in plan.gathers[reader].items():
+            g = gathered.get((x, lay))
+            if g is None:
+                at = min(
+                    (u for u in x.users if u in plan.gathers and x in plan.gathers[u]),
+                    key=p.order.__getitem__,
+                )
+                with graph.inserting_before(at):
+                    g = graph.call_function(
+                        torch.index_select, (x, lay.dim, index_for(lay.segments))
+                    )
+                shape = list(_shape(x))
+                if length_of is not None:
+                    shape[lay.dim] = length_of(lay)
+                g.meta["example_value"] = g.meta["val"] = fake.shaped(x, tuple(shape))
+                gathered[(x, lay)] = g
+            reader.replace_input_with(x, g)
+    return [x for x, _ in gathered]
 
 
 def _memory_order(val: Any) -> list[int] | None:
@@ -2235,24 +2254,7 @@ def _apply_shard(
 
     for node in list(p.state):
         _localize(p, plan, node, loc)
-    gathered: dict[tuple[Node, Layout], Node] = {}
-    for reader in sorted(plan.gathers, key=p.order.__getitem__):
-        for x, lay in plan.gathers[reader].items():
-            g = gathered.get((x, lay))
-            if g is None:
-                at = min(
-                    (u for u in x.users if u in plan.gathers and x in plan.gathers[u]),
-                    key=p.order.__getitem__,
-                )
-                with graph.inserting_before(at):
-                    g = graph.call_function(
-                        torch.index_select, (x, lay.dim, index_for(lay.segments))
-                    )
-                shape = list(_shape(x))
-                shape[lay.dim] = loc.length(lay)
-                g.meta["example_value"] = g.meta["val"] = fake.shaped(x, tuple(shape))
-                gathered[(x, lay)] = g
-            reader.replace_input_with(x, g)
+    gathered = _insert_gathers(p, plan, fake, index_for, loc.length)
     scattered: list[str] = []
     for x, readers in sorted(plan.exits.items(), key=lambda kv: p.order[kv[0]]):
         lay = p.state[x]
@@ -2286,6 +2288,6 @@ def _apply_shard(
         p.gm,
         video_len=n,
         sites=len(plan.anchors),
-        gathered=sorted({x.name for x, _ in gathered}),
+        gathered=sorted({x.name for x in gathered}),
         scattered=scattered,
     )
