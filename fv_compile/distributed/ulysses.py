@@ -202,7 +202,7 @@ def sharded_sequence_parallel_attention(
     site has one, is the whole site's: the op sees every token."""
     sp = SequenceParallel(group_name, degree, rank)
     n = video_len
-    c = -(-n // degree)  # tokens per rank, the last share padded
+    c = TokenShard(degree, rank).chunk(n)  # tokens per rank, the last share padded
 
     def scatter(x: torch.Tensor) -> torch.Tensor:
         text, video = _split_text(x, text_len, text_first)
@@ -274,12 +274,13 @@ def sequence_parallel_attention(
     group; returns the replicated `[B, S, H, Dv]` output: the rank's share of each, through
     `sharded_sequence_parallel_attention`, and the output's shares gathered."""
     n = q.shape[1] - text_len  # video tokens
-    c = -(-n // degree)
-    local = max(0, min(c, n - rank * c))  # (a rank past the last token has an empty share)
+    shard = TokenShard(degree, rank)
+    c, start = shard.chunk(n), shard.start(n)
+    local = max(0, shard.local(n))  # (a rank past the last token has an empty share)
 
     def share(x: torch.Tensor) -> torch.Tensor:
         text, video = _split_text(x, text_len, text_first)
-        return _join_text(text, video[:, rank * c : rank * c + local], text_len, text_first)
+        return _join_text(text, video[:, start : start + local], text_len, text_first)
 
     out = sharded_sequence_parallel_attention(
         share(q), share(k), share(v), mask, site, variant, metadata,
@@ -368,7 +369,8 @@ def shard_attention_sites(
         result = shard_token_stretch(
             gm, sites, TokenShard(sp.degree, sp.rank), anchor, (gather_tokens, collective), example
         )
-    gm = copy_graph_module(result.gm if result.gm is not None else gm)
+    # (the stretch's graph is a copy already)
+    gm = result.gm if result.gm is not None else copy_graph_module(gm)
     for node in list(gm.graph.find_nodes(op="call_function", target=op)):
         rt = ops.site_runtime(node.args[4])
         if rt.role not in ("self", "joint"):

@@ -2043,8 +2043,9 @@ def shard_token_stretch(
             return TokenOrderResult(
                 None, reason=f"{n} video tokens leave a rank of {shard.degree} with none"
             )
-        expected = _sharded_shapes(prover, n, shard.local(n))
-        result = _apply_shard(prover, plan, shard, anchor, gather)
+        loc = _Localizer(n, shard.start(n), shard.local(n))
+        expected = _sharded_shapes(prover, loc)
+        result = _apply_shard(prover, plan, shard, loc, anchor, gather)
     except _Stop as stop:
         where = _where(stop.node)
         return TokenOrderResult(
@@ -2058,14 +2059,9 @@ def shard_token_stretch(
     return result
 
 
-def _local_length(lay: Layout, n: int, local: int) -> int:
-    """A share's length of `lay` (every video segment is `n` long: `_sharded_shapes` checks)."""
-    return sum(local if permuted else m for m, permuted in lay.segments)
-
-
-def _sharded_shapes(p: _Prover, n: int, local: int) -> dict[str, Any]:
+def _sharded_shapes(p: _Prover, loc: _Localizer) -> dict[str, Any]:
     """Each node's shape on one rank: the traced shape, with the token dim of a value in the
-    stretch holding the share's tokens (whole text segments, `local` of each video segment)."""
+    stretch holding the share's tokens (whole text segments, the share of each video segment)."""
     shapes: dict[str, Any] = {}
     for node in p.graph.nodes:
         shape = sp.shape_of(node)
@@ -2073,10 +2069,10 @@ def _sharded_shapes(p: _Prover, n: int, local: int) -> dict[str, Any]:
         if isinstance(value, tuple):
             shape = None  # its items are checked where they are taken
         elif isinstance(value, Layout) and shape is not None:
-            if any(permuted and m != n for m, permuted in value.segments):
+            if any(permuted and m != loc.n for m, permuted in value.segments):
                 raise _Stop(node, "a video segment of another length than the sites'")
             dims = list(shape)
-            dims[value.dim] = _local_length(value, n, local)
+            dims[value.dim] = loc.length(value)
             shape = tuple(dims)
         shapes[node.name] = shape
     return shapes
@@ -2089,7 +2085,9 @@ class _Localizer:
         self.n, self.start, self.local = n, start, local
 
     def length(self, lay: Layout) -> int:
-        return _local_length(lay, self.n, self.local)
+        """A share's length of `lay` (every video segment is `n` long: `_sharded_shapes`
+        checks)."""
+        return sum(self.local if permuted else m for m, permuted in lay.segments)
 
     def position(self, lay: Layout, pos: int, node: Node) -> int:
         """The share's position of traced position `pos`: a segment border, or inside text."""
@@ -2217,13 +2215,13 @@ def _apply_shard(
     p: _Prover,
     plan: _Plan,
     shard: TokenShard,
+    loc: _Localizer,
     anchor: Callable[[Node], tuple[Callable[..., Any], dict[str, Any]]],
     gather: tuple[Callable[..., Any], dict[str, Any]],
 ) -> TokenOrderResult:
     graph = p.graph
     gather_fn, gather_kwargs = gather
     n = plan.video_len
-    loc = _Localizer(n, shard.start(n), shard.local(n))
     device = _graph_device(plan.anchors[0])
     fake = _FakeValues(plan.anchors[0])
     first_use = next(x for x in graph.nodes if x.op != "placeholder")
