@@ -59,7 +59,9 @@ SHAPES = [
     dict(name="wan1.3b-480p", grid=(21, 30, 52), text=0, H=12, D=128, window=(2, 2, 3)),
     dict(name="hunyuan-720p", grid=(30, 48, 80), text=256, H=24, D=128, window=(3, 3, 4)),
 ]
-CONFIGS = [  # (block_m, block_n, num_warps, num_stages[, warp_specialize]) tried for ours (TMA path)
+# (block_m, block_n, num_warps, num_stages[, warp_specialize, prefetch_idx, tail_m, tail_warps])
+# tried for ours (TMA path)
+CONFIGS = [
     (128, 128, 8, 2),
     (128, 128, 8, 3),
     (128, 64, 8, 3),
@@ -67,6 +69,8 @@ CONFIGS = [  # (block_m, block_n, num_warps, num_stages[, warp_specialize]) trie
     (128, 128, 8, 3, True),
     (128, 128, 8, 2, False, True),
     (128, 128, 8, 3, False, True),  # + index prefetch
+    (128, 128, 8, 3, False, True, 64, 4),  # + 64-row query tails (one warpgroup)
+    (128, 128, 8, 3, False, True, 64, 8),
 ]
 
 
@@ -150,11 +154,17 @@ def sta_layout(grid, tile, window, text=0):
     )
 
 
-def issued_pairs(lay, block_m=128, block_n=128):
-    """(query row, key) pairs a kernel with these sub-tiles computes, padding included."""
+def issued_pairs(lay, block_m=128, block_n=128, tail_m=0):
+    """(query row, key) pairs a kernel with these sub-tiles computes, padding included; with
+    `tail_m`, a sub-tile of at most that many live rows computes tail_m rows."""
     bs, valid = lay["bs"], lay["valid"].long()
     per_kb = ((valid // block_n) + ((valid % block_n) > 0).long()) * block_n
-    live_m = torch.stack([(torch.arange(0, bs, block_m) < int(v)).sum() for v in valid]) * block_m
+
+    def rows(v):
+        live = [min(block_m, v - m0) for m0 in range(0, bs, block_m) if m0 < v]
+        return sum(tail_m if 0 < n <= tail_m else block_m for n in live)
+
+    live_m = torch.tensor([rows(int(v)) for v in valid])
     return sum(
         int(live_m[qb]) * int(per_kb[torch.tensor(lst)].sum())
         for qb, lst in enumerate(lay["lists"])
@@ -376,6 +386,7 @@ def bench_shape(s, args, fa4):
         "max_kv": int(lay["cnt"].max()),
         "issued_over_valid_128x128": issued_pairs(lay, 128, 128) / lay["pairs"],
         "issued_over_valid_128x64": issued_pairs(lay, 128, 64) / lay["pairs"],
+        "issued_over_valid_128x128_tails64": issued_pairs(lay, 128, 128, 64) / lay["pairs"],
         "variants": {},
     }
     g = torch.Generator(device=dev).manual_seed(0)
@@ -388,7 +399,8 @@ def bench_shape(s, args, fa4):
     res["setup_s"] = time.perf_counter() - t0
     print(
         f"  {s['name']}: S={S} L={L} blocks={lay['NB']} tiles={lay['tiles']} window={lay['window']} "
-        f"density={lay['density']:.4f} issued/valid={res['issued_over_valid_128x128']:.3f}",
+        f"density={lay['density']:.4f} issued/valid={res['issued_over_valid_128x128']:.3f} "
+        f"(64-row tails {res['issued_over_valid_128x128_tails64']:.3f})",
         flush=True,
     )
 

@@ -259,6 +259,69 @@ def test_tile_shapes(block_m, block_n, prefetch):
     )
 
 
+# block valid counts whose last live 32-row sub-tile holds <= 16 rows (a tail: 40, 10, 48), more
+# (50), exactly 16 (16) or none (0, 64)
+TAIL_VALID = [40, 10, 50, 0, 64, 16, 48]
+
+
+@pytest.mark.parametrize("key_mask", [False, True])
+def test_query_tails_run_in_their_own_launch_and_match_the_reference(key_mask):
+    """With tail_m, sub-tiles with few live rows are computed by the second launch of short
+    tiles: every live row is still attended, every padded row zero, with or without a key mask."""
+    gen = torch.Generator().manual_seed(11)
+    NB, bs, B = len(TAIL_VALID), 64, 2
+    valid = torch.tensor(TAIL_VALID, dtype=torch.int32, device=DEVICE)
+    idx, cnt = random_lists(2, NB, 4, gen, full_rows=(0, 1, 2))
+    q, k, v = make_qkv(B, NB, bs, 2, 1, 64, torch.bfloat16, valid)
+    km = None
+    if key_mask:
+        km = torch.rand(B, NB * bs, generator=gen) > 0.3
+        km = km.to(DEVICE)
+    run_checked(
+        q, k, v, idx, cnt, valid, bs, key_mask=km, config=BlockSparseConfig(32, 16, 4, 1, tail_m=16)
+    )
+
+
+def test_query_tails_leave_output_and_lse_unchanged():
+    """Tails on or off, the kernel computes the same rows the same way: outputs and the saved
+    log-sum-exp agree (a tail row redone by the short launch must overwrite the main launch's)."""
+    gen = torch.Generator().manual_seed(12)
+    NB, bs, H = len(TAIL_VALID), 64, 2
+    valid = torch.tensor(TAIL_VALID, dtype=torch.int32, device=DEVICE)
+    idx, cnt = random_lists(H, NB, 3, gen, full_rows=(0, 1))
+    q, k, v = make_qkv(1, NB, bs, H, H, 64, torch.float16, valid)
+    results = []
+    for tail_m in (0, 16):
+        lse = torch.full((1, H, NB * bs), float("nan"), device=DEVICE)
+        out = block_sparse_attention_fwd(
+            q,
+            k,
+            v,
+            idx,
+            cnt,
+            valid,
+            block_size=bs,
+            softmax_scale=0.125,
+            lse=lse,
+            config=BlockSparseConfig(32, 16, 4, 1, tail_m=tail_m),
+        )
+        results.append((out, lse))
+    (out0, lse0), (out1, lse1) = results
+    assert not torch.isnan(lse1).any(), "a tail row's log-sum-exp was never written"
+    torch.testing.assert_close(out1, out0, rtol=0, atol=2e-3)
+    torch.testing.assert_close(lse1, lse0, rtol=0, atol=1e-4)
+
+
+def test_query_tails_that_do_not_divide_the_tile_are_turned_off():
+    """A tail_m that is not a proper divisor of the fitted block_m is dropped, not run wrong."""
+    from fv_compile.backends.kernels.block_sparse_fwd import _fit
+
+    assert _fit(BlockSparseConfig(128, 128, 8, 3, tail_m=64), 384).tail_m == 64
+    assert _fit(BlockSparseConfig(128, 128, 8, 3, tail_m=64), 48).tail_m == 0  # block_m 16
+    assert _fit(BlockSparseConfig(128, 128, 8, 3, tail_m=48), 384).tail_m == 0
+    assert _fit(BlockSparseConfig(128, 128, 8, 3, tail_m=128), 384).tail_m == 0
+
+
 def test_out_of_range_entries_are_ignored():
     """Indices outside [0, n_blocks) are skipped and counts are clamped, never read out of bounds."""
     NB, bs = 3, 32
@@ -387,9 +450,12 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_real_tiles(D, dtype):
     gen = torch.Generator().manual_seed(D)
     NB, bs, H = 6, 384, 2
-    valid = torch.tensor([384, 144, 384, 0, 200, 72], dtype=torch.int32, device=DEVICE)
+    valid = torch.tensor([384, 144, 320, 0, 200, 72], dtype=torch.int32, device=DEVICE)
     idx, cnt = random_lists(H, NB, 4, gen, empty_rows=(1,), full_rows=(0,))
     q, k, v = make_qkv(1, NB, bs, H, 1, D, dtype, valid)
     run_checked(q, k, v, idx, cnt, valid, bs)
     run_checked(q, k, v, idx, cnt, valid, bs, use_tma=False)
     run_checked(q, k, v, idx, cnt, valid, bs, config=BlockSparseConfig(128, 64, 8, 3))
+    tails = BlockSparseConfig(128, 128, 8, 3, False, True, tail_m=64)
+    run_checked(q, k, v, idx, cnt, valid, bs, config=tails)
+    run_checked(q, k, v, idx, cnt, valid, bs, config=tails, use_tma=False)

@@ -9,7 +9,7 @@ tokens, the rest is padding. Query block ``qb`` of head ``h`` attends to exactly
 ``kv_indices[h', qb, :kv_counts[h', qb]]`` (``h' = h`` for per-head lists, 0 for shared lists).
 Padded keys are masked out, padded query rows are written as 0, a row with no valid key is 0.
 
-Two launches per call, both CUDA-graph safe (no host sync, no data-dependent shapes):
+Two launches per call (three with query tails), all CUDA-graph safe (no host sync, no data-dependent shapes):
 
 1. ``_plan_kernel`` (one program per (list head, query block)) expands the block lists to
    ``BLOCK_N``-granular key sub-blocks and sorts them in two groups: *full* sub-blocks (every key
@@ -22,6 +22,9 @@ Two launches per call, both CUDA-graph safe (no host sync, no data-dependent sha
    in padding visits nothing and writes zeros.
 
 ``BLOCK_M`` and ``BLOCK_N`` divide ``block_size`` (a multiple of 16): 384 -> 128/128, 48 -> 16/16.
+With ``BlockSparseConfig.tail_m`` a query sub-tile holding at most ``tail_m`` live rows (the ragged
+end of a padded block: a 384-row tile of 144 tokens ends in a 128-row sub-tile of 16) is left by
+the main launch (written as padding) to a third launch of ``tail_m``-row tiles computing only those.
 """
 
 from __future__ import annotations
@@ -237,6 +240,12 @@ def _block_sparse_fwd_kernel(
     HAS_KEY_MASK: tl.constexpr = False,
     LISTS_PER_BATCH: tl.constexpr = False,  # lists per (batch, head): Hm == B * H
     STORE_LSE: tl.constexpr = False,
+    # query tails: 1 = the main launch leaves sub-tiles with at most TAIL_M live rows to a second
+    # launch (it writes them as padding); 2 = that launch, BLOCK_M == TAIL_M rows at the start of
+    # each MAIN_M-row sub-tile, only where it is such a tail (other programs store nothing)
+    TAIL_MODE: tl.constexpr = 0,
+    TAIL_M: tl.constexpr = 0,
+    MAIN_M: tl.constexpr = 0,
 ):
     # last query blocks first: lists that grow towards the end (a text block attending to every
     # block, causal-like layouts) start early instead of forming the tail
@@ -245,7 +254,7 @@ def _block_sparse_fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     kh = h // GROUP
-    m0 = pid_m * BLOCK_M
+    m0 = pid_m * (MAIN_M if TAIL_MODE == 2 else BLOCK_M)
     qb = m0 // BLOCK_SIZE
     local0 = m0 - qb * BLOCK_SIZE
 
@@ -260,6 +269,10 @@ def _block_sparse_fwd_kernel(
     n_part = tl.load(NPART + prow)
     # a query sub-tile wholly in padding visits nothing (and writes zeros)
     live = local0 < q_valid
+    if TAIL_MODE == 1:  # a tail: no keys here, so its rows are written as padding, then redone
+        live = live & (q_valid - local0 > TAIL_M)
+    if TAIL_MODE == 2:
+        live = live & (q_valid - local0 <= TAIL_M)
     n_full = tl.where(live, n_full, 0)
     n_part = tl.where(live, n_part, 0)
     full_list = FULL + prow.to(tl.int64) * max_full
@@ -353,6 +366,66 @@ def _block_sparse_fwd_kernel(
     row_ok = ((offs_m - qb * BLOCK_SIZE) < q_valid) & (l_i > 0.0)
     l_safe = tl.where(row_ok, l_i, 1.0)
     out = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0).to(O.dtype.element_ty)
+    if TAIL_MODE == 2:
+        if live:
+            _bs_store_rows(
+                out,
+                row_ok,
+                m_i,
+                l_safe,
+                o_base,
+                stride_os,
+                LSE,
+                pid_bh,
+                L,
+                m0,
+                offs_m,
+                offs_d,
+                HEAD_DIM,
+                BLOCK_M,
+                USE_TMA,
+                STORE_LSE,
+            )
+    else:
+        _bs_store_rows(
+            out,
+            row_ok,
+            m_i,
+            l_safe,
+            o_base,
+            stride_os,
+            LSE,
+            pid_bh,
+            L,
+            m0,
+            offs_m,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_M,
+            USE_TMA,
+            STORE_LSE,
+        )
+
+
+@triton.jit
+def _bs_store_rows(
+    out,
+    row_ok,
+    m_i,
+    l_safe,
+    o_base,
+    stride_os,
+    LSE,
+    pid_bh,
+    L,
+    m0,
+    offs_m,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+):
     if STORE_LSE:  # +inf where the row is padding or saw no key: a backward gives it p = 0
         lse = tl.where(row_ok, m_i + tl.math.log2(l_safe), float("inf"))
         tl.store(LSE + pid_bh.to(tl.int64) * L + offs_m, lse)
@@ -377,6 +450,10 @@ class BlockSparseConfig(NamedTuple):
     num_stages: int
     warp_specialize: bool = False
     prefetch_idx: bool = False  # load the next key sub-block's start row one iteration ahead
+    # query sub-tiles with at most tail_m live rows (the ragged end of a padded block) run in a
+    # second launch of tail_m-row tiles (tail_warps warps) instead of as whole block_m-row tiles
+    tail_m: int = 0
+    tail_warps: int = 4
 
 
 # preferred config per (head_dim, path); block_m/block_n are trimmed to divide block_size.
@@ -413,9 +490,10 @@ def _largest_divisor(block_size: int, cap: int) -> int:
 
 
 def _fit(cfg: BlockSparseConfig, block_size: int) -> BlockSparseConfig:
+    block_m = _largest_divisor(block_size, cfg.block_m)
+    tail_m = cfg.tail_m if 0 < cfg.tail_m < block_m and block_m % cfg.tail_m == 0 else 0
     return cfg._replace(
-        block_m=_largest_divisor(block_size, cfg.block_m),
-        block_n=_largest_divisor(block_size, cfg.block_n),
+        block_m=block_m, block_n=_largest_divisor(block_size, cfg.block_n), tail_m=tail_m
     )
 
 
@@ -663,56 +741,65 @@ def block_sparse_attention_fwd(
     upcast = interpret and q.dtype == torch.bfloat16
     dot_precision = "ieee" if (q.dtype == torch.float32 or upcast) else None
     extra = {"UPCAST": True} if upcast else {}
-    grid = (L // config.block_m, B * H)
-    launched = _block_sparse_fwd_kernel[grid](
-        q,
-        k,
-        v,
-        out,
-        block_valid,
-        plan.full,
-        plan.n_full,
-        plan.part,
-        plan.part_end,
-        plan.n_part,
-        km,
-        stride_kmb,
-        block_valid if lse is None else lse,  # (never written without STORE_LSE)
-        float(softmax_scale) * _LOG2E,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        H,
-        L,
-        n_blocks,
-        max_kv,
-        plan.full.shape[-1],
-        PER_HEAD=(Hm == H and H > 1),
-        GROUP=H // Hk,
-        BLOCK_SIZE=block_size,
-        HEAD_DIM=D,
-        USE_TMA=bool(use_tma),
-        DOT_PRECISION=dot_precision,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        WARP_SPECIALIZE=bool(config.warp_specialize) and bool(use_tma) and not interpret,
-        PREFETCH_IDX=bool(config.prefetch_idx),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        LISTS_PER_BATCH=bool(lists_per_batch),
-        STORE_LSE=lse is not None,
-        **extra,
-        **extra_km,
-    )
+
+    def launch(block_m: int, num_warps: int, tail: bool = False, **mode: int):
+        return _block_sparse_fwd_kernel[(L // config.block_m, B * H)](
+            q,
+            k,
+            v,
+            out,
+            block_valid,
+            plan.full,
+            plan.n_full,
+            plan.part,
+            plan.part_end,
+            plan.n_part,
+            km,
+            stride_kmb,
+            block_valid if lse is None else lse,  # (never written without STORE_LSE)
+            float(softmax_scale) * _LOG2E,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            H,
+            L,
+            n_blocks,
+            max_kv,
+            plan.full.shape[-1],
+            PER_HEAD=(Hm == H and H > 1),
+            GROUP=H // Hk,
+            BLOCK_SIZE=block_size,
+            HEAD_DIM=D,
+            USE_TMA=bool(use_tma),
+            DOT_PRECISION=dot_precision,
+            BLOCK_M=block_m,
+            BLOCK_N=config.block_n,
+            WARP_SPECIALIZE=bool(config.warp_specialize and use_tma and not interpret) and not tail,
+            PREFETCH_IDX=bool(config.prefetch_idx),
+            num_warps=num_warps,
+            num_stages=config.num_stages,
+            LISTS_PER_BATCH=bool(lists_per_batch),
+            STORE_LSE=lse is not None,
+            **extra,
+            **extra_km,
+            **mode,
+        )
+
+    if config.tail_m:
+        tails = {"TAIL_M": config.tail_m, "MAIN_M": config.block_m}
+        launched = launch(config.block_m, config.num_warps, False, TAIL_MODE=1, **tails)
+        launch(config.tail_m, config.tail_warps, True, TAIL_MODE=2, **tails)
+    else:
+        launched = launch(config.block_m, config.num_warps)
     if on_launch is not None:
         on_launch(launched)
     return out
