@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import os
@@ -246,53 +247,25 @@ def bench_model(args) -> list[dict]:
 
 
 def profile_step(step) -> dict:
-    """Where one compiled step's GPU time goes: attention (the kernels under the rewritten
-    sites' ops), and the step's kernels summed by kind, so the step can be held against its
-    floor (attention at flash-attn-4's unmasked rate plus the GEMMs at the GEMM ceiling)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where one compiled step's GPU time goes (the report's profile: attention ops, the step's
+    kernels by kind, the costliest kernels), so the step can be held against its floor
+    (attention at flash-attn-4's unmasked rate plus the GEMMs at the GEMM ceiling)."""
     from fv_compile.report.measure import profile_attention
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         share = profile_attention(step, torch.device("cuda"))
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    top: list[tuple[float, str, int]] = []
-    for e in prof.key_averages():
-        ms = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        ms /= 1e3
-        if ms <= 0:
-            continue
-        name = e.key.lower()
-        kind = (
-            "attention"
-            if any(w in name for w in ("flash", "fmha", "attention", "cudnn"))
-            else "gemm"
-            if any(w in name for w in ("gemm", "cutlass", "nvjet", "sm90_xmma", "matmul"))
-            else "other"
-        )
-        kinds[kind] = kinds.get(kind, 0.0) + ms
-        top.append((ms, e.key[:90], e.count))
-    top.sort(reverse=True)
     print(
         f"  profile: step {share.step_ms:.1f} ms, attention ops {share.attention_ms:.1f} ms "
         f"({share.calls} calls); kernels by kind (ms): "
-        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items())),
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(share.step_kernels_ms.items()))
+        + "; inside the ops: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(share.op_kernels_ms.items())),
         flush=True,
     )
-    for ms, name, count in top[:12]:
-        print(f"    {ms:10.1f} ms  {count:5d}x  {name}", flush=True)
-    return dict(
-        step_ms=share.step_ms,
-        attention_ms=share.attention_ms,
-        attention_calls=share.calls,
-        kernels_by_kind_ms=kinds,
-        top_kernels=[dict(ms=ms, name=n, count=c) for ms, n, c in top[:20]],
-    )
+    for name, count, ms in share.top_kernels:
+        print(f"    {ms:10.1f} ms  {count:5d}x  {name[:90]}", flush=True)
+    return dataclasses.asdict(share)
 
 
 def main() -> None:

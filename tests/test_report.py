@@ -426,3 +426,51 @@ def test_the_cpu_gap_says_when_fv_compile_stops_trailing():
     )
     assert text.startswith("**fv_compile[auto] does not trail plain torch.compile: 1.11x**")
     assert "largest measured cause" not in text
+
+
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", "copy"),
+        ("Memcpy DtoD (Device -> Device)", "copy"),
+        ("triton_poi_fused_clone_3", "copy"),
+        ("void at::native::index_elementwise_kernel<128, 4>", "copy"),
+        ("triton_poi_fused_add_mul_0", "pointwise"),
+        ("triton_red_fused_native_layer_norm_1", "reduction"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "gemm"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "gemm"),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "attention"),
+        ("kernel_cutlass_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_0", "attention"),
+        ("_block_sparse_fwd_kernel", "attention"),
+        ("_plan_kernel", "other"),
+    ],
+)
+def test_kernels_are_sorted_by_what_their_names_say_they_do(name, kind):
+    from fv_compile.report.measure import kernel_kind
+
+    assert kernel_kind(name) == kind
+
+
+def test_a_gpu_profiled_step_lists_its_kernels_by_kind_and_the_costliest(run):
+    from fv_compile.report.measure import AttentionShare, LatencyStats
+    from fv_compile.report.render import render_markdown
+    from fv_compile.report.variants import VariantResult
+
+    fv = VariantResult("fv_compile[auto]", "fv_compile", "auto", latency=LatencyStats.of([9.0]))
+    fv.attention = AttentionShare(
+        4.0,
+        9.0,
+        2,
+        "gpu",
+        step_kernels_ms={"attention": 3.5, "gemm": 4.0, "copy": 0.25},
+        op_kernels_ms={"attention": 3.5, "copy": 0.25},
+        top_kernels=[("nvjet_tst_gemm", 8, 4.0), ("flash_fwd", 2, 3.5)],
+    )
+    text = render_markdown(_report(run, [fv]))
+    section = text.split("## GPU kernels of one profiled step")[1].split("\n## ")[0]
+    assert "| fv_compile[auto] | 7.75 | 3.50 | 4.00 | 0.25 | attention 3.50, copy 0.25 |" in section
+    assert "| nvjet_tst_gemm | 8 | 4.00 |" in section
+
+
+def test_a_cpu_report_has_no_gpu_kernel_section(run):
+    assert "## GPU kernels of one profiled step" not in (run["out"] / "report.md").read_text()

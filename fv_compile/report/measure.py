@@ -95,6 +95,10 @@ class AttentionShare:
         name (`aten::_scaled_dot_product_flash_attention_for_cpu`).
     compiled_ms: the time inside compiled graphs (Dynamo's "Torch-Compiled Region" ranges); the
         step's remainder ran eagerly (the code between regionally compiled blocks, graph breaks).
+    step_kernels_ms / op_kernels_ms: on a GPU, the device time of every kernel of the step, and
+        of the kernels launched inside the attention ops, by `kernel_kind` (a copy under an op is
+        layout work of ours around the backend's kernel; GEMMs are the step's other floor).
+    top_kernels: the step's costliest kernels, `(name, launches, ms)`.
     """
 
     attention_ms: float
@@ -104,6 +108,9 @@ class AttentionShare:
     kernel_ms: float | None = None
     kernels: dict[str, int] = field(default_factory=dict)
     compiled_ms: float | None = None
+    step_kernels_ms: dict[str, float] = field(default_factory=dict)
+    op_kernels_ms: dict[str, float] = field(default_factory=dict)
+    top_kernels: list[tuple[str, int, float]] = field(default_factory=list)
     share: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -233,6 +240,22 @@ def profile_attention(step: Callable[[], Any], device: torch.device) -> Attentio
     for k in kernels:
         name = _kernel_name(k)
         names[name] = names.get(name, 0) + 1
+    step_kinds: dict[str, float] = {}
+    op_kinds: dict[str, float] = {}
+    top: dict[str, tuple[int, float]] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        ms = e.time_range.elapsed_us() / 1e3
+        kind = kernel_kind(e.name)
+        step_kinds[kind] = step_kinds.get(kind, 0.0) + ms
+        launches, total = top.get(e.name, (0, 0.0))
+        top[e.name] = (launches + 1, total + ms)
+    for op in attention:
+        for kernel in _launched(op):
+            kind = kernel_kind(kernel.name)
+            op_kinds[kind] = op_kinds.get(kind, 0.0) + kernel.duration / 1e3
+    costliest = sorted(top.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
     return AttentionShare(
         sum(took(e) for e in attention) / 1e3,
         sum(took(e) for e in steps) / 1e3,
@@ -241,7 +264,58 @@ def profile_attention(step: Callable[[], Any], device: torch.device) -> Attentio
         kernel_ms=sum(took(k) for k in kernels) / 1e3 if kernels or not attention else None,
         kernels=names,
         compiled_ms=sum(took(e) for e in regions) / 1e3,
+        step_kernels_ms=step_kinds,
+        op_kernels_ms=op_kinds,
+        top_kernels=[(name, n, ms) for name, (n, ms) in costliest],
     )
+
+
+TOP_KERNELS = 12  # kernels a profiled step lists by name
+
+# Device kernels by what they do, from their names: attention kernels (ATen's SDPA family,
+# flash-attn, cuDNN, ours), GEMMs (cuBLAS, CUTLASS, Inductor's mm templates), copies (layout and
+# gather/scatter work, memcpy/memset), reductions (norms, softmax), other pointwise work.
+_KERNEL_KINDS = (
+    ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "block_sparse")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "triton_tem_", "splitk")),
+    (
+        "copy",
+        (
+            "copy",
+            "clone",
+            "memcpy",
+            "memset",
+            "catarray",
+            "gather",
+            "scatter",
+            "index",
+            "transpose",
+        ),
+    ),
+    ("reduction", ("triton_red_", "triton_per_", "reduce", "norm", "softmax")),
+    ("pointwise", ("triton_poi_", "elementwise", "vectorized")),
+)
+
+
+KERNEL_KINDS = tuple(kind for kind, _ in _KERNEL_KINDS) + ("other",)
+
+
+def kernel_kind(name: str) -> str:
+    """What a device kernel does, judged by its name: one of attention, gemm, copy,
+    reduction, pointwise, other."""
+    lowered = name.lower()
+    for kind, words in _KERNEL_KINDS:
+        if any(w in lowered for w in words):
+            return kind
+    return "other"
+
+
+def _launched(event: Any) -> list[Any]:
+    """The device kernels `event` and its descendants launched."""
+    found = list(getattr(event, "kernels", ()))
+    for child in event.cpu_children:
+        found += _launched(child)
+    return found
 
 
 # ATen's attention ops (SDPA and the kernels it dispatches to: flash, efficient, cuDNN, math)

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from fv_compile.report.measure import TIMING_RULE
+from fv_compile.report.measure import KERNEL_KINDS, TIMING_RULE, AttentionShare
 from fv_compile.report.run import Report
 from fv_compile.report.variants import FV_COMPILE, RAN_DENSE, SERVED_NO_SITE, VariantResult
 
@@ -192,6 +192,8 @@ def render_markdown(report: Report) -> str:
             f"Eager attention could not be isolated: `{_one_line(report.eager_attention.error)}`",
             "",
         ]
+    if kernels := _kernel_tables(report):
+        parts += ["## GPU kernels of one profiled step", "", kernels, ""]
     parts += ["## Attention sites", ""]
     for r in report.variants:
         if r.kind == FV_COMPILE and r.explain_text:
@@ -280,13 +282,44 @@ def _bar_label(r: VariantResult) -> str:
     return label
 
 
-def _attention_table(report: Report) -> str:
+def _profiled_shares(report: Report) -> list[tuple[str, AttentionShare]]:
     shares = [("eager (TORCH_SDPA sites, eager ops)", report.eager_attention.share)]
     shares += [(r.name, r.attention) for r in report.variants if r.attention and r.attention.calls]
+    return [(name, a) for name, a in shares if a is not None]
+
+
+def _kernel_tables(report: Report) -> str:
+    """Each profiled step's device time by kernel kind, the part of it launched inside the
+    attention ops, and its costliest kernels; empty where no step ran on a GPU."""
+    shares = [(name, a) for name, a in _profiled_shares(report) if a.step_kernels_ms]
+    if not shares:
+        return ""
+    kinds = [k for k in KERNEL_KINDS if any(k in a.step_kernels_ms for _, a in shares)]
+    rows = [
+        [name, f"{sum(a.step_kernels_ms.values()):.2f}"]
+        + [f"{a.step_kernels_ms.get(k, 0.0):.2f}" for k in kinds]
+        + [", ".join(f"{k} {ms:.2f}" for k, ms in sorted(a.op_kernels_ms.items())) or "-"]
+        for name, a in shares
+    ]
+    header = ["profiled step", "kernels ms"] + [f"{k} ms" for k in kinds]
+    header += ["inside the attention ops (ms)"]
+    parts = [markdown_table(header, rows), ""]
+    for name, a in shares:
+        top = [[kernel[:100], str(n), f"{ms:.2f}"] for kernel, n, ms in a.top_kernels]
+        if top:
+            parts += [
+                f"Costliest kernels, {name}:",
+                "",
+                markdown_table(["kernel", "launches", "ms"], top),
+                "",
+            ]
+    return "\n".join(parts).rstrip()
+
+
+def _attention_table(report: Report) -> str:
     rows = [
         [name, f"{a.attention_ms:.2f}", f"{a.step_ms:.2f}", f"{100 * a.share:.1f}%", str(a.calls)]
-        for name, a in shares
-        if a is not None
+        for name, a in _profiled_shares(report)
     ]
     header = ["profiled step", "attention ms", "step ms", "share", "attention ops"]
     return markdown_table(header, rows) if rows else "No step could be profiled."
