@@ -474,3 +474,23 @@ def test_a_gpu_profiled_step_lists_its_kernels_by_kind_and_the_costliest(run):
 
 def test_a_cpu_report_has_no_gpu_kernel_section(run):
     assert "## GPU kernels of one profiled step" not in (run["out"] / "report.md").read_text()
+
+
+def test_kernels_the_profiler_counted_twice_under_the_ops_are_called_out(run):
+    from fv_compile.report.measure import AttentionShare, LatencyStats
+    from fv_compile.report.render import render_markdown
+    from fv_compile.report.variants import VariantResult
+
+    fv = VariantResult("fv_compile[auto]", "fv_compile", "auto", latency=LatencyStats.of([9.0]))
+    fv.attention = AttentionShare(
+        5.0,
+        9.0,
+        2,
+        "gpu",
+        step_kernels_ms={"attention": 3.5, "gemm": 4.0},
+        op_kernels_ms={"attention": 5.0},
+    )
+    text = render_markdown(_report(run, [fv]))
+    assert "some kernels were counted under two of the ops' events" in text
+    fv.attention.op_kernels_ms = {"attention": 3.5}
+    assert "counted under two" not in render_markdown(_report(run, [fv]))

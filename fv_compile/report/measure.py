@@ -95,9 +95,11 @@ class AttentionShare:
         name (`aten::_scaled_dot_product_flash_attention_for_cpu`).
     compiled_ms: the time inside compiled graphs (Dynamo's "Torch-Compiled Region" ranges); the
         step's remainder ran eagerly (the code between regionally compiled blocks, graph breaks).
-    step_kernels_ms / op_kernels_ms: on a GPU, the device time of every kernel of the step, and
-        of the kernels launched inside the attention ops, by `kernel_kind` (a copy under an op is
-        layout work of ours around the backend's kernel; GEMMs are the step's other floor).
+    step_kernels_ms / op_kernels_ms: on a GPU, the device time of every kernel of the step
+        (each device event once), and of the kernels torch's profiler attributes to the
+        attention ops (as attention_ms is), by `kernel_kind` (a copy under an op is layout work
+        of ours around the backend's kernel; GEMMs are the step's other floor). On a 22 s
+        HunyuanVideo step that attribution counted some kernels twice: the render says so.
     top_kernels: the step's costliest kernels, `(name, launches, ms)`.
     """
 
