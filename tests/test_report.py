@@ -476,21 +476,48 @@ def test_a_cpu_report_has_no_gpu_kernel_section(run):
     assert "## GPU kernels of one profiled step" not in (run["out"] / "report.md").read_text()
 
 
-def test_kernels_the_profiler_counted_twice_under_the_ops_are_called_out(run):
-    from fv_compile.report.measure import AttentionShare, LatencyStats
-    from fv_compile.report.render import render_markdown
-    from fv_compile.report.variants import VariantResult
+class _Event:
+    """A profiler event as `attention_share` reads it."""
 
-    fv = VariantResult("fv_compile[auto]", "fv_compile", "auto", latency=LatencyStats.of([9.0]))
-    fv.attention = AttentionShare(
-        5.0,
-        9.0,
-        2,
-        "gpu",
-        step_kernels_ms={"attention": 3.5, "gemm": 4.0},
-        op_kernels_ms={"attention": 5.0},
-    )
-    text = render_markdown(_report(run, [fv]))
-    assert "some kernels were counted under two of the ops' events" in text
-    fv.attention.op_kernels_ms = {"attention": 3.5}
-    assert "counted under two" not in render_markdown(_report(run, [fv]))
+    def __init__(self, name, device="cpu", id=0, linked=0, parent=None, us=0.0, annotation=False):
+        from torch.autograd import DeviceType
+
+        self.name, self.id, self.linked_correlation_id = name, id, linked
+        self.device_type = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+        self.is_user_annotation = annotation
+        self.cpu_parent, self.cpu_children = parent, []
+        if parent is not None:
+            parent.cpu_children.append(self)
+        self.time_range = type("Interval", (), {"elapsed_us": lambda _, us=us: us})()
+
+
+def test_a_gpu_step_counts_each_kernel_once_for_the_event_that_launched_it():
+    """Two CPU events may share a correlation id (torch then adds the kernel to both and an op's
+    device total counts it twice): the share counts it once, under the innermost of them."""
+    from fv_compile.report.measure import ATTENTION_OP, STEP_RANGE, attention_share
+
+    step = _Event(STEP_RANGE, id=1)
+    region = _Event("Torch-Compiled Region: 0/0", id=2, parent=step)
+    op = _Event(ATTENTION_OP, id=3, parent=region)
+    sdpa = _Event("aten::_scaled_dot_product_cudnn_attention", id=3, parent=op)  # op's id again
+    events = [step, region, op, sdpa]
+    events += [
+        _Event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "cuda", linked=3, us=4000.0),
+        _Event("nvjet_sm90_tst_gemm", "cuda", linked=2, us=3000.0),
+        _Event("void at::native::direct_copy_kernel_cuda", "cuda", linked=99, us=500.0),
+        _Event(STEP_RANGE, "cuda", us=9000.0, annotation=True),
+    ]
+    share = attention_share(events, on_gpu=True)
+    assert (share.attention_ms, share.kernel_ms, share.step_ms) == (4.0, 4.0, 7.5)
+    assert share.compiled_ms == 7.0  # the copy's launcher is unknown: not inside the region
+    assert share.op_kernels_ms == {"attention": 4.0}
+    assert share.step_kernels_ms == {"attention": 4.0, "gemm": 3.0, "copy": 0.5}
+    assert share.top_kernels[0] == ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 1, 4.0)
+
+
+def test_a_gpu_step_whose_kernels_no_event_claims_is_an_error_not_a_zero_share():
+    from fv_compile.report.measure import ATTENTION_OP, attention_share
+
+    events = [_Event(ATTENTION_OP, id=3), _Event("flash_fwd", "cuda", linked=7, us=10.0)]
+    with pytest.raises(RuntimeError, match="linked none of the step's 1 device kernels"):
+        attention_share(events, on_gpu=True)

@@ -96,10 +96,9 @@ class AttentionShare:
     compiled_ms: the time inside compiled graphs (Dynamo's "Torch-Compiled Region" ranges); the
         step's remainder ran eagerly (the code between regionally compiled blocks, graph breaks).
     step_kernels_ms / op_kernels_ms: on a GPU, the device time of every kernel of the step
-        (each device event once), and of the kernels torch's profiler attributes to the
-        attention ops (as attention_ms is), by `kernel_kind` (a copy under an op is layout work
-        of ours around the backend's kernel; GEMMs are the step's other floor). On a 22 s
-        HunyuanVideo step that attribution counted some kernels twice: the render says so.
+        and of the kernels launched inside the attention ops (each kernel once), by
+        `kernel_kind` (a copy under an op is layout work of ours around the backend's kernel;
+        GEMMs are the step's other floor).
     top_kernels: the step's costliest kernels, `(name, launches, ms)`.
     """
 
@@ -205,13 +204,7 @@ def output_error(output: torch.Tensor, reference: torch.Tensor) -> OutputError:
 
 
 def profile_attention(step: Callable[[], Any], device: torch.device) -> AttentionShare:
-    """Profile one call of `step` and attribute its time to attention.
-
-    Attention is every outermost `fv_compile::attention` op (the one op each rewritten site
-    became, so nothing else is counted and nothing inside it is counted twice). On a GPU both
-    sides are kernel time the profiler attributes to the op's and the step's CPU ranges (each
-    kernel counted once, under the op that launched it); on a CPU both are CPU time.
-    """
+    """Profile one call of `step` and attribute its time to attention (see `attention_share`)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -220,56 +213,109 @@ def profile_attention(step: Callable[[], Any], device: torch.device) -> Attentio
         with torch.profiler.record_function(STEP_RANGE):
             step()
         synchronize(device)
+    return attention_share(list(prof.events()), on_gpu=device.type == "cuda")
+
+
+def attention_share(events: list[Any], *, on_gpu: bool) -> AttentionShare:
+    """A profiled step's time attributed to attention.
+
+    Attention is every outermost `fv_compile::attention` op (the one op each rewritten site
+    became, so nothing else is counted and nothing inside it is counted twice). On a GPU both
+    sides are device kernel time: each kernel counted once, for the one CPU event that launched
+    it (torch's own per-event totals can count a kernel under two events that share its
+    correlation id: measured on a 22 s HunyuanVideo step); on a CPU both are CPU time.
+    """
     # host-side ranges only: on a GPU the step's range also appears as a device annotation
-    events = [e for e in prof.events() if e.device_type == DeviceType.CPU]
-    attention = [e for e in events if e.name == ATTENTION_OP and not _inside(e, ATTENTION_OP)]
-    steps = [e for e in events if e.name == STEP_RANGE]
-    regions = [e for e in events if _is_region(e.name) and not _inside(e, None, _is_region)]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    attention = [e for e in cpu if e.name == ATTENTION_OP and not _inside(e, ATTENTION_OP)]
+    steps = [e for e in cpu if e.name == STEP_RANGE]
+    regions = [e for e in cpu if _is_region(e.name) and not _inside(e, None, _is_region)]
     kernels = [k for op in attention for k in _outermost(op, _is_attention_kernel)]
-    if device.type == "cuda":
-
-        def took(e):
-            return e.device_time_total
-
-        method = "GPU kernel time under fv_compile::attention / GPU kernel time of the step"
-    else:
-
-        def took(e):
-            return e.cpu_time_total
-
-        method = "CPU time of fv_compile::attention ops / CPU time of the step"
     names: dict[str, int] = {}
     for k in kernels:
         name = _kernel_name(k)
         names[name] = names.get(name, 0) + 1
+    if not on_gpu:
+        return AttentionShare(
+            sum(e.cpu_time_total for e in attention) / 1e3,
+            sum(e.cpu_time_total for e in steps) / 1e3,
+            len(attention),
+            "CPU time of fv_compile::attention ops / CPU time of the step",
+            kernel_ms=sum(k.cpu_time_total for k in kernels) / 1e3
+            if kernels or not attention
+            else None,
+            kernels=names,
+            compiled_ms=sum(e.cpu_time_total for e in regions) / 1e3,
+        )
+    launched = _device_kernels(events, cpu)
+    ops, aten_kernels, region_set = (
+        set(map(id, attention)),
+        set(map(id, kernels)),
+        set(map(id, regions)),
+    )
+    attention_ms = kernel_ms = compiled_ms = step_ms = 0.0
     step_kinds: dict[str, float] = {}
     op_kinds: dict[str, float] = {}
     top: dict[str, tuple[int, float]] = {}
-    for e in prof.events():
-        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
-            continue
-        ms = e.time_range.elapsed_us() / 1e3
-        kind = kernel_kind(e.name)
+    for kernel, owner in launched:
+        ms = kernel.time_range.elapsed_us() / 1e3
+        kind = kernel_kind(kernel.name)
+        step_ms += ms
         step_kinds[kind] = step_kinds.get(kind, 0.0) + ms
-        launches, total = top.get(e.name, (0, 0.0))
-        top[e.name] = (launches + 1, total + ms)
-    for op in attention:
-        for kernel in _launched(op):
-            kind = kernel_kind(kernel.name)
-            op_kinds[kind] = op_kinds.get(kind, 0.0) + kernel.duration / 1e3
+        launches, total = top.get(kernel.name, (0, 0.0))
+        top[kernel.name] = (launches + 1, total + ms)
+        chain = set(map(id, _self_and_ancestors(owner)))
+        if chain & ops:
+            attention_ms += ms
+            op_kinds[kind] = op_kinds.get(kind, 0.0) + ms
+            if chain & aten_kernels:
+                kernel_ms += ms
+        if chain & region_set:
+            compiled_ms += ms
     costliest = sorted(top.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
     return AttentionShare(
-        sum(took(e) for e in attention) / 1e3,
-        sum(took(e) for e in steps) / 1e3,
+        attention_ms,
+        step_ms,
         len(attention),
-        method,
-        kernel_ms=sum(took(k) for k in kernels) / 1e3 if kernels or not attention else None,
+        "GPU kernel time launched under fv_compile::attention / GPU kernel time of the step",
+        kernel_ms=kernel_ms if kernels or not attention else None,
         kernels=names,
-        compiled_ms=sum(took(e) for e in regions) / 1e3,
+        compiled_ms=compiled_ms,
         step_kernels_ms=step_kinds,
         op_kernels_ms=op_kinds,
         top_kernels=[(name, n, ms) for name, (n, ms) in costliest],
     )
+
+
+def _device_kernels(events: list[Any], cpu: list[Any]) -> list[tuple[Any, Any]]:
+    """Each device kernel of the profile once, with the CPU event that launched it: of the
+    frontend events carrying the kernel's linked correlation id, the innermost. Raises when
+    kernels ran and the profiler linked none of them to an event (no attribution is possible,
+    and a share of 0 would be a wrong number)."""
+    frontend: dict[int, list[Any]] = {}
+    for e in cpu:
+        if getattr(e, "linked_correlation_id", 0) == 0:
+            frontend.setdefault(e.id, []).append(e)
+    found = []
+    for e in events:
+        if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        owners = frontend.get(getattr(e, "linked_correlation_id", 0), [])
+        found.append((e, max(owners, key=lambda o: len(_self_and_ancestors(o)), default=None)))
+    if found and all(owner is None for _, owner in found):
+        raise RuntimeError(
+            f"the profiler linked none of the step's {len(found)} device kernels to the CPU "
+            "event that launched it, so attention's share cannot be measured on this torch build"
+        )
+    return found
+
+
+def _self_and_ancestors(event: Any) -> list[Any]:
+    chain = []
+    while event is not None:
+        chain.append(event)
+        event = event.cpu_parent
+    return chain
 
 
 TOP_KERNELS = 12  # kernels a profiled step lists by name
@@ -310,14 +356,6 @@ def kernel_kind(name: str) -> str:
         if any(w in lowered for w in words):
             return kind
     return "other"
-
-
-def _launched(event: Any) -> list[Any]:
-    """The device kernels `event` and its descendants launched."""
-    found = list(getattr(event, "kernels", ()))
-    for child in event.cpu_children:
-        found += _launched(child)
-    return found
 
 
 # ATen's attention ops (SDPA and the kernels it dispatches to: flash, efficient, cuDNN, math)

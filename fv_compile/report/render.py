@@ -304,15 +304,6 @@ def _kernel_tables(report: Report) -> str:
     header = ["profiled step", "kernels ms"] + [f"{k} ms" for k in kinds]
     header += ["inside the attention ops (ms)"]
     parts = [markdown_table(header, rows), ""]
-    doubled = [name for name, a in shares if _attributed_twice(a)]
-    if doubled:
-        parts += [
-            "The profiler attributed more attention-kernel time to the attention ops than the "
-            f"step's attention kernels took ({', '.join(doubled)}): some kernels were counted "
-            "under two of the ops' events, so those steps' attention ms and the column inside "
-            "the ops overstate; the per-kind columns count each device kernel once.",
-            "",
-        ]
     for name, a in shares:
         top = [[kernel[:100], str(n), f"{ms:.2f}"] for kernel, n, ms in a.top_kernels]
         if top:
@@ -323,13 +314,6 @@ def _kernel_tables(report: Report) -> str:
                 "",
             ]
     return "\n".join(parts).rstrip()
-
-
-def _attributed_twice(a: AttentionShare) -> bool:
-    """Whether the kernels under the attention ops add up to more than the step's kernels of
-    the same kind (torch's attribution put a kernel under two of the ops' events)."""
-    inside, overall = a.op_kernels_ms.get("attention", 0.0), a.step_kernels_ms.get("attention", 0.0)
-    return inside > overall * 1.01 + 0.01
 
 
 def _attention_table(report: Report) -> str:
