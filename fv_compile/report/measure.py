@@ -221,9 +221,9 @@ def attention_share(events: list[Any], *, on_gpu: bool) -> AttentionShare:
 
     Attention is every outermost `fv_compile::attention` op (the one op each rewritten site
     became, so nothing else is counted and nothing inside it is counted twice). On a GPU both
-    sides are device kernel time: each kernel counted once, for the one CPU event that launched
-    it (torch's own per-event totals can count a kernel under two events that share its
-    correlation id: measured on a 22 s HunyuanVideo step); on a CPU both are CPU time.
+    sides are device kernel time: each kernel counted once, under the runtime call that launched
+    it (torch's own per-event totals also add a kernel to the module-loading events that share
+    its op's id, counting it twice under the op); on a CPU both are CPU time.
     """
     # host-side ranges only: on a GPU the step's range also appears as a device annotation
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
@@ -288,24 +288,24 @@ def attention_share(events: list[Any], *, on_gpu: bool) -> AttentionShare:
 
 
 def _device_kernels(events: list[Any], cpu: list[Any]) -> list[tuple[Any, Any]]:
-    """Each device kernel of the profile once, with the CPU event that launched it: of the
-    frontend events carrying the kernel's linked correlation id, the innermost. Raises when
-    kernels ran and the profiler linked none of them to an event (no attribution is possible,
-    and a share of 0 would be a wrong number)."""
-    frontend: dict[int, list[Any]] = {}
+    """Each device kernel of the profile once, with the CPU event that launched it: the runtime
+    call (`cudaLaunchKernel`, `cuLaunchKernel`, `cudaMemcpyAsync`, ...) whose correlation id
+    the kernel carries as its own, which sits under the op that made it. Raises when kernels
+    ran and none has such a call (no attribution is possible, and a share of 0 would be a wrong
+    number)."""
+    by_id: dict[int, list[Any]] = {}
     for e in cpu:
-        if getattr(e, "linked_correlation_id", 0) == 0:
-            frontend.setdefault(e.id, []).append(e)
+        by_id.setdefault(e.id, []).append(e)
     found = []
     for e in events:
         if e.device_type != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
             continue
-        owners = frontend.get(getattr(e, "linked_correlation_id", 0), [])
-        found.append((e, max(owners, key=lambda o: len(_self_and_ancestors(o)), default=None)))
+        calls = [c for c in by_id.get(e.id, []) if c.name.startswith("cu")]
+        found.append((e, calls[0] if len(calls) == 1 else None))
     if found and all(owner is None for _, owner in found):
         raise RuntimeError(
-            f"the profiler linked none of the step's {len(found)} device kernels to the CPU "
-            "event that launched it, so attention's share cannot be measured on this torch build"
+            f"the profiler linked none of the step's {len(found)} device kernels to the runtime "
+            "call that launched it, so attention's share cannot be measured on this torch build"
         )
     return found
 
@@ -348,10 +348,27 @@ _KERNEL_KINDS = (
 KERNEL_KINDS = tuple(kind for kind, _ in _KERNEL_KINDS) + ("other",)
 
 
+# Inductor names its kernels after the ops it fused (and the module paths they came from, so
+# "attention" can name a norm): its prefixes decide first
+_INDUCTOR_KINDS = (
+    ("triton_tem_", "gemm"),
+    ("triton_red_", "reduction"),
+    ("triton_per_", "reduction"),
+)
+_LAYOUT_OPS = {"clone", "copy", "to", "view", "permute", "transpose", "cat", "slice", "unsqueeze"}
+
+
 def kernel_kind(name: str) -> str:
     """What a device kernel does, judged by its name: one of attention, gemm, copy,
     reduction, pointwise, other."""
     lowered = name.lower()
+    for prefix, kind in _INDUCTOR_KINDS:
+        if lowered.startswith(prefix):
+            return kind
+    if lowered.startswith("triton_poi_"):
+        fused = lowered.removeprefix("triton_poi_").removeprefix("fused_").split("_")
+        ops = {op for op in fused if op and not op.isdigit()}
+        return "copy" if ops <= _LAYOUT_OPS else "pointwise"
     for kind, words in _KERNEL_KINDS:
         if any(w in lowered for w in words):
             return kind
