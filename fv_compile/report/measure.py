@@ -321,11 +321,11 @@ def _self_and_ancestors(event: Any) -> list[Any]:
 TOP_KERNELS = 12  # kernels a profiled step lists by name
 
 # Device kernels by what they do, from their names: attention kernels (ATen's SDPA family,
-# flash-attn, cuDNN, ours), GEMMs (cuBLAS, CUTLASS, Inductor's mm templates), copies (layout and
-# gather/scatter work, memcpy/memset), reductions (norms, softmax), other pointwise work.
+# flash-attn, cuDNN, ours), GEMMs (cuBLAS, CUTLASS), copies (layout and gather/scatter work,
+# memcpy/memset), reductions (norms, softmax), other pointwise work; Inductor's kernels below.
 _KERNEL_KINDS = (
     ("attention", ("flash", "fmha", "attention", "attn", "cudnn", "sdpa", "block_sparse")),
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "triton_tem_", "splitk")),
+    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "splitk")),
     (
         "copy",
         (
@@ -340,8 +340,8 @@ _KERNEL_KINDS = (
             "transpose",
         ),
     ),
-    ("reduction", ("triton_red_", "triton_per_", "reduce", "norm", "softmax")),
-    ("pointwise", ("triton_poi_", "elementwise", "vectorized")),
+    ("reduction", ("reduce", "norm", "softmax")),
+    ("pointwise", ("elementwise", "vectorized")),
 )
 
 
