@@ -153,6 +153,20 @@ def test_report_exits_zero_when_every_variant_runs(ltx_report):
     assert all(v["status"] == "ok" for v in ltx_report["json"]["variants"])
 
 
+def test_skipping_the_whole_model_compile_keeps_compile_repeated_blocks():
+    pytest.importorskip("diffusers")
+    from fv_compile.report.run import ReportConfig, variant_specs
+
+    model = load_workload("diffusers:LTXVideoTransformer3DModel").model
+
+    def kinds(**config):
+        return [s.kind for s in variant_specs(ReportConfig(**config), model, ["auto"])]
+
+    assert kinds() == ["eager", "torch.compile", "compile_repeated_blocks", "fv_compile"]
+    assert kinds(whole_model_compile=False) == ["eager", "compile_repeated_blocks", "fv_compile"]
+    assert kinds(torch_compile=False) == ["eager", "fv_compile"]
+
+
 def test_compile_repeated_blocks_leaves_the_users_model_uncompiled():
     pytest.importorskip("diffusers")
     from fv_compile.report.variants import (

@@ -21,6 +21,7 @@ from fv_compile.report.variants import (
     BackendSpec,
     TimingPlan,
     VariantResult,
+    VariantSpec,
     build_variants,
     default_backends,
     has_repeated_blocks,
@@ -42,6 +43,7 @@ class ReportConfig(WorkloadSpec):
     warmup: int = 2
     repeat: int = 10
     torch_compile: bool = True  # plain torch.compile, and diffusers' compile_repeated_blocks
+    whole_model_compile: bool = True  # plain torch.compile of the whole model, of those two
     # fv_compile.compile's regional: "auto" (its default: the repeated blocks when they hold most
     # weights), True (blocks), False (the whole model)
     regional: bool | str = "auto"
@@ -101,12 +103,7 @@ def run_report(
     workload = config.build()
     backends = config.backends if config.backends is not None else default_backends(device, dtype)
     plan = TimingPlan(config.steps, config.warmup, config.repeat)
-    specs = build_variants(
-        backends,
-        torch_compile=config.torch_compile,
-        repeated_blocks=config.torch_compile and has_repeated_blocks(workload.model),
-        accuracy_budget=config.accuracy_budget,
-    )
+    specs = variant_specs(config, workload.model, backends)
     progress = make_progress() if progress is None else progress
     resolved = dataclasses.replace(
         config, device=str(device), dtype=str(dtype).removeprefix("torch."), backends=list(backends)
@@ -147,6 +144,18 @@ def run_report(
         wall_s=time.perf_counter() - started,
         methods=_methods(device, plan, config),
         analysis=cpu_gap_analysis(results, config.compiler) if device.type == "cpu" else [],
+    )
+
+
+def variant_specs(
+    config: ReportConfig, model: torch.nn.Module, backends: list[BackendSpec]
+) -> list[VariantSpec]:
+    """The variants `config` asks for on `model`, in the order they run."""
+    return build_variants(
+        backends,
+        torch_compile=config.torch_compile and config.whole_model_compile,
+        repeated_blocks=config.torch_compile and has_repeated_blocks(model),
+        accuracy_budget=config.accuracy_budget,
     )
 
 
