@@ -73,6 +73,8 @@ def _check_cell(site: AttentionSite) -> str:
     text = f"{'ok' if c.ok else 'FAIL'} rel {c.output.rel_l2:.1e}"
     if not c.output.nan_match:
         text += " nan-mismatch"
+    if c.traced is not None:  # held to its sparse definition; how far that is from dense
+        text += f" vs its definition (dense {c.traced.rel_l2:.1e})"
     worst = c.worst_gradient
     if worst is not None:
         text += f", grad {worst.rel_l2:.1e}" + ("" if worst.nan_match else " nan-mismatch")

@@ -218,6 +218,27 @@ def traced_site(
     return _run_site(q, k, v, mask, site, variant, metadata)
 
 
+def reference_site(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    site: int,
+    variant: int,
+    metadata: list[torch.Tensor],
+) -> torch.Tensor:
+    """What `fv_compile::attention` is defined to compute at a site whose impl has a
+    `reference` (see AttentionImpl): that reference in place of preprocess, forward and
+    postprocess, then the op's own handling of masked rows. `verify` holds the op to it."""
+    assert has_reference(site_runtime(site).impl)
+    return _run_site(q, k, v, mask, site, variant, metadata, reference=True)
+
+
+def has_reference(impl: AttentionImpl) -> bool:
+    """Whether `impl` defines what its sparse output should be (`AttentionImpl.reference`)."""
+    return callable(getattr(impl, "reference", None))
+
+
 def _run_site(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -226,6 +247,8 @@ def _run_site(
     site: int,
     variant: int,
     metadata: list[torch.Tensor],
+    *,
+    reference: bool = False,
 ) -> torch.Tensor:
     rt = site_runtime(site)
     md = _metadata_for(rt, mask, variant, metadata)
@@ -241,14 +264,18 @@ def _run_site(
         reorder = q.shape == k.shape == v.shape
     else:
         reorder = q.shape[:2] == k.shape[:2] == v.shape[:2]
-    if reorder and rt.preprocess:
-        if impl.stacked_preprocess:
-            q, k, v = impl.preprocess_qkv(torch.cat([q, k, v], dim=0), md).chunk(3, dim=0)
-        else:
-            q, k, v = (impl.preprocess_qkv(x, md) for x in (q, k, v))
-    out = impl.forward(q, k, v, md)
-    if reorder and rt.postprocess:
-        out = impl.postprocess_output(out, md)
+    if reference:  # it takes and gives the site's own token order
+        out = impl.reference(q, k, v, md)  # type: ignore[attr-defined]
+    else:
+        qp, kp, vp = q, k, v  # what the impl works on; the masked-row fixes below take the site's
+        if reorder and rt.preprocess:
+            if impl.stacked_preprocess:
+                qp, kp, vp = impl.preprocess_qkv(torch.cat([q, k, v], dim=0), md).chunk(3, dim=0)
+            else:
+                qp, kp, vp = (impl.preprocess_qkv(x, md) for x in (q, k, v))
+        out = impl.forward(qp, kp, vp, md)
+        if reorder and rt.postprocess:
+            out = impl.postprocess_output(out, md)
     if tuple(out.shape) != expected:
         raise FvCompileError(
             f"attention backend {rt.backend} returned shape {tuple(out.shape)}, expected "

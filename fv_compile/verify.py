@@ -51,6 +51,12 @@ class SiteCheck:
     output: TensorCheck
     gradients: list[TensorCheck] = field(default_factory=list)
     calls: int = 1  # how many times the site ran during the check (errors are the worst)
+    # what `output` and `gradients` were held to: "traced" (the site's own traced code), or
+    # "definition" (a sparse impl's `reference`: what its pattern should give on these inputs)
+    against: str = "traced"
+    # with "definition": the output's distance from the traced dense code, as information (a
+    # sparse pattern is meant to differ; `ok` does not depend on it)
+    traced: TensorCheck | None = None
 
     @property
     def ok(self) -> bool:
@@ -64,8 +70,10 @@ class SiteCheck:
         return {
             "ok": self.ok,
             "calls": self.calls,
+            "against": self.against,
             "output": self.output.to_dict(),
             "gradients": [g.to_dict() for g in self.gradients],
+            "traced": None if self.traced is None else self.traced.to_dict(),
         }
 
 
@@ -139,10 +147,14 @@ class SiteVerifier:
             for n in names
         }
         rewritten = _with_metadata(r.rewritten)
+        defined = _as_defined(rewritten)
         with torch.enable_grad() if grad_names else torch.no_grad():
-            want = r.original(*(leaves[n] for n in r.original_inputs))
+            traced = r.original(*(leaves[n] for n in r.original_inputs))
             got = rewritten(*(leaves[n] for n in r.rewritten_inputs))
+            want = traced if defined is None else defined(*(leaves[n] for n in r.rewritten_inputs))
         check = SiteCheck(compare("output", got, want))
+        if defined is not None:
+            check.against, check.traced = "definition", compare("output", got, traced)
         if grad_names:
             gen = torch.Generator(device=want.device).manual_seed(0)
             cotangent = torch.randn(want.shape, generator=gen, device=want.device, dtype=want.dtype)
@@ -213,6 +225,24 @@ def _with_metadata(gm: GraphModule) -> GraphModule:
             with gm.graph.inserting_before(n):
                 getters.append(gm.graph.get_attr(attr))
         n.args = (*n.args[:5], vid, getters)
+    gm.recompile()
+    return gm
+
+
+def _as_defined(gm: GraphModule) -> GraphModule | None:
+    """A copy of the rewritten site `gm` computing what its sparse impl defines
+    (`ops.reference_site`), or None when no op of it has a definition (dense impls: the traced
+    code is theirs)."""
+
+    def defined(graph: torch.fx.Graph) -> list[Node]:
+        sites = [n for n in graph.nodes if n.target is torch.ops.fv_compile.attention.default]
+        return [n for n in sites if ops.has_reference(ops.site_runtime(n.args[4]).impl)]
+
+    if not defined(gm.graph):
+        return None
+    gm = copy_graph_module(gm)
+    for n in defined(gm.graph):
+        n.target = ops.reference_site
     gm.recompile()
     return gm
 

@@ -545,3 +545,78 @@ def test_gqa_sites_are_tiled_like_multi_head_ones():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     (site,) = cm.explain().sites
     assert (site.heads, site.kv_heads, site.backend) == (2, 1, "SLIDING_TILE_ATTN")
+
+
+# -- verify: a sparse site is held to its definition, not to dense attention ------------------
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+def test_verify_holds_sta_sites_to_their_definition_and_shows_the_distance_to_dense(text_first):
+    """Per-layer, per-head windows, joint text and a key padding mask: each site's output
+    equals STA's definition (float32: to rounding) while it stays far from dense attention."""
+    model = VideoDiT(text_first=text_first).eval()
+    n, t = math.prod(GRID), 5
+    x, text = torch.randn(2, n, 32), torch.randn(2, t, 32)
+    keep = torch.ones(2, n + t, dtype=torch.bool)
+    keep[1, (3 if text_first else n + 3) : (t if text_first else None)] = False
+    param = [[[(1, 1, 1), (3, 2, 3)], [(2, 2, 2), (1, 1, 3)]]]
+    fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=param)
+    with fv_compile.forward_context(0, fb, sta_args()):
+        report = fv_compile.verify(
+            model,
+            x,
+            text,
+            masks=[keep[:, None, None, :]] * 2,
+            attention_backend="SLIDING_TILE_ATTN",
+        )
+    assert report.verified and len(report.rewritten) == 2
+    for site in report.rewritten:
+        assert site.check.against == "definition" and site.check.output.rel_l2 < 1e-5
+        assert site.check.traced.rel_l2 > 1e-2  # the sparsity, shown but not held against it
+    assert "vs its definition (dense" in str(report)
+
+
+def test_verify_fails_an_sta_kernel_that_drops_a_listed_tile(monkeypatch):
+    from fv_compile.backends import sliding_tile
+
+    real = sliding_tile.block_sparse_attention
+
+    def drops_the_last_tile(q, k, v, index, counts, valid, *rest):
+        return real(q, k, v, index, (counts - 1).clamp(min=1), valid, *rest)
+
+    monkeypatch.setattr(sliding_tile, "block_sparse_attention", drops_the_last_tile)
+    model = VideoDiT().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    with fv_compile.forward_context(0, batch(), sta_args(sta_window=(2, 1, 2))):
+        report = fv_compile.verify(model, x, attention_backend="SLIDING_TILE_ATTN")
+    assert not report.verified
+    assert all(not s.check.ok and s.check.against == "definition" for s in report.rewritten)
+
+
+def test_verify_of_a_dense_sta_step_is_dense_attention():
+    model = VideoDiT().eval()
+    x = torch.randn(1, math.prod(GRID), 32)
+    args = sta_args(sta_window=(2, 1, 2), sta_dense_steps=1)
+    with fv_compile.forward_context(0, batch(), args):
+        report = fv_compile.verify(model, x, attention_backend="SLIDING_TILE_ATTN")
+    assert report.verified
+    assert all(s.check.traced.rel_l2 < 1e-5 for s in report.rewritten)
+
+
+def test_the_sta_definition_takes_tokens_in_tile_order_when_the_graph_runs_in_it():
+    grid, tile, window = (4, 8, 8), (2, 4, 4), (1, 2, 1)
+    n = math.prod(grid)
+    args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=tile, sta_window=window)
+    md = SlidingTileMetadataBuilder().build(0, ForwardBatch(raw_latent_shape=(1, 4, *grid)), args)
+    impl = SlidingTileAttentionImpl(2, 16, 0.25)
+    q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
+    raster = impl.reference(q, k, v, md)
+    mask = definition_mask(grid, tile, window)
+    want = F.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=0.25
+    ).transpose(1, 2)
+    torch.testing.assert_close(raster, want, atol=1e-5, rtol=1e-5)
+    gather = md.token_gather
+    object.__setattr__(md, "tokens_permuted", True)
+    tiled = impl.reference(q[:, gather], k[:, gather], v[:, gather], md)
+    torch.testing.assert_close(tiled, raster[:, gather], atol=1e-6, rtol=1e-6)

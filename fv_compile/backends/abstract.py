@@ -118,6 +118,15 @@ class AttentionImpl(ABC, Generic[T]):
         or additive float, broadcastable to `[B, H, Sq, Sk]`; `None` when the site has none. Only
         masks of the kinds the backend declares (`AttentionBackend.mask_kinds`) reach it."""
 
+    # An impl whose output is not dense attention by design (a sparse pattern) may define
+    #     reference(self, query, key, value, attn_metadata) -> torch.Tensor
+    # taking what the op receives (the site's own token order, before `preprocess_qkv`) and
+    # returning, in float32 and plain torch ops independent of the kernels, the output its
+    # preprocess_qkv, forward and postprocess_output are meant to compute together. `verify`
+    # then holds each such site to its definition (a kernel or reorder bug fails the check),
+    # and shows the output's distance from the traced dense code beside it, as information.
+    # Without it, `verify` compares the site with the traced code, as it does dense ones.
+
     def backward(
         self,
         grad: torch.Tensor,

@@ -413,15 +413,86 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         """This layer's key-block lists with the text blocks added (as FA4 piece lists for the
         flash-attn-4 kernel), built once per step."""
         text = self._text_len(md)
-        running = current_layer()  # under regional compilation every block runs this one impl
-        kv_indices = _sparse_layout(md.kv_indices)
-        layer = min(self.layer if running is None else running, kv_indices.shape[0] - 1)
+        layer = self._layer(md)
         return _cached(
             f"lists:{layer}",
-            kv_indices,
+            _sparse_layout(md.kv_indices),
             (text, fa4, md.text_attends_all),
             lambda: self._build_lists(md, volume, text, fa4, layer),
         )
+
+    def _layer(self, md: SlidingTileMetadata) -> int:
+        """The layer whose windows this call uses: under regional compilation every block runs
+        this one impl, and the running block says which it is."""
+        running = current_layer()
+        layers = _sparse_layout(md.kv_indices).shape[0]
+        return min(self.layer if running is None else running, layers - 1)
+
+    def reference(self, query, key, value, attn_metadata):
+        """STA as defined, on the site's own token order: each video query attends the video
+        keys of the tiles its window lists (plus the text keys, if `text_attends_all`), each
+        text query every key (or the text only), under the site's key mask; float32, one query
+        tile at a time. Tiles come from each token's grid coordinates, not from the tile-major
+        layout the kernels use, so a reorder, list or kernel bug shows as a difference."""
+        md = attn_metadata
+        mask = getattr(md, "attn_mask", None)
+        q, k, v = (x.float() for x in (query, key, value))
+        if k.shape[2] != q.shape[2]:  # GQA: every query head sees its group's key head
+            group = q.shape[2] // k.shape[2]
+            k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+        if md.dense:
+            return sdpa_bshd(q, k, v, attn_mask=mask, scale=self.scale, causal=False)
+        n, text = math.prod(md.grid), self._text_len(md, q.shape[1])
+        dev = q.device
+        video_at, text_at = (text, 0) if self.text_first else (0, n)
+        raster = torch.arange(n, device=dev)
+        if getattr(md, "tokens_permuted", False):  # position i holds raster token gather[i]
+            raster = _sparse_layout(md.token_gather).to(dev)
+        (_, gh, gw), (tt, th, tw) = md.grid, md.tile
+        _, nh, nw = tiles_per_axis(md.grid, md.tile)
+        t, h, w = raster // (gh * gw), raster // gw % gh, raster % gw
+        tile_of = (t // tt * nh + h // th) * nw + w // tw  # [n]: the tile of each video position
+        layer = self._layer(md)
+        kv = _sparse_layout(md.kv_indices)[layer].to(dev).long()
+        counts = _sparse_layout(md.kv_counts)[layer].to(dev)
+        n_tiles = kv.shape[1]
+        listed = torch.zeros(*kv.shape[:2], n_tiles + 1, dtype=torch.bool, device=dev)
+        live = torch.arange(kv.shape[-1], device=dev) < counts[..., None]
+        # entries past a row's count land on a spare column, dropped after
+        listed.scatter_(-1, torch.where(live, kv, n_tiles), True)
+        listed = listed[..., :n_tiles]  # [Hm, Q, Q]: whether query tile q lists key tile k
+        words = torch.arange(text, device=dev) + text_at
+        keys_ok = None if mask is None else mask[:, 0, 0].to(dev)  # [B|1, S], True = attend
+        out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=dev)
+
+        def attend(rows: torch.Tensor, cols: torch.Tensor, heads: slice) -> None:
+            s = torch.einsum("bqhd,bkhd->bhqk", q[:, rows, heads], k[:, cols, heads]) * self.scale
+            if keys_ok is not None:
+                s = s.masked_fill(~keys_ok[:, None, None, cols], float("-inf"))
+            p = torch.nan_to_num(s.softmax(-1))  # a row with no key gives 0
+            out[:, rows, heads] = torch.einsum("bhqk,bkhd->bqhd", p, v[:, cols, heads])
+
+        head_groups = listed.shape[0]
+        if q.shape[2] % head_groups:
+            raise FvCompileError(
+                f"SLIDING_TILE_ATTN at {self.prefix or 'a site'}: {q.shape[2]} query heads, but the "
+                f"step's windows are per {head_groups} head groups"
+            )
+        per = q.shape[2] // head_groups
+        for g in range(head_groups):
+            heads = slice(g * per, (g + 1) * per)
+            for tile in range(n_tiles):
+                rows = (tile_of == tile).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                cols = listed[g, tile][tile_of].nonzero().flatten() + video_at
+                if md.text_attends_all:
+                    cols = torch.cat([cols, words])
+                attend(rows + video_at, cols, heads)
+            if text:
+                every = torch.arange(n + text, device=dev)
+                attend(words, every if md.text_attends_all else words, heads)
+        return out
 
     def _build_lists(self, md: SlidingTileMetadata, volume: int, text: int, fa4: bool, layer: int):
         kv_indices, kv_counts = _sparse_layout(md.kv_indices), _sparse_layout(md.kv_counts)

@@ -355,6 +355,11 @@ def _verified(v: dict[str, Any] | None) -> str:
     text = f"{v['sites'] - v['failed']}/{v['sites']} ok"
     if v["worst_rel_l2"] is not None:
         text += f" (worst {v['worst_rel_l2']:.1e})"
+    if v.get("against_definition"):
+        text += (
+            f", {v['against_definition']} against their sparse definition "
+            f"(up to {v['worst_vs_dense']:.1e} from dense)"
+        )
     return text + (f", {v['nan_mismatch']} NaN mismatch" if v["nan_mismatch"] else "")
 
 

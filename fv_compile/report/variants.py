@@ -641,6 +641,9 @@ def verify_step(workload: Workload, backend: BackendSpec | None) -> dict[str, An
         "failed": sum(not c.ok for c in checks),
         "worst_rel_l2": max((c.output.rel_l2 for c in checks), default=None),
         "nan_mismatch": sum(not c.output.nan_match for c in checks),
+        # sites held to their sparse definition, and how far their outputs are from dense
+        "against_definition": sum(c.against == "definition" for c in checks),
+        "worst_vs_dense": max((c.traced.rel_l2 for c in checks if c.traced), default=None),
         "rows": [
             {"site": s.module_path or s.node, "backend": s.backend, **s.check.to_dict()}
             for s in report.rewritten
