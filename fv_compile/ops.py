@@ -14,6 +14,7 @@ keep every impl of every compile alive. Ids are never reused.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import weakref
@@ -287,7 +288,7 @@ def _run_site(
     # kernel does (zeros on the CPU and in the math kernel, cuDNN differs): leave them be.
     sdpa_again = rt.empty_rows == "zero" and rt.backend == "TORCH_SDPA"
     if rt.empty_rows is not None and mask is not None and not sdpa_again:
-        out = _eager_empty_rows(out, v, mask, rt)
+        out = _eager_empty_rows(out, v, mask, rt, inputs=(q, k, v, mask))
     if mask is not None and mask.is_floating_point() and not sdpa_again:
         out = _eager_overflowed_rows(out, v, mask, rt.causal)
     return out.contiguous()
@@ -340,10 +341,18 @@ def _rows_with_a_key(mask: torch.Tensor, causal: bool, q_len: int) -> torch.Tens
 
 
 def _eager_empty_rows(
-    out: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rt: SiteRuntime
+    out: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    rt: SiteRuntime,
+    inputs: tuple[torch.Tensor | None, ...] = (),
 ) -> torch.Tensor:
     """Give rows whose every key is blocked what eager gives them, whatever the backend did:
-    0 (SDPA), NaN (softmax of -inf logits) or the mean of v (softmax of one finite fill)."""
+    0 (SDPA), NaN (softmax of -inf logits) or the mean of v (softmax of one finite fill).
+
+    Where emptiness is per batch element (a key padding mask, no causal mask) and `out` is the
+    backend's own buffer (it shares no storage with `inputs`), only the empty elements' rows
+    are written, in place (`kernels/empty_batches.py`); elsewhere one `torch.where`."""
     has_key = _rows_with_a_key(mask, rt.causal, out.shape[1]).transpose(1, 2).unsqueeze(-1)
     if rt.empty_rows == "zero":
         fallback = out.new_zeros(())
@@ -352,7 +361,26 @@ def _eager_empty_rows(
     else:
         mean = v.float().mean(1, keepdim=True).to(out.dtype)  # [B, 1, Hk, Dv]
         fallback = mean.repeat_interleave(out.shape[2] // v.shape[2], dim=2)
+    b, _, h, dv = out.shape
+    if has_key.shape[1:] == (1, 1, 1) and _fill_kernel_runs(out):
+        out = out.contiguous()  # the op returns it contiguous anyway
+        mine = out.untyped_storage().data_ptr()
+        if all(x is None or x.untyped_storage().data_ptr() != mine for x in inputs):
+            from fv_compile.backends.kernels.empty_batches import fill_empty_batches
+
+            empty = ~has_key.reshape(-1).expand(b)
+            return fill_empty_batches(out, empty, fallback.expand(b, 1, h, dv)[:, 0])
     return torch.where(has_key, out, fallback)
+
+
+def _fill_kernel_runs(out: torch.Tensor) -> bool:
+    """Whether `fill_empty_batches` (a Triton kernel) runs on `out`: CUDA or the interpreter,
+    Triton installed, fewer than 2**31 elements a batch element."""
+    from fv_compile.backends.kernels import interpreting
+
+    if not (out.is_cuda or interpreting()) or out.numel() == 0:
+        return False
+    return out.numel() // out.shape[0] < 2**31 and importlib.util.find_spec("triton") is not None
 
 
 @attention.register_fake
