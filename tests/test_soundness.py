@@ -273,20 +273,21 @@ def test_a_batch_element_keeping_no_key_gets_eagers_rows_written_in_place(fill, 
     written (the kernel), and they are eager's, NaN or the mean of v by the fill."""
     from fv_compile.backends.kernels import empty_batches, interpreting
 
-    if not (torch.cuda.is_available() or interpreting()):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not interpreting():
         pytest.skip("the in-place fill is a Triton kernel: CUDA or the interpreter")
     calls = []
     real = empty_batches.fill_empty_batches
     monkeypatch.setattr(
         empty_batches, "fill_empty_batches", lambda *a: calls.append(a[1].tolist()) or real(*a)
     )
-    q, k, v = qkv(3, 4, 6, D)
-    keep = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    q, k, v = (x.to(device) for x in qkv(3, 4, 6, D))
+    keep = torch.ones(3, 1, 1, 6, dtype=torch.bool, device=device)
     keep[1] = False  # batch element 1 keeps no key
     keep[2, ..., 3:] = False
     out, ref, cm, _ = run_both(FilledScores(fill), q, k, v, keep)
     assert statuses(cm) == ["rewritten"] and calls and calls[-1] == [False, True, False]
-    torch.testing.assert_close(out, ref, equal_nan=True)
+    torch.testing.assert_close(out, ref, equal_nan=True, atol=1e-4, rtol=1e-4)
     assert torch.equal(out.isnan(), ref.isnan())
 
 
