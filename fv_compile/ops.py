@@ -199,7 +199,8 @@ def attention(
     metadata: list[torch.Tensor],
 ) -> torch.Tensor:
     """`[B, Sq, H, D]`, `[B, Sk, Hk, D]`, `[B, Sk, Hk, Dv]` -> `[B, Sq, H, Dv]` (contiguous)."""
-    return _run_site(q, k, v, mask, site, variant, metadata)
+    # the op's body runs on real tensors, outside autograd: its output may be written in place
+    return _run_site(q, k, v, mask, site, variant, metadata, own_output=True)
 
 
 def traced_site(
@@ -250,7 +251,11 @@ def _run_site(
     metadata: list[torch.Tensor],
     *,
     reference: bool = False,
+    own_output: bool = False,
 ) -> torch.Tensor:
+    """The site's impl on its inputs, then eager's values where the backend's may differ (rows
+    with no key, overflowed additive masks). `own_output`: the caller runs on real tensors with
+    no autograd or trace watching (the op's body), so the output may be written in place."""
     rt = site_runtime(site)
     md = _metadata_for(rt, mask, variant, metadata)
     if rt.tokens_permuted:  # (a fresh object per call: `_metadata_for` rebuilds it)
@@ -288,7 +293,7 @@ def _run_site(
     # kernel does (zeros on the CPU and in the math kernel, cuDNN differs): leave them be.
     sdpa_again = rt.empty_rows == "zero" and rt.backend == "TORCH_SDPA"
     if rt.empty_rows is not None and mask is not None and not sdpa_again:
-        out = _eager_empty_rows(out, v, mask, rt, inputs=(q, k, v, mask))
+        out = _eager_empty_rows(out, v, mask, rt, inputs=(q, k, v, mask) if own_output else None)
     if mask is not None and mask.is_floating_point() and not sdpa_again:
         out = _eager_overflowed_rows(out, v, mask, rt.causal)
     return out.contiguous()
@@ -345,14 +350,16 @@ def _eager_empty_rows(
     v: torch.Tensor,
     mask: torch.Tensor,
     rt: SiteRuntime,
-    inputs: tuple[torch.Tensor | None, ...] = (),
+    inputs: tuple[torch.Tensor | None, ...] | None = None,
 ) -> torch.Tensor:
     """Give rows whose every key is blocked what eager gives them, whatever the backend did:
     0 (SDPA), NaN (softmax of -inf logits) or the mean of v (softmax of one finite fill).
 
-    Where emptiness is per batch element (a key padding mask, no causal mask) and `out` is the
-    backend's own buffer (it shares no storage with `inputs`), only the empty elements' rows
-    are written, in place (`kernels/empty_batches.py`); elsewhere one `torch.where`."""
+    With `inputs` (the op's body: real tensors, no autograd or trace watching), where emptiness
+    is per batch element (a key padding mask, no causal mask) and `out` shares no storage with
+    them, only the empty elements' rows are written, in place (`kernels/empty_batches.py`).
+    Elsewhere (traced training sites, `verify`'s definition) one `torch.where`, which autograd
+    and tracing see."""
     has_key = _rows_with_a_key(mask, rt.causal, out.shape[1]).transpose(1, 2).unsqueeze(-1)
     if rt.empty_rows == "zero":
         fallback = out.new_zeros(())
@@ -362,7 +369,7 @@ def _eager_empty_rows(
         mean = v.float().mean(1, keepdim=True).to(out.dtype)  # [B, 1, Hk, Dv]
         fallback = mean.repeat_interleave(out.shape[2] // v.shape[2], dim=2)
     b, _, h, dv = out.shape
-    if has_key.shape[1:] == (1, 1, 1) and _fill_kernel_runs(out):
+    if inputs is not None and has_key.shape[1:] == (1, 1, 1) and _fill_kernel_runs(out):
         out = out.contiguous()  # the op returns it contiguous anyway
         mine = out.untyped_storage().data_ptr()
         if all(x is None or x.untyped_storage().data_ptr() != mine for x in inputs):

@@ -366,6 +366,24 @@ def test_gradients_through_fully_masked_rows_match_eager(fill):
         torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fill", FILLS, ids=["-inf", "-1e9", "-1e4", "finfo.min"])
+def test_gradients_through_a_batch_element_keeping_no_key_match_eager(fill):
+    """Training through a batch element that keeps no key: its rows and every input's
+    gradient are eager's (NaN where eager's are)."""
+    q, k, v = qkv(3, 4, 6, D, requires_grad=True)
+    keep = torch.ones(3, 1, 1, 6, dtype=torch.bool)
+    keep[1] = False
+    keep[2, ..., 3:] = False
+    out, ref, _, _ = run_both(FilledScores(fill), q, k, v, keep, compiler="aot_eager", grad=True)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)
+
+
 class PadThenCausal(torch.nn.Module):
     def forward(self, q, k, v, keep):
         s = (q @ k.transpose(-1, -2)) * D**-0.5
