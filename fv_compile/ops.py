@@ -211,29 +211,23 @@ def traced_site(
     site: int,
     variant: int,
     metadata: list[torch.Tensor],
+    *,
+    reference: bool = False,
 ) -> torch.Tensor:
     """What `fv_compile::attention` computes, as the code a trace sees through: a training graph
     calls it for the sites marked `traced` (`lowering.trace_training_sites`), so autograd runs
     the impl's own differentiable ops and keeps what their backward needs from the forward
-    (SDPA's log-sum-exp, VSA's block lists), where the op's backward recomputes the forward."""
-    assert site_runtime(site).traced, "trace_training_sites chose this site"
-    return _run_site(q, k, v, mask, site, variant, metadata)
+    (SDPA's log-sum-exp, VSA's block lists), where the op's backward recomputes the forward.
 
-
-def reference_site(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None,
-    site: int,
-    variant: int,
-    metadata: list[torch.Tensor],
-) -> torch.Tensor:
-    """What `fv_compile::attention` is defined to compute at a site whose impl has a
-    `reference` (see AttentionImpl): that reference in place of preprocess, forward and
-    postprocess, then the op's own handling of masked rows. `verify` holds the op to it."""
-    assert has_reference(site_runtime(site).impl)
-    return _run_site(q, k, v, mask, site, variant, metadata, reference=True)
+    With `reference` (`verify`, at a site whose impl has one, see AttentionImpl): what the op
+    is defined to compute there, the impl's `reference` in place of preprocess, forward and
+    postprocess, then the op's own handling of masked rows."""
+    rt = site_runtime(site)
+    if reference:
+        assert has_reference(rt.impl), "verify asks for the definition of sites that have one"
+    else:
+        assert rt.traced, "trace_training_sites chose this site"
+    return _run_site(q, k, v, mask, site, variant, metadata, reference=reference)
 
 
 def has_reference(impl: AttentionImpl) -> bool:

@@ -231,7 +231,7 @@ def _with_metadata(gm: GraphModule) -> GraphModule:
 
 def _as_defined(gm: GraphModule) -> GraphModule | None:
     """A copy of the rewritten site `gm` computing what its sparse impl defines
-    (`ops.reference_site`), or None when no op of it has a definition (dense impls: the traced
+    (`ops.traced_site(..., reference=True)`), or None when no op of it has a definition (dense impls: the traced
     code is theirs)."""
 
     def defined(graph: torch.fx.Graph) -> list[Node]:
@@ -242,7 +242,7 @@ def _as_defined(gm: GraphModule) -> GraphModule | None:
         return None
     gm = copy_graph_module(gm)
     for n in defined(gm.graph):
-        n.target = ops.reference_site
+        n.target, n.kwargs = ops.traced_site, {"reference": True}
     gm.recompile()
     return gm
 

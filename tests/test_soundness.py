@@ -353,17 +353,22 @@ def test_rows_a_finfo_min_mask_blocks_entirely_stay_uniform_when_the_kernel_over
     torch.testing.assert_close(out, ref)
 
 
+def _assert_same_gradients(out, ref, inputs):
+    """Every input's gradient through `out` equals eager's through `ref`, NaN where it is."""
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("fill", [float("-inf"), -1e9], ids=["-inf", "-1e9"])
 def test_gradients_through_fully_masked_rows_match_eager(fill):
     q, k, v = qkv(2, 4, 6, D, requires_grad=True)
     keep = _keep_with_empty_rows()
     out, ref, _, _ = run_both(FilledScores(fill), q, k, v, keep, compiler="aot_eager", grad=True)
-    g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    for a, b in zip(got, want):
-        assert torch.equal(a.isnan(), b.isnan())
-        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)
+    _assert_same_gradients(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("fill", FILLS, ids=["-inf", "-1e9", "-1e4", "finfo.min"])
@@ -376,12 +381,7 @@ def test_gradients_through_a_batch_element_keeping_no_key_match_eager(fill):
     keep[2, ..., 3:] = False
     out, ref, _, _ = run_both(FilledScores(fill), q, k, v, keep, compiler="aot_eager", grad=True)
     torch.testing.assert_close(out, ref, equal_nan=True)
-    g = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q, k, v), g)
-    for a, b in zip(got, want):
-        assert torch.equal(a.isnan(), b.isnan())
-        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-5, rtol=1e-4)
+    _assert_same_gradients(out, ref, (q, k, v))
 
 
 class PadThenCausal(torch.nn.Module):
