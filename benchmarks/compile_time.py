@@ -56,6 +56,18 @@ def _fa4_cached_kernels() -> int:
     )
 
 
+def _fa4_import_seconds() -> float | None:
+    """Seconds `import flash_attn.cute` takes in a fresh process after torch's import: the part
+    of a first call that is flash-attn-4's own import (the CuTe DSL, quack), whatever any cache
+    holds. None when flash-attn-4 is not installed."""
+    code = (
+        "import time, torch; t = time.perf_counter(); import flash_attn.cute; "
+        "print(time.perf_counter() - t)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return float(done.stdout.split()[-1]) if done.returncode == 0 and done.stdout else None
+
+
 def child(args: argparse.Namespace) -> dict:
     import torch
     from torch._dynamo.utils import counters
@@ -165,6 +177,11 @@ def main() -> None:
         print(json.dumps(child(args)))
         return
 
+    fa4_import_s = _fa4_import_seconds() if args.device == "cuda" else None
+    if fa4_import_s is not None:
+        print(
+            f"import flash_attn.cute in a fresh process (torch imported first): {fa4_import_s:.2f} s"
+        )
     rows = []
     for regional in args.regional or ["auto", "false"]:
         with tempfile.TemporaryDirectory(prefix="fv-compile-cache-") as cache:
@@ -230,7 +247,9 @@ def main() -> None:
                 )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"preset": args.preset, "rows": rows}, f, indent=2)
+            json.dump(
+                {"preset": args.preset, "fa4_import_s": fa4_import_s, "rows": rows}, f, indent=2
+            )
 
 
 if __name__ == "__main__":
