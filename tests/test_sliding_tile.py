@@ -550,18 +550,24 @@ def test_gqa_sites_are_tiled_like_multi_head_ones():
 # -- verify: a sparse site is held to its definition, not to dense attention ------------------
 
 
-@pytest.mark.parametrize("text_first", [False, True])
-def test_verify_holds_sta_sites_to_their_definition_and_shows_the_distance_to_dense(text_first):
+@pytest.mark.parametrize(
+    "dim, text_first, text_attends_all",
+    [(32, False, True), (32, True, True), (32, False, False), (32, True, False)]
+    + [(128, False, True)],  # head dim 64: the Triton kernel (interpreted on a CPU: slow, once)
+)
+def test_verify_holds_sta_sites_to_their_definition_and_shows_the_distance_to_dense(
+    text_first, text_attends_all, dim
+):
     """Per-layer, per-head windows, joint text and a key padding mask: each site's output
     equals STA's definition (float32: to rounding) while it stays far from dense attention."""
-    model = VideoDiT(text_first=text_first).eval()
+    model = VideoDiT(dim=dim, text_first=text_first).eval()
     n, t = math.prod(GRID), 5
-    x, text = torch.randn(2, n, 32), torch.randn(2, t, 32)
+    x, text = torch.randn(2, n, dim), torch.randn(2, t, dim)
     keep = torch.ones(2, n + t, dtype=torch.bool)
     keep[1, (3 if text_first else n + 3) : (t if text_first else None)] = False
     param = [[[(1, 1, 1), (3, 2, 3)], [(2, 2, 2), (1, 1, 3)]]]
     fb = ForwardBatch(raw_latent_shape=(1, 4, *GRID), STA_param=param)
-    with fv_compile.forward_context(0, fb, sta_args()):
+    with fv_compile.forward_context(0, fb, sta_args(sta_text_attends_all=text_attends_all)):
         report = fv_compile.verify(
             model,
             x,
@@ -571,7 +577,7 @@ def test_verify_holds_sta_sites_to_their_definition_and_shows_the_distance_to_de
         )
     assert report.verified and len(report.rewritten) == 2
     for site in report.rewritten:
-        assert site.check.against == "definition" and site.check.output.rel_l2 < 1e-5
+        assert site.check.against == "definition" and site.check.output.rel_l2 < 1e-4
         assert site.check.traced.rel_l2 > 1e-2  # the sparsity, shown but not held against it
     assert "vs its definition (dense" in str(report)
 
