@@ -624,3 +624,68 @@ def test_on_the_gpu_a_traced_training_site_gives_the_ops_gradients(monkeypatch):
 
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+# -- verify: a VSA site is held to its definition -------------------------------------------
+
+
+def test_the_definition_equals_the_raster_reference_with_joint_text():
+    q, k, v = qkv(ODD_GRID, text=5)
+    impl = impl_for(text=5, text_first=True)
+    md = metadata(sparsity=0.6)
+    want = video_sparse_attention_reference(
+        q, k, v, ODD_GRID, 0.6, scale=SCALE, text_len=5, text_first=True
+    )
+    torch.testing.assert_close(impl.reference(q, k, v, md).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model, text", [(VideoDiT, 0), (JointDiT, 7)])
+def test_verify_holds_vsa_sites_to_their_definition(model, text):
+    m = model().eval()
+    x = torch.randn(1, math.prod(ODD_GRID), 32)
+    inputs = (x,) if not text else (x, torch.randn(1, text, 32))
+    with fv_compile.forward_context(0, batch(), args(VSA_sparsity=0.6)):
+        report = fv_compile.verify(m, *inputs, attention_backend="VIDEO_SPARSE_ATTN")
+    assert report.verified and len(report.rewritten) == 2
+    for site in report.rewritten:
+        assert site.check.against == "definition" and site.check.output.rel_l2 < 1e-5
+        assert site.check.traced.rel_l2 > 1e-2  # the sparsity: shown, not held against it
+
+
+def test_verify_fails_a_vsa_kernel_that_drops_a_kept_cube(monkeypatch):
+    from fv_compile.backends import vsa_ops
+
+    real = vsa_ops.fine_stage
+
+    def drops_one(q, k, v, kv_indices, kv_counts, *rest, **kw):
+        return real(q, k, v, kv_indices, (kv_counts - 1).clamp(min=1), *rest, **kw)
+
+    monkeypatch.setattr(vsa_ops, "fine_stage", drops_one)
+    m = VideoDiT().eval()
+    x = torch.randn(1, math.prod(ODD_GRID), 32)
+    with fv_compile.forward_context(0, batch(), args(VSA_sparsity=0.6)):
+        report = fv_compile.verify(m, x, attention_backend="VIDEO_SPARSE_ATTN")
+    assert not report.verified
+    assert all(not s.check.ok and s.check.against == "definition" for s in report.rewritten)
+
+
+def test_the_definition_ignores_an_impl_ranking_that_is_no_top_k(monkeypatch):
+    from fv_compile.backends import video_sparse
+
+    real = video_sparse.top_cube_lists
+    monkeypatch.setattr(video_sparse, "top_cube_lists", lambda s, *a: real(-s, *a))  # worst first
+    q, k, v = qkv(ODD_GRID)
+    want = video_sparse_attention_reference(q, k, v, ODD_GRID, 0.6, scale=SCALE)
+    got = impl_for().reference(q, k, v, metadata(sparsity=0.6))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_verify_backward_holds_vsa_gradients_to_the_definition():
+    m = VideoDiT().train()
+    x = torch.randn(1, math.prod(ODD_GRID), 32, requires_grad=True)
+    with fv_compile.forward_context(0, batch(), args(VSA_sparsity=0.6)):
+        report = fv_compile.verify(m, x, attention_backend="VIDEO_SPARSE_ATTN", backward=True)
+    assert report.verified and len(report.rewritten) == 2
+    for site in report.rewritten:
+        assert site.check.against == "definition" and len(site.check.gradients) == 3
+        assert all(g.rel_l2 < 1e-4 for g in site.check.gradients)

@@ -24,12 +24,14 @@ lists are recomputed (cheap), the fine stage runs the block-sparse backward kern
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from fv_compile.backends.abstract import (
     AttentionBackend,
@@ -46,8 +48,14 @@ from fv_compile.backends.tiles import (
     tiles_per_axis,
     token_grid,
 )
-from fv_compile.backends.vsa_ops import BLOCK, video_sparse_attention, vsa_backward
-from fv_compile.backends.vsa_reference import CUBE, topk_cubes
+from fv_compile.backends.vsa_ops import (
+    BLOCK,
+    coarse_stage,
+    top_cube_lists,
+    video_sparse_attention,
+    vsa_backward,
+)
+from fv_compile.backends.vsa_reference import CUBE, cube_of_token, topk_cubes
 from fv_compile.context import patch_size_of, step_cache
 from fv_compile.errors import FvCompileError
 from fv_compile.site import AttentionSite
@@ -238,6 +246,73 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
         return video_sparse_attention(
             query, key, value, gate, valid, _layout(md.topk), n_video, self.scale
         )
+
+    def reference(self, query, key, value, attn_metadata):
+        """The fine-only site as VSA defines it, on the site's own token order, in float32: each
+        video query attends the tokens of the key cubes its cube keeps plus every text token,
+        each text query every token. Cubes and their means come from token coordinates
+        (`vsa_reference`), not from the cube-major layout the kernels use. The kept cubes are
+        those the impl's coarse stage ranked first when they are a top-k of the definition's
+        coarse scores to within float rounding (a near-tie may fall either way), else the
+        definition's own: a wrong ranking, list, reorder or kernel shows as a difference."""
+        md = attn_metadata
+        if getattr(md, "attn_mask", None) is not None:
+            raise ValueError("VIDEO_SPARSE_ATTN takes no attention mask")
+        self._check_length(md, query.shape[1])
+        heads = query.shape[2]
+        q, (k, v) = query.float(), _repeat_kv(key.float(), value.float(), heads)
+        n, text, dev = math.prod(md.grid), self.text_len, q.device
+        video_at = text if self.text_first else 0
+        cube_id, n_cubes = cube_of_token(md.grid)
+        cube_id = cube_id.to(dev)
+        count = torch.bincount(cube_id, minlength=n_cubes).clamp(min=1).to(q.dtype)
+
+        def means(x: torch.Tensor) -> torch.Tensor:  # [B, H, C, D]
+            video = x[:, video_at : video_at + n]
+            sums = video.new_zeros(x.shape[0], n_cubes, *x.shape[2:]).index_add_(1, cube_id, video)
+            return (sums / count[None, :, None, None]).transpose(1, 2)
+
+        scores = self.scale * means(q) @ means(k).transpose(-2, -1)  # [B, H, C, C]
+        keep = int(_layout(md.topk).reshape(()))
+        keep = max(1, min(keep, n_cubes))
+        # the impl's ranking, from its own coarse stage on the cube-major tensors
+        gather, _, valid = self._order(md)
+        qt, kt, vt = (x.index_select(1, gather) for x in (query, *_repeat_kv(key, value, heads)))
+        _, impl_scores = coarse_stage(qt, kt, vt, valid, n_cubes, self.scale)
+        lists, _ = top_cube_lists(impl_scores, _layout(md.topk), valid.shape[0])
+        n_text = valid.shape[0] - n_cubes
+        picked = lists.view(*scores.shape[:2], -1, lists.shape[-1])[:, :, :n_cubes]
+        picked = picked[..., n_text : n_text + keep].long()
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, picked, True)
+        own = torch.zeros_like(chosen).scatter_(-1, scores.topk(keep, -1).indices, True)
+        slack = 1e-4 * (1 + scores.abs().amax(-1))
+        lowest = scores.masked_fill(~chosen, float("inf")).amin(-1)
+        highest = scores.masked_fill(chosen, float("-inf")).amax(-1)
+        kept = torch.where((lowest >= highest - slack)[..., None], chosen, own)  # [B, H, C, C]
+
+        total = q.shape[1]
+        cube_at = torch.full((total,), -1, dtype=torch.long, device=dev)  # -1: a text token
+        cube_at[video_at : video_at + n] = cube_id
+
+        def attend(qr: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, allowed: torch.Tensor):
+            s = (qr @ kh.T) * self.scale
+            return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vh
+
+        # under autograd (`verify(backward=True)`), each block of rows is recomputed for the
+        # backward rather than kept: a video site's [rows, S] weights would not all fit
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+        run = functools.partial(checkpoint, attend, use_reentrant=False) if grad else attend
+        out = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=dev)
+        rows_at_once = max(1, 2**26 // total)  # a [rows, S] score block of <= 256 MB
+        for b in range(q.shape[0]):
+            for h in range(heads):
+                for start in range(0, total, rows_at_once):
+                    rows = torch.arange(start, min(start + rows_at_once, total), device=dev)
+                    rc = cube_at[rows]
+                    allowed = kept[b, h][rc.clamp(min=0)][:, cube_at.clamp(min=0)]
+                    allowed |= (rc < 0)[:, None] | (cube_at < 0)[None, :]  # text: all open
+                    out[b, rows, h] = run(q[b, rows, h], k[b, :, h], v[b, :, h], allowed)
+        return out
 
     def backward(self, grad, query, key, value, attn_metadata):
         """`[dq, dk, dv]` of the fine-only site, in the site's token order (what fv_compile's op
