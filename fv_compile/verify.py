@@ -231,8 +231,8 @@ def _with_metadata(gm: GraphModule) -> GraphModule:
 
 def _as_defined(gm: GraphModule) -> GraphModule | None:
     """A copy of the rewritten site `gm` computing what its sparse impl defines
-    (`ops.traced_site(..., reference=True)`), or None when no op of it has a definition (dense impls: the traced
-    code is theirs)."""
+    (`ops.traced_site(..., reference=True)`), or None when no op of it has a definition
+    (dense impls: the traced code is theirs)."""
 
     def defined(graph: torch.fx.Graph) -> list[Node]:
         sites = [n for n in graph.nodes if n.target is torch.ops.fv_compile.attention.default]
