@@ -366,6 +366,13 @@ def _methods(device: torch.device, plan: TimingPlan, config: ReportConfig) -> di
             "(STA: sta_dense_steps, or a window that covers the whole tile grid) ran full "
             "attention; when every step did, the status is 'ran dense', not 'ok'"
         ),
+        "verified": (
+            "fv_compile.verify of one step (timestep 0): every rewritten site's replacement run "
+            "on the inputs the model gave the site, against the site's traced code; a sparse "
+            "site (STA, VSA) is held to its backend's definition on those inputs instead (float32, "
+            "from token coordinates), its distance from dense attention shown beside it; ok = "
+            "relative L2 within the dtype's tolerance and NaN where the reference has NaN"
+        ),
         "served no site": (
             "a variant named after a backend is checked site by site: when that backend runs "
             "none of the rewritten sites (each fell back, with the reason explain gives), the "
