@@ -332,16 +332,9 @@ def _run_explain(args: argparse.Namespace, command_line: list[str]) -> int:
     return EXIT_OK
 
 
-def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
-    _check_size(args)
-    parser: argparse.ArgumentParser = args.parser
-    if not args.no_plot and not can_plot():
-        print(
-            "fv-compile report: matplotlib is not installed, so speedup.png will not be written "
-            "(pip install 'fv-compile[report]', or pass --no-plot)",
-            file=sys.stderr,
-        )
-    config = ReportConfig(
+def _report_config(args: argparse.Namespace) -> ReportConfig:
+    """What `fv-compile report`'s parsed arguments ask `run_report` to measure."""
+    return ReportConfig(
         **_workload_fields(args),
         backends=args.backends,
         compiler=args.compiler,
@@ -355,8 +348,19 @@ def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
         accuracy_budget=args.accuracy_budget,
         fastvideo_args=dict(args.fastvideo_args),
     )
+
+
+def _run_report(args: argparse.Namespace, command_line: list[str]) -> int:
+    _check_size(args)
+    parser: argparse.ArgumentParser = args.parser
+    if not args.no_plot and not can_plot():
+        print(
+            "fv-compile report: matplotlib is not installed, so speedup.png will not be written "
+            "(pip install 'fv-compile[report]', or pass --no-plot)",
+            file=sys.stderr,
+        )
     try:
-        report = run_report(config, argv=command_line)
+        report = run_report(_report_config(args), argv=command_line)
     except ValueError as err:
         parser.error(str(err))
     paths = write_report(report, args.out, plot=not args.no_plot)

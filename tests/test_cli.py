@@ -153,18 +153,23 @@ def test_report_exits_zero_when_every_variant_runs(ltx_report):
     assert all(v["status"] == "ok" for v in ltx_report["json"]["variants"])
 
 
-def test_skipping_the_whole_model_compile_keeps_compile_repeated_blocks():
+@pytest.mark.parametrize(
+    "flags, want",
+    [
+        ([], ["eager", "torch.compile", "compile_repeated_blocks", "fv_compile"]),
+        (["--skip-whole-model-compile"], ["eager", "compile_repeated_blocks", "fv_compile"]),
+        (["--skip-torch-compile"], ["eager", "fv_compile"]),
+    ],
+)
+def test_skipping_the_whole_model_compile_keeps_compile_repeated_blocks(flags, want):
     pytest.importorskip("diffusers")
-    from fv_compile.report.run import ReportConfig, variant_specs
+    from fv_compile.cli import build_parser, _report_config
+    from fv_compile.report.run import variant_specs
 
-    model = load_workload("diffusers:LTXVideoTransformer3DModel").model
-
-    def kinds(**config):
-        return [s.kind for s in variant_specs(ReportConfig(**config), model, ["auto"])]
-
-    assert kinds() == ["eager", "torch.compile", "compile_repeated_blocks", "fv_compile"]
-    assert kinds(whole_model_compile=False) == ["eager", "compile_repeated_blocks", "fv_compile"]
-    assert kinds(torch_compile=False) == ["eager", "fv_compile"]
+    name = "diffusers:LTXVideoTransformer3DModel"
+    args = build_parser().parse_args(["report", "--model", name, "--backends", "auto", *flags])
+    config = _report_config(args)
+    assert [s.kind for s in variant_specs(config, load_workload(name).model, ["auto"])] == want
 
 
 def test_compile_repeated_blocks_leaves_the_users_model_uncompiled():
