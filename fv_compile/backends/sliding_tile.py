@@ -479,16 +479,21 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
                 f"step's windows are per {head_groups} head groups"
             )
         per = q.shape[2] // head_groups
+        # each tile's positions, found once (one host sync): the rows it holds, and the keys it
+        # gives the query tiles that list it
+        sizes = torch.bincount(tile_of, minlength=n_tiles).tolist()
+        members = torch.argsort(tile_of, stable=True).split(sizes)
+        listed_host = listed.cpu()
         for g in range(head_groups):
             heads = slice(g * per, (g + 1) * per)
             for tile in range(n_tiles):
-                rows = (tile_of == tile).nonzero().flatten()
-                if rows.numel() == 0:
+                if sizes[tile] == 0:
                     continue
-                cols = listed[g, tile][tile_of].nonzero().flatten() + video_at
+                seen = listed_host[g, tile].nonzero().flatten().tolist()
+                cols = torch.cat([members[j] for j in seen] or [tile_of[:0]]) + video_at
                 if md.text_attends_all:
                     cols = torch.cat([cols, words])
-                attend(rows + video_at, cols, heads)
+                attend(members[tile] + video_at, cols, heads)
             if text:
                 every = torch.arange(n + text, device=dev)
                 attend(words, every if md.text_attends_all else words, heads)
