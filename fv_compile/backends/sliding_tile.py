@@ -484,6 +484,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
         sizes = torch.bincount(tile_of, minlength=n_tiles).tolist()
         members = torch.argsort(tile_of, stable=True).split(sizes)
         listed_host = listed.cpu()
+        text_keys = torch.arange(n + text, device=dev) if md.text_attends_all else words
         for g in range(head_groups):
             heads = slice(g * per, (g + 1) * per)
             for tile in range(n_tiles):
@@ -495,8 +496,7 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
                     cols = torch.cat([cols, words])
                 attend(members[tile] + video_at, cols, heads)
             if text:
-                every = torch.arange(n + text, device=dev)
-                attend(words, every if md.text_attends_all else words, heads)
+                attend(words, text_keys, heads)
         return out
 
     def _build_lists(self, md: SlidingTileMetadata, volume: int, text: int, fa4: bool, layer: int):

@@ -302,6 +302,7 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
         # backward rather than kept: a video site's [rows, S] weights would not all fit
         grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
         run = functools.partial(checkpoint, attend, use_reentrant=False) if grad else attend
+        key_cube, key_is_text = cube_at.clamp(min=0), cube_at < 0
         out = torch.empty(*q.shape[:3], v.shape[-1], dtype=torch.float32, device=dev)
         rows_at_once = max(1, 2**26 // total)  # a [rows, S] score block of <= 256 MB
         for b in range(q.shape[0]):
@@ -309,8 +310,8 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
                 for start in range(0, total, rows_at_once):
                     rows = torch.arange(start, min(start + rows_at_once, total), device=dev)
                     rc = cube_at[rows]
-                    allowed = kept[b, h][rc.clamp(min=0)][:, cube_at.clamp(min=0)]
-                    allowed |= (rc < 0)[:, None] | (cube_at < 0)[None, :]  # text: all open
+                    allowed = kept[b, h][rc.clamp(min=0)][:, key_cube]
+                    allowed |= (rc < 0)[:, None] | key_is_text[None, :]  # text: all open
                     out[b, rows, h] = run(q[b, rows, h], k[b, :, h], v[b, :, h], allowed)
         return out
 
