@@ -163,7 +163,7 @@ def test_report_exits_zero_when_every_variant_runs(ltx_report):
 )
 def test_skipping_the_whole_model_compile_keeps_compile_repeated_blocks(flags, want):
     pytest.importorskip("diffusers")
-    from fv_compile.cli import build_parser, _report_config
+    from fv_compile.cli import _report_config, build_parser
     from fv_compile.report.run import variant_specs
 
     name = "diffusers:LTXVideoTransformer3DModel"
