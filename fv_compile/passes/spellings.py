@@ -484,6 +484,8 @@ _INPLACE_OPERATORS = {
     operator.ilshift,
     operator.irshift,
 }
+# the same operators called by name, `k.__imul__(3)` (a `call_method` node)
+_INPLACE_DUNDERS = {f"__{op.__name__}__" for op in _INPLACE_OPERATORS}
 
 
 def mutates(node: Node) -> bool:
@@ -502,7 +504,9 @@ def mutates(node: Node) -> bool:
         name = getattr(node.target, "__name__", "")
     else:
         return False
-    return isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    if not isinstance(name, str):
+        return False
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
 
 
 # ops whose result may share storage with their first argument (views, and ops that return their

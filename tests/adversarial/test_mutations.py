@@ -712,3 +712,26 @@ ALIAS_CASES = [
 def test_write_through_an_alias_inside_the_site_matches_eager(cls):
     torch.manual_seed(0)
     check(cls(), x_input(), calls=2)
+
+
+class KWrittenByNamedDunderBetweenScoresAndValues(nn.Module):
+    """`k.__imul__(3)` called by name: Dynamo records a `call_method` of the dunder, which
+    writes into k as `k *= 3` does."""
+
+    def __init__(self, method: str):
+        super().__init__()
+        self.p = Proj()
+        self.method = method
+
+    def forward(self, x):
+        q, k, v = self.p.qkv(x)
+        k = k + 1.0
+        s = q @ k.transpose(-2, -1) * SCALE
+        getattr(k, self.method)(3.0)
+        return self.p.merge(s.softmax(-1) @ v), k
+
+
+@pytest.mark.parametrize("method", ["__imul__", "__itruediv__", "__iadd__", "__isub__"])
+def test_an_in_place_dunder_called_by_name_is_a_write(method):
+    torch.manual_seed(0)
+    check(KWrittenByNamedDunderBetweenScoresAndValues(method), x_input(), calls=1)
