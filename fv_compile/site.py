@@ -32,20 +32,22 @@ MASK_KINDS = (MASK_BOOL, MASK_ADDITIVE, MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADD
 KEY_PADDING_KINDS = (MASK_KEY_PADDING, MASK_ADDITIVE_KEY_PADDING)
 
 # A logit at or below this (at the softmax input, after every later scale) is blocked: exp() of it,
-# against any row maximum above -9.9e3, underflows to zero in float32 and below.
-VERY_NEGATIVE = -1.0e4
+# against any row maximum above -1e30 + 104, underflows to zero in float32 and below. The rule
+# assumes logits of magnitude below 1e30, which no float32 attention computes (its softmax would be
+# an arg-max); a moderate fill (-1e4, -1e9) is not assumed to block: logits of 1e4 are within
+# reach of unnormalised q and k, and where they are, eager's weights go to the filled keys.
+VERY_NEGATIVE = -1.0e30
 
 
 def blocking_limit(scale: float) -> float:
     """The largest logit (at the softmax input) a finite fill may end at and still count as
-    blocking: -1e4, and -1e4 in units of the unscaled q.k when the scores are scaled up (a
-    model that multiplies its scores by 3000 has logits of ~1e4, against which -1e4 competes)."""
+    blocking: -1e30, and -1e30 in units of the unscaled q.k when the scores are scaled up."""
     return min(VERY_NEGATIVE, VERY_NEGATIVE * scale)
 
 
 # What eager gives a row whose every key an additive key padding mask blocks with one finite value
 # c: softmax(s + c) over all its keys. When c swamps every logit the blocking rule allows (finfo.min),
-# s + c rounds to c: uniform weights, the mean of v. A moderate c (-1e4) leaves s + c to rounding in
+# s + c rounds to c: uniform weights, the mean of v. A smaller c (-1e35) leaves s + c to rounding in
 # whatever dtype eager adds in, which a fast path cannot reproduce: such masks keep the masked path.
 EMPTY_UNIFORM = "uniform"
 

@@ -128,7 +128,7 @@ def test_boolean_key_padding_runs_on_triton_attn_and_matches_masked_sdpa():
     assert_same(out, ref)
 
 
-@pytest.mark.parametrize("how", ["-inf", "finfo.min", "-1e30"])
+@pytest.mark.parametrize("how", ["-inf", "finfo.min", "-3e38"])
 def test_an_additive_key_mask_of_zero_or_one_blocking_value_runs_on_triton_attn(how):
     out, ref, site, cm = run(Sdpa(how), "TRITON_ATTN", *qkv(), keep_pattern())
     assert (site.backend, site.mask, site.mask_kind) == (
@@ -240,9 +240,17 @@ def test_an_additive_key_mask_with_a_non_blocking_value_keeps_the_masked_path():
 
 
 @pytest.mark.parametrize("how", ["-10000", "-1e9"])
-def test_an_additive_key_mask_whose_fully_blocked_rows_rounding_decides_keeps_the_masked_path(how):
-    """softmax(s - 1e4) is softmax(s) up to the rounding of s - 1e4, in the dtype eager adds in."""
-    _, _, site, _ = run(Sdpa(how), "TRITON_ATTN", *qkv(), keep_pattern())
+def test_an_additive_key_mask_of_a_moderate_value_keeps_the_masked_path(how):
+    """-1e4 blocks only logits far above it: the mask is added, as eager adds it."""
+    out, ref, site, _ = run(Sdpa(how), "TRITON_ATTN", *qkv(), keep_pattern())
+    assert site.backend == "TORCH_SDPA" and "neither 0 nor blocking" in site.reason
+    assert_same(out, ref)
+
+
+def test_an_additive_key_mask_whose_fully_blocked_rows_rounding_decides_keeps_the_masked_path():
+    """softmax(s - 1e35) blocks, but a row it blocks entirely is softmax(s) up to the rounding
+    of s - 1e35, in the dtype eager adds in."""
+    _, _, site, _ = run(Sdpa("-1e35"), "TRITON_ATTN", *qkv(), keep_pattern())
     assert site.backend == "TORCH_SDPA" and "which rounding decides" in site.reason
 
 
@@ -404,11 +412,14 @@ def test_an_additive_mask_is_key_padding_only_with_a_proof():
 
 
 def test_a_masks_values_are_proven_with_torchs_own_rounding():
-    """LTX-Video's `(1 - keep.to(bf16)) * -10000.0` is -9984 in bf16: above the -1e4 bound."""
+    """LTX-Video's `(1 - keep.to(bf16)) * -10000.0` is -9984 in bf16, and -3.4e38 overflows
+    bfloat16 to -inf: the values are those the mask holds, not the literal's."""
     q, k, v = qkv(dtype=torch.bfloat16)
     _, _, site, _ = run(Sdpa("-10000"), "TRITON_ATTN", q, k, v, keep_pattern())
     assert site.mask_values == (-9984.0, 0.0)
-    assert "it takes the value -9984, neither 0 nor blocking (<= -10000)" in site.reason
+    assert "it takes the value -9984, neither 0 nor blocking" in site.reason
+    _, _, site, _ = run(Sdpa("-3.4e38"), "TRITON_ATTN", q, k, v, keep_pattern())
+    assert site.mask_values == (-math.inf, 0.0) and site.mask_kind == MASK_ADDITIVE_KEY_PADDING
 
 
 def test_a_mask_written_in_place_has_values_no_proof_covers():

@@ -189,7 +189,7 @@ class Attn:
 
     @property
     def mixes_a_finite_fill(self) -> bool:
-        """A finite fill (finfo.min, -1e9) next to a mask of another kind: a row every mask blocks
+        """A finite fill (finfo.min, -3e38) next to a mask of another kind: a row every mask blocks
         would hold some fill values and some -inf (or biased) logits, which eager's softmax turns
         into something no single attention call reproduces; the pass leaves such sites alone."""
         kinds = {kind for kind, _ in self.masks}
@@ -480,7 +480,7 @@ _IN_PLACE_MASKS = {
     "add": "s.add_(bias{i})",
     "fill_not": 's.masked_fill_(~keep{i}, float("-inf"))',
     "fill_min": "s.masked_fill_(keep{i}.logical_not(), torch.finfo(s.dtype).min)",
-    "fill_given": "s.masked_fill_(drop{i}, -1e9)",
+    "fill_given": "s.masked_fill_(drop{i}, -3e38)",
 }
 
 
@@ -497,7 +497,7 @@ def _mask_line(kind: str, i: int, Sq: int, Sk: int, spelling: str = "op") -> str
         "add_inf": f"s = bias{i} + s",
         "fill_not": f's = s.masked_fill(~keep{i}, float("-inf"))',
         "fill_min": f"s = s.masked_fill(keep{i}.logical_not(), torch.finfo(s.dtype).min)",
-        "fill_given": f"s = torch.masked_fill(s, drop{i}, -1e9)",
+        "fill_given": f"s = torch.masked_fill(s, drop{i}, -3e38)",
         "where_min": f"s = torch.where(keep{i}, s, torch.finfo(s.dtype).min)",
         "where_inf": f's = torch.where(keep{i}, s, float("-inf"))',
         "where_drop": f's = torch.where(drop{i}, float("-inf"), s)',

@@ -357,7 +357,9 @@ def _match_sdpa(gm: GraphModule, node: Node) -> AttentionMatch:
 def _match_softmax(gm: GraphModule, sm: Node) -> AttentionMatch:
     softmax = sp.softmax_dim(sm)
     assert softmax is not None, "find_attention_sites calls this for softmaxes only"
-    x, dim, _sm_dtype = softmax
+    x, dim, sm_dtype = softmax
+    if sm_dtype is not None:
+        _check_not_narrowed(sp.dtype_of(x), sm_dtype, f"`{sm.name}`'s dtype argument")
     walk = _ScoreWalk(dim)
     found = walk.walk(x, [], 0, sm)
     if found is None:
@@ -471,7 +473,7 @@ class _ScoreWalk:
             if isinstance(b, Node) and sign == -1.0 and self._is_row_shift(b, a):
                 return [WalkStep(a, NoOp(node))]  # s - s.amax(-1, keepdim=True): softmax-invariant
             if not (isinstance(b, Node) and sp.is_tensor_node(b)):
-                return [WalkStep(a, NoOp(node))]  # + a constant: softmax-invariant
+                return [WalkStep(a, Add(node, b, sign))]  # + a number: see _ScoreOps
             steps = [WalkStep(a, Add(node, b, sign))]
             if sign == 1.0:
                 steps.append(WalkStep(b, Add(node, a, 1.0)))
@@ -792,6 +794,9 @@ class _ScoreOps:
 
     def apply(self, op: ScoreOp) -> None:
         if isinstance(op, NoOp):
+            cast = sp.cast_input(op.node)
+            if cast is not None:
+                _check_not_narrowed(sp.dtype_of(cast), sp.dtype_of(op.node), f"`{op.node.name}`")
             return
         if isinstance(op, Regroup):
             top = self.views[-1] if self.views else None
@@ -826,10 +831,20 @@ class _ScoreOps:
             if math.isnan(sign):
                 raise Unsupported("add with a non-constant alpha")
             if not isinstance(term, Node):
-                return
+                shift = sp.as_number(term)
+                if shift is None or not math.isfinite(shift * sign):
+                    raise Unsupported(
+                        f"`{op.node.name}` adds {term!r} to every logit: softmax is invariant "
+                        "only to a finite shift"
+                    )
+                return  # a finite shift of every logit: softmax-invariant
             shape = _static_shape(term)
             if shape is not None and math.prod(shape) == 1 and not self.views:
-                return  # a shift of every logit: softmax-invariant
+                value = constant_value(term)
+                if value is not None and bool(torch.isfinite(value).all()):
+                    return  # a finite shift of every logit: softmax-invariant
+                # a value known only at run time (NaN or inf in it are eager's to propagate)
+                # is added as any mask is
             filled = [mt for mt in self.masks if mt.fill is not None and math.isfinite(mt.fill)]
             if filled:
                 raise Unsupported(
@@ -891,6 +906,21 @@ def _in_dtype(value: float, dtype: torch.dtype | None) -> float:
     if dtype is None or not dtype.is_floating_point:
         return value
     return torch.tensor(value, dtype=torch.float64).to(dtype).item()
+
+
+def _check_not_narrowed(src: torch.dtype | None, dst: torch.dtype | None, what: str) -> None:
+    """A cast of the logits before the softmax must lose nothing: a backend computes them in
+    float32 from q and k, so it cannot round (or overflow) them as a cast to a narrower dtype
+    (float32 to bfloat16, float16 to bfloat16) does in eager."""
+    if src is None or dst is None or src == dst:
+        return
+    if torch.finfo(dst).bits > torch.finfo(src).bits:
+        return
+    raise Unsupported(
+        f"{what} casts the logits from {str(src).replace('torch.', '')} to "
+        f"{str(dst).replace('torch.', '')} before the softmax: eager rounds them there, which "
+        "no backend reproduces"
+    )
 
 
 def _check_fills(masks: list[MaskTerm], scale: float) -> None:
@@ -1008,6 +1038,10 @@ def _finish(
     if not upcasts:
         # the model keeps the attention's result in the wider dtype: so does the rewrite
         q, k, v, scale = _strip_operands(raw, scale_in, upcasts=False)
+    if not (math.isfinite(scale) and scale > 0):
+        # kernels assume it: torch's own fused SDPA with is_causal returns NaN for scale <= 0,
+        # and the blocking of masked logits holds only for logits that a fill makes smaller
+        raise Unsupported(f"the logits are scaled by {scale:g}, not a finite positive factor")
 
     merged = None
     if len(batch) == 1:
