@@ -108,7 +108,10 @@ def _cases():
     return {
         "causal-gqa": (CausalGqa(), (q, kg, vg)),
         "neginf-fill-empty-rows": (FilledScores(float("-inf")), (q, k, v, _keep((B, H, S, S)))),
-        "finite-fill-empty-rows": (FilledScores(-1e9), (q, k, v, _keep((B, H, S, S)))),
+        "finite-fill-empty-rows": (
+            FilledScores(torch.finfo(torch.float32).min),
+            (q, k, v, _keep((B, H, S, S))),
+        ),
         "bias-per-row": (LearnedBias((1, H, S, S)), (q, k, v)),
         "bias-shared-by-rows": (LearnedBias((1, 1, 1, S)), (q, k, v)),
         "key-padding-empty-batch": (KeyPadding(), (q, k, v, _keep((B, 1, 1, S)))),
