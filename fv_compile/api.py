@@ -26,6 +26,7 @@ from fv_compile.context import current_forward_context, reset_derived_context, s
 from fv_compile.distributed.ulysses import SequenceParallel, shard_attention_sites
 from fv_compile.distributed.ulysses import resolve as resolve_sequence_parallel
 from fv_compile.errors import FvCompileError
+from fv_compile.fx_graphs import compile_time
 from fv_compile.explain import (
     AttentionCallCounter,
     ExplainReport,
@@ -38,6 +39,7 @@ from fv_compile.explain import (
 )
 from fv_compile.lowering import LoweredGraph, lower_graph, trace_training_sites
 from fv_compile.ops import SiteOwner
+from fv_compile.passes.find_sites import INSIDE_SUBGRAPH
 from fv_compile.passes.token_order import TokenOrderResult
 from fv_compile.pipelines import DerivedContexts, check_fastvideo_args
 from fv_compile.pipelines import cache_context as pipeline_cache_context
@@ -113,6 +115,7 @@ class FvCompileBackend:
         self.restarts: list[str] = []  # graph-break messages of frames Dynamo split (one per frame)
         self.skipped_frames: list[SkippedFrame] = []
         self._warned_symbolic = False
+        self._warned_inside = False
         # the model's repeated block lists `[(path, length)]`, when known: they number its layers
         self.block_lists: list[tuple[str, int]] = []
 
@@ -152,6 +155,7 @@ class FvCompileBackend:
             self.token_order.append(result.token_order)
         if not self.analyze_only and self.check is None:
             self._warn_symbolic(result.sites)
+            self._warn_inside_subgraphs(result.sites)
         if self.check is not None:
             verifier = SiteVerifier(gm, result.rewrites, backward=self.check == "backward")
             return self._counted(verifier, index, result.owner)
@@ -191,6 +195,40 @@ class FvCompileBackend:
         self.token_order = [t for t in self.token_order if t.graph != index]
         if result.token_order is not None:
             self.token_order.append(result.token_order)
+
+    def policy_roles_unused(self) -> str | None:
+        """What to tell a user whose `attention_backend` dict names a backend for a role no
+        site of the model has (`{"self": "SLIDING_TILE_ATTN"}` on a model whose video attends
+        jointly with its text): that key chooses nothing. None when every key chose a site."""
+        spec = self.policy.spec
+        if not isinstance(spec, dict) or not self.sites:
+            return None
+        roles = collections.Counter(s.role for s in self.sites if s.status != "skipped")
+        unused = [r for r, name in spec.items() if r != "default" and r not in roles]
+        unused = [r for r in unused if str(spec[r]).lower() != AUTO]
+        if not unused or not roles:
+            return None
+        have = ", ".join(f"{role} ({n})" for role, n in roles.most_common())
+        asked = ", ".join(f"{spec[r]} for {r!r}" for r in unused)
+        return (
+            f"fv_compile: attention_backend names {asked} attention, but no attention site of "
+            f"the model has that role; its sites are {have}, each on the backend its own role "
+            "chose (fv_compile.explain lists them): key the policy by those roles"
+        )
+
+    def _warn_inside_subgraphs(self, sites: list[AttentionSite]) -> None:
+        """Say once when attention ran inside a higher-order op's subgraph (gradient
+        checkpointing of a model compiled whole): the backend asked for never runs there."""
+        inside = [s for s in sites if s.reason.startswith(INSIDE_SUBGRAPH)]
+        if not inside or self._warned_inside:
+            return
+        self._warned_inside = True
+        warnings.warn(
+            f"fv_compile: {len(inside)} attention site(s) {inside[0].reason}; they run as the "
+            "model wrote them, not on the chosen backend",
+            UserWarning,
+            stacklevel=_user_stacklevel(),
+        )
 
     def _warn_symbolic(self, sites: list[AttentionSite]) -> None:
         """Say once when a graph's sites were left alone for their symbolic shapes: asked for
@@ -237,6 +275,7 @@ class FvCompileBackend:
         at = where(stack[-1].filename, stack[-1].lineno, stack[-1].name) if stack else ""
         self.breaks.append((str(reason.reason), at))
 
+    @compile_time
     def compile_graph(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """Hand a rewritten graph to the chosen compiler (its sites sequence parallel first,
         when asked for; the sites that train and may, as their impl's own code)."""
@@ -763,6 +802,7 @@ class CompiledModel(OptimizedModule):
     _derive: DerivedContexts = None  # type: ignore[assignment]
     _cuda_graphs: bool = False
     _glue_checked: bool = False
+    _roles_checked: bool = False
     _super_module_initialized: bool = False
     regions: list[str] = []  # noqa: RUF012 (replaced per instance)
 
@@ -883,6 +923,11 @@ class CompiledModel(OptimizedModule):
             _calls.depth -= 1
             if token is not None:
                 reset_derived_context(token)
+        if outermost and not self._roles_checked:
+            self._roles_checked = True
+            unused = self._fv_backend.policy_roles_unused()
+            if unused:
+                self._entry._warn(unused)
         if outermost and self._cuda_graphs:
             out = _cuda_graph_owned_outputs(out)
         return out

@@ -26,7 +26,7 @@ from fv_compile.backends import registry
 from fv_compile.backends.abstract import AttentionBackend, AttentionImpl, capabilities
 from fv_compile.context import layer_number
 from fv_compile.errors import FvCompileError
-from fv_compile.fx_graphs import copy_graph_module
+from fv_compile.fx_graphs import compile_time, copy_graph_module
 from fv_compile.passes.attention_pass import SiteRewrite, attention_pass
 from fv_compile.passes.find_sites import AttentionMatch
 from fv_compile.passes.token_order import TokenSite, hoist_token_order
@@ -55,6 +55,7 @@ class LoweredGraph:
     site_ids: dict[int, AttentionSite] = field(default_factory=dict)
 
 
+@compile_time
 def lower_graph(
     gm: GraphModule,
     policy: SitePolicy,

@@ -41,6 +41,14 @@ derives the step and the latent grid from its own call, or call it inside a cont
         out = compiled_model(...)
 """
 
+_RECOMPUTED = """\
+attention backend {name} needs per-step metadata, but its graph ran inside a backward pass: a
+gradient-checkpointed block (diffusers' enable_gradient_checkpointing, torch.utils.checkpoint)
+recomputes its forward there, after the call that had the step's metadata returned. Train with a
+dense backend (TORCH_SDPA, FLASH_ATTN, TRITON_ATTN; the sparse ones with a per-step schedule are
+inference backends unless they declare a backward), or turn gradient checkpointing off.
+"""
+
 
 def context_metadata(
     ctx: ForwardContext, name: str, device: torch.device
@@ -114,6 +122,8 @@ class MetadataDispatch:
         ctx = current_forward_context()
         if ctx is None:  # no explicit context: the one fv_compile.compile's wrapper derived, if any
             ctx = derived_forward_context()
+        if ctx is None and torch._C._current_graph_task_id() != -1:
+            raise FvCompileError(_RECOMPUTED.format(name=self.backends[0]))
         if ctx is None:
             raise FvCompileError(_MISSING_CONTEXT.format(name=self.backends[0]))
         layouts, tensors = [], []

@@ -98,6 +98,22 @@ def test_policy_dict_routes_roles(net):
     assert {s.backend for s in cm.explain().sites} == {"TORCH_SDPA"}
 
 
+def test_a_policy_key_for_a_role_no_site_has_is_said_once():
+    """`{"self": ...}` on a model whose video attends jointly with its text chooses nothing."""
+    from fv_compile.models import build_model, example_inputs
+
+    model = build_model("hunyuan-tiny")
+    args, kwargs = example_inputs(model)
+    roles = {"self": "TORCH_SDPA", "cross": "auto"}
+    cm = fv_compile.compile(model, roles, compiler="eager")
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"names TORCH_SDPA for 'self'") as got:
+        cm(*args, **kwargs)
+        cm(*args, **kwargs)
+    said = [w for w in got if "no attention site of the model has that role" in str(w.message)]
+    assert len(said) == 1 and "joint (" in str(said[0].message)
+    assert {s.role for s in cm.explain().sites} >= {"joint"}
+
+
 @pytest.mark.parametrize("regional", [False, True])
 def test_policy_callable_sees_each_site(net, regional):
     """Whole-model, the policy sees every site by its path; regionally, each site of the one

@@ -267,7 +267,50 @@ def match_attention_sites(
             continue
         m.site.graph = graph_index
         matches.append(m)
+    skipped += _sites_inside_subgraphs(gm, graph_index)
     return matches, skipped, others
+
+
+# why a site inside a higher-order op's subgraph stays as written (`AttentionSite.reason`)
+INSIDE_SUBGRAPH = "inside the subgraph of a higher-order op"
+
+
+def _sites_inside_subgraphs(gm: GraphModule, graph_index: int) -> list[AttentionSite]:
+    """The attention in the subgraphs of higher-order ops (`torch.utils.checkpoint`'s region,
+    torch.cond's branches): the op runs its subgraph itself (a checkpoint again in the
+    backward), so the pass leaves it as written, and says so rather than seeing nothing."""
+    found: list[AttentionSite] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(
+            node.target, torch._ops.HigherOrderOperator
+        ):
+            continue
+        for arg in node.args:
+            if not (isinstance(arg, Node) and arg.op == "get_attr"):
+                continue
+            sub = getattr(gm, str(arg.target), None)
+            if not isinstance(sub, GraphModule):
+                continue
+            matches, skipped, _ = match_attention_sites(sub, graph_index)
+            op = node.target.name()
+            reason = f"{INSIDE_SUBGRAPH} ({op}), which runs it as written"
+            if "checkpoint" in op:
+                reason += (
+                    ": torch.utils.checkpoint's region; compiled regionally (regional='auto', "
+                    "the default) each checkpointed block is compiled inside"
+                )
+            for site in [m.site for m in matches] + skipped:
+                found.append(
+                    AttentionSite(
+                        site.module_path,
+                        site.form,
+                        site.layout,
+                        reason=reason,
+                        node=node.name,  # in graph order: where the op runs it
+                        graph=graph_index,
+                    )
+                )
+    return found
 
 
 _STACK_PREFIX = re.compile(r"^L\['[^']*'\]\.?")
