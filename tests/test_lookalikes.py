@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fv_compile
 from tests._graphs import assert_close, rewrite
 
 B, H, S, D = 2, 3, 5, 8
@@ -123,3 +124,21 @@ def test_tensor_valued_scale_is_skipped():
     text, sites, _others, _ = rewrite(tensor_scale, q, k, v, temp)
     assert "fv_compile.attention" not in text
     assert sites[0].status == "skipped" and "not a number" in sites[0].reason
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: torch.nn.MultiheadAttention(16, 2, batch_first=True),
+        lambda: torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+    ],
+    ids=["MultiheadAttention", "TransformerEncoderLayer"],
+)
+def test_nn_multihead_attention_is_listed_as_left_alone(layer):
+    """Dynamo keeps `F.multi_head_attention_forward` whole: explain shows the attention it runs."""
+    model = layer().train()  # (eval's fast path is opaque too)
+    x = torch.randn(2, 5, 16)
+    args = (x, x, x) if isinstance(model, torch.nn.MultiheadAttention) else (x,)
+    report = fv_compile.explain(model, *args)
+    (site,) = report.sites
+    assert site.status == "skipped" and "nn.MultiheadAttention's fused call" in site.reason

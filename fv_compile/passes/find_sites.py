@@ -268,7 +268,33 @@ def match_attention_sites(
         m.site.graph = graph_index
         matches.append(m)
     skipped += _sites_inside_subgraphs(gm, graph_index)
+    skipped += _fused_module_attention(gm, graph_index)
     return matches, skipped, others
+
+
+def _fused_module_attention(gm: GraphModule, graph_index: int) -> list[AttentionSite]:
+    """`nn.MultiheadAttention` (and the layers built on it) reach the graph as one call of
+    `F.multi_head_attention_forward`, projections and attention in one: listed as left alone,
+    so that explain shows the attention it runs."""
+    fused = {torch.nn.functional.multi_head_attention_forward}
+    native = getattr(torch, "_native_multi_head_attention", None)
+    if native is not None:
+        fused.add(native)
+    return [
+        AttentionSite(
+            module_path(node),
+            "sdpa",
+            "?",
+            reason=(
+                f"{getattr(node.target, '__name__', node.target)} (nn.MultiheadAttention's "
+                "fused call: projections and attention in one op) is not rewritten"
+            ),
+            node=node.name,
+            graph=graph_index,
+        )
+        for node in gm.graph.nodes
+        if node.op == "call_function" and node.target in fused
+    ]
 
 
 # why a site inside a higher-order op's subgraph stays as written (`AttentionSite.reason`)
