@@ -26,7 +26,6 @@ from fv_compile.context import current_forward_context, reset_derived_context, s
 from fv_compile.distributed.ulysses import SequenceParallel, shard_attention_sites
 from fv_compile.distributed.ulysses import resolve as resolve_sequence_parallel
 from fv_compile.errors import FvCompileError
-from fv_compile.fx_graphs import compile_time
 from fv_compile.explain import (
     AttentionCallCounter,
     ExplainReport,
@@ -37,6 +36,7 @@ from fv_compile.explain import (
     uncaptured_attention,
     where,
 )
+from fv_compile.fx_graphs import compile_time
 from fv_compile.lowering import LoweredGraph, lower_graph, trace_training_sites
 from fv_compile.ops import SiteOwner
 from fv_compile.passes.find_sites import INSIDE_SUBGRAPH

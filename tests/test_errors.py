@@ -853,6 +853,33 @@ def _(mp):
     return model, quiet(lambda: compiled(video()))
 
 
+class CheckpointedDiT(VideoDiT):
+    """VideoDiT with each block under torch.utils.checkpoint, as diffusers' gradient
+    checkpointing runs them: the backward recomputes each block's forward."""
+
+    def forward(self, x, text=None, masks=None):
+        for blk in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(blk, x, None, use_reentrant=False)
+        return x
+
+
+@case("recomputed-without-context")
+def _(mp):
+    model = CheckpointedDiT()
+    args = sta_args(sta_window=(1, 1, 1))
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", fastvideo_args=args)
+    x = video().requires_grad_()
+
+    def trigger():
+        with fv_compile.forward_context(
+            current_timestep=0, forward_batch=sta_batch(), fastvideo_args=args
+        ):
+            out = cm(x)
+        torch.autograd.grad(out.sum(), x)  # (no parameter's .grad is written)
+
+    return model, trigger
+
+
 @case("verify-needs-context")
 def _(mp):
     model = VideoDiT()
