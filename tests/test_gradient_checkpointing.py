@@ -11,23 +11,12 @@ import torch
 
 import fv_compile
 
-diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("diffusers")
+from tests.test_pipelines import tiny_transformer  # noqa: E402  (it needs diffusers)
 
 
 def _wan(checkpointing: bool = True) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    ).train()
+    model = tiny_transformer().train()
     if checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -314,6 +314,17 @@ def reset():
 B, S, E = 2, 8, 16
 
 
+class Fn(nn.Module):
+    """A function as a module, to compile a program written as one function."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
 class Proj(nn.Module):
     """x (B, S, E) -> q, k, v in (B, H, S, D); out-projection back to E."""
 

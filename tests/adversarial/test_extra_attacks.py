@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import B, E, Proj, S, assert_same_tensor, check, x_input
+from tests.adversarial._harness import B, E, Fn, Proj, S, assert_same_tensor, check, x_input
 
 H, D = 2, 8
 SCALE = 1.0 / math.sqrt(D)
@@ -24,15 +24,6 @@ def qkv(seed=0, b=B, h=H, s=S, d=D, skv=None, dtype=torch.float32):
         torch.randn(b, h, skv, d, generator=g).to(dtype),
         torch.randn(b, h, skv, d, generator=g).to(dtype),
     )
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 # --- masked_fill / where *replace* the masked scores; an additive -inf mask does not: NaN or inf

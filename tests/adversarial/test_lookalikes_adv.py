@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import B, E, Proj, check, x_input
+from tests.adversarial._harness import B, E, Fn, Proj, check, x_input
 
 H, S, D = 2, 8, 8  # S == D on purpose: a transposed operand still has the right shape
 SCALE = 1.0 / math.sqrt(D)
@@ -324,15 +324,6 @@ def _args(fn):
         where_polarity_inverted: (BOOLM,),
     }.get(fn, ())
     return (q, k, v) + extra
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 FUNCS = [

@@ -6,22 +6,12 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from tests.adversarial._harness import check
+from tests.adversarial._harness import Fn, check
 
 S, D = 8, 8
 SCALE = 1.0 / math.sqrt(D)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 def qkv(seed=0, gain=1.0):
