@@ -44,9 +44,9 @@ derives the step and the latent grid from its own call, or call it inside a cont
 _RECOMPUTED = """\
 attention backend {name} needs per-step metadata, but its graph ran inside a backward pass: a
 gradient-checkpointed block (diffusers' enable_gradient_checkpointing, torch.utils.checkpoint)
-recomputes its forward there, after the call that had the step's metadata returned. Train with a
-dense backend (TORCH_SDPA, FLASH_ATTN, TRITON_ATTN; the sparse ones with a per-step schedule are
-inference backends unless they declare a backward), or turn gradient checkpointing off.
+recomputes its forward there, after the call that had the step's metadata returned. Train such a
+model without gradient checkpointing, or on a dense backend (TORCH_SDPA, FLASH_ATTN, TRITON_ATTN),
+which needs no metadata.
 """
 
 
