@@ -11,8 +11,8 @@ import torch
 
 import fv_compile
 
-pytest.importorskip("diffusers")
-from tests.test_pipelines import tiny_transformer  # noqa: E402  (it needs diffusers)
+pytest.importorskip("diffusers")  # before the import below, which needs it
+from tests.test_pipelines import tiny_transformer
 
 
 def _wan(checkpointing: bool = True) -> torch.nn.Module:
