@@ -626,3 +626,41 @@ def test_the_sta_definition_takes_tokens_in_tile_order_when_the_graph_runs_in_it
     object.__setattr__(md, "tokens_permuted", True)
     tiled = impl.reference(q[:, gather], k[:, gather], v[:, gather], md)
     torch.testing.assert_close(tiled, raster[:, gather], atol=1e-6, rtol=1e-6)
+
+
+def test_a_joint_sequence_whose_pieces_are_equally_long_falls_back_with_why():
+    """cat([text, video]) with as many text tokens as video ones: the lengths do not tell the
+    video, so no sparse backend takes the site (it would tile the wrong piece)."""
+    grid = (2, 4, 4)
+    n = math.prod(grid)
+    model = VideoDiT(text_first=True).eval()
+    x, text = torch.randn(1, n, 32), torch.randn(1, n, 32)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
+    args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1))
+    batch = ForwardBatch(raw_latent_shape=(1, 4, *grid))
+    with torch.no_grad(), fv_compile.forward_context(0, batch, args), pytest.warns(UserWarning):
+        out = cm(x, text)
+    sites = cm.explain().sites
+    assert [(s.role, s.joint_text_len, s.backend) for s in sites] == [
+        ("joint", None, "TORCH_SDPA")
+    ] * 2
+    assert all("video tokens are not known" in s.reason for s in sites)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, text))
+
+
+def test_a_joint_site_whose_text_outgrows_the_video_says_so():
+    """Fewer video tokens than text: the longest piece, taken for the video, is the text."""
+    grid = (2, 2, 2)
+    n = math.prod(grid)
+    model = VideoDiT(text_first=True).eval()
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
+    args = FastVideoArgs(patch_size=(1, 1, 1), sta_tile_size=(1, 2, 2), sta_window=(1, 1, 1))
+    batch = ForwardBatch(raw_latent_shape=(1, 4, *grid))
+    video, text = torch.randn(1, n, 32), torch.randn(1, 2 * n, 32)
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(0, batch, args),
+        pytest.raises(fv_compile.FvCompileError, match="took its longest piece"),
+    ):
+        cm(video, text)

@@ -257,6 +257,11 @@ class Capabilities:
             out.append(
                 f"{site.role}-attention ({self.name} serves {'/'.join(self.roles)} attention)"
             )
+        if self.roles is not None and site.role == "joint" and site.joint_text_len is None:
+            out.append(
+                "joint attention whose video tokens are not known (its sequence joins pieces "
+                "whose lengths do not single out the video: equal, or the longest in the middle)"
+            )
         if self.head_sizes is not None and site.head_dim not in self.head_sizes:
             out.append(f"head dim {site.head_dim} (supported: {describe_sizes(self.head_sizes)})")
         if not self.value_head_dim_differs and site.value_head_dim != site.head_dim:

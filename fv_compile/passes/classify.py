@@ -26,8 +26,13 @@ def classify_role(match: AttentionMatch) -> None:
         site.role = "joint"  # (a concat along the tokens was found: q_len is a static size)
         pieces = seq_cat
         video = max(pieces)
-        site.joint_text_len = site.q_len - video
-        site.joint_text_first = pieces.index(video) != 0
+        at = [i for i, n in enumerate(pieces) if n == video]
+        if len(at) == 1 and at[0] in (0, len(pieces) - 1):
+            site.joint_text_len = site.q_len - video
+            site.joint_text_first = at[0] != 0
+        # else the lengths do not tell the video from the text (pieces of equal length, or the
+        # longest between two others): the split stays unknown, and no backend that needs it
+        # serves the site (`Capabilities.unsupported_reasons`)
         return
     if site.q_len != site.kv_len:
         site.role = "cross"
