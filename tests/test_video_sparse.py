@@ -689,3 +689,22 @@ def test_verify_backward_holds_vsa_gradients_to_the_definition():
     for site in report.rewritten:
         assert site.check.against == "definition" and len(site.check.gradients) == 3
         assert all(g.rel_l2 < 1e-4 for g in site.check.gradients)
+
+
+def test_a_joint_site_whose_text_outgrows_the_video_says_so():
+    """Fewer video tokens than text: the longest piece, taken for the video, is the text."""
+    from tests.test_sliding_tile import VideoDiT
+
+    grid = (4, 4, 4)
+    n = math.prod(grid)
+    cm = fv_compile.compile(
+        VideoDiT(text_first=True).eval(), "VIDEO_SPARSE_ATTN", compiler="eager", regional=False
+    )
+    args = FastVideoArgs(patch_size=(1, 1, 1), VSA_sparsity=0.5)
+    video, text = torch.randn(1, n, 32), torch.randn(1, 2 * n, 32)
+    with (
+        torch.no_grad(),
+        fv_compile.forward_context(0, ForwardBatch(raw_latent_shape=(1, 4, *grid)), args),
+        pytest.raises(fv_compile.FvCompileError, match="took its longest piece"),
+    ):
+        cm(video, text)
