@@ -56,6 +56,7 @@ from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_support
 from fv_compile.backends.sta_windows import step_windows
 from fv_compile.backends.tiles import (
     Grid,
+    text_outgrows_video,
     tile_geometry,
     tiles_per_axis,
     token_grid,
@@ -244,16 +245,9 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
                 "e.g. attention_backend=lambda site: 'SLIDING_TILE_ATTN' if site.q_len >= VIDEO_TOKENS "
                 "else 'auto'"
             )
-        if self.role == "joint" and total - self.text_len != n and self.text_len >= n:
-            return (
-                f"{at}: this joint site joins {total} tokens, and fv_compile took its longest piece "
-                f"({total - self.text_len} tokens) for the video; but the video grid {md.grid} of "
-                f"ForwardBatch.raw_latent_shape holds {n}, which fits the rest. At this size the "
-                "text (or another stream joined to the video: a conditioning frame) is as long as "
-                "the video or longer, and the video cannot be told from it: route the site to a "
-                "dense backend, e.g. attention_backend={'joint': 'auto', 'default': ...}, or run "
-                "at a larger size"
-            )
+        outgrown = text_outgrows_video(at, total, self.text_len, md.grid)
+        if self.role == "joint" and outgrown is not None:
+            return outgrown
         if self.role == "joint":
             return (
                 f"{at}: this joint site has {total} tokens, {self.text_len} of them text, so "

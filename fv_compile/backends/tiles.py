@@ -38,6 +38,22 @@ def token_grid(raw_latent_shape: Any, patch: Grid, backend: str) -> Grid:
     return (t // patch[0], h // patch[1], w // patch[2])
 
 
+def text_outgrows_video(at: str, total: int, text_len: int, grid: Grid) -> str | None:
+    """The error for a joint site whose longest piece, taken for the video (`passes/classify`),
+    was not: the grid's tokens fit what was taken for text. None when that is not the case."""
+    n = math.prod(grid)
+    if total - text_len == n or text_len < n:
+        return None
+    return (
+        f"{at}: this joint site joins {total} tokens, and fv_compile took its longest piece "
+        f"({total - text_len}) for the video; but the video grid {grid} holds {n}, which fits "
+        "the rest. At this size the text (or another stream joined to the video: a conditioning "
+        "frame) is as long as the video or longer, and the video cannot be told from it: route "
+        "the site to a dense backend (attention_backend={'joint': 'auto', ...}), or run at a "
+        "larger size"
+    )
+
+
 def dense_step(step: int, fastvideo_args: Any, field: str) -> bool:
     """Whether `step` is one of the first steps a recipe runs dense (`sta_dense_steps`,
     `vsa_dense_steps` of the args)."""

@@ -44,6 +44,7 @@ from fv_compile.backends.tiles import (
     Grid,
     at_step,
     dense_step,
+    text_outgrows_video,
     tile_geometry,
     tiles_per_axis,
     token_grid,
@@ -166,14 +167,10 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
     def _check_length(self, md: VideoSparseMetadata, length: int) -> None:
         n = math.prod(md.grid)
         total = self.q_len if self.q_len is not None else length
-        if total != n + self.text_len and length == total and self.text_len >= n:
-            raise FvCompileError(
-                f"VIDEO_SPARSE_ATTN at {self.prefix or 'a site'}: this joint site joins {total} "
-                f"tokens, and fv_compile took its longest piece ({total - self.text_len}) for the "
-                f"video; but the video grid {md.grid} holds {n}, which fits the rest. At this size "
-                "the text is as long as the video or longer, and the video cannot be told from it: "
-                "route the site to a dense backend, or run at a larger size"
-            )
+        at = f"VIDEO_SPARSE_ATTN at {self.prefix or 'a site'}"
+        outgrown = text_outgrows_video(at, total, self.text_len, md.grid)
+        if outgrown is not None and length == total:
+            raise FvCompileError(outgrown)
         if total != n + self.text_len or length != total:
             raise FvCompileError(
                 f"VIDEO_SPARSE_ATTN at {self.prefix or 'a site'}: {length} tokens, but the video "
