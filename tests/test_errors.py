@@ -1154,6 +1154,19 @@ def _(mp):
     return model, in_context(cm, video(), batch=ForwardBatch(), args=sta_args())
 
 
+@case("text-outgrows-video")
+def _(mp):
+    model = VideoDiT(text_first=True)
+    cm = fv_compile.compile(model, "SLIDING_TILE_ATTN", compiler="eager", regional=False)
+    n = GRID[0] * GRID[1] * GRID[2]
+
+    def run():
+        with fv_compile.forward_context(0, sta_batch(), sta_args(sta_window=(1, 1, 1))):
+            return cm(video(), torch.randn(1, 2 * n, 32))
+
+    return model, quiet(run), lambda err: f"holds {n}, which fits the rest" in str(err)
+
+
 @case("vsa-sequence-vs-grid")
 def _(mp):
     model, cm = _vsa_model()

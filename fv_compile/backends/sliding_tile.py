@@ -56,7 +56,7 @@ from fv_compile.backends.kernels.fa4_block_sparse import supports as fa4_support
 from fv_compile.backends.sta_windows import step_windows
 from fv_compile.backends.tiles import (
     Grid,
-    text_outgrows_video,
+    check_text_fits,
     tile_geometry,
     tiles_per_axis,
     token_grid,
@@ -228,6 +228,10 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
             else self._seen_len
         )
         if total is not None and total != n + self.text_len:
+            if self.role == "joint":
+                check_text_fits(
+                    f"SLIDING_TILE_ATTN at {self.prefix or 'a site'}", total, self.text_len, md.grid
+                )
             raise FvCompileError(self._length_error(md, total, n))
         return self.text_len
 
@@ -245,9 +249,6 @@ class SlidingTileAttentionImpl(AttentionImpl[SlidingTileMetadata]):
                 "e.g. attention_backend=lambda site: 'SLIDING_TILE_ATTN' if site.q_len >= VIDEO_TOKENS "
                 "else 'auto'"
             )
-        outgrown = text_outgrows_video(at, total, self.text_len, md.grid)
-        if self.role == "joint" and outgrown is not None:
-            return outgrown
         if self.role == "joint":
             return (
                 f"{at}: this joint site has {total} tokens, {self.text_len} of them text, so "

@@ -38,13 +38,13 @@ def token_grid(raw_latent_shape: Any, patch: Grid, backend: str) -> Grid:
     return (t // patch[0], h // patch[1], w // patch[2])
 
 
-def text_outgrows_video(at: str, total: int, text_len: int, grid: Grid) -> str | None:
-    """The error for a joint site whose longest piece, taken for the video (`passes/classify`),
-    was not: the grid's tokens fit what was taken for text. None when that is not the case."""
+def check_text_fits(at: str, total: int, text_len: int, grid: Grid) -> None:
+    """Raise for a joint site whose longest piece, taken for the video (`passes/classify`), was
+    not: the grid's tokens fit what was taken for text."""
     n = math.prod(grid)
     if total - text_len == n or text_len < n:
-        return None
-    return (
+        return
+    raise FvCompileError(
         f"{at}: this joint site joins {total} tokens, and fv_compile took its longest piece "
         f"({total - text_len}) for the video; but the video grid {grid} holds {n}, which fits "
         "the rest. At this size the text (or another stream joined to the video: a conditioning "

@@ -43,8 +43,8 @@ from fv_compile.backends.kernels import TRITON_HEAD_DIMS
 from fv_compile.backends.tiles import (
     Grid,
     at_step,
+    check_text_fits,
     dense_step,
-    text_outgrows_video,
     tile_geometry,
     tiles_per_axis,
     token_grid,
@@ -167,11 +167,11 @@ class VideoSparseAttentionImpl(AttentionImpl[VideoSparseMetadata]):
     def _check_length(self, md: VideoSparseMetadata, length: int) -> None:
         n = math.prod(md.grid)
         total = self.q_len if self.q_len is not None else length
-        at = f"VIDEO_SPARSE_ATTN at {self.prefix or 'a site'}"
-        outgrown = text_outgrows_video(at, total, self.text_len, md.grid)
-        if outgrown is not None and length == total:
-            raise FvCompileError(outgrown)
         if total != n + self.text_len or length != total:
+            if length == total:
+                check_text_fits(
+                    f"VIDEO_SPARSE_ATTN at {self.prefix or 'a site'}", total, self.text_len, md.grid
+                )
             raise FvCompileError(
                 f"VIDEO_SPARSE_ATTN at {self.prefix or 'a site'}: {length} tokens, but the video "
                 f"grid {md.grid} holds {n} and the site has {self.text_len} text tokens. Pass this "
